@@ -1,0 +1,258 @@
+// common.cuh — the one place where cupy-cosattn kernels touch hardware-specific instructions.
+//
+// Every warp-level primitive the kernels use sits behind a small inline function here. Under NVRTC
+// (the GPU build) each is a line of inline PTX; under the CPU emulator (CA_EMULATOR defined, see
+// cuda_src/emu/) each calls the emulator's C++ model of the same instruction, written from the PTX
+// ISA's fragment tables. Nothing else in a kernel differs between the two builds.
+//
+// Fragment layouts used throughout (PTX ISA, "Matrix fragments for mma.m16n8k16"), with
+// g = lane / 4 (the "group") and t = lane % 4 (the "thread in group"):
+//   A (16x16, row-major, 4 regs of 2 halves): a0 = (g, 2t..2t+1)   a1 = (g+8, 2t..2t+1)
+//                                              a2 = (g, 2t+8..+9)  a3 = (g+8, 2t+8..+9)
+//   B (16x8, "col", 2 regs of 2 halves):      b0 = (k 2t..2t+1, n g)  b1 = (k 2t+8..+9, n g)
+//   C/D (16x8 fp32, 4 floats):                c0,c1 = (g, 2t..2t+1)   c2,c3 = (g+8, 2t..2t+1)
+// m16n8k8 tf32: A a0 = (g, t) a1 = (g+8, t) a2 = (g, t+4) a3 = (g+8, t+4); B b0 = (k t, n g)
+//   b1 = (k t+4, n g); C as above.
+#pragma once
+
+#ifdef CA_EMULATOR
+#include "emu/shim.h"
+#define CA_DEVICE inline
+#else
+#define CA_DEVICE __device__ __forceinline__
+typedef unsigned int uint32_t;
+typedef unsigned short uint16_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+#endif
+
+// Dynamic shared memory: one byte array per block, carved up by the kernel.
+#ifdef CA_EMULATOR
+#define CA_DYNAMIC_SHARED(name) unsigned char* name = emu::dynamic_shared_memory()
+#else
+#define CA_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+namespace ca {
+
+// ---------------------------------------------------------------------------------------------
+// Element types. Storage is the raw 16-bit pattern, so no CUDA header (cuda_fp16.h) is needed
+// under NVRTC and the emulator sees the same bits the GPU does.
+struct half_t { uint16_t bits; };
+struct bf16_t { uint16_t bits; };
+
+CA_DEVICE float to_float(float x) { return x; }
+
+CA_DEVICE float to_float(half_t x) {
+#ifdef CA_EMULATOR
+  return emu::f16_to_f32(x.bits);
+#else
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+  return f;
+#endif
+}
+
+CA_DEVICE float to_float(bf16_t x) {
+  // bf16 is the top half of an fp32: widening is exact, so both builds share this line.
+  unsigned int u = ((unsigned int)x.bits) << 16;
+  float f;
+#ifdef CA_EMULATOR
+  __builtin_memcpy(&f, &u, 4);
+#else
+  f = __uint_as_float(u);
+#endif
+  return f;
+}
+
+// Round-to-nearest-even narrowing, and the packed pairs that mma operands are made of
+// (the lower 16 bits hold the element with the smaller column index).
+template <typename T> CA_DEVICE T from_float(float x);
+
+template <> CA_DEVICE float from_float<float>(float x) { return x; }
+
+template <> CA_DEVICE half_t from_float<half_t>(float x) {
+  half_t h;
+#ifdef CA_EMULATOR
+  h.bits = emu::f32_to_f16_rn(x);
+#else
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+#endif
+  return h;
+}
+
+template <> CA_DEVICE bf16_t from_float<bf16_t>(float x) {
+  bf16_t h;
+#ifdef CA_EMULATOR
+  h.bits = emu::f32_to_bf16_rn(x);
+#else
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+#endif
+  return h;
+}
+
+template <typename T>
+CA_DEVICE uint32_t pack2(float lo, float hi) {
+  return (uint32_t)from_float<T>(lo).bits | ((uint32_t)from_float<T>(hi).bits << 16);
+}
+
+// fp32 -> tf32 (round to nearest, ties away from zero), as the value's fp32 bit pattern.
+CA_DEVICE uint32_t to_tf32(float x) {
+#ifdef CA_EMULATOR
+  return emu::f32_to_tf32_rna(x);
+#else
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+#endif
+}
+
+// 2^x. On the GPU the SFU's ex2.approx (max relative error 2^-22 over the whole range), which is
+// the fast path for softmax; the emulator uses the correctly rounded exp2f.
+CA_DEVICE float exp2_fast(float x) {
+#ifdef CA_EMULATOR
+  return emu::exp2_approx(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// ldmatrix: lanes 8i..8i+7 give the row addresses (16 bytes each, in shared memory) of matrix i;
+// register i of every lane receives its piece of matrix i (row lane/4, columns 2(lane%4)..+1, or
+// the transpose with .trans). x1 reads addresses from lanes 0-7, x2 from lanes 0-15.
+#ifndef CA_EMULATOR
+CA_DEVICE uint32_t smem_u32(const void* p) {
+  uint32_t a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+#endif
+
+CA_DEVICE void ldmatrix_x1(uint32_t* r, const void* row) {
+#ifdef CA_EMULATOR
+  emu::ldmatrix(r, 1, false, row);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];" : "=r"(r[0]) : "r"(smem_u32(row)));
+#endif
+}
+CA_DEVICE void ldmatrix_x2(uint32_t* r, const void* row) {
+#ifdef CA_EMULATOR
+  emu::ldmatrix(r, 2, false, row);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+               : "=r"(r[0]), "=r"(r[1]) : "r"(smem_u32(row)));
+#endif
+}
+CA_DEVICE void ldmatrix_x4(uint32_t* r, const void* row) {
+#ifdef CA_EMULATOR
+  emu::ldmatrix(r, 4, false, row);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(row)));
+#endif
+}
+CA_DEVICE void ldmatrix_x1_trans(uint32_t* r, const void* row) {
+#ifdef CA_EMULATOR
+  emu::ldmatrix(r, 1, true, row);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];" : "=r"(r[0]) : "r"(smem_u32(row)));
+#endif
+}
+CA_DEVICE void ldmatrix_x2_trans(uint32_t* r, const void* row) {
+#ifdef CA_EMULATOR
+  emu::ldmatrix(r, 2, true, row);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
+               : "=r"(r[0]), "=r"(r[1]) : "r"(smem_u32(row)));
+#endif
+}
+CA_DEVICE void ldmatrix_x4_trans(uint32_t* r, const void* row) {
+#ifdef CA_EMULATOR
+  emu::ldmatrix(r, 4, true, row);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(row)));
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core products, accumulating in place: d += a * b (fp32 accumulators).
+CA_DEVICE void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, half_t) {
+#ifdef CA_EMULATOR
+  emu::mma_m16n8k16_f16(d, a, b);
+#else
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+CA_DEVICE void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, bf16_t) {
+#ifdef CA_EMULATOR
+  emu::mma_m16n8k16_bf16(d, a, b);
+#else
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+CA_DEVICE void mma_m16n8k8_tf32(float* d, const uint32_t* a, const uint32_t* b) {
+#ifdef CA_EMULATOR
+  emu::mma_m16n8k8_tf32(d, a, b);
+#else
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// cp.async (16 bytes, bypassing L1). src_bytes < 16 copies that many bytes and zero-fills the rest,
+// which is how tile loads past the end of a tensor become zeros without a branch around the copy.
+// The data is only guaranteed to be in shared memory after the matching wait.
+CA_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes = 16) {
+#ifdef CA_EMULATOR
+  emu::cp_async(smem_dst, gmem_src, 16, src_bytes);
+#else
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+               :: "r"(smem_u32(smem_dst)), "l"(gmem_src), "r"(src_bytes));
+#endif
+}
+CA_DEVICE void cp_async_commit() {
+#ifdef CA_EMULATOR
+  emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;");
+#endif
+}
+// Wait until at most N committed groups are still in flight.
+template <int N>
+CA_DEVICE void cp_async_wait() {
+#ifdef CA_EMULATOR
+  emu::cp_async_wait(N);
+#else
+  asm volatile("cp.async.wait_group %0;" :: "n"(N));
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions across the 4 lanes of an mma row group (lanes 4g..4g+3 hold one accumulator row).
+CA_DEVICE float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
+CA_DEVICE float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  return x;
+}
+CA_DEVICE float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+}  // namespace ca
