@@ -1,0 +1,32 @@
+"""Shared test configuration.
+
+GPU tests are marked ``@pytest.mark.gpu``; on a machine without CuPy or a CUDA device they are
+skipped with the reason. Their CPU twins run the same kernels through the emulator.
+"""
+import functools
+
+import pytest
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_unavailable_reason():
+    """None when a CUDA device is usable through CuPy, else why not."""
+    try:
+        import cupy
+    except Exception as e:  # noqa: BLE001 - any import failure means no CUDA path
+        return f"CuPy is not importable ({type(e).__name__}: {e})"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # noqa: BLE001
+        return f"no CUDA device ({type(e).__name__})"
+    return None if n > 0 else "no CUDA device"
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = gpu_unavailable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"GPU test: {reason}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
