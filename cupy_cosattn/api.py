@@ -66,9 +66,10 @@ def forward_canonical(prob: Problem, inp: Inputs, backend: str, out=None, lse=No
         o, l = _empty_forward(prob, inp, xp)
         if out is not None:
             out[...] = o
-            l_ = lse
-            l_[...] = l
-            return out, lse
+            o = out
+        if lse is not None:
+            lse[...] = l
+            l = lse
         return o, l
     return backend_impl(backend).forward(prob, inp, out=out, lse=lse)
 
@@ -127,7 +128,8 @@ def _user_dscale(dscale, scale, prob: Problem):
     if not prob.per_head_scale:
         return float(dscale.sum())
     lib = array_library(scale)
-    dtype = scale.dtype if np.issubdtype(np.dtype(scale.dtype), np.floating) else np.float64
+    dtype = np.dtype(scale.dtype)
+    dtype = dtype if _problem.is_real_dtype(dtype) and not np.issubdtype(dtype, np.integer) else np.float64
     res = dscale.reshape(scale.shape).astype(dtype)
     return _xp(lib).asarray(res) if lib == "cupy" else res
 

@@ -143,11 +143,19 @@ def _check_flag(name: str, value):
     return bool(value)
 
 
+def is_real_dtype(dtype) -> bool:
+    """A float (bfloat16 included: ml_dtypes' type is not an np.floating subtype) or integer dtype."""
+    dtype = np.dtype(dtype)
+    return (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
+            or (BFLOAT16 is not None and dtype == BFLOAT16))
+
+
 def _scale_vector(scale, H: int, merged: bool):
     """(per_head, float64 (H,) host array) from the user's scale; raises on bad values."""
     if isinstance(scale, (bool, np.bool_)):
         raise TypeError(f"scale must be a positive finite float or a length-H array, got {_describe(scale)}")
-    if isinstance(scale, (int, float, np.integer, np.floating)):
+    if isinstance(scale, (int, float, np.integer, np.floating)) or (
+            isinstance(scale, np.generic) and BFLOAT16 is not None and scale.dtype == BFLOAT16):
         s = float(scale)
         if not math.isfinite(s) or s <= 0:
             raise ValueError(f"scale must be finite and > 0, got {s}")
@@ -155,13 +163,16 @@ def _scale_vector(scale, H: int, merged: bool):
     lib = array_library(scale)
     if not lib:
         raise TypeError(f"scale must be a positive finite float or a length-H array, got {_describe(scale)}")
+    if lib == "torch":
+        raise TypeError(f"scale must be a float or a NumPy/CuPy array (use cupy_cosattn.torch for torch tensors), "
+                        f"got {_describe(scale)}")
     host = np.asarray(scale.get() if lib == "cupy" else scale)
     if host.ndim == 0:
         return _scale_vector(float(host), H, merged)
     if host.ndim != 1 or host.shape[0] != H:
         extra = " (merged 3-D inputs have one head per row, so only a scalar or length-1 scale)" if merged else ""
         raise ValueError(f"scale must be a scalar or have shape ({H},) = (H,), got shape {tuple(host.shape)}{extra}")
-    if not np.issubdtype(host.dtype, np.floating) and not np.issubdtype(host.dtype, np.integer):
+    if not is_real_dtype(host.dtype):
         raise TypeError(f"scale must hold real numbers, got dtype {host.dtype}")
     host = host.astype(np.float64)
     if not np.all(np.isfinite(host)) or not np.all(host > 0):
