@@ -170,7 +170,7 @@ def _grouped_l2norm_backward(xhat: Tensor, n: Tensor, dxhat: Tensor, groups: int
 
 
 class _Canon:
-    """Canonical float views (compute dtype) of one call for the CPU path."""
+    """Canonical views (compute dtype) of one call for the CPU path, and its per-chunk scores."""
 
     def __init__(self, prob, shapes, q, k, v, mask, bias, scale_t, scale):
         cd = _compute_dtype(q.dtype)
@@ -190,6 +190,9 @@ class _Canon:
             self.kh, self.kn = _grouped_l2norm(self.k, prob.groups)
         else:
             self.qh, self.qn, self.kh, self.kn = self.q, None, self.k, None
+        self.qs = self.qh * self.scale.view(1, H, 1, 1)  # scale_h·q̂: the scale folded into the queries
+        # Can a row end up with no visible key (softmax of all -inf gives NaN, which must become 0)?
+        self.may_be_empty = mask is not None or bias is not None or (prob.causal and prob.Nq > prob.Nk)
 
     def chunks(self):
         """(i0, i1, kend): query rows [i0, i1) see at most keys [0, kend) (causal trims the rest)."""
@@ -200,15 +203,17 @@ class _Canon:
             kend = min(p.Nk, max(0, i1 + p.Nk - p.Nq)) if p.causal else p.Nk
             yield i0, i1, kend
 
-    def scores(self, i0, i1, kend):
-        """(cos, P): cos = ⟨q̂_i, k̂_j⟩ and the softmax probabilities of rows [i0, i1) over keys [0, kend),
-        both (B, H, C, kend); P is 0 on excluded pairs and on rows without a visible key. Also lse."""
+    def grouped(self, x):
+        """(B, H, C, X) -> (B, Hk, G, C, X): the query heads that share a kv head side by side."""
         p = self.prob
-        B, H, Hk, G, C = p.B, p.H, p.Hk, p.q_per_kv, i1 - i0
-        qg = self.qh[:, :, i0:i1].reshape(B, Hk, G, C, p.D)
-        kk = self.kh[:, :, :kend].unsqueeze(2)
-        cos = (qg @ kk.transpose(-1, -2)).reshape(B, H, C, kend)
-        s = cos * self.scale.view(1, H, 1, 1)
+        return x.reshape(p.B, p.Hk, p.q_per_kv, x.shape[-2], x.shape[-1])
+
+    def logits(self, i0, i1, kend):
+        """s = scale_h·⟨q̂_i, k̂_j⟩ + bias_ij for rows [i0, i1) and keys [0, kend), -inf where excluded."""
+        p = self.prob
+        B, H, C = p.B, p.H, i1 - i0
+        s = (self.grouped(self.qs[:, :, i0:i1]) @ self.kh[:, :, :kend].unsqueeze(2).transpose(-1, -2))
+        s = s.reshape(B, H, C, kend)
         if self.bias is not None:
             s = s + self.bias[:, :, i0:i1, :kend]
         vis = None
@@ -221,21 +226,12 @@ class _Canon:
             vis = m if vis is None else vis & m
         if vis is not None:
             s = s.masked_fill(~vis, float("-inf"))
-        m = s.amax(dim=-1, keepdim=True)
-        has_key = torch.isfinite(m)
-        m = torch.where(has_key, m, torch.zeros_like(m))
-        e = torch.exp(s - m)  # 0 on excluded pairs (-inf)
-        l = e.sum(dim=-1, keepdim=True)
-        ok = has_key & (l > 0)
-        l_safe = torch.where(ok, l, torch.ones_like(l))
-        P = torch.where(ok, e / l_safe, torch.zeros_like(e))
-        lse = torch.where(ok, m + torch.log(l_safe), torch.full_like(m, float("-inf")))[..., 0]
-        return cos, P, lse
+        return s
 
-    def grouped(self, x):
-        """(B, H, C, X) -> (B, Hk, G, C, X)."""
-        p = self.prob
-        return x.reshape(p.B, p.Hk, p.q_per_kv, x.shape[-2], x.shape[-1])
+    def probs(self, s):
+        """Softmax over the visible keys; 0 for a row without any."""
+        P = torch.softmax(s, dim=-1)
+        return torch.nan_to_num(P, nan=0.0) if self.may_be_empty else P
 
 
 def _cpu_forward(prob, shapes, q, k, v, mask, bias, scale_t, scale):
@@ -246,39 +242,38 @@ def _cpu_forward(prob, shapes, q, k, v, mask, bias, scale_t, scale):
     for i0, i1, kend in c.chunks():
         if kend == 0:
             continue  # no key visible to any row of this chunk: out 0, lse -inf
-        _, P, l = c.scores(i0, i1, kend)
-        o = c.grouped(P) @ c.v[:, :, :kend].unsqueeze(2)  # (B, Hk, G, C, D)
+        s = c.logits(i0, i1, kend)
+        o = c.grouped(c.probs(s)) @ c.v[:, :, :kend].unsqueeze(2)  # (B, Hk, G, C, D)
         out[:, :, i0:i1] = o.reshape(B, H, i1 - i0, D)
-        lse[:, :, i0:i1] = l.to(torch.float32)
+        lse[:, :, i0:i1] = torch.logsumexp(s, dim=-1).to(torch.float32)  # -inf for a row without a key
     return out.to(q.dtype).reshape(q.shape), lse.reshape(q.shape[:-1])
 
 
 def _cpu_backward(prob, shapes, dout, q, k, v, mask, bias, scale_t, scale):
-    """Gradients by recomputing each query chunk's probabilities (out and lse are not needed)."""
+    """Gradients by recomputing each query chunk's probabilities (DESIGN.md section 1, backward)."""
     c = _Canon(prob, shapes, q, k, v, mask, bias, scale_t, scale)
-    B, H, Hk, G, Nq, Nk, D = prob.B, prob.H, prob.Hk, prob.q_per_kv, prob.Nq, prob.Nk, prob.D
+    B, H, Nq, D = prob.B, prob.H, prob.Nq, prob.D
     do = dout.reshape(B, H, Nq, D).to(c.cd)
     dqh = torch.zeros_like(c.q)
     dkh = torch.zeros_like(c.k)
     dv = torch.zeros_like(c.v)
     dbias = None if c.bias is None else torch.zeros_like(c.bias)
     dscale = torch.zeros((H,), dtype=c.cd, device=q.device)
-    sc = c.scale.view(1, H, 1, 1)
     for i0, i1, kend in c.chunks():
         if kend == 0:
             continue
         C = i1 - i0
-        cos, P, _ = c.scores(i0, i1, kend)
+        P = c.probs(c.logits(i0, i1, kend))
         dog = c.grouped(do[:, :, i0:i1])  # (B, Hk, G, C, D)
-        vv = c.v[:, :, :kend].unsqueeze(2)  # (B, Hk, 1, kend, D)
+        kh, vv = c.kh[:, :, :kend].unsqueeze(2), c.v[:, :, :kend].unsqueeze(2)  # (B, Hk, 1, kend, D)
         dP = (dog @ vv.transpose(-1, -2)).reshape(B, H, C, kend)
-        Di = (P * dP).sum(-1, keepdim=True)  # = <dO_i, O_i>
-        dS = P * (dP - Di)
+        dS = torch._softmax_backward_data(dP, P, -1, P.dtype)  # P ∘ (dP − rowsum(P ∘ dP))
+        dSg = c.grouped(dS)
         dv[:, :, :kend] += (c.grouped(P).transpose(-1, -2) @ dog).sum(2)
-        dSs = c.grouped(dS * sc)
-        dqh[:, :, i0:i1] = (dSs @ c.kh[:, :, :kend].unsqueeze(2)).reshape(B, H, C, D)
-        dkh[:, :, :kend] += (dSs.transpose(-1, -2) @ c.grouped(c.qh[:, :, i0:i1])).sum(2)
-        dscale += (dS * cos).sum(dim=(0, 2, 3))
+        g = (dSg @ kh).reshape(B, H, C, D)  # dS·K̂ = dq̂ / scale_h
+        dqh[:, :, i0:i1] = g * c.scale.view(1, H, 1, 1)
+        dkh[:, :, :kend] += (dSg.transpose(-1, -2) @ c.grouped(c.qs[:, :, i0:i1])).sum(2)
+        dscale += (g * c.qh[:, :, i0:i1]).sum(dim=(0, 2, 3))  # Σ dS_ij ⟨q̂_i, k̂_j⟩
         if dbias is not None:
             axes = tuple(ax for ax in (0, 1) if c.bias.shape[ax] == 1)
             dbias[:, :, i0:i1, :kend] = dS.sum(dim=axes, keepdim=True) if axes else dS

@@ -1,0 +1,419 @@
+"""cupy_cosattn.torch: the autograd op against the float64 NumPy reference, gradcheck, argument errors
+shared with the NumPy API, the custom-op registration (opcheck, torch.compile, autocast) and, on a GPU,
+the zero-copy CUDA path."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import cupy_cosattn as ca  # noqa: E402
+import cupy_cosattn.torch as cat  # noqa: E402
+
+
+def rel(x, ref):
+    x = np.asarray(x.detach().cpu().double() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def to_np(t):
+    if t is None:
+        return None
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.float().numpy().astype(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+# name: (q shape, kv shape, bias shape or None, mask?, extra keywords)
+CASES = {
+    "mha": ((2, 4, 9, 16), (2, 4, 11, 16), None, False, {}),
+    "mha-causal": ((2, 4, 9, 16), (2, 4, 11, 16), None, False, dict(causal=True)),
+    "gqa-groups-causal": ((2, 4, 9, 16), (2, 2, 11, 16), None, False, dict(causal=True, groups=2)),
+    "mqa-3d-kv": ((2, 4, 9, 16), (2, 11, 16), None, True, {}),
+    "merged-bias-mask-causal": ((6, 9, 16), (6, 11, 16), (6, 9, 11), True, dict(causal=True)),
+    "head-bias-per-head-scale": ((2, 4, 9, 16), (2, 4, 11, 16), (4, 9, 11), True, dict(per_head=True)),
+    "batch-bias-mqa-causal": ((2, 4, 9, 16), (2, 1, 11, 16), (2, 9, 11), False,
+                              dict(attn_bias_batch_dim=True, causal=True, per_head=True)),
+    "full-bias-nq-gt-nk-causal": ((2, 4, 13, 16), (2, 4, 5, 16), (2, 4, 13, 5), False,
+                                  dict(causal=True, per_head=True)),
+    "no-l2norm": ((2, 4, 13, 32), (2, 2, 5, 32), None, False, dict(l2norm_qk=False)),
+    "single-key": ((1, 2, 3, 8), (1, 2, 1, 8), None, False, dict(causal=True)),
+}
+
+
+def make_case(name, dtype=torch.float32, seed=0):
+    qs, ks, bs, with_mask, kw = CASES[name]
+    kw = dict(kw)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(qs, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(ks, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(ks, generator=g).to(dtype).requires_grad_()
+    if not kw.get("l2norm_qk", True):  # the caller's promise: already normalized
+        with torch.no_grad():
+            q.copy_(torch.nn.functional.normalize(q.float(), dim=-1))
+            k.copy_(torch.nn.functional.normalize(k.float(), dim=-1))
+    bias = None if bs is None else (torch.randn(bs, generator=g).to(dtype)).requires_grad_()
+    mask = None
+    if with_mask:
+        mask = torch.rand((qs[0], ks[-2]), generator=g) > 0.3
+        mask[0] = False  # a fully masked row of keys: those queries see nothing
+    H = qs[1] if len(qs) == 4 else 1
+    if kw.pop("per_head", False):
+        scale = (torch.rand(H, generator=g, dtype=torch.float64) * 6 + 2).to(dtype).requires_grad_()
+    else:
+        scale = 8.0
+    return q, k, v, mask, bias, scale, kw
+
+
+def run_both(q, k, v, mask, bias, scale, kw, seed=1):
+    """(torch out, torch grads, reference out, reference grads); grads (dq, dk, dv, dbias, dscale)."""
+    for t in (q, k, v, bias, scale):
+        if isinstance(t, torch.Tensor):
+            t.grad = None
+    out = cat.cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, scale=scale, **kw)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    out.backward(dout)
+    np_scale = to_np(scale).astype(np.float64) if isinstance(scale, torch.Tensor) else scale
+    args = dict(mask=to_np(mask), attn_bias=to_np(bias), scale=np_scale, backend="reference", **kw)
+    ro, rl = ca.forward(to_np(q), to_np(k), to_np(v), **args)
+    rg = ca.backward(to_np(dout), to_np(q), to_np(k), to_np(v), ro, rl, **args)
+    grads = (q.grad, k.grad, v.grad, None if bias is None else bias.grad,
+             scale.grad if isinstance(scale, torch.Tensor) else None)
+    return out, grads, ro, rg
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_float32_matches_reference(name):
+    q, k, v, mask, bias, scale, kw = make_case(name)
+    out, grads, ro, rg = run_both(q, k, v, mask, bias, scale, kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert rel(out, ro) <= 1e-5
+    for what, g, r in zip(("dq", "dk", "dv", "dbias", "dscale"), grads, rg):
+        if r is None or (what == "dscale" and g is None):
+            continue
+        assert g is not None, what
+        assert torch.isfinite(g).all(), what
+        assert g.shape == (q, k, v, bias, scale)[("dq", "dk", "dv", "dbias", "dscale").index(what)].shape
+        assert rel(g, r) <= 1e-4, (what, rel(g, r))
+    if mask is not None:  # queries of the fully masked batch row: output 0, no gradient
+        assert out[0].abs().max() == 0
+        assert q.grad[0].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype,tol_out,tol_grad", [(torch.float16, 3e-3, 1e-2), (torch.bfloat16, 2e-2, 5e-2)])
+@pytest.mark.parametrize("name", ["gqa-groups-causal", "merged-bias-mask-causal", "head-bias-per-head-scale"])
+def test_half_dtypes_match_reference(name, dtype, tol_out, tol_grad):
+    q, k, v, mask, bias, scale, kw = make_case(name, dtype)
+    if isinstance(scale, torch.Tensor):  # a learned scale usually stays float32
+        scale = scale.detach().float().requires_grad_()
+    out, grads, ro, rg = run_both(q, k, v, mask, bias, scale, kw)
+    assert out.dtype == dtype
+    assert rel(out, ro.astype(np.float64)) <= tol_out
+    for g, r in zip(grads, rg):
+        if g is None or r is None:
+            continue
+        assert torch.isfinite(g.float()).all()
+        assert rel(g.float(), np.asarray(r, dtype=np.float64)) <= tol_grad
+
+
+def test_lse_matches_reference():
+    q, k, v, mask, bias, scale, kw = make_case("merged-bias-mask-causal")
+    out, lse = cat.forward(q, k, v, mask=mask, attn_bias=bias, scale=scale, **kw)
+    ro, rl = ca.forward(to_np(q), to_np(k), to_np(v), mask=to_np(mask), attn_bias=to_np(bias), scale=scale,
+                        backend="reference", **kw)
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:-1]
+    assert not lse.requires_grad
+    fin = np.isfinite(rl)
+    assert np.array_equal(torch.isfinite(lse).numpy(), fin)
+    np.testing.assert_allclose(lse.numpy()[fin], rl[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_float64_bias_per_head_scale_causal_mask():
+    g = torch.Generator().manual_seed(0)
+    kw = dict(dtype=torch.float64, requires_grad=True)
+    q = torch.randn(2, 4, 5, 8, generator=g, **{"dtype": torch.float64}).requires_grad_()
+    k = torch.randn(2, 2, 6, 8, generator=g, dtype=torch.float64).requires_grad_()
+    v = torch.randn(2, 2, 6, 8, generator=g, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(2, 5, 6, generator=g, **kw)
+    scale = torch.tensor([2.0, 3.0, 5.0, 7.0], **kw)
+    mask = torch.tensor([[True, False, True, True, True, True], [False, True, True, False, True, True]])
+
+    def f(q, k, v, bias, scale):
+        return cat.cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, attn_bias_batch_dim=True, scale=scale,
+                                        causal=True, groups=2)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, bias, scale), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_gradcheck_float64_merged_and_empty_rows():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 6, 8, generator=g, dtype=torch.float64).requires_grad_()
+    k = torch.randn(3, 4, 8, generator=g, dtype=torch.float64).requires_grad_()
+    v = torch.randn(3, 4, 8, generator=g, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(3, 6, 4, generator=g, dtype=torch.float64).requires_grad_()
+    mask = torch.tensor([[True] * 4, [False] * 4, [True, True, False, True]])
+
+    def f(q, k, v, bias):  # causal with Nq > Nk: the first two queries see no key
+        return cat.cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, causal=True, scale=4.0)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, bias), eps=1e-6, atol=1e-6, rtol=1e-5)
+    out = f(q, k, v, bias)
+    assert out[:, :2].abs().max() == 0 and out[1].abs().max() == 0
+
+
+def test_empty_lengths_give_zeros():
+    for nq, nk in ((0, 5), (4, 0), (0, 0)):
+        q = torch.randn(2, 2, nq, 8, requires_grad=True)
+        k = torch.randn(2, 2, nk, 8, requires_grad=True)
+        v = torch.randn(2, 2, nk, 8, requires_grad=True)
+        out, lse = cat.forward(q, k, v, causal=True)
+        assert out.shape == q.shape and torch.all(out == 0)
+        assert torch.all(torch.isneginf(lse))
+        out.sum().backward()
+        for t in (q, k, v):
+            assert t.grad.shape == t.shape and torch.all(t.grad == 0)
+
+
+def test_chunked_cpu_path_equals_single_block(monkeypatch):
+    q, k, v, mask, bias, scale, kw = make_case("full-bias-nq-gt-nk-causal")
+    out1, grads1, _, _ = run_both(q, k, v, mask, bias, scale, kw)
+    grads1 = [g.clone() for g in grads1]
+    monkeypatch.setattr(cat, "_CPU_BLOCK_ELEMS", 2 * 4 * 3 * 5)  # 3 query rows per block
+    q2, k2, v2, b2, s2 = (t.detach().clone().requires_grad_() for t in (q, k, v, bias, scale))
+    out2, grads2, _, _ = run_both(q2, k2, v2, mask, b2, s2, kw)
+    torch.testing.assert_close(out2, out1, rtol=1e-6, atol=1e-6)
+    for g1, g2 in zip(grads1, grads2):
+        torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-6)
+
+
+def test_non_contiguous_inputs_and_0d_scale():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 4, 16, generator=g)  # (B, N, H, D), as a projection would give
+    q = x.transpose(1, 2).requires_grad_()
+    scale = torch.tensor(6.0, requires_grad=True)
+    out = cat.cosine_sim_attention(q, q, q, scale=scale, causal=True)
+    ref = cat.cosine_sim_attention(q.detach().contiguous(), q.detach().contiguous(), q.detach().contiguous(),
+                                   scale=6.0, causal=True)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    assert scale.grad.shape == () and torch.isfinite(scale.grad)
+
+
+def test_requires_no_grad_inputs():
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    out = cat.cosine_sim_attention(q, k, v)
+    assert not out.requires_grad
+
+
+# --------------------------------------------------------------------------------------- argument errors
+
+def _both_raise(torch_args, np_args, kw_torch=None, kw_np=None):
+    """The torch call and the NumPy call raise the same exception type with the same message."""
+    with pytest.raises((TypeError, ValueError)) as et:
+        cat.cosine_sim_attention(*torch_args, **(kw_torch or {}))
+    with pytest.raises((TypeError, ValueError)) as en:
+        ca.cosine_sim_attention(*np_args, **(kw_np or {}))
+    assert type(et.value) is type(en.value)
+    assert str(et.value) == str(en.value)
+    return str(et.value)
+
+
+def _qkv(qs, ks, vs=None, dtype=torch.float32):
+    t = [torch.zeros(s, dtype=dtype) for s in (qs, ks, vs or ks)]
+    return t, [x.numpy() for x in t]
+
+
+@pytest.mark.parametrize("what", ["gqa", "kv-shape", "batch", "head-dim", "groups", "mask-shape", "mask-dtype",
+                                  "bias-shape", "bias-batch-hint", "scale-len", "scale-neg", "causal-flag",
+                                  "q-ndim", "dtype"])
+def test_errors_match_numpy_api(what):
+    t, n = _qkv((2, 4, 5, 8), (2, 4, 6, 8))
+    kt, kn = {}, {}
+    if what == "gqa":
+        t, n = _qkv((2, 4, 5, 8), (2, 3, 6, 8))
+    elif what == "kv-shape":
+        t, n = _qkv((2, 4, 5, 8), (2, 4, 6, 8), (2, 4, 7, 8))
+    elif what == "batch":
+        t, n = _qkv((2, 4, 5, 8), (3, 4, 6, 8))
+    elif what == "head-dim":
+        t, n = _qkv((2, 4, 5, 8), (2, 4, 6, 16))
+    elif what == "groups":
+        kt = kn = dict(groups=3)
+    elif what == "mask-shape":
+        kt, kn = dict(mask=torch.ones(2, 5, dtype=torch.bool)), dict(mask=np.ones((2, 5), bool))
+    elif what == "mask-dtype":
+        kt, kn = dict(mask=torch.ones(2, 6, dtype=torch.int64)), dict(mask=np.ones((2, 6), np.int64))
+    elif what == "bias-shape":
+        kt, kn = dict(attn_bias=torch.zeros(4, 5, 5)), dict(attn_bias=np.zeros((4, 5, 5), np.float32))
+    elif what == "bias-batch-hint":
+        t, n = _qkv((2, 3, 5, 8), (2, 3, 6, 8))
+        kt, kn = dict(attn_bias=torch.zeros(2, 5, 6)), dict(attn_bias=np.zeros((2, 5, 6), np.float32))
+    elif what == "scale-len":
+        kt, kn = dict(scale=torch.ones(3)), dict(scale=np.ones(3))
+    elif what == "scale-neg":
+        kt = kn = dict(scale=-1.0)
+    elif what == "causal-flag":
+        kt = kn = dict(causal="yes")
+    elif what == "q-ndim":
+        t, n = _qkv((2, 5, 8, 1, 1), (2, 4, 6, 8))
+    elif what == "dtype":
+        t, n = _qkv((2, 4, 5, 8), (2, 4, 6, 8), dtype=torch.int32)
+        with pytest.raises(TypeError, match="int32.*supported"):
+            cat.cosine_sim_attention(*t)
+        return
+    _both_raise(t, n, kt, kn)
+
+
+def test_torch_specific_errors():
+    q = torch.zeros(1, 2, 3, 8)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        cat.cosine_sim_attention(q.numpy(), q, q)
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
+        cat.cosine_sim_attention(q, q, q, mask=np.ones((1, 3), bool))
+    with pytest.raises(ValueError, match="k is on device meta but q is on cpu"):
+        cat.cosine_sim_attention(q, q.to("meta"), q)
+    with pytest.raises(TypeError, match="scale"):
+        cat.cosine_sim_attention(q, q, q, scale="big")
+    with pytest.raises(TypeError, match="scale"):
+        cat.cosine_sim_attention(q, q, q, scale=np.ones(2))
+    with pytest.raises(TypeError, match="float64"):
+        cat.cosine_sim_attention(q.long(), q.long(), q.long())  # the CPU message mentions float64
+
+
+# ---------------------------------------------------------------------------------- custom op machinery
+
+def test_custom_ops_registered_and_opcheck():
+    assert hasattr(torch.ops.cupy_cosattn, "attn_fwd") and hasattr(torch.ops.cupy_cosattn, "attn_bwd")
+    q, k, v, mask, bias, scale, kw = make_case("head-bias-per-head-scale")
+    q, k, v, bias, scale = (t.detach() for t in (q, k, v, bias, scale))
+    fwd_args = (q, k, v, mask, bias, scale, 1.0, False, 1, True, True, False)
+    torch.library.opcheck(torch.ops.cupy_cosattn.attn_fwd.default, fwd_args)
+    torch.library.opcheck(torch.ops.cupy_cosattn.attn_fwd.default,
+                          tuple(t.requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                                for t in fwd_args))
+    out, lse = torch.ops.cupy_cosattn.attn_fwd(*(t.detach() if isinstance(t, torch.Tensor) else t for t in fwd_args))
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, mask, bias.detach(),
+                scale.detach(), 1.0, False, 1, True, True, False)
+    torch.library.opcheck(torch.ops.cupy_cosattn.attn_bwd.default, bwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_fullgraph_matches_eager():
+    q, k, v, mask, bias, scale, kw = make_case("head-bias-per-head-scale")
+
+    def loss_fn(q, k, v, bias, scale):
+        o = cat.cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, scale=scale, causal=True)
+        return (o * o).sum()
+
+    args = (q, k, v, bias, scale)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    lc = compiled(*args)
+    gc = torch.autograd.grad(lc, args)
+    le = loss_fn(*args)
+    ge = torch.autograd.grad(le, args)
+    torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-5)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the op is one node of the graph, not a graph break
+    explain = torch._dynamo.explain(loss_fn)(*args)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+
+
+def test_autocast_bf16_cpu_runs_in_autocast_dtype():
+    q, k, v, mask, bias, scale, kw = make_case("head-bias-per-head-scale")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cat.cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, scale=scale, causal=True)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    for t in (q, k, v, bias, scale):  # gradients reach the float32 leaves in their own dtype
+        assert t.grad is not None and t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all()
+    ref = cat.cosine_sim_attention(q.detach(), k.detach(), v.detach(), mask=mask, attn_bias=bias.detach(),
+                                   scale=scale.detach(), causal=True)
+    assert rel(out.float(), ref.numpy()) < 2e-2
+
+
+def test_import_does_not_import_cupy():
+    code = "import sys, cupy_cosattn.torch, cupy_cosattn.transformer; sys.exit('cupy' in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+@pytest.mark.gpu
+def test_gpu_zero_copy_reads_and_writes_torch_memory(monkeypatch):
+    from cupy_cosattn import api
+
+    seen = {}
+    fwd, bwd = api.forward_canonical, api.backward_canonical
+
+    def spy_fwd(prob, inp, backend, out=None, lse=None):
+        seen["fwd_in"] = (inp.q.data.ptr, inp.k.data.ptr, inp.v.data.ptr, inp.bias.data.ptr)
+        seen["fwd_out"] = (out.data.ptr, lse.data.ptr)
+        seen["backend"] = backend
+        return fwd(prob, inp, backend, out=out, lse=lse)
+
+    def spy_bwd(prob, inp, dout, out, lse, backend):
+        res = bwd(prob, inp, dout, out, lse, backend)
+        seen["bwd_in"] = (inp.q.data.ptr, dout.data.ptr, out.data.ptr, lse.data.ptr)
+        seen["bwd_out"] = tuple(r.data.ptr for r in res[:4])
+        return res
+
+    monkeypatch.setattr(api, "forward_canonical", spy_fwd)
+    monkeypatch.setattr(api, "backward_canonical", spy_bwd)
+    dev = torch.device("cuda")
+    q = torch.randn(2, 4, 64, 64, device=dev, dtype=torch.float16, requires_grad=True)
+    k = torch.randn(2, 4, 80, 64, device=dev, dtype=torch.float16, requires_grad=True)
+    v = torch.randn(2, 4, 80, 64, device=dev, dtype=torch.float16, requires_grad=True)
+    bias = torch.randn(4, 64, 80, device=dev, dtype=torch.float16, requires_grad=True)
+    out, lse = cat.forward(q, k, v, attn_bias=bias, causal=True)
+    assert seen["backend"] == "cuda"
+    assert seen["fwd_in"] == (q.data_ptr(), k.data_ptr(), v.data_ptr(), bias.data_ptr())
+    assert seen["fwd_out"] == (out.data_ptr(), lse.data_ptr())
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    assert seen["bwd_in"] == (q.data_ptr(), dout.data_ptr(), out.data_ptr(), lse.data_ptr())
+    assert seen["bwd_out"] == (q.grad.data_ptr(), k.grad.data_ptr(), v.grad.data_ptr(), bias.grad.data_ptr())
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol_out,tol_grad",
+                         [(torch.float32, 1e-5, 1e-4), (torch.float16, 3e-3, 1e-2), (torch.bfloat16, 2e-2, 5e-2)])
+@pytest.mark.parametrize("name", ["mha-causal", "gqa-groups-causal", "mqa-3d-kv", "merged-bias-mask-causal",
+                                  "head-bias-per-head-scale", "full-bias-nq-gt-nk-causal"])
+def test_gpu_matches_reference(name, dtype, tol_out, tol_grad):
+    q, k, v, mask, bias, scale, kw = make_case(name, dtype)
+    dev = torch.device("cuda")
+    q, k, v = (t.detach().to(dev).requires_grad_() for t in (q, k, v))
+    bias = None if bias is None else bias.detach().to(dev).requires_grad_()
+    mask = None if mask is None else mask.to(dev)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.detach().float().to(dev).requires_grad_()
+    out, grads, ro, rg = run_both(q, k, v, mask, bias, scale, kw)
+    assert out.is_cuda and out.dtype == dtype
+    assert rel(out.float(), np.asarray(ro, np.float64)) <= tol_out
+    for g, r in zip(grads, rg):
+        if g is None or r is None:
+            continue
+        assert g.is_cuda and torch.isfinite(g.float()).all()
+        assert rel(g.float(), np.asarray(r, dtype=np.float64)) <= tol_grad
+
+
+@pytest.mark.gpu
+def test_gpu_autocast_and_compile():
+    dev = torch.device("cuda")
+    q, k, v = (torch.randn(2, 4, 128, 64, device=dev, requires_grad=True) for _ in range(3))
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = cat.cosine_sim_attention(q, k, v, causal=True)
+    assert out.dtype == torch.float16
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32
+    f = torch.compile(lambda q, k, v: cat.cosine_sim_attention(q, k, v, causal=True), fullgraph=True)
+    torch.testing.assert_close(f(q, k, v), cat.cosine_sim_attention(q, k, v, causal=True))
