@@ -1,0 +1,207 @@
+"""A small causal transformer language model built on cosine-sim attention.
+
+The model of the original project (flash-cosine-sim-attention's ``CosineSimCausalTransformer``),
+made correct and complete:
+
+- token + learned absolute position embeddings, ``depth`` blocks of (attention, feed-forward);
+- ``pre_norm=True``: x + f(LayerNorm(x)) and a final LayerNorm; ``pre_norm=False`` (default): DeepNet
+  post-norm, LayerNorm(alpha·x + f(x)) with alpha = (2·depth)^(1/4), and the value, output and
+  feed-forward weights initialized Xavier-normal with gain beta = (8·depth)^(-1/4) (q and k with gain 1);
+- ``attn="cosine"``: :func:`cupy_cosattn.torch.cosine_sim_attention` (fused kernels on CUDA, torch on
+  the CPU) with a fixed ``attn_scale`` or, with ``learned_scale=True``, a learned positive per-head scale,
+  and ``attn_l2norm_groups`` l2norm groups; ``attn="softmax"``: regular scaled-dot-product attention,
+  the baseline;
+- optional grouped-query attention (``kv_heads`` dividing ``heads``);
+- :meth:`CosineSimCausalTransformer.generate` with top-k filtering, temperature (0 = greedy) and a KV
+  cache: each new token is one query against the cached keys (the op's bottom-right causal alignment
+  makes that query see every cached key), so cached and uncached generation compute the same thing.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .torch import cosine_sim_attention
+
+__all__ = ["CosineSimCausalTransformer", "Attention", "FeedForward", "top_k_filter"]
+
+KVCache = List[Tuple[Tensor, Tensor]]
+
+
+def top_k_filter(logits: Tensor, thres: float = 0.9) -> Tensor:
+    """Keep the top ceil((1 − thres)·vocab) logits (at least one) of each row; the rest become -inf."""
+    k = max(1, math.ceil((1.0 - thres) * logits.shape[-1]))
+    val, ind = torch.topk(logits, k, dim=-1)
+    return torch.full_like(logits, float("-inf")).scatter_(-1, ind, val)
+
+
+def softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Regular causal softmax attention (1/sqrt(D) scaling), bottom-right aligned like the cosine op.
+
+    q (B, H, Nq, D); k, v (B, Hk, Nk, D) with H % Hk == 0."""
+    H, Hk = q.shape[1], k.shape[1]
+    if Hk != H:
+        k = k.repeat_interleave(H // Hk, dim=1)
+        v = v.repeat_interleave(H // Hk, dim=1)
+    Nq, Nk = q.shape[-2], k.shape[-2]
+    if Nq == Nk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    i = torch.arange(Nq, device=q.device).unsqueeze(1)
+    j = torch.arange(Nk, device=q.device).unsqueeze(0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i + (Nk - Nq))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, mult: float = 4.0):
+        hidden = int(dim * mult)
+        super().__init__(nn.Linear(dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, dim, bias=False))
+
+
+class Attention(nn.Module):
+    """Causal multi-head (or grouped-query) self-attention with an optional KV cache."""
+
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, kv_heads: Optional[int] = None,
+                 attn: str = "cosine", scale: float = 8.0, learned_scale: bool = False, l2norm_groups: int = 1):
+        super().__init__()
+        if attn not in ("cosine", "softmax"):
+            raise ValueError(f"attn must be 'cosine' or 'softmax', got {attn!r}")
+        kv_heads = heads if kv_heads is None else kv_heads
+        if kv_heads < 1 or heads % kv_heads != 0:
+            raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads})")
+        self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
+        self.attn, self.l2norm_groups = attn, l2norm_groups
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_k = nn.Linear(dim, kv_heads * dim_head, bias=False)
+        self.to_v = nn.Linear(dim, kv_heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+        self.fixed_scale = float(scale)
+        # A learned scale stays positive: it is exp of a learned per-head log.
+        self.log_scale = nn.Parameter(torch.full((heads,), math.log(scale))) if learned_scale else None
+
+    @property
+    def scale(self):
+        return self.fixed_scale if self.log_scale is None else self.log_scale.exp()
+
+    def forward(self, x: Tensor, cache: Optional[Tuple[Tensor, Tensor]] = None):
+        """x (B, N, dim) -> (B, N, dim), plus the (k, v) cache extended by these N positions."""
+        B, N, _ = x.shape
+        q = self.to_q(x).view(B, N, self.heads, self.dim_head).transpose(1, 2)
+        k = self.to_k(x).view(B, N, self.kv_heads, self.dim_head).transpose(1, 2)
+        v = self.to_v(x).view(B, N, self.kv_heads, self.dim_head).transpose(1, 2)
+        if cache is not None:
+            k = torch.cat((cache[0], k), dim=2)
+            v = torch.cat((cache[1], v), dim=2)
+        if self.attn == "cosine":
+            o = cosine_sim_attention(q, k, v, causal=True, scale=self.scale, groups=self.l2norm_groups)
+        else:
+            o = softmax_attention(q, k, v)
+        o = o.transpose(1, 2).reshape(B, N, self.heads * self.dim_head)
+        return self.to_out(o), (k, v)
+
+
+class CosineSimCausalTransformer(nn.Module):
+    """Causal language model; see the module docstring.
+
+    forward(tokens (B, N) long) -> logits (B, N, num_tokens); forward(tokens, return_loss=True) -> the
+    mean next-token cross-entropy over tokens[:, 1:] (natural log).
+    """
+
+    def __init__(self, *, num_tokens: int, dim: int, max_seq_len: int, depth: int, heads: int = 8,
+                 dim_head: int = 64, kv_heads: Optional[int] = None, attn: str = "cosine", attn_scale: float = 8.0,
+                 learned_scale: bool = False, attn_l2norm_groups: int = 1, pre_norm: bool = False,
+                 ff_mult: float = 4.0):
+        super().__init__()
+        self.num_tokens, self.max_seq_len, self.depth, self.pre_norm = num_tokens, max_seq_len, depth, pre_norm
+        self.token_emb = nn.Embedding(num_tokens, dim)
+        self.pos_emb = nn.Embedding(max_seq_len, dim)
+        # DeepNet (Wang et al. 2022), decoder-only with N = depth blocks: alpha = (2N)^(1/4), beta = (8N)^(-1/4)
+        self.alpha = 1.0 if pre_norm else (2.0 * depth) ** 0.25
+        self.beta = 1.0 if pre_norm else (8.0 * depth) ** -0.25
+        self.layers = nn.ModuleList()
+        for _ in range(depth):
+            self.layers.append(nn.ModuleDict(dict(
+                attn=Attention(dim, heads=heads, dim_head=dim_head, kv_heads=kv_heads, attn=attn, scale=attn_scale,
+                               learned_scale=learned_scale, l2norm_groups=attn_l2norm_groups),
+                attn_norm=nn.LayerNorm(dim),
+                ff=FeedForward(dim, ff_mult),
+                ff_norm=nn.LayerNorm(dim),
+            )))
+        self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
+        self.to_logits = nn.Linear(dim, num_tokens, bias=False)
+        self._init_weights()
+
+    def _init_weights(self):
+        nn.init.normal_(self.token_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        if self.pre_norm:
+            return
+        for layer in self.layers:
+            a, ff = layer["attn"], layer["ff"]
+            nn.init.xavier_normal_(a.to_q.weight, gain=1.0)
+            nn.init.xavier_normal_(a.to_k.weight, gain=1.0)
+            for lin in (a.to_v, a.to_out, ff[0], ff[2]):
+                nn.init.xavier_normal_(lin.weight, gain=self.beta)
+        nn.init.xavier_normal_(self.to_logits.weight, gain=1.0)
+
+    def forward(self, tokens: Tensor, *, return_loss: bool = False, cache: Optional[KVCache] = None,
+                return_cache: bool = False):
+        """Logits (B, N, num_tokens) for tokens (B, N); with `cache` (from a previous call with
+        return_cache=True) the tokens continue that sequence. return_loss: next-token cross-entropy."""
+        if return_loss:
+            tokens, labels = tokens[:, :-1], tokens[:, 1:]
+        offset = 0 if cache is None else cache[0][0].shape[2]
+        N = tokens.shape[1]
+        if offset + N > self.max_seq_len:
+            raise ValueError(f"sequence of {offset + N} positions exceeds max_seq_len={self.max_seq_len}")
+        pos = torch.arange(offset, offset + N, device=tokens.device)
+        x = self.token_emb(tokens) + self.pos_emb(pos)
+        new_cache: KVCache = []
+        for i, layer in enumerate(self.layers):
+            c = None if cache is None else cache[i]
+            if self.pre_norm:
+                y, kv = layer["attn"](layer["attn_norm"](x), c)
+                x = x + y
+                x = x + layer["ff"](layer["ff_norm"](x))
+            else:
+                y, kv = layer["attn"](x, c)
+                x = layer["attn_norm"](x * self.alpha + y)
+                x = layer["ff_norm"](x * self.alpha + layer["ff"](x))
+            new_cache.append(kv)
+        logits = self.to_logits(self.final_norm(x))
+        if return_loss:
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+        return (logits, new_cache) if return_cache else logits
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, seq_len: int, *, temperature: float = 1.0, filter_thres: float = 0.9,
+                 use_cache: bool = True) -> Tensor:
+        """Sample `seq_len` tokens after `prompt` (B, N); returns them (B, seq_len).
+
+        temperature 0 is greedy decoding; otherwise the top ceil((1 − filter_thres)·num_tokens) logits are
+        sampled at `temperature`. With use_cache each step runs only the newest token against the KV
+        cache; once the sequence outgrows max_seq_len the window slides and positions shift, so every
+        later step recomputes the window (exactly what the uncached path does)."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = prompt
+            cache = None
+            for _ in range(seq_len):
+                if use_cache and cache is not None and out.shape[1] <= self.max_seq_len:
+                    logits, cache = self(out[:, -1:], cache=cache, return_cache=True)
+                else:
+                    logits, cache = self(out[:, -self.max_seq_len:], return_cache=True)
+                logits = logits[:, -1].float()
+                if temperature == 0:
+                    sample = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    probs = F.softmax(top_k_filter(logits, filter_thres) / temperature, dim=-1)
+                    sample = torch.multinomial(probs, 1)
+                out = torch.cat((out, sample), dim=-1)
+            return out[:, prompt.shape[1]:]
+        finally:
+            self.train(was_training)
