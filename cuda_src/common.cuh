@@ -96,6 +96,26 @@ CA_DEVICE uint32_t pack2(float lo, float hi) {
   return (uint32_t)from_float<T>(lo).bits | ((uint32_t)from_float<T>(hi).bits << 16);
 }
 
+// The fp32 whose bit pattern is u (tf32 values are fp32 bit patterns with the low 13 bits zero).
+CA_DEVICE float bits_as_float(uint32_t u) {
+#ifdef CA_EMULATOR
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+#else
+  return __uint_as_float(u);
+#endif
+}
+
+CA_DEVICE float neg_inf() { return bits_as_float(0xff800000u); }
+
+// One 16-byte move (the unit of cp.async and of the kernels' vectorized global stores); both
+// pointers must be 16-byte aligned.
+struct alignas(16) bytes16 { uint32_t w[4]; };
+CA_DEVICE void copy16(void* dst, const void* src) {
+  *static_cast<bytes16*>(dst) = *static_cast<const bytes16*>(src);
+}
+
 // fp32 -> tf32 (round to nearest, ties away from zero), as the value's fp32 bit pattern.
 CA_DEVICE uint32_t to_tf32(float x) {
 #ifdef CA_EMULATOR

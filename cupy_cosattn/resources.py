@@ -1,0 +1,143 @@
+"""Compile every registered kernel instantiation with NVRTC and report its resources (no GPU needed).
+
+    python -m cupy_cosattn.resources [--arch sm_80 sm_90] [--match REGEX] [--jobs N]
+
+For each kernel of ``launch.kernel_registry()`` (grouped into modules exactly as the launch layer
+compiles them) and each architecture, NVRTC (CuPy's binding of the pip-wheel library) compiles with
+``-arch=sm_XX -Xptxas=-v -std=c++17`` and ptxas' report gives one row: registers, shared memory
+(static from ptxas + dynamic as the launch layer requests it), spill stores/loads and stack bytes.
+
+Exit status 1 on any compile error, any spill, or shared memory above the architecture's per-block
+limit; 0 otherwise. This is the CI gate of DESIGN.md section 4 item 2.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+# Largest shared memory per block (static + dynamic opt-in), bytes.
+SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024}
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'")
+_PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def parse_ptxas(log: str) -> dict:
+    """{mangled entry name: {regs, smem, stack, spill_st, spill_ld}} from an -Xptxas=-v log."""
+    out, cur = {}, None
+    for line in log.splitlines():
+        m = _ENTRY.search(line)
+        if m:
+            cur = out.setdefault(m.group(1), {"regs": 0, "smem": 0, "stack": 0, "spill_st": 0, "spill_ld": 0})
+            continue
+        if cur is None:
+            continue
+        m = _PROPS.search(line)
+        if m:
+            cur["stack"], cur["spill_st"], cur["spill_ld"] = (int(x) for x in m.groups())
+            continue
+        m = _USED.search(line)
+        if m:
+            cur["regs"] = int(m.group(1))
+            cur["smem"] = int(m.group(2) or 0)
+    return out
+
+
+def compile_group(source: str, names: tuple, arch: str) -> tuple:
+    """Compile one module (source + name expressions) for `arch`. Returns (results, error): results
+    maps each name expression to its ptxas row; error is the compile log on failure, else None."""
+    from cupy.cuda import nvrtc
+
+    from . import launch
+
+    code = launch.load_source(source)
+    opts = [f"-arch={arch}", "-Xptxas=-v"] + list(launch.compile_options())
+    prog = nvrtc.createProgram(code, source, [], [])
+    try:
+        for n in names:
+            nvrtc.addNameExpression(prog, n)
+        try:
+            nvrtc.compileProgram(prog, opts)
+        except Exception as e:  # noqa: BLE001 - NVRTCError: report the log
+            return {}, f"{type(e).__name__}: {e}\n{nvrtc.getProgramLog(prog)}"
+        log = nvrtc.getProgramLog(prog)
+        rows = parse_ptxas(log)
+        res = {}
+        for n in names:
+            lowered = nvrtc.getLoweredName(prog, n)
+            if lowered not in rows:
+                return {}, f"no ptxas report for {n} ({lowered})\n{log}"
+            res[n] = rows[lowered]
+        return res, None
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def run(archs, match=None, jobs=2, out=sys.stdout) -> int:
+    """Compile the registry (optionally only names matching regex `match`); print rows; return the
+    number of failures (compile errors, spills, shared memory over the limit)."""
+    from . import launch
+
+    specs = [s for s in launch.kernel_registry() if match is None or re.search(match, s.name)]
+    by_name = {(s.source, s.name): s for s in specs}
+    groups = {}
+    for s in specs:
+        groups.setdefault((s.source, s.group), []).append(s.name)
+    tasks = [(src, tuple(sorted(names)), arch) for (src, _), names in groups.items() for arch in archs]
+    print(f"compiling {len(specs)} kernels in {len(groups)} modules for {', '.join(archs)} "
+          f"({len(tasks)} NVRTC programs, {jobs} jobs)", file=out, flush=True)
+    hdr = f"{'kernel':<58} {'arch':<6} {'regs':>4} {'smem st+dyn':>14} {'spill st/ld':>11} {'stack':>5}  status"
+    print(hdr, file=out, flush=True)
+    failures = 0
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as ex:
+        futs = {ex.submit(compile_group, *t): t for t in tasks}
+        for fut in as_completed(futs):
+            src, names, arch = futs[fut]
+            try:
+                res, err = fut.result()
+            except Exception as e:  # noqa: BLE001
+                res, err = {}, f"{type(e).__name__}: {e}"
+            if err is not None:
+                failures += len(names)
+                for n in names:
+                    print(f"{n:<58} {arch:<6} {'':>4} {'':>14} {'':>11} {'':>5}  COMPILE ERROR", file=out, flush=True)
+                print(err, file=out, flush=True)
+                continue
+            for n in names:
+                r = res[n]
+                dyn = by_name[(src, n)].smem
+                total = r["smem"] + dyn
+                problems = []
+                if r["spill_st"] or r["spill_ld"]:
+                    problems.append("SPILL")
+                if total > SMEM_LIMIT.get(arch.rstrip("a"), 227 * 1024):
+                    problems.append("SMEM>LIMIT")
+                failures += bool(problems)
+                print(f"{n:<58} {arch:<6} {r['regs']:>4} {r['smem']:>6}+{dyn:<7} {r['spill_st']:>5}/{r['spill_ld']:<5} "
+                      f"{r['stack']:>5}  {' '.join(problems) or 'ok'}", file=out, flush=True)
+    print(f"{len(specs) * len(archs)} rows, {failures} failures, {time.time() - t0:.0f} s", file=out, flush=True)
+    return failures
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cupy_cosattn.resources", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"], help="target architectures (default: sm_80 sm_90)")
+    ap.add_argument("--match", default=None, help="only kernels whose name expression matches this regex")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel NVRTC processes (default 2)")
+    args = ap.parse_args(argv)
+    try:
+        from cupy.cuda import nvrtc  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        print(f"NVRTC is not available through CuPy ({type(e).__name__}: {e}); install cupy-cuda12x and "
+              f"nvidia-cuda-nvrtc-cu12", file=sys.stderr)
+        return 1
+    return 1 if run(args.arch, args.match, args.jobs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
