@@ -11,8 +11,9 @@
 //   O += P V                   P goes from accumulator registers straight into A operands
 //
 // and finally O / l and lse = log(l) + off. The offset is the point of cosine-sim attention: q and k
-// are unit vectors, so |scale_h <qhat, khat>| <= scale_h and the fixed offset off = scale_h - headroom
-// bounds every exp() without looking at the data: no running row maximum, no rescaling of O, no
+// are unit vectors, so |scale_h <qhat, khat>| <= scale_h (times the number of l2norm groups: each
+// normalized chunk adds a cosine) and the fixed offset off = scale_h groups - headroom bounds every
+// exp() without looking at the data: no running row maximum, no rescaling of O, no
 // cross-lane max per tile. With a bias, or unnormalized q/k (l2norm_qk=False), nothing bounds the
 // logits; the RUNNING_MAX instantiation then does the classic online softmax (running max m, rescale
 // O and l by exp(m_old - m_new)). The launch layer picks RUNNING_MAX = !fixed-offset-safe.
@@ -40,10 +41,11 @@ constexpr float LN2 = 0.6931471805599453f;
 template <typename T> struct is_f32 { static constexpr bool value = false; };
 template <> struct is_f32<float> { static constexpr bool value = true; };
 
-// Fixed-offset headroom: P = exp(s - (scale_h - HEADROOM)) lies in [exp(HEADROOM - 2 scale_h),
-// exp(HEADROOM)]. For fp16, P is rounded to fp16 before P V, so the range is moved up into fp16's
-// normal range (exp(10) = 22026 < 65504; the launch layer uses this path for scale_h <= 10 only,
-// keeping P >= exp(-10) > fp16's smallest normal). bf16 and fp32 share fp32's exponent range.
+// Fixed-offset headroom: with b = scale_h groups the logit bound, P = exp(s - (b - HEADROOM)) lies in
+// [exp(HEADROOM - 2b), exp(HEADROOM)]. For fp16, P is rounded to fp16 before P V, so the range is moved
+// up into fp16's normal range (exp(10) = 22026 < 65504; the launch layer uses this path for b <= 10
+// only, keeping P >= exp(-10) > fp16's smallest normal). bf16 and fp32 share fp32's exponent range
+// (the launch layer's limit b <= 40 keeps P >= exp(-80), a normal float).
 template <typename T> struct Headroom { static constexpr float value = 0.f; };
 template <> struct Headroom<half_t> { static constexpr float value = 10.f; };
 
@@ -261,7 +263,9 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
 
     // Logits in log2 units: x = s * log2(e), so every exponential is one ex2.
     const float scale_log2 = p.scale[h] * LOG2E;
-    const float offset = p.scale[h] - Headroom<T>::value;  // fixed-offset path
+    // Fixed-offset path: every logit is at most scale_h * groups (each of the `groups` normalized
+    // chunks contributes a cosine <= 1), so exp(s - offset) <= exp(Headroom).
+    const float offset = p.scale[h] * p.groups - Headroom<T>::value;
     const float offset_log2 = offset * LOG2E;
 
     // The next key tile at or after j with a visible key (tiles whose keys are all masked are skipped;

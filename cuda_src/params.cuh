@@ -58,7 +58,7 @@ struct FwdParams {
   int causal;                     // key j visible to query i iff j <= i + (Nk - Nq)
   int bias_f32;                   // the bias is float32 (else dtype T)
   int n_key_tiles;                // ceil(Nk / BLOCK_N), the row length of tile_any
-  int pad_;
+  int groups;                     // l2norm groups: |<qhat, khat>| <= groups, so |logit| <= scale_h groups
 };
 
 // =============================================================================================

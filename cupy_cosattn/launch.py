@@ -46,8 +46,9 @@ NORM_THREADS = 128  # norm.cu THREADS: 4 warps, one row each
 NORM_ROWS_PER_BLOCK = 4
 
 # Fixed-offset path (forward.cu Headroom): usable when q, k are normalized here, there is no bias,
-# and every head's scale is at most this (so exp(s - offset) stays in the dtype's normal range).
-FIXED_OFFSET_MAX_SCALE = {"float16": 10.0, "bfloat16": 40.0, "float32": 40.0}
+# and every head's logit bound scale_h * groups is at most this (so exp(s - offset) stays in the
+# dtype's normal range).
+FIXED_OFFSET_MAX_BOUND = {"float16": 10.0, "bfloat16": 40.0, "float32": 40.0}
 
 CTYPES = {"float16": "ca::half_t", "bfloat16": "ca::bf16_t", "float32": "float"}
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
@@ -91,7 +92,8 @@ def fwd_smem_bytes(dtype_name: str, dp: int, bn: int) -> int:
 
 def fixed_offset_ok(prob: Problem, scale: np.ndarray) -> bool:
     """Whether the fixed-offset instantiation (no running max) is correct for this problem."""
-    return bool(prob.fixed_offset_safe and float(np.max(scale)) <= FIXED_OFFSET_MAX_SCALE[prob.dtype_name])
+    bound = float(np.max(scale)) * prob.groups  # |logit| <= scale_h * groups
+    return bool(prob.fixed_offset_safe and bound <= FIXED_OFFSET_MAX_BOUND[prob.dtype_name])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,7 +245,7 @@ FWD_PARAMS = np.dtype(
     + [(f"{t}_s{d}", np.int64) for t in ("q", "k", "v", "o") for d in ("b", "h", "n")]
     + [("lse_sb", np.int64), ("lse_sh", np.int64), ("bias_sb", np.int64), ("bias_sh", np.int64),
        ("bias_sq", np.int64), ("mask_sb", np.int64), ("tile_any_sb", np.int64)]
-    + [(f, np.int32) for f in ("B", "H", "Hk", "Nq", "Nk", "D", "causal", "bias_f32", "n_key_tiles", "pad_")],
+    + [(f, np.int32) for f in ("B", "H", "Hk", "Nq", "Nk", "D", "causal", "bias_f32", "n_key_tiles", "groups")],
     align=True,
 )
 
@@ -496,7 +498,7 @@ class Backend:
             bias_sb=bsb, bias_sh=bsh, bias_sq=bsq,
             mask_sb=Nk if mask is not None else 0, tile_any_sb=n_tiles if tiles is not None else 0,
             B=B, H=H, Hk=prob.Hk, Nq=Nq, Nk=Nk, D=Ds, causal=int(prob.causal), bias_f32=int(bias_f32),
-            n_key_tiles=n_tiles,
+            n_key_tiles=n_tiles, groups=prob.groups,
         )
         kern = self.kernel("forward.cu", fwd_name(dt, dp, bn, running_max), smem)
         grid = (cdiv(Nq, FWD_BLOCK_M), min(B * H, GRID_YZ_LIMIT), 1)

@@ -1,0 +1,350 @@
+"""The fused forward kernels (cuda_src/forward.cu, norm.cu) through the shared launch layer, against
+the float64 reference (cupy_cosattn.reference), on the CPU emulator and, marked ``gpu``, on CuPy.
+
+Accuracy (DESIGN.md section 2): ||out - ref|| / ||ref|| <= 1e-5 (fp32), 3e-3 (fp16), 2e-2 (bf16); no
+NaN/Inf; rows without a visible key are 0 with lse = -inf.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+
+import numpy as np
+import pytest
+
+from cupy_cosattn import api, launch, problem, reference
+from cupy_cosattn.problem import BFLOAT16
+
+F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
+DTYPES = {"float16": F16, "bfloat16": BFLOAT16, "float32": F32}
+OUT_TOL = {"float16": 3e-3, "bfloat16": 2e-2, "float32": 1e-5}
+# lse: absolute error relative to the logit bound scale * groups + max|bias| (q, k are rounded to the
+# dtype after normalization, so logits carry an error proportional to that bound).
+LSE_TOL = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-6}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs.
+
+def make_case(seed, *, B=1, H=2, Hk=None, Nq=63, Nk=None, D=64, dtype="float16", merged=False, kv_3d=False,
+              causal=False, mask=None, bias=None, bias_f32=False, scale=8.0, per_head_scale=False, groups=1,
+              l2norm_qk=True, bias_scale=1.0):
+    """(args, kwargs) for cupy_cosattn.forward on NumPy arrays.
+
+    mask: None | "random" (a random mask with one batch row fully masked and, for B > 1, the first
+    64 keys of another masked, so whole key tiles are skipped); bias: None | "head" | "batch" | "full".
+    l2norm_qk=False feeds q, k that are already normalized (the caller's promise)."""
+    rng = np.random.default_rng(seed)
+    dt = DTYPES[dtype]
+    Nk = Nq if Nk is None else Nk
+    Hk = H if Hk is None else Hk
+    if merged:
+        q = rng.standard_normal((B * H, Nq, D))
+        k = rng.standard_normal((B * H, Nk, D))
+        v = rng.standard_normal((B * H, Nk, D))
+        Bm = B * H
+    else:
+        q = rng.standard_normal((B, H, Nq, D))
+        k = rng.standard_normal((B, Nk, D) if kv_3d else (B, Hk, Nk, D))
+        v = rng.standard_normal(k.shape)
+        Bm = B
+    if not l2norm_qk:
+        def norm(x):
+            c = x.reshape(x.shape[:-1] + (groups, D // groups))
+            c = c / np.linalg.norm(c, axis=-1, keepdims=True)
+            return c.reshape(x.shape)
+        q, k = norm(q), norm(k)
+    kw = dict(causal=causal, groups=groups, l2norm_qk=l2norm_qk)
+    if mask == "random":
+        m = rng.random((Bm, Nk)) < 0.7
+        m[0] = False  # a batch row with no visible key at all
+        if Bm > 1:
+            m[1, : min(Nk, 64)] = False  # whole key tiles invisible: skipped
+            m[1, -1] = True
+        kw["mask"] = m
+    if bias is not None:
+        bdt = F32 if bias_f32 else dt
+        if merged:
+            shape = (B * H, Nq, Nk)
+        else:
+            shape = {"head": (H, Nq, Nk), "batch": (B, Nq, Nk), "full": (B, H, Nq, Nk)}[bias]
+        kw["attn_bias"] = (bias_scale * rng.standard_normal(shape)).astype(bdt)
+        kw["attn_bias_batch_dim"] = bias == "batch"
+    if per_head_scale:
+        kw["scale"] = rng.uniform(0.5 * scale, 1.5 * scale, size=(1 if merged else H,))
+    else:
+        kw["scale"] = scale
+    return (q.astype(dt), k.astype(dt), v.astype(dt)), kw
+
+
+def rel_err(x, ref):
+    x = np.asarray(x, dtype=np.float64)
+    den = np.linalg.norm(ref)
+    return np.linalg.norm(x - ref) / (den if den > 0 else 1.0)
+
+
+def check_forward(args, kw, backend="emulator", dtype=None, out_tol=None):
+    """Run the kernels and the float64 reference; assert the contract's accuracy."""
+    q = args[0]
+    dtype = dtype or problem.DTYPE_NAMES[np.dtype(q.dtype)]
+    prob, inp = problem.canonicalize(*args, **kw)
+    ref_o, ref_l = reference.forward64(prob, inp)
+    if backend == "cuda":
+        import cupy
+
+        dev = [cupy.asarray(a) for a in args]
+        kw_dev = {k: (cupy.asarray(v) if isinstance(v, np.ndarray) and k != "scale" else v) for k, v in kw.items()}
+        out, lse = api.forward(*dev, backend="cuda", **kw_dev)
+        out, lse = cupy.asnumpy(out), cupy.asnumpy(lse)
+    else:
+        out, lse = api.forward(*args, backend=backend, **kw)
+    assert out.shape == q.shape and np.dtype(out.dtype) == np.dtype(q.dtype)
+    assert lse.shape == q.shape[:-1] and lse.dtype == np.float32
+    o64 = np.asarray(out, dtype=np.float64)
+    assert np.isfinite(o64).all(), "NaN/Inf in out"
+    err = rel_err(o64, ref_o.reshape(q.shape))
+    tol = out_tol or OUT_TOL[dtype]
+    assert err <= tol, f"out rel err {err:.3e} > {tol:.0e}"
+    ref_l = ref_l.reshape(lse.shape)
+    empty = ~np.isfinite(ref_l)
+    assert np.all(np.isneginf(lse[empty])), "rows without a visible key must have lse = -inf"
+    assert np.all(o64[empty] == 0), "rows without a visible key must be 0"
+    assert np.isfinite(lse[~empty]).all(), "NaN/Inf in lse"
+    if (~empty).any():
+        bound = float(np.max(inp.scale)) * prob.groups
+        if inp.bias is not None:
+            bound += float(np.max(np.abs(np.asarray(inp.bias, dtype=np.float64))))
+        lerr = np.max(np.abs(lse[~empty] - ref_l[~empty])) / max(1.0, bound)
+        assert lerr <= LSE_TOL[dtype], f"lse err {lerr:.3e} (relative to the logit bound {bound:.1f})"
+    return err
+
+
+# ---------------------------------------------------------------------------------------------------
+# The grid: causal / mask / neither x bias (none, per head, per batch) x single kv head x D x lengths x
+# dtypes. One test per (dtype, D, length) runs the 18 flag combinations, so a failure names them.
+
+GRID_FLAGS = [(mode, bias, kv1) for mode in ("none", "causal", "mask") for bias in (None, "head", "batch")
+              for kv1 in (False, True)]
+
+
+def _grid(backend, dtype, D, N):
+    failures = []
+    for i, (mode, bias, kv1) in enumerate(GRID_FLAGS):
+        args, kw = make_case(1000 * D + N + i, B=2, H=2, Nq=N, D=D, dtype=dtype, kv_3d=kv1, causal=mode == "causal",
+                             mask="random" if mode == "mask" else None, bias=bias)
+        try:
+            check_forward(args, kw, backend)
+        except AssertionError as e:
+            failures.append(f"{mode=} {bias=} single_kv={kv1}: {e}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("N", [63, 127])
+@pytest.mark.parametrize("D", [32, 64, 96, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_forward_grid(dtype, D, N):
+    _grid("emulator", dtype, D, N)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Random and edge configurations.
+
+CONFIGS = {
+    "gqa": dict(H=4, Hk=2, Nq=70, Nk=90, D=64, causal=True),
+    "mqa_3d_kv": dict(H=3, kv_3d=True, Nq=40, Nk=150, D=32, mask="random", B=2),
+    "merged_3d": dict(merged=True, B=2, H=2, Nq=33, Nk=65, D=64, bias="head", mask="random"),
+    "groups4": dict(D=64, groups=4, Nq=50, Nk=77),
+    "groups_chunk8": dict(D=32, groups=4, Nq=20, Nk=20, causal=True),
+    "per_head_scale": dict(H=3, per_head_scale=True, Nq=45, Nk=70, D=64),
+    "prenormalized_big_bias": dict(l2norm_qk=False, bias="full", bias_scale=30.0, Nq=64, Nk=96, D=64),
+    "prenormalized_no_bias": dict(l2norm_qk=False, Nq=31, Nk=64, D=32, causal=True),
+    "bias_f32": dict(bias="batch", bias_f32=True, B=2, Nq=40, Nk=60, D=64, causal=True),
+    "full_bias_mask_causal": dict(bias="full", mask="random", causal=True, B=2, Nq=65, Nk=65, D=32),
+    "nq_gt_nk_causal": dict(Nq=100, Nk=30, causal=True, D=32),
+    "nq_lt_nk_causal": dict(Nq=17, Nk=130, causal=True, D=64, bias="head"),
+    "nq1": dict(Nq=1, Nk=77, D=64),
+    "nq1_causal": dict(Nq=1, Nk=5, D=64, causal=True),
+    "nk1": dict(Nq=20, Nk=1, D=32),
+    "nk3_mask": dict(Nq=9, Nk=3, D=32, mask="random", B=2),
+    "large_scale": dict(scale=24.0, Nq=40, Nk=70, D=64),
+    "small_scale": dict(scale=0.5, Nq=40, Nk=70, D=64),
+    "d8": dict(D=8, Nq=30, Nk=45),
+    "d24": dict(D=24, Nq=30, Nk=45, causal=True),
+    "d40_groups5": dict(D=40, groups=5, Nq=30, Nk=45),
+    "d80": dict(D=80, Nq=30, Nk=45, mask="random", B=2),
+    "d256": dict(D=256, Nq=40, Nk=70, bias="head"),
+    "d200": dict(D=200, Nq=20, Nk=33, causal=True),
+}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_forward_configs(name, dtype):
+    args, kw = make_case(zlib.crc32(name.encode()), dtype=dtype, **CONFIGS[name])
+    check_forward(args, kw)
+
+
+def test_grid_yz_limit_loops(monkeypatch):
+    """B*H beyond the grid's y extent: the kernel loops over (batch, head) by gridDim.y."""
+    monkeypatch.setattr(launch, "GRID_YZ_LIMIT", 2)
+    args, kw = make_case(7, B=3, H=3, Hk=1, Nq=20, Nk=70, D=32, dtype="float32", mask="random", bias="head")
+    check_forward(args, kw)
+
+
+def test_preallocated_out_and_lse():
+    args, kw = make_case(8, B=1, H=2, Nq=30, Nk=40, D=64, dtype="float16", causal=True)
+    prob, inp = problem.canonicalize(*args, **kw)
+    out = np.full((prob.B, prob.H, prob.Nq, prob.D), np.nan, dtype=prob.dtype)
+    lse = np.full((prob.B, prob.H, prob.Nq), np.nan, dtype=np.float32)
+    o, l = api.forward_canonical(prob, inp, "emulator", out=out, lse=lse)
+    assert o is out and l is lse
+    ref_o, ref_l = reference.forward64(prob, inp)
+    assert rel_err(out, ref_o) <= OUT_TOL["float16"]
+    assert np.allclose(lse, ref_l, atol=1e-2)
+
+
+def test_fixed_offset_choice():
+    """The running max is used exactly where the fixed offset is not provably safe."""
+    args, kw = make_case(9, D=32)
+    prob, inp = problem.canonicalize(*args, **kw)
+    assert launch.fixed_offset_ok(prob, inp.scale)
+    assert not launch.fixed_offset_ok(dataclasses.replace(prob, l2norm_qk=False), inp.scale)
+    assert not launch.fixed_offset_ok(dataclasses.replace(prob, bias_layout=problem.BIAS_PER_HEAD), inp.scale)
+    assert not launch.fixed_offset_ok(prob, inp.scale * 2)  # fp16: scale 16 > 10
+    assert not launch.fixed_offset_ok(dataclasses.replace(prob, groups=2), inp.scale)  # bound 16 > 10
+    assert launch.fixed_offset_ok(dataclasses.replace(prob, dtype=F32), inp.scale * 2)
+
+
+def test_unsupported_head_dim_raises():
+    args, kw = make_case(10, D=264, Nq=4, dtype="float32")
+    with pytest.raises(ValueError, match="head dim"):
+        api.forward(*args, backend="emulator", **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The l2norm kernels on their own.
+
+def _grouped_norm64(x, groups):
+    x = np.asarray(x, dtype=np.float64)
+    c = x.reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
+    n = np.linalg.norm(c, axis=-1, keepdims=True)
+    return (c / np.maximum(n, problem.NORM_EPS)).reshape(x.shape), n[..., 0]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("D,groups", [(64, 1), (40, 5), (256, 8), (24, 24)])
+def test_l2norm_forward(dtype, D, groups):
+    be = launch.Backend("emulator")
+    rng = np.random.default_rng(D + groups)
+    x = rng.standard_normal((3, 5, D)).astype(DTYPES[dtype])
+    x[0, 0] = 0  # zero rows: x / eps = 0
+    x[0, 1, : D // groups] = 1e-20  # a chunk below eps
+    cols = launch.storage_dim(D)
+    xhat, rnorm = be.l2norm(be.to_device(x), groups, cols, want_rnorm=True)
+    assert xhat.shape == (3, 5, cols) and np.all(np.asarray(xhat[..., D:], dtype=np.float64) == 0)
+    ref, n = _grouped_norm64(x, groups)
+    tol = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-6}[dtype]
+    assert np.max(np.abs(np.asarray(xhat[..., :D], dtype=np.float64) - ref)) <= tol
+    np.testing.assert_allclose(rnorm, 1 / np.maximum(n, problem.NORM_EPS), rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad_f32", [True, False])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_l2norm_backward(dtype, grad_f32):
+    be = launch.Backend("emulator")
+    rng = np.random.default_rng(3)
+    D, groups = 48, 3
+    x = rng.standard_normal((4, 7, D)).astype(DTYPES[dtype])
+    x[1, 2, 16:32] = 0  # a chunk with norm 0 <= eps: dx = dxhat / eps
+    dxh = rng.standard_normal((4, 7, D)).astype(F32 if grad_f32 else DTYPES[dtype])
+    dx = be.l2norm_backward(be.to_device(x), be.to_device(dxh), groups)
+    x64 = np.asarray(x, dtype=np.float64)
+    g64 = np.asarray(dxh, dtype=np.float64)
+    xhat, n = _grouped_norm64(x64, groups)
+    c = xhat.reshape(4, 7, groups, D // groups)
+    gc = g64.reshape(4, 7, groups, D // groups)
+    nn = n[..., None]
+    proj = (gc - c * np.sum(c * gc, axis=-1, keepdims=True)) / np.maximum(nn, problem.NORM_EPS)
+    ref = np.where(nn > problem.NORM_EPS, proj, gc / problem.NORM_EPS).reshape(x.shape)
+    small = n[1, 2, 1] <= problem.NORM_EPS
+    assert small
+    got = np.asarray(dx, dtype=np.float64)
+    mask = np.ones(x.shape, bool)
+    mask[1, 2, 16:32] = False
+    assert rel_err(got[mask], ref[mask]) <= {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-6}[dtype]
+    if dtype == "float16":  # dxhat / 1e-12 is beyond fp16's range: correctly rounded to +-inf
+        assert np.array_equal(got[1, 2, 16:32], np.sign(ref[1, 2, 16:32]) * np.inf)
+    else:
+        np.testing.assert_allclose(got[1, 2, 16:32], ref[1, 2, 16:32], rtol=1e-2)
+
+
+def test_make_record_checks_fields():
+    with pytest.raises(KeyError, match="missing"):
+        launch.make_record(launch.NORM_PARAMS, x=0)
+    with pytest.raises(KeyError, match="unknown"):
+        launch.make_record(launch.NORM_PARAMS, bogus=1)
+
+
+def test_registry_covers_launches():
+    """Every forward instantiation the launch layer can pick is in the registry (so resources.py
+    compiles it), grouped fixed-offset + running-max per (dtype, head dim)."""
+    names = {s.name for s in launch.kernel_registry()}
+    for dt in launch.DTYPE_NAMES:
+        for D in (8, 16, 24, 40, 64, 96, 128, 200, 256):
+            dp = launch.head_dim_pad(D)
+            for rm in (False, True):
+                assert launch.fwd_name(dt, dp, launch.fwd_block_n(dt, dp), rm) in names
+            assert launch.fwd_smem_bytes(dt, dp, launch.fwd_block_n(dt, dp)) <= launch.SMEM_OPTIN_LIMIT
+        assert launch.norm_fwd_name(dt) in names
+    n = launch.fwd_name("float16", 64, 64, False)
+    assert launch.module_members("forward.cu", n) == tuple(sorted((n, launch.fwd_name("float16", 64, 64, True))))
+
+
+def test_launch_imports_no_cupy():
+    import subprocess
+    import sys
+
+    code = "import sys, cupy_cosattn.launch, cupy_cosattn.resources; print('cupy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU twins (skipped with a reason on machines without CuPy and a device).
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [63, 127])
+@pytest.mark.parametrize("D", [32, 64, 96, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_forward_grid_gpu(dtype, D, N):
+    _skip_unsupported_gpu_dtype(dtype)
+    _grid("cuda", dtype, D, N)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_forward_configs_gpu(name, dtype):
+    _skip_unsupported_gpu_dtype(dtype)
+    args, kw = make_case(zlib.crc32(name.encode()), dtype=dtype, **CONFIGS[name])
+    check_forward(args, kw, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_grid_yz_limit_loops_gpu(monkeypatch):
+    monkeypatch.setattr(launch, "GRID_YZ_LIMIT", 2)
+    args, kw = make_case(7, B=3, H=3, Hk=1, Nq=20, Nk=70, D=32, dtype="float32", mask="random", bias="head")
+    check_forward(args, kw, backend="cuda")
+
+
+def _skip_unsupported_gpu_dtype(dtype):
+    if dtype != "bfloat16":
+        return
+    import cupy
+
+    try:
+        cupy.zeros(1, dtype=BFLOAT16)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"this CuPy cannot hold bfloat16 arrays ({type(e).__name__})")
