@@ -77,11 +77,13 @@ def compile_group(source: str, names: tuple, arch: str) -> tuple:
         nvrtc.destroyProgram(prog)
 
 
-def run(archs, match=None, jobs=2, out=sys.stdout) -> int:
-    """Compile the registry (optionally only names matching regex `match`); print rows; return the
-    number of failures (compile errors, spills, shared memory over the limit)."""
+def run(archs, match=None, jobs=2, out=None) -> int:
+    """Compile the registry (optionally only names matching regex `match`); print rows to `out`
+    (default stdout); return the number of failures (compile errors, spills, shared memory over the
+    limit)."""
     from . import launch
 
+    out = sys.stdout if out is None else out
     specs = [s for s in launch.kernel_registry() if match is None or re.search(match, s.name)]
     by_name = {(s.source, s.name): s for s in specs}
     groups = {}
