@@ -95,6 +95,20 @@ template <typename T>
 CA_DEVICE uint32_t pack2(float lo, float hi) {
   return (uint32_t)from_float<T>(lo).bits | ((uint32_t)from_float<T>(hi).bits << 16);
 }
+#ifndef CA_EMULATOR
+// On the GPU one packed conversion does both halves (same round-to-nearest-even result as two
+// scalar cvt.rn; the packed form's first source goes to the upper half).
+template <> CA_DEVICE uint32_t pack2<half_t>(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+template <> CA_DEVICE uint32_t pack2<bf16_t>(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+#endif
 
 // The fp32 whose bit pattern is u (tf32 values are fp32 bit patterns with the low 13 bits zero).
 CA_DEVICE float bits_as_float(uint32_t u) {

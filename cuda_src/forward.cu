@@ -7,8 +7,8 @@
 //
 //   S = Qhat Khat^T            tensor cores, fp32 accumulators in registers (16 x BN per warp)
 //   P = exp(scale_h S - off)   on visible pairs only; 0 for invisible ones (excluded, not -large)
-//   l += rowsum(P)             per-thread partial sums, reduced across the quad once at the end
-//   O += P V                   P goes from accumulator registers straight into A operands
+//   O += P V, l += rowsum(P)   P goes from accumulator registers straight into A operands; the row
+//                              sum is one extra mma against ones (fp32: per-thread adds)
 //
 // and finally O / l and lse = log(l) + off. The offset is the point of cosine-sim attention: q and k
 // are unit vectors, so |scale_h <qhat, khat>| <= scale_h (times the number of l2norm groups: each
@@ -116,14 +116,20 @@ CA_DEVICE void tile_scores(float (&s)[BN / 8][4], const uint32_t (&qf)[QF][4], c
 // o[n] (dims 8n..8n+7) += P V. The accumulator layout of two adjacent 8-key tiles of P is exactly the
 // A layout of one 16-key k-step, so P is packed to T in registers; ldmatrix.trans turns V's row-major
 // (key, dim) tiles into B operands.
+// The row sums come from the tensor cores too: one more mma per k-step against an all-ones B operand
+// adds sum_k P[row][k] to every column of `lsum` (c0, c1: row g; c2, c3: row g+8). That sums exactly
+// the rounded P that multiplies V (so a rounding shared by a row cancels in O / l), in fp32, and
+// costs 1/(DP/8) of the P V products instead of a convert and an add per element.
 template <typename T, int DP, int BN>
-CA_DEVICE void tile_pv(float (&o)[DP / 8][4], const float (&s)[BN / 8][4], const T* sV, int lane) {
+CA_DEVICE void tile_pv(float (&o)[DP / 8][4], float (&lsum)[4], const float (&s)[BN / 8][4], const T* sV, int lane) {
   constexpr int ROW = Smem<T, DP, BN>::ROW;
+  const uint32_t ones[2] = {pack2<T>(1.f, 1.f), pack2<T>(1.f, 1.f)};
 #pragma unroll
   for (int ks = 0; ks < BN / 16; ++ks) {
     const uint32_t a[4] = {pack2<T>(s[2 * ks][0], s[2 * ks][1]), pack2<T>(s[2 * ks][2], s[2 * ks][3]),
                            pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),
                            pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+    mma_m16n8k16(lsum, a, ones, T());
 #pragma unroll
     for (int nn = 0; nn < DP / 16; ++nn) {
       uint32_t b[4];
@@ -200,14 +206,6 @@ CA_DEVICE void tile_pv_f32(float (&o)[DP / 8][4], const float (&s)[BN / 8][4], c
       mma_3xtf32(o[n], ab, as, bb, bs);
     }
   }
-}
-
-// Round to T and back: the P that the l sum sees is the P that multiplies V, so a rounding shared by
-// a whole row cancels in O = sum(P V) / sum(P).
-template <typename T>
-CA_DEVICE float round_to(float x) {
-  if constexpr (is_f32<T>::value) return x;
-  else return to_float(from_float<T>(x));
 }
 
 template <typename T>
@@ -289,7 +287,9 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
     float o[DP / 8][4];  // O accumulators: rows g / g+8, dims 8n + 2t, +1
 #pragma unroll
     for (int n = 0; n < DP / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    float row_l[2] = {0.f, 0.f};               // partial row sums (this thread's columns)
+    // Row sums l: lsum[2r] for row g + 8r. 16-bit: complete sums, accumulated by tile_pv's ones-mma.
+    // fp32: this thread's partial sums (its columns), reduced across the quad in the epilogue.
+    float lsum[4] = {0.f, 0.f, 0.f, 0.f};
     float row_m[2] = {neg_inf(), neg_inf()};  // RUNNING_MAX: running max of x (quad-uniform)
     uint32_t qf[Q_IN_REGS ? DP / 16 : 1][4];
 
@@ -345,8 +345,8 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
         for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const float pe = (!check || visible(j, e)) ? round_to<T>(exp2_fast(s[j][e] * scale_log2 - offset_log2)) : 0.f;
-            row_l[e >> 1] += pe;
+            const float pe = (!check || visible(j, e)) ? exp2_fast(s[j][e] * scale_log2 - offset_log2) : 0.f;
+            if constexpr (F32) lsum[2 * (e >> 1)] += pe;
             s[j][e] = pe;
           }
       } else {
@@ -377,7 +377,8 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
           const float alpha = exp2_fast(row_m[r] - m_use);  // 0 when row_m was -inf
           row_m[r] = m_new;
           tile_max[r] = m_use;
-          row_l[r] *= alpha;
+          lsum[2 * r] *= alpha;
+          lsum[2 * r + 1] *= alpha;
 #pragma unroll
           for (int n = 0; n < DP / 8; ++n) {
             o[n][2 * r] *= alpha;
@@ -388,15 +389,15 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
         for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const float pe = round_to<T>(exp2_fast(s[j][e] - tile_max[e >> 1]));  // exp2(-inf) = 0
-            row_l[e >> 1] += pe;
+            const float pe = exp2_fast(s[j][e] - tile_max[e >> 1]);  // exp2(-inf) = 0
+            if constexpr (F32) lsum[2 * (e >> 1)] += pe;
             s[j][e] = pe;
           }
       }
 
       // 4. O += P V.
       if constexpr (F32) tile_pv_f32<DP, BN>(o, s, sVb, g, t);
-      else tile_pv<T, DP, BN>(o, s, sVb, lane);
+      else tile_pv<T, DP, BN>(o, lsum, s, sVb, lane);
 
       __syncthreads();  // every warp is done with this buffer before the next prefetch overwrites it
       tile = next;
@@ -408,7 +409,7 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float l = quad_sum(row_l[r]);
+      const float l = F32 ? quad_sum(lsum[2 * r]) : lsum[2 * r];
       const float inv = l > 0.f ? 1.f / l : 0.f;  // no visible key: O = 0
       const int64_t row = wrow0 + g + 8 * r;
       if (t == 0 && row < p.Nq) {
