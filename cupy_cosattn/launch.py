@@ -361,6 +361,10 @@ class Backend:
             return
         if grid[1] > GRID_YZ_LIMIT or grid[2] > GRID_YZ_LIMIT or grid[0] > GRID_X_LIMIT:
             raise ValueError(f"grid {grid} exceeds the launch limits")
+        if self.name == "cuda" and isinstance(record, np.void):
+            # CuPy passes a size-1 NumPy array by value as its raw bytes (its documented path for
+            # user structs); the emulator takes the structured scalar itself.
+            record = np.array(record)
         kern(grid, tuple(int(b) for b in block), (record,), shared_mem=int(shared_mem))
 
     # -- passes ---------------------------------------------------------------------------------
