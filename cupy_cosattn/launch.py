@@ -272,7 +272,7 @@ def make_record(dtype: np.dtype, **fields):
 # Backends.
 
 _MODULE_CACHE: dict = {}
-_SMEM_OPTIN: dict = {}  # id(kernel function) -> dynamic shared memory opted in (functions live in _MODULE_CACHE)
+_FUNC_CACHE: dict = {}  # (module key, name) -> [kernel function, dynamic shared memory opted in]
 _MODULE_LOCK = threading.Lock()
 
 
@@ -294,7 +294,6 @@ class Backend:
         else:
             raise ValueError(f"kernel backend must be 'cuda' or 'emulator', got {name!r}")
         self.name = name
-        self._smem_optin = _SMEM_OPTIN
 
     # -- arrays ---------------------------------------------------------------------------------
     def empty(self, shape, dtype):
@@ -342,16 +341,21 @@ class Backend:
         request; above 48 KB the kernel's opt-in attribute is raised (cuda)."""
         options = compile_options()
         names = module_members(source, name)
-        key = (self.name, source, options, names)
+        # per device on the GPU: compiled functions and their shared-memory opt-in are per device
+        device = int(self.xp.cuda.Device().id) if self.name == "cuda" else None
+        key = (self.name, device, source, options, names)
         with _MODULE_LOCK:
-            mod = _MODULE_CACHE.get(key)
-            if mod is None:
-                mod = self._module_class(code=load_source(source), options=options, name_expressions=names)
-                _MODULE_CACHE[key] = mod
-        fn = mod.get_function(name)
-        if smem > 48 * 1024 and self._smem_optin.get(id(fn), 0) < smem:
-            fn.max_dynamic_shared_size_bytes = smem  # opt in above 48 KB (the emulator checks it too)
-            self._smem_optin[id(fn)] = smem
+            entry = _FUNC_CACHE.get((key, name))
+            if entry is None:
+                mod = _MODULE_CACHE.get(key)
+                if mod is None:
+                    mod = self._module_class(code=load_source(source), options=options, name_expressions=names)
+                    _MODULE_CACHE[key] = mod
+                entry = _FUNC_CACHE[(key, name)] = [mod.get_function(name), 0]
+            fn = entry[0]
+            if smem > 48 * 1024 and entry[1] < smem:
+                fn.max_dynamic_shared_size_bytes = smem  # opt in above 48 KB (the emulator checks it too)
+                entry[1] = smem
         return fn
 
     def launch(self, kern, grid, block, record, shared_mem: int = 0):
