@@ -172,6 +172,7 @@ CONFIGS = {
     "d8": dict(D=8, Nq=30, Nk=45),
     "d24": dict(D=24, Nq=30, Nk=45, causal=True),
     "d40_groups5": dict(D=40, groups=5, Nq=30, Nk=45),
+    "d33_groups3": dict(D=33, groups=3, Nq=30, Nk=45, causal=True),
     "d80": dict(D=80, Nq=30, Nk=45, mask="random", B=2),
     "d256": dict(D=256, Nq=40, Nk=70, bias="head"),
     "d200": dict(D=200, Nq=20, Nk=33, causal=True),
