@@ -34,7 +34,8 @@ from torch import Tensor
 from . import api as _api
 from . import problem as _problem
 
-__all__ = ["cosine_sim_attention", "forward", "OP_FORWARD", "OP_BACKWARD"]
+__all__ = ["cosine_sim_attention", "forward", "OP_FORWARD", "OP_BACKWARD", "CPU_BACKENDS", "get_cpu_backend",
+           "set_cpu_backend", "cpu_backend"]
 
 OP_FORWARD = "cupy_cosattn::attn_fwd"
 OP_BACKWARD = "cupy_cosattn::attn_bwd"
@@ -336,70 +337,183 @@ def _torch_stream_and_memory(device: torch.device):
 
 
 def _to_cupy(t: Optional[Tensor], shape=None):
-    """A zero-copy CuPy view of contiguous tensor `t` (bfloat16 as uint16 bits, bool as bool when the
-    installed CuPy cannot take those dtypes through DLPack), reshaped to `shape`."""
+    """A zero-copy CuPy view of contiguous tensor `t`, reshaped to `shape`.
+
+    bfloat16 travels as int16 bits and is viewed back as ``ml_dtypes.bfloat16`` (CuPy 14 has no
+    bfloat16 arithmetic and DLPack import of it is not guaranteed, but a CuPy array of that 2-byte
+    dtype is a valid buffer for the raw kernels); bool falls back to uint8 bits the same way."""
     if t is None:
         return None
     import cupy
 
-    try:
-        a = cupy.from_dlpack(t)
-    except (TypeError, ValueError, BufferError, RuntimeError, NotImplementedError):
-        if t.dtype == torch.bfloat16:
-            a = cupy.from_dlpack(t.view(torch.int16)).view(cupy.uint16)
-        elif t.dtype == torch.bool:
+    if t.dtype == torch.bfloat16:
+        a = cupy.from_dlpack(t.view(torch.int16)).view(_problem.BFLOAT16)
+    elif t.dtype == torch.bool:
+        try:
+            a = cupy.from_dlpack(t)
+        except (TypeError, ValueError, BufferError, RuntimeError, NotImplementedError):
             a = cupy.from_dlpack(t.view(torch.uint8)).view(cupy.bool_)
-        else:
-            raise
+    else:
+        a = cupy.from_dlpack(t)
     return a if shape is None else a.reshape(shape)
 
 
 def _to_torch(a, dtype: torch.dtype, shape) -> Tensor:
     """A zero-copy tensor view of CuPy array `a` (memory from torch's allocator), as `dtype`, `shape`."""
-    if dtype == torch.bfloat16 and a.dtype.kind in "ui":  # bfloat16 bits from a CuPy without bfloat16
-        t = torch.from_dlpack(a.view("int16")).view(torch.bfloat16)
+    if dtype == torch.bfloat16 and a.dtype.itemsize == 2:  # bfloat16 bits (see _to_cupy)
+        t = torch.from_dlpack(a.view(np.int16)).view(torch.bfloat16)
     else:
         t = torch.from_dlpack(a)
-    return t.reshape(shape)
+    return (t if t.dtype == dtype else t.to(dtype)).reshape(shape)
 
 
-def _cuda_inputs(prob, shapes, q, k, v, mask, bias, scale_t, scale):
+class _CupyBridge:
+    """CUDA tensors <-> CuPy arrays: zero-copy DLPack, torch's stream, torch's caching allocator."""
+
+    backend = "cuda"
+
+    @staticmethod
+    def context(device):
+        return _torch_stream_and_memory(device)
+
+    to_array = staticmethod(_to_cupy)
+    to_tensor = staticmethod(_to_torch)
+
+    @staticmethod
+    def ptr(a) -> int:
+        return int(a.data.ptr)
+
+
+class _NumpyBridge:
+    """CPU tensors <-> NumPy arrays (zero-copy both ways), for running the kernel backends ("emulator",
+    "reference") on CPU tensors through exactly the glue the CUDA path uses."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    @staticmethod
+    def context(device):
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def to_array(t: Optional[Tensor], shape=None):
+        if t is None:
+            return None
+        a = t.view(torch.int16).numpy().view(_problem.BFLOAT16) if t.dtype == torch.bfloat16 else t.numpy()
+        return a if shape is None else a.reshape(shape)
+
+    @staticmethod
+    def to_tensor(a, dtype: torch.dtype, shape) -> Tensor:
+        a = np.ascontiguousarray(a)
+        if dtype == torch.bfloat16 and a.dtype.itemsize == 2:
+            t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(a)
+        return (t if t.dtype == dtype else t.to(dtype)).reshape(shape)
+
+    @staticmethod
+    def ptr(a) -> int:
+        return int(a.__array_interface__["data"][0])
+
+
+def _copy_into(dst, src):
+    """dst[...] = src (CuPy or NumPy), 2-byte types copied as int16 bits (CuPy has no bfloat16 kernels)."""
+    if dst.dtype.itemsize == 2 and src.dtype == dst.dtype:
+        dst.view(np.int16)[...] = src.view(np.int16)
+    else:
+        dst[...] = src
+
+
+def _kernel_inputs(bridge, prob, shapes, q, k, v, mask, bias, scale_t, scale):
     scale_host = float(scale) if scale_t is None else scale_t.detach().to(torch.float64).cpu().numpy()
     _, scale_vec = _problem._scale_vector(scale_host, prob.H, prob.merged)  # values: finite and > 0
+    arr = bridge.to_array
     return _problem.Inputs(
-        q=_to_cupy(q.contiguous(), shapes["q"]), k=_to_cupy(k.contiguous(), shapes["k"]),
-        v=_to_cupy(v.contiguous(), shapes["v"]), mask=_to_cupy(None if mask is None else mask.contiguous()),
-        bias=_to_cupy(None if bias is None else bias.contiguous(), shapes["bias"]), scale=scale_vec)
+        q=arr(q.contiguous(), shapes["q"]), k=arr(k.contiguous(), shapes["k"]), v=arr(v.contiguous(), shapes["v"]),
+        mask=arr(None if mask is None else mask.contiguous()),
+        bias=arr(None if bias is None else bias.contiguous(), shapes["bias"]), scale=scale_vec)
 
 
-def _cuda_forward(prob, shapes, q, k, v, mask, bias, scale_t, scale):
+def _kernel_forward(bridge, prob, shapes, q, k, v, mask, bias, scale_t, scale):
+    """Forward on a kernel backend: out and lse are allocated by torch and written by the backend."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     canon = (prob.B, prob.H, prob.Nq, prob.D)
-    with _torch_stream_and_memory(q.device):
-        inp = _cuda_inputs(prob, shapes, q, k, v, mask, bias, scale_t, scale)
-        out_c, lse_c = _to_cupy(out, canon), _to_cupy(lse, canon[:-1])
-        o, l = _api.forward_canonical(prob, inp, "cuda", out=out_c, lse=lse_c)
-        if o.data.ptr != out_c.data.ptr:  # a backend that did not write in place
-            out_c[...] = o
-        if l.data.ptr != lse_c.data.ptr:
-            lse_c[...] = l
+    with bridge.context(q.device):
+        inp = _kernel_inputs(bridge, prob, shapes, q, k, v, mask, bias, scale_t, scale)
+        out_a, lse_a = bridge.to_array(out, canon), bridge.to_array(lse, canon[:-1])
+        o, l = _api.forward_canonical(prob, inp, bridge.backend, out=out_a, lse=lse_a)
+        if bridge.ptr(o) != bridge.ptr(out_a):  # a backend that did not write in place
+            _copy_into(out_a, o)
+        if bridge.ptr(l) != bridge.ptr(lse_a):
+            _copy_into(lse_a, l)
     return out, lse
 
 
-def _cuda_backward(prob, shapes, dout, q, k, v, out, lse, mask, bias, scale_t, scale):
+def _kernel_backward(bridge, prob, shapes, dout, q, k, v, out, lse, mask, bias, scale_t, scale):
+    """Backward on a kernel backend; the gradients it allocates come back to torch without a copy."""
     canon = (prob.B, prob.H, prob.Nq, prob.D)
-    with _torch_stream_and_memory(q.device):
-        inp = _cuda_inputs(prob, shapes, q, k, v, mask, bias, scale_t, scale)
+    with bridge.context(q.device):
+        inp = _kernel_inputs(bridge, prob, shapes, q, k, v, mask, bias, scale_t, scale)
+        arr = bridge.to_array
         dq, dk, dv, dbias, dscale = _api.backward_canonical(
-            prob, inp, _to_cupy(dout.contiguous(), canon), _to_cupy(out.contiguous(), canon),
-            _to_cupy(lse.contiguous(), canon[:-1]), "cuda")
-        dq = _to_torch(dq, q.dtype, q.shape)
-        dk = _to_torch(dk, k.dtype, k.shape)
-        dv = _to_torch(dv, v.dtype, v.shape)
-        dbias = _empty(q) if bias is None else _to_torch(dbias, bias.dtype, bias.shape)
+            prob, inp, arr(dout.contiguous(), canon), arr(out.contiguous(), canon), arr(lse.contiguous(), canon[:-1]),
+            bridge.backend)
+        dq = bridge.to_tensor(dq, q.dtype, q.shape)
+        dk = bridge.to_tensor(dk, k.dtype, k.shape)
+        dv = bridge.to_tensor(dv, v.dtype, v.shape)
+        dbias = _empty(q) if bias is None else bridge.to_tensor(dbias, bias.dtype, bias.shape)
     dscale = torch.as_tensor(np.asarray(dscale, dtype=np.float64)).to(q.device)
     return dq, dk, dv, dbias, _user_dscale(dscale, scale_t, q)
+
+
+# --------------------------------------------------------------------------------------------------
+# which implementation runs a call
+# --------------------------------------------------------------------------------------------------
+
+CPU_BACKENDS = ("torch", "emulator", "reference")
+_cpu_backend = "torch"
+
+
+def get_cpu_backend() -> str:
+    """What runs CPU tensors: "torch" (default), or a NumPy kernel backend, see `set_cpu_backend`."""
+    return _cpu_backend
+
+
+def set_cpu_backend(name: str) -> str:
+    """Choose what runs CPU tensors; returns the previous choice.
+
+    "torch" (default): the chunked torch implementation (all dtypes incl. float64; fast).
+    "emulator": the package's CUDA kernels run on the CPU by the emulator, through the same glue as the
+    CUDA path (tensor -> array views, preallocated out/lse, gradients handed back without a copy) -- slow,
+    for testing that glue and the kernels on small problems. "reference": the float64 NumPy reference.
+    The kernel backends take float16, bfloat16 and float32 only."""
+    global _cpu_backend
+    if name not in CPU_BACKENDS:
+        raise ValueError(f"cpu backend must be one of {CPU_BACKENDS}, got {name!r}")
+    prev, _cpu_backend = _cpu_backend, name
+    return prev
+
+
+@contextlib.contextmanager
+def cpu_backend(name: str):
+    """Context manager form of `set_cpu_backend`."""
+    prev = set_cpu_backend(name)
+    try:
+        yield
+    finally:
+        set_cpu_backend(prev)
+
+
+def _bridge_for(q: Tensor):
+    """The bridge to a kernel backend for this call, or None for the torch CPU implementation."""
+    if q.device.type == "cuda":
+        return _CupyBridge
+    if _cpu_backend == "torch":
+        return None
+    if q.dtype == torch.float64:
+        raise TypeError(f"float64 tensors run only on the 'torch' CPU backend, not {_cpu_backend!r}")
+    return _NumpyBridge(_cpu_backend)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,8 +527,9 @@ def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], attn_bias
     """(out, lse): out like q, lse float32 of shape q.shape[:-1]. scale_t (if given) overrides scale."""
     prob, shapes = _check(q, k, v, mask, attn_bias, scale if scale_t is None else scale_t, attn_bias_batch_dim,
                           groups, causal, l2norm_qk, deterministic)
-    if q.device.type == "cuda":
-        return _cuda_forward(prob, shapes, q, k, v, mask, attn_bias, scale_t, scale)
+    bridge = _bridge_for(q)
+    if bridge is not None:
+        return _kernel_forward(bridge, prob, shapes, q, k, v, mask, attn_bias, scale_t, scale)
     return _cpu_forward(prob, shapes, q, k, v, mask, attn_bias, scale_t, scale)
 
 
@@ -435,8 +550,9 @@ def _attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     """(dq, dk, dv, dbias, dscale); dbias is empty without a bias, dscale empty for a float scale."""
     prob, shapes = _check(q, k, v, mask, attn_bias, scale if scale_t is None else scale_t, attn_bias_batch_dim,
                           groups, causal, l2norm_qk, deterministic)
-    if q.device.type == "cuda":
-        return _cuda_backward(prob, shapes, dout, q, k, v, out, lse, mask, attn_bias, scale_t, scale)
+    bridge = _bridge_for(q)
+    if bridge is not None:
+        return _kernel_backward(bridge, prob, shapes, dout, q, k, v, out, lse, mask, attn_bias, scale_t, scale)
     return _cpu_backward(prob, shapes, dout, q, k, v, mask, attn_bias, scale_t, scale)
 
 

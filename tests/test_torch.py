@@ -211,6 +211,85 @@ def test_requires_no_grad_inputs():
     assert not out.requires_grad
 
 
+# ------------------------------------------------------------- the kernel-backend glue, run on the CPU
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["gqa-groups-causal", "merged-bias-mask-causal", "batch-bias-mqa-causal"])
+def test_kernel_glue_on_cpu_with_reference_backend(name, dtype):
+    """The path CUDA tensors take (canonical array views, out/lse preallocated by torch and written in
+    place, gradients handed back, dscale reduced to the scale tensor) run with NumPy views and the
+    reference backend: it must agree with the reference called directly."""
+    q, k, v, mask, bias, scale, kw = make_case(name, dtype)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.detach().float().requires_grad_()
+    seen = {}
+    fwd = cat._api.forward_canonical
+
+    def spy(prob, inp, backend, out=None, lse=None):
+        if out is not None:  # the torch op's call (ca.forward, called by run_both too, passes no out)
+            seen["in"] = inp.q.__array_interface__["data"][0]
+            seen["out"] = out.__array_interface__["data"][0]
+        return fwd(prob, inp, backend, out=out, lse=lse)
+
+    with cat.cpu_backend("reference"):
+        cat._api.forward_canonical = spy
+        try:
+            out, grads, ro, rg = run_both(q, k, v, mask, bias, scale, kw)
+        finally:
+            cat._api.forward_canonical = fwd
+    assert cat.get_cpu_backend() == "torch"
+    assert seen["in"] == q.data_ptr() and seen["out"] == out.data_ptr()  # zero-copy both ways
+    assert out.dtype == dtype
+    assert rel(out.float(), np.asarray(ro, np.float64)) == 0
+    for g, r in zip(grads, rg):
+        if g is not None and r is not None:
+            tol = 1e-6 if np.asarray(r).dtype == np.float64 else 0  # dscale: float64 -> the scale's float32
+            assert rel(g.float(), np.asarray(r, np.float64)) <= tol
+
+
+_EMULATOR_CHILD = r"""
+import os, sys, traceback
+sys.path.insert(0, sys.argv[1])
+code = 1
+try:
+    import numpy as np, torch
+    import cupy_cosattn.torch as cat
+    from test_torch import make_case, run_both, rel
+    for name in ("head-bias-per-head-scale", "merged-bias-mask-causal"):
+        q, k, v, mask, bias, scale, kw = make_case(name, torch.float16)
+        if isinstance(scale, torch.Tensor):
+            scale = scale.detach().float().requires_grad_()
+        with cat.cpu_backend("emulator"):
+            out, grads, ro, rg = run_both(q, k, v, mask, bias, scale, kw)
+        errs = [rel(out.float(), np.asarray(ro, np.float64))] + [
+            rel(g.float(), np.asarray(r, np.float64)) for g, r in zip(grads, rg) if g is not None and r is not None]
+        print(name, errs, flush=True)
+        assert errs[0] <= 3e-3 and max(errs[1:]) <= 1e-2, (name, errs)
+    code = 0
+except Exception:
+    traceback.print_exc()
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(code)  # do not wait on the emulator's worker threads at interpreter exit
+"""
+
+
+def test_kernel_glue_on_cpu_with_emulator_backend():
+    """The same glue with the package's kernels run by the CPU emulator (float16, small shapes)."""
+    r = subprocess.run([sys.executable, "-c", _EMULATOR_CHILD, str(__import__("pathlib").Path(__file__).parent)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+
+
+def test_cpu_backend_setting():
+    with pytest.raises(ValueError, match="cpu backend"):
+        cat.set_cpu_backend("cuda")
+    q = torch.randn(1, 1, 2, 8, dtype=torch.float64)
+    with cat.cpu_backend("reference"):
+        with pytest.raises(TypeError, match="float64"):
+            cat.cosine_sim_attention(q, q, q)
+    assert cat.get_cpu_backend() == "torch"
+
+
 # --------------------------------------------------------------------------------------- argument errors
 
 def _both_raise(torch_args, np_args, kw_torch=None, kw_np=None):

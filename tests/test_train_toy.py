@@ -17,6 +17,8 @@ pytest.importorskip("matplotlib")
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "train_toy.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# A small model and 1 MB of text keep each run to seconds even on a busy 2-core machine.
+SMALL = ["--dim", 64, "--depth", 2, "--heads", 4, "--seq-len", 64, "--batch-size", 8, "--data-mb", 1]
 
 
 def run_script(args, cwd, timeout=150, launcher=None):
@@ -34,7 +36,7 @@ def load(path):
 
 def test_train_toy_trains_writes_and_resumes(tmp_path):
     out = tmp_path / "run"
-    log = run_script(["--steps", 40, "--out", out, "--sample-len", 64], cwd=tmp_path)
+    log = run_script(["--steps", 40, "--out", out, "--sample-len", 64] + SMALL, cwd=tmp_path)
     assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC
     ck = load(out / "checkpoint.pt")
     assert ck["step"] == 40 and len(ck["history"]["train"]) == 40
@@ -45,7 +47,7 @@ def test_train_toy_trains_writes_and_resumes(tmp_path):
     # resume: continues from step 40 with the checkpoint's model and optimizer state
     out2 = tmp_path / "resumed"
     log = run_script(["--resume", out / "checkpoint.pt", "--steps", 50, "--out", out2, "--dim", 999,
-                      "--sample-len", 16], cwd=tmp_path)
+                      "--sample-len", 16, "--data-mb", 1], cwd=tmp_path)
     assert "resuming from" in log
     ck2 = load(out2 / "checkpoint.pt")
     assert ck2["step"] == 50 and len(ck2["history"]["train"]) == 50
@@ -58,7 +60,7 @@ def test_train_toy_time_limit_stops_early(tmp_path):
     out = tmp_path / "run"
     t0 = time.time()
     log = run_script(["--steps", 100000, "--time-limit", 2, "--out", out, "--dim", 32, "--depth", 1, "--heads", 2,
-                      "--seq-len", 32, "--batch-size", 4, "--sample-len", 8], cwd=tmp_path)
+                      "--seq-len", 32, "--batch-size", 4, "--sample-len", 8, "--data-mb", 1], cwd=tmp_path)
     assert "time limit" in log
     ck = load(out / "checkpoint.pt")
     assert 1 <= ck["step"] < 100000
@@ -68,7 +70,7 @@ def test_train_toy_time_limit_stops_early(tmp_path):
 def test_train_toy_under_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
     log = run_script(["--steps", 6, "--val-every", 3, "--out", out, "--dim", 32, "--depth", 1, "--heads", 2,
-                      "--seq-len", 32, "--batch-size", 4, "--sample-len", 8], cwd=tmp_path,
+                      "--seq-len", 32, "--batch-size", 4, "--sample-len", 8, "--data-mb", 1], cwd=tmp_path,
                      launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
     assert "x2 processes" in log
     assert log.count("trained 6 steps") == 1  # only rank 0 prints
