@@ -80,8 +80,9 @@ def _stand_in(shape, dtype):
 
 
 def _check_signature(q_sig, k_sig, v_sig, mask_sig, bias_sig, scale_sig, attn_bias_batch_dim, groups, causal,
-                     l2norm_qk, deterministic, cpu):
-    """(Problem, canonical shapes {q, k, v, bias}) for tensor signatures; raises like canonicalize."""
+                     l2norm_qk, deterministic, cpu, arg_types=None):
+    """(Problem, canonical shapes {q, k, v, bias}) for tensor signatures; raises like canonicalize.
+    `arg_types` only keys the cache (so causal=1 is not served the answer cached for causal=True)."""
     def arr(name, sig):
         return None if sig is None else _stand_in(sig[0], _np_dtype(name, sig[1], cpu))
 
@@ -129,8 +130,9 @@ def _check(q, k, v, mask, attn_bias, scale, attn_bias_batch_dim, groups, causal,
         scale_sig = float(scale)
     else:
         scale_sig = scale  # canonicalize says what is wrong with it
-    key = (_sig(q), _sig(k), _sig(v), _sig(mask), _sig(attn_bias), scale_sig, attn_bias_batch_dim, groups, causal,
-           l2norm_qk, deterministic, q.device.type != "cuda")
+    flags = (attn_bias_batch_dim, groups, causal, l2norm_qk, deterministic)
+    key = (_sig(q), _sig(k), _sig(v), _sig(mask), _sig(attn_bias), scale_sig, *flags, q.device.type != "cuda",
+           tuple(type(f) for f in flags))
     try:
         hash(key)
     except TypeError:  # an unhashable (hence wrong) argument: check it uncached for the message

@@ -383,6 +383,7 @@ def test_custom_ops_registered_and_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.* is deprecated:DeprecationWarning")  # torch internals
 def test_compile_fullgraph_matches_eager():
     q, k, v, mask, bias, scale, kw = make_case("head-bias-per-head-scale")
 
