@@ -177,7 +177,7 @@ class CosineSimCausalTransformer(nn.Module):
         return (logits, new_cache) if return_cache else logits
 
     @torch.no_grad()
-    def generate(self, prompt: Tensor, seq_len: int, *, temperature: float = 1.0, filter_thres: float = 0.9,
+    def generate(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
                  use_cache: bool = True) -> Tensor:
         """Sample `seq_len` tokens after `prompt` (B, N); returns them (B, seq_len).
 
