@@ -65,4 +65,48 @@ struct FwdParams {
 // Backward-engineer section: BwdParams (backward.cu) goes below this line.
 // =============================================================================================
 
+// Parameters of the three backward kernels (mirrored field for field by launch_backward.py).
+// Canonical layout: q (B, H, Nq, D), k/v (B, Hk, Nk, D); strides in elements; rows 16-byte aligned.
+struct BwdParams {
+  const void* q;              // qhat, dtype T (rows zero past D up to the 16-byte chunk)
+  const void* k;              // khat, dtype T
+  const void* v;              // values, dtype T
+  const void* o;              // forward output, dtype T (bwd_prep)
+  const void* dout;           // dL/dout, dtype T
+  const float* lse;           // (B, H, Nq) forward log-sum-exp (bwd_prep)
+  float* lse2;                // (B*H, nq_pad) written by bwd_prep
+  float* dvec;                // (B*H, nq_pad) written by bwd_prep
+  const float* scale;         // (H,)
+  const unsigned char* mask;  // (B, Nk) bool, True = may attend; null = no mask
+  const void* bias;           // (Bb, Hb, Nq, Nk), dtype T or float32 (bias_f32); null = none
+  void* dbias;                // where dS goes (dbias_mode), dtype float32 or T (dbias_f32)
+  float* dq;                  // (B, H, Nq, D) fp32 dqhat
+  void* dk;                   // (B, Hk * nsplit, Nk, D) dkhat, fp32 (dk_f32) or T
+  void* dv;                   // same layout as dk, fp32 (dv_f32) or T
+  int64_t q_sb, q_sh, q_sn;
+  int64_t k_sb, k_sh, k_sn;
+  int64_t v_sb, v_sh, v_sn;
+  int64_t o_sb, o_sh, o_sn;
+  int64_t do_sb, do_sh, do_sn;
+  int64_t lse_sb, lse_sh;
+  int64_t dq_sb, dq_sh, dq_sn;
+  int64_t dkv_sb, dkv_sh, dkv_sn;      // head index of dk/dv: hk * nsplit + split
+  int64_t bias_sb, bias_sh, bias_sq;   // 0 for a broadcast dim; keys contiguous
+  int64_t dbias_sb, dbias_sh, dbias_sq;
+  int64_t mask_sb;
+  int64_t n_y;                // work items along grid y (the kernel loops past gridDim.y)
+  int B, H, Hk, Nq, Nk, D;
+  int nq_pad;                 // row length of lse2 / dvec (a multiple of 128)
+  int causal;                 // key j visible to query i iff j <= i + (Nk - Nq)
+  int bias_f32;
+  int dbias_mode;             // 0 none, 1 store dS, 2 fp32 atomicAdd of dS (broadcast bias, fast mode)
+  int dbias_f32;              // mode 1: dbias has dtype float32 (else T)
+  int dq_atomic;              // bwd_dkdv accumulates dqhat with fp32 atomicAdd
+  int dk_f32;                 // dk is written as fp32 (else T)
+  int dv_f32;                 // dv is written as fp32 (else T)
+  int nsplit;                 // query-head splits per kv head
+  int heads_per_split;        // query heads one bwd_dkdv block loops over: (H / Hk) / nsplit
+  int n_chunks;               // head-dim chunks (= D_PAD / DC of the launched kernel)
+};
+
 }  // namespace ca

@@ -1,0 +1,719 @@
+// backward.cu — gradients of fused cosine-sim attention (DESIGN.md section 1, "Backward").
+//
+// Three kernels, run in this order by cupy_cosattn/launch_backward.py:
+//
+//   bwd_prep   per query row: D_i = sum_d dO_id O_id (fp32) and lse2_i = lse_i * log2(e), with
+//              lse2 = +inf for a row that saw no key (lse = -inf) and for the padding rows past Nq.
+//              exp2(x - lse2) is then exactly 0 for those rows: they contribute nothing, never NaN.
+//   bwd_dkdv   one block per (key tile, batch, kv head [, query-head split] [, head-dim chunk]).
+//              dK and dV of the tile's keys stay in fp32 registers while the block streams the query
+//              tiles of every query head that reads this kv head (GQA/MQA summed in registers, in a
+//              fixed order), with cp.async double buffering of Qhat, dO, lse2 and D. Per query tile:
+//                S^T  = Khat Qhat^T                (tensor cores, recomputed)
+//                P^T  = exp2(S^T scale_h log2e + bias log2e - lse2)   on visible pairs, else 0
+//                dV  += P^T dO
+//                dP^T = V dO^T
+//                dS^T = P^T (dP^T - D)             -> dbias (the unscaled dS)
+//                dK  += (scale_h dS^T) Qhat
+//                dQ  += (scale_h dS) Khat          (only when dq_atomic: fp32 atomicAdd)
+//   bwd_dq     deterministic mode's dQ: one block per (query tile, batch, query head), dQ in
+//              registers while streaming key tiles (recomputes S, P, dP, dS; no atomics anywhere).
+//
+// No running maximum anywhere: P = exp(s - lse) is bounded by 1 because lse >= every visible logit
+// of its row, whatever the bias or the norm of q and k. dscale is not reduced here: since
+// dqhat = scale_h dS khat, sum_ij dS_ij <qhat_i, khat_j> = sum_i <qhat_i, dqhat_i> / scale_h, which
+// the launch layer reduces from the fp32 dqhat in a fixed order.
+//
+// Matrix products use the warp-level primitives of common.cuh: mma.m16n8k16 with ldmatrix for
+// fp16/bf16, and 3xTF32 m16n8k8 for fp32 (x = big + small, d += a_s b_b + a_b b_s + a_b b_b), whose
+// operands are loaded with scalar shared-memory reads.
+#include "common.cuh"
+#include "params.cuh"
+
+namespace ca {
+namespace bwd {
+
+constexpr float LOG2E = 1.4426950408889634f;
+
+CA_DEVICE float as_float(uint32_t u) {
+#ifdef CA_EMULATOR
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+#else
+  return __uint_as_float(u);
+#endif
+}
+CA_DEVICE float pos_inf() { return as_float(0x7f800000u); }
+
+// ---------------------------------------------------------------------------------------------
+// Warp-level matrix products. Shared-memory tiles are row-major with a padded row stride `ld`
+// (elements). Names say how the operand is stored: A "mk" = [m][k] (k contiguous), A "km" = [k][m];
+// B "nk" = [n][k], B "kn" = [k][n]. b2 loaders fill the B fragments of two adjacent n8 tiles.
+// a_from_c turns fp32 accumulators (C layout, 16 x 8 tiles) into an A operand without touching
+// shared memory; the k order it implies is matched by load_b2_kn_c.
+template <typename T>
+struct Mma16 {
+  static constexpr int KSTEP = 16;  // k of one mma
+  static constexpr int PAD = 8;     // smem row padding in elements (16 bytes: conflict-free ldmatrix)
+  struct A { uint32_t r[4]; };
+  struct B { uint32_t r[2]; };
+
+  static CA_DEVICE void load_a_mk(A& a, const T* s, int ld, int m0, int k0, int lane) {
+    const int row = m0 + (lane & 7) + ((lane >> 3) & 1) * 8, col = k0 + (lane >> 4) * 8;
+    ldmatrix_x4(a.r, s + row * ld + col);
+  }
+  static CA_DEVICE void load_a_km(A& a, const T* s, int ld, int m0, int k0, int lane) {
+    const int i = lane >> 3;
+    ldmatrix_x4_trans(a.r, s + (k0 + (i >> 1) * 8 + (lane & 7)) * ld + m0 + (i & 1) * 8);
+  }
+  static CA_DEVICE void load_b2_nk(B* b, const T* s, int ld, int n0, int k0, int lane) {
+    const int i = lane >> 3;
+    uint32_t r[4];
+    ldmatrix_x4(r, s + (n0 + (i >> 1) * 8 + (lane & 7)) * ld + k0 + (i & 1) * 8);
+    b[0].r[0] = r[0]; b[0].r[1] = r[1]; b[1].r[0] = r[2]; b[1].r[1] = r[3];
+  }
+  static CA_DEVICE void load_b2_kn(B* b, const T* s, int ld, int k0, int n0, int lane) {
+    const int i = lane >> 3;
+    uint32_t r[4];
+    ldmatrix_x4_trans(r, s + (k0 + (i & 1) * 8 + (lane & 7)) * ld + n0 + (i >> 1) * 8);
+    b[0].r[0] = r[0]; b[0].r[1] = r[1]; b[1].r[0] = r[2]; b[1].r[1] = r[3];
+  }
+  static CA_DEVICE void load_b2_kn_c(B* b, const T* s, int ld, int k0, int n0, int lane) {
+    load_b2_kn(b, s, ld, k0, n0, lane);
+  }
+  // k-step kk of a 16 x (8 NT) accumulator: its n8 tiles 2kk and 2kk+1 are exactly an A fragment.
+  template <int NT>
+  static CA_DEVICE void a_from_c(A& a, const float (&c)[NT][4], int kk) {
+    a.r[0] = pack2<T>(c[2 * kk][0], c[2 * kk][1]);
+    a.r[1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
+    a.r[2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a.r[3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+  static CA_DEVICE void mma(float* d, const A& a, const B& b) { mma_m16n8k16(d, a.r, b.r, T()); }
+  // Two adjacent elements (columns c, c+1) of a row of a shared-memory tile.
+  static CA_DEVICE void store2(T* s, float x0, float x1) { *reinterpret_cast<uint32_t*>(s) = pack2<T>(x0, x1); }
+};
+
+template <typename T> struct Mma;
+template <> struct Mma<half_t> : Mma16<half_t> {};
+template <> struct Mma<bf16_t> : Mma16<bf16_t> {};
+
+// fp32 through 3xTF32 (m16n8k8). Fragments (g = lane/4, t = lane%4): A a0 (g, t) a1 (g+8, t)
+// a2 (g, t+4) a3 (g+8, t+4); B b0 (k t, n g) b1 (k t+4, n g).
+template <>
+struct Mma<float> {
+  static constexpr int KSTEP = 8;
+  static constexpr int PAD = 4;  // 16 bytes; with a row stride = 4 (mod 32) words, loads are conflict-free
+  struct A { uint32_t big[4], small[4]; };
+  struct B { uint32_t big[2], small[2]; };
+
+  static CA_DEVICE void split(float x, uint32_t& big, uint32_t& small) {
+    big = to_tf32(x);
+    small = to_tf32(x - as_float(big));
+  }
+  static CA_DEVICE void set_a(A& a, float x0, float x1, float x2, float x3) {
+    split(x0, a.big[0], a.small[0]);
+    split(x1, a.big[1], a.small[1]);
+    split(x2, a.big[2], a.small[2]);
+    split(x3, a.big[3], a.small[3]);
+  }
+  static CA_DEVICE void set_b(B& b, float x0, float x1) {
+    split(x0, b.big[0], b.small[0]);
+    split(x1, b.big[1], b.small[1]);
+  }
+  static CA_DEVICE void load_a_mk(A& a, const float* s, int ld, int m0, int k0, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    const float* p = s + (m0 + g) * ld + k0 + t;
+    set_a(a, p[0], p[8 * ld], p[4], p[8 * ld + 4]);
+  }
+  static CA_DEVICE void load_a_km(A& a, const float* s, int ld, int m0, int k0, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    const float* p = s + (k0 + t) * ld + m0 + g;
+    set_a(a, p[0], p[8], p[4 * ld], p[4 * ld + 8]);
+  }
+  static CA_DEVICE void load_b2_nk(B* b, const float* s, int ld, int n0, int k0, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    const float* p = s + (n0 + g) * ld + k0 + t;
+    set_b(b[0], p[0], p[4]);
+    set_b(b[1], p[8 * ld], p[8 * ld + 4]);
+  }
+  static CA_DEVICE void load_b2_kn(B* b, const float* s, int ld, int k0, int n0, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    const float* p = s + (k0 + t) * ld + n0 + g;
+    set_b(b[0], p[0], p[4 * ld]);
+    set_b(b[1], p[8], p[4 * ld + 8]);
+  }
+  // a_from_c uses A column t <-> accumulator column 2t and t+4 <-> 2t+1, so B row t must be k0+2t
+  // and row t+4 must be k0+2t+1.
+  static CA_DEVICE void load_b2_kn_c(B* b, const float* s, int ld, int k0, int n0, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    const float* p = s + (k0 + 2 * t) * ld + n0 + g;
+    set_b(b[0], p[0], p[ld]);
+    set_b(b[1], p[8], p[ld + 8]);
+  }
+  template <int NT>
+  static CA_DEVICE void a_from_c(A& a, const float (&c)[NT][4], int kk) {
+    set_a(a, c[kk][0], c[kk][2], c[kk][1], c[kk][3]);
+  }
+  static CA_DEVICE void mma(float* d, const A& a, const B& b) {
+    mma_m16n8k8_tf32(d, a.small, b.big);
+    mma_m16n8k8_tf32(d, a.big, b.small);
+    mma_m16n8k8_tf32(d, a.big, b.big);
+  }
+  static CA_DEVICE void store2(float* s, float x0, float x1) { s[0] = x0; s[1] = x1; }
+};
+
+// acc[NT][4] += A (16 x K: rows m0.. of sA, [m][k]) * B (K x 8 NT: rows n0.. of sB, [n][k]).
+template <typename T, int NT, int K>
+CA_DEVICE void gemm_nk(float (&acc)[NT][4], const T* sA, int lda, int m0, const T* sB, int ldb, int n0, int lane) {
+  typedef Mma<T> M;
+#pragma unroll 1
+  for (int k0 = 0; k0 < K; k0 += M::KSTEP) {
+    typename M::A a;
+    M::load_a_mk(a, sA, lda, m0, k0, lane);
+#pragma unroll
+    for (int n = 0; n < NT; n += 2) {
+      typename M::B b[2];
+      M::load_b2_nk(b, sB, ldb, n0 + n * 8, k0, lane);
+      M::mma(acc[n], a, b[0]);
+      M::mma(acc[n + 1], a, b[1]);
+    }
+  }
+}
+
+// acc[NT][4] += C (16 x 8 KT, fp32 accumulators in registers) * B (rows 0.. of sB, [k][n], columns n0..).
+template <typename T, int NT, int KT>
+CA_DEVICE void gemm_ck(float (&acc)[NT][4], const float (&c)[KT][4], const T* sB, int ldb, int n0, int lane) {
+  typedef Mma<T> M;
+#pragma unroll
+  for (int kk = 0; kk < KT * 8 / M::KSTEP; ++kk) {
+    typename M::A a;
+    M::a_from_c(a, c, kk);
+#pragma unroll
+    for (int n = 0; n < NT; n += 2) {
+      typename M::B b[2];
+      M::load_b2_kn_c(b, sB, ldb, kk * M::KSTEP, n0 + n * 8, lane);
+      M::mma(acc[n], a, b[0]);
+      M::mma(acc[n + 1], a, b[1]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiles.
+// The widest multiple of 16 that divides d_pad and is at most limit: the head-dim columns one block
+// accumulates (blocks for the other chunks recompute S and dP).
+__host__ __device__ constexpr int chunk_cols(int d_pad, int limit, int c = 0) {
+  return c == 0 ? chunk_cols(d_pad, limit, (limit < d_pad ? limit : d_pad) / 16 * 16)
+                : (d_pad % c == 0 ? c : chunk_cols(d_pad, limit, c - 16));
+}
+#ifndef DQ_F32_MAX_COLS
+#define DQ_F32_MAX_COLS 112
+#endif
+
+// Both main kernels use 16-row warp slabs; D_PAD (a multiple of 16, and of 32 above 128) is the
+// head dim padded with zeros; DC the columns of dK/dV (or dQ) one block accumulates.
+template <typename T, int D_PAD>
+struct KVTraits {
+  static constexpr bool F32 = sizeof(T) == 4;
+  static constexpr int NW = (F32 && D_PAD > 128) ? 2 : 4;   // warps; each owns 16 keys
+  static constexpr int BC = 16 * NW;                        // keys per block
+  static constexpr int BR = F32 ? 16 : (D_PAD <= 64 ? 64 : 32);  // queries per streamed tile
+  static constexpr int DC = chunk_cols(D_PAD, 128);
+  static constexpr int NCHUNK = D_PAD / DC;
+  static constexpr int SK = D_PAD + Mma<T>::PAD;            // row stride of the K, V, Q, dO tiles
+  static constexpr int SDS = BR + 8;                        // row stride of the dS^T tile
+  static constexpr int THREADS = 32 * NW;
+  static constexpr int SMEM = (int)sizeof(T) * (2 * BC * SK + 4 * BR * SK + BC * SDS) +
+                              (int)sizeof(float) * 4 * BR + (int)sizeof(int) * BC;
+  static_assert(D_PAD % 16 == 0 && D_PAD <= 256 && (D_PAD <= 128 || D_PAD % 32 == 0), "bad D_PAD");
+  static_assert(NW % (BR / 16) == 0, "dQ products need the query m-tiles to divide the warps");
+};
+
+template <typename T, int D_PAD>
+struct QTraits {
+  static constexpr bool F32 = sizeof(T) == 4;
+  static constexpr int NW = (F32 && D_PAD > 128) ? 2 : 4;   // warps; each owns 16 queries
+  static constexpr int BR = 16 * NW;                        // queries per block
+  static constexpr int BC = F32 ? 16 : (D_PAD <= 64 ? 64 : 32);  // keys per tile
+  static constexpr int DC = chunk_cols(D_PAD, F32 ? DQ_F32_MAX_COLS : 128);
+  static constexpr int NCHUNK = D_PAD / DC;
+  static constexpr int SK = D_PAD + Mma<T>::PAD;
+  static constexpr int THREADS = 32 * NW;
+  static constexpr int SMEM = (int)sizeof(T) * (2 * BR * SK + 4 * BC * SK) + (int)sizeof(int) * 2 * BC;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Loads. A tile of ROWS rows x D_PAD columns from global rows g[r * g_sn] into shared rows
+// s[r * SK], by 16-byte cp.async chunks; rows >= rows_valid and columns >= D are zero-filled.
+// Each thread owns one column chunk and walks down the rows with a running pointer (a rolled
+// loop), so no per-chunk 64-bit address is kept live across the caller's main loop.
+__host__ __device__ constexpr int pow2_ceil(int x) { return x <= 1 ? 1 : 2 * pow2_ceil((x + 1) / 2); }
+
+template <typename T, int ROWS, int D_PAD, int SK, int THREADS>
+CA_DEVICE void load_rows_async(T* s, const T* g, int64_t g_sn, int rows_valid, int D, int tid) {
+  constexpr int EPC = 16 / (int)sizeof(T);   // elements per chunk
+  constexpr int CPR = D_PAD / EPC;           // chunks per row
+  constexpr int CW = pow2_ceil(CPR);         // threads per row (the extra ones idle)
+  static_assert(CW <= THREADS, "a row needs more chunks than the block has threads");
+  constexpr int STEP = THREADS / CW;         // rows per pass
+  const int cc = tid % CW, r0 = tid / CW;
+  if (cc < CPR && r0 < ROWS) {
+    const int col = cc * EPC;
+    const int rem = D - col;
+    const int full = rem >= EPC ? 16 : (rem > 0 ? rem * (int)sizeof(T) : 0);
+    const T* src = g + r0 * g_sn + col;
+    T* dst = s + r0 * SK + col;
+#pragma unroll 1
+    for (int r = r0; r < ROWS; r += STEP) {
+      const int bytes = r < rows_valid ? full : 0;
+      cp_async_16(dst, bytes > 0 ? src : g, bytes);
+      src += STEP * g_sn;
+      dst += STEP * SK;
+    }
+  }
+}
+
+// N floats (N % 4 == 0, 16-byte aligned, all in bounds) by cp.async.
+template <int N, int THREADS>
+CA_DEVICE void load_f32_async(float* s, const float* g, int tid) {
+  static_assert(N / 4 <= THREADS, "one chunk per thread");
+  if (tid < N / 4) cp_async_16(s + 4 * tid, g + 4 * tid, 16);
+}
+
+template <typename T>
+CA_DEVICE float load_bias(const BwdParams& p, int64_t off) {
+  return p.bias_f32 ? static_cast<const float*>(p.bias)[off] : to_float(static_cast<const T*>(p.bias)[off]);
+}
+
+template <typename T>
+CA_DEVICE void store_dbias(const BwdParams& p, int64_t off, float x) {
+  if (p.dbias_mode == 2) {
+    atomicAdd(static_cast<float*>(p.dbias) + off, x);
+  } else if (p.dbias_f32) {
+    static_cast<float*>(p.dbias)[off] = x;
+  } else {
+    static_cast<T*>(p.dbias)[off] = from_float<T>(x);
+  }
+}
+
+// =============================================================================================
+// bwd_prep: lse2 and D, one warp per row.
+constexpr int PREP_WARPS = 4;
+constexpr int PREP_ROWS_PER_WARP = 8;
+constexpr int PREP_ROWS = PREP_WARPS * PREP_ROWS_PER_WARP;  // rows per block; divides nq_pad
+
+template <typename T, int D_PAD>
+__global__ void __launch_bounds__(32 * PREP_WARPS) bwd_prep(const BwdParams p) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t y = blockIdx.y; y < p.n_y; y += gridDim.y) {
+    const int b = (int)(y / p.H), h = (int)(y % p.H);
+    const T* o = static_cast<const T*>(p.o) + b * p.o_sb + h * p.o_sh;
+    const T* dout = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
+    for (int rr = 0; rr < PREP_ROWS_PER_WARP; ++rr) {
+      const int i = blockIdx.x * PREP_ROWS + warp * PREP_ROWS_PER_WARP + rr;
+      float dsum = 0.f, l2 = pos_inf();
+      if (i < p.Nq) {
+#pragma unroll
+        for (int d0 = 0; d0 < D_PAD; d0 += 32) {
+          const int d = d0 + lane;
+          if (d < p.D) dsum += to_float(dout[i * p.do_sn + d]) * to_float(o[i * p.o_sn + d]);
+        }
+        dsum = warp_sum(dsum);
+        const float l = p.lse[b * p.lse_sb + h * p.lse_sh + i];
+        l2 = l < -3.0e38f ? pos_inf() : l * LOG2E;  // lse = -inf: no visible key
+      }
+      if (lane == 0) {
+        p.lse2[y * p.nq_pad + i] = l2;
+        p.dvec[y * p.nq_pad + i] = dsum;
+      }
+    }
+  }
+}
+
+// =============================================================================================
+// bwd_dkdv: see the file comment. Grid: x = key tile * n_chunks + chunk, y = (b, hk, split).
+template <typename T, int D_PAD>
+__global__ void __launch_bounds__(KVTraits<T, D_PAD>::THREADS, 1) bwd_dkdv(const BwdParams p) {
+  typedef KVTraits<T, D_PAD> C;
+  typedef Mma<T> M;
+  constexpr int BC = C::BC, BR = C::BR, DC = C::DC, SK = C::SK, SDS = C::SDS, NTH = C::THREADS;
+  constexpr int NT = BR / 8;    // n8 tiles of a 16 x BR slab of S^T
+  constexpr int ND = DC / 8;    // n8 tiles of the dK / dV accumulators
+
+  CA_DYNAMIC_SHARED(smem_raw);
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + BC * SK;
+  T* sQ = sV + BC * SK;          // [2][BR][SK]
+  T* sdO = sQ + 2 * BR * SK;     // [2][BR][SK]
+  T* sdS = sdO + 2 * BR * SK;    // [BC][SDS]: scale_h dS^T, for the dQ product
+  float* sL = reinterpret_cast<float*>(sdS + BC * SDS);  // [2][BR] lse2
+  float* sDv = sL + 2 * BR;                                // [2][BR] D
+  int* sOk = reinterpret_cast<int*>(sDv + 2 * BR);        // [BC] key visible (in range and unmasked)
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int chunk = blockIdx.x % p.n_chunks;
+  const int j0 = (blockIdx.x / p.n_chunks) * BC;
+  const int c0 = chunk * DC;
+  const int off = p.Nk - p.Nq;
+  const int qpk = p.H / p.Hk;
+  const int nqt = (p.Nq + BR - 1) / BR;
+
+  for (int64_t y = blockIdx.y; y < p.n_y; y += gridDim.y) {
+    const int s = (int)(y % p.nsplit);
+    const int hk = (int)((y / p.nsplit) % p.Hk);
+    const int b = (int)(y / ((int64_t)p.nsplit * p.Hk));
+    const int h_first = hk * qpk + s * p.heads_per_split;
+
+    __syncthreads();  // the previous work item is done with shared memory
+    if (tid < BC) {
+      const int j = j0 + tid;
+      sOk[tid] = j < p.Nk && (p.mask == nullptr || p.mask[b * p.mask_sb + j]);
+    }
+    __syncthreads();
+    int any = 0;
+    for (int r = 0; r < BC; ++r) any |= sOk[r];
+    int key[2], key_ok[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      key[r] = j0 + 16 * warp + g + 8 * r;
+      key_ok[r] = sOk[16 * warp + g + 8 * r];
+    }
+    // Query tiles that can see this key tile: causal hides it from queries i < j0 - off.
+    const int q_first = p.causal ? max(0, j0 - off) : 0;
+    const int qt0 = q_first / BR;
+    const int per_head = (any && q_first < p.Nq) ? nqt - qt0 : 0;
+    const int n_it = per_head * p.heads_per_split;
+
+    float acc_dk[ND][4], acc_dv[ND][4];
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dk[n][e] = acc_dv[n][e] = 0.f;
+
+    if (n_it > 0) {
+      const T* gk = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + (int64_t)j0 * p.k_sn;
+      const T* gv = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + (int64_t)j0 * p.v_sn;
+      load_rows_async<T, BC, D_PAD, SK, NTH>(sK, gk, p.k_sn, p.Nk - j0, p.D, tid);
+      load_rows_async<T, BC, D_PAD, SK, NTH>(sV, gv, p.v_sn, p.Nk - j0, p.D, tid);
+    }
+
+    // Stage loads of iteration it: query head h_first + it / per_head, query tile qt0 + it % per_head.
+#define CA_BWD_KV_LOAD_STAGE(it_, st_)                                                                 \
+    {                                                                                                  \
+      const int h_ = h_first + (it_) / per_head, i0_ = (qt0 + (it_) % per_head) * BR;                  \
+      const T* gq_ = static_cast<const T*>(p.q) + b * p.q_sb + h_ * p.q_sh + (int64_t)i0_ * p.q_sn;    \
+      const T* gd_ = static_cast<const T*>(p.dout) + b * p.do_sb + h_ * p.do_sh + (int64_t)i0_ * p.do_sn; \
+      load_rows_async<T, BR, D_PAD, SK, NTH>(sQ + (st_) * BR * SK, gq_, p.q_sn, p.Nq - i0_, p.D, tid);   \
+      load_rows_async<T, BR, D_PAD, SK, NTH>(sdO + (st_) * BR * SK, gd_, p.do_sn, p.Nq - i0_, p.D, tid); \
+      const int64_t row_ = ((int64_t)b * p.H + h_) * p.nq_pad + i0_;                                   \
+      load_f32_async<BR, NTH>(sL + (st_) * BR, p.lse2 + row_, tid);                                    \
+      load_f32_async<BR, NTH>(sDv + (st_) * BR, p.dvec + row_, tid);                                   \
+      cp_async_commit();                                                                               \
+    }
+
+    if (n_it > 0) CA_BWD_KV_LOAD_STAGE(0, 0)  // commits K, V and stage 0 as one group
+
+    for (int it = 0; it < n_it; ++it) {
+      const int st = it & 1;
+      if (it + 1 < n_it) {
+        CA_BWD_KV_LOAD_STAGE(it + 1, st ^ 1)
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+
+      const int h = h_first + it / per_head;
+      const int i0 = (qt0 + it % per_head) * BR;
+      const T* cQ = sQ + st * BR * SK;
+      const T* cdO = sdO + st * BR * SK;
+      const float* cL = sL + st * BR;
+      const float* cDv = sDv + st * BR;
+      const float scale_h = p.scale[h];
+      const float sl2 = scale_h * LOG2E;
+
+      // Bias for this warp's slab (issued early; log2-scaled), element (key row, query column).
+      float bias2[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) bias2[n][e] = 0.f;
+      if (p.bias != nullptr) {
+        const int64_t bb = b * p.bias_sb + h * p.bias_sh;
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = i0 + n * 8 + 2 * t + (e & 1), j = key[e >> 1];
+            if (i < p.Nq && j < p.Nk) bias2[n][e] = load_bias<T>(p, bb + i * p.bias_sq + j) * LOG2E;
+          }
+      }
+
+      // S^T = Khat Qhat^T, then P^T in place.
+      float acc_s[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[n][e] = 0.f;
+      gemm_nk<T, NT, D_PAD>(acc_s, sK, SK, 16 * warp, cQ, SK, 0, lane);
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = n * 8 + 2 * t + (e & 1);
+          const bool vis = key_ok[e >> 1] && (!p.causal || key[e >> 1] <= i0 + col + off);
+          const float x = fmaf(acc_s[n][e], sl2, bias2[n][e] - cL[col]);
+          acc_s[n][e] = vis ? exp2_fast(x) : 0.f;  // x = -inf (lse2 = +inf) gives exactly 0
+        }
+
+      // dV += P^T dO.
+      gemm_ck<T, ND, NT>(acc_dv, acc_s, cdO, SK, c0, lane);
+
+      // dP^T = V dO^T, then dS^T = P^T (dP^T - D) in place.
+      float acc_dp[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_dp[n][e] = 0.f;
+      gemm_nk<T, NT, D_PAD>(acc_dp, sV, SK, 16 * warp, cdO, SK, 0, lane);
+      const bool write_dbias = p.dbias_mode != 0 && chunk == 0;
+      const int64_t dbb = write_dbias ? b * p.dbias_sb + h * p.dbias_sh : 0;
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = n * 8 + 2 * t + (e & 1);
+          const float ds = acc_s[n][e] * (acc_dp[n][e] - cDv[col]);
+          if (write_dbias) {
+            const int i = i0 + col, j = key[e >> 1];
+            if (i < p.Nq && j < p.Nk) store_dbias<T>(p, dbb + i * p.dbias_sq + j, ds);
+          }
+          acc_dp[n][e] = ds * scale_h;
+        }
+
+      // dK += (scale_h dS^T) Qhat.
+      gemm_ck<T, ND, NT>(acc_dk, acc_dp, cQ, SK, c0, lane);
+
+      // dQ += (scale_h dS) Khat, through shared memory: each warp takes 16 queries x 16 columns units.
+      if (p.dq_atomic) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            M::store2(sdS + (16 * warp + g + 8 * r) * SDS + n * 8 + 2 * t, acc_dp[n][2 * r], acc_dp[n][2 * r + 1]);
+        __syncthreads();
+        constexpr int MT = BR / 16;
+        const int mt = warp % MT;
+        float* gdq = p.dq + b * p.dq_sb + h * p.dq_sh;
+        for (int u = warp / MT; u < DC / 16; u += C::NW / MT) {
+          float acc[2][4];
+#pragma unroll
+          for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+#pragma unroll 1
+          for (int k0 = 0; k0 < BC; k0 += M::KSTEP) {
+            typename M::A a;
+            typename M::B bf[2];
+            M::load_a_km(a, sdS, SDS, mt * 16, k0, lane);
+            M::load_b2_kn(bf, sK, SK, k0, c0 + u * 16, lane);
+            M::mma(acc[0], a, bf[0]);
+            M::mma(acc[1], a, bf[1]);
+          }
+#pragma unroll
+          for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int i = i0 + mt * 16 + g + 8 * (e >> 1), d = c0 + u * 16 + n * 8 + 2 * t + (e & 1);
+              if (i < p.Nq && d < p.D) atomicAdd(gdq + i * p.dq_sn + d, acc[n][e]);
+            }
+        }
+      }
+      __syncthreads();  // everyone is done with this stage (and sdS) before it is refilled
+    }
+#undef CA_BWD_KV_LOAD_STAGE
+
+    // Epilogue: this block's columns of dK and dV (zeros when no query saw the tile).
+    const int64_t ob = b * p.dkv_sb + ((int64_t)hk * p.nsplit + s) * p.dkv_sh;
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = key[e >> 1], d = c0 + n * 8 + 2 * t + (e & 1);
+        if (j < p.Nk && d < p.D) {
+          const int64_t o = ob + j * p.dkv_sn + d;
+          if (p.dk_f32) static_cast<float*>(p.dk)[o] = acc_dk[n][e];
+          else static_cast<T*>(p.dk)[o] = from_float<T>(acc_dk[n][e]);
+          if (p.dv_f32) static_cast<float*>(p.dv)[o] = acc_dv[n][e];
+          else static_cast<T*>(p.dv)[o] = from_float<T>(acc_dv[n][e]);
+        }
+      }
+  }
+}
+
+// =============================================================================================
+// bwd_dq (deterministic mode): grid x = query tile * n_chunks + chunk, y = (b, h). Each warp owns
+// 16 query rows and keeps their dQ columns [c0, c0 + DC) in registers; key tiles stream through
+// double-buffered shared memory. Every dq element is written exactly once: no atomics.
+template <typename T, int D_PAD>
+__global__ void __launch_bounds__(QTraits<T, D_PAD>::THREADS, 1) bwd_dq(const BwdParams p) {
+  typedef QTraits<T, D_PAD> C;
+  constexpr int BR = C::BR, BC = C::BC, DC = C::DC, SK = C::SK, NTH = C::THREADS;
+  constexpr int NT = BC / 8;   // n8 tiles of a 16 x BC slab of S
+  constexpr int ND = DC / 8;
+
+  CA_DYNAMIC_SHARED(smem_raw);
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // [BR][SK]
+  T* sdO = sQ + BR * SK;                    // [BR][SK]
+  T* sK = sdO + BR * SK;                    // [2][BC][SK]
+  T* sV = sK + 2 * BC * SK;                 // [2][BC][SK]
+  int* sOk = reinterpret_cast<int*>(sV + 2 * BC * SK);  // [2][BC]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int chunk = blockIdx.x % p.n_chunks;
+  const int i0 = (blockIdx.x / p.n_chunks) * BR;
+  const int c0 = chunk * DC;
+  const int off = p.Nk - p.Nq;
+  const int qpk = p.H / p.Hk;
+
+  for (int64_t y = blockIdx.y; y < p.n_y; y += gridDim.y) {
+    const int b = (int)(y / p.H), h = (int)(y % p.H), hk = h / qpk;
+    __syncthreads();  // the previous work item is done with shared memory
+
+    // Keys [0, k_end) can be visible to some query of the tile.
+    int k_end = p.Nk;
+    if (p.causal) k_end = min(p.Nk, max(0, min(i0 + BR, p.Nq) - 1 + off + 1));
+    const int n_kt = (k_end + BC - 1) / BC;
+
+    int row[2];
+    float lse2[2], dvv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row[r] = i0 + 16 * warp + g + 8 * r;
+      lse2[r] = p.lse2[y * p.nq_pad + row[r]];
+      dvv[r] = p.dvec[y * p.nq_pad + row[r]];
+    }
+    const float scale_h = p.scale[h];
+    const float sl2 = scale_h * LOG2E;
+
+    float acc_dq[ND][4];
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dq[n][e] = 0.f;
+
+    const T* gk = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+    const T* gv = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+#define CA_BWD_Q_LOAD_STAGE(kt_, st_)                                                                  \
+    {                                                                                                  \
+      const int j0_ = (kt_) * BC;                                                                      \
+      load_rows_async<T, BC, D_PAD, SK, NTH>(sK + (st_) * BC * SK, gk + (int64_t)j0_ * p.k_sn, p.k_sn, \
+                                             p.Nk - j0_, p.D, tid);                                    \
+      load_rows_async<T, BC, D_PAD, SK, NTH>(sV + (st_) * BC * SK, gv + (int64_t)j0_ * p.v_sn, p.v_sn, \
+                                             p.Nk - j0_, p.D, tid);                                    \
+      if (tid < BC) {                                                                                  \
+        const int j_ = j0_ + tid;                                                                      \
+        sOk[(st_) * BC + tid] = j_ < p.Nk && (p.mask == nullptr || p.mask[b * p.mask_sb + j_]);        \
+      }                                                                                                \
+      cp_async_commit();                                                                               \
+    }
+
+    if (n_kt > 0) {
+      const T* gq = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + (int64_t)i0 * p.q_sn;
+      const T* gd = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + (int64_t)i0 * p.do_sn;
+      load_rows_async<T, BR, D_PAD, SK, NTH>(sQ, gq, p.q_sn, p.Nq - i0, p.D, tid);
+      load_rows_async<T, BR, D_PAD, SK, NTH>(sdO, gd, p.do_sn, p.Nq - i0, p.D, tid);
+      CA_BWD_Q_LOAD_STAGE(0, 0)  // one group with Q and dO
+    }
+
+    for (int kt = 0; kt < n_kt; ++kt) {
+      const int st = kt & 1;
+      if (kt + 1 < n_kt) {
+        CA_BWD_Q_LOAD_STAGE(kt + 1, st ^ 1)
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      const int j0 = kt * BC;
+      const T* cK = sK + st * BC * SK;
+      const T* cV = sV + st * BC * SK;
+      const int* cOk = sOk + st * BC;
+
+      float bias2[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) bias2[n][e] = 0.f;
+      if (p.bias != nullptr) {
+        const int64_t bb = b * p.bias_sb + h * p.bias_sh;
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = row[e >> 1], j = j0 + n * 8 + 2 * t + (e & 1);
+            if (i < p.Nq && j < p.Nk) bias2[n][e] = load_bias<T>(p, bb + i * p.bias_sq + j) * LOG2E;
+          }
+      }
+
+      // S = Qhat Khat^T -> P in place.
+      float acc_s[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[n][e] = 0.f;
+      gemm_nk<T, NT, D_PAD>(acc_s, sQ, SK, 16 * warp, cK, SK, 0, lane);
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = n * 8 + 2 * t + (e & 1), r = e >> 1;
+          const bool vis = cOk[col] && (!p.causal || j0 + col <= row[r] + off);
+          const float x = fmaf(acc_s[n][e], sl2, bias2[n][e] - lse2[r]);
+          acc_s[n][e] = vis ? exp2_fast(x) : 0.f;
+        }
+
+      // dP = dO V^T -> scale_h dS in place.
+      float acc_dp[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_dp[n][e] = 0.f;
+      gemm_nk<T, NT, D_PAD>(acc_dp, sdO, SK, 16 * warp, cV, SK, 0, lane);
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_dp[n][e] = acc_s[n][e] * (acc_dp[n][e] - dvv[e >> 1]) * scale_h;
+
+      // dQ += (scale_h dS) Khat.
+      gemm_ck<T, ND, NT>(acc_dq, acc_dp, cK, SK, c0, lane);
+      __syncthreads();  // this stage may be refilled next iteration
+    }
+#undef CA_BWD_Q_LOAD_STAGE
+
+    float* gdq = p.dq + b * p.dq_sb + h * p.dq_sh;
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = row[e >> 1], d = c0 + n * 8 + 2 * t + (e & 1);
+        if (i < p.Nq && d < p.D) gdq[i * p.dq_sn + d] = acc_dq[n][e];
+      }
+  }
+}
+
+// Tile configuration of an instantiation, for the launch layer's checks (one thread writes 12 ints).
+template <typename T, int D_PAD>
+__global__ void bwd_info(int* out) {
+  typedef KVTraits<T, D_PAD> K;
+  typedef QTraits<T, D_PAD> Q;
+  if (threadIdx.x == 0 && blockIdx.x == 0) {
+    out[0] = K::THREADS; out[1] = K::BC; out[2] = K::BR; out[3] = K::DC; out[4] = K::NCHUNK; out[5] = K::SMEM;
+    out[6] = Q::THREADS; out[7] = Q::BR; out[8] = Q::BC; out[9] = Q::DC; out[10] = Q::NCHUNK; out[11] = Q::SMEM;
+  }
+}
+
+}  // namespace bwd
+}  // namespace ca
