@@ -1,0 +1,343 @@
+"""The backward kernels (cuda_src/backward.cu, launched by cupy_cosattn/launch_backward.py) through the
+public API, against the float64 reference (cupy_cosattn.reference.backward64), on the CPU emulator
+and, marked ``gpu``, on CuPy.
+
+Accuracy (DESIGN.md section 2), as ||x - ref|| / ||ref|| for dq, dk, dv and dbias: 1e-4 (fp32),
+1e-2 (fp16), 5e-2 (bf16); no NaN/Inf; rows and keys nothing sees get exactly zero gradient.
+dscale_h = sum_bij dS_bhij <qhat_i, khat_j> is an ill-conditioned sum (its terms cancel: sum_j dS_ij
+= 0 for every row; |sum| is often 1/100 to 1/1000 of sum |terms|), and the kernels' inputs carry
+the dtype's rounding (qhat, khat and out are stored in the dtype, as in every fused attention), so
+its error is measured, with the same tolerances, relative to T_h = sum_bij |dS_bhij <qhat_i, khat_j>|,
+the norm that bounds the error of a sum of perturbed terms. ``deterministic=True`` is bitwise repeatable (checked under the emulator's interleaving
+mode with different seeds, which reorders threads and blocks).
+
+``out`` and ``lse`` come from the reference forward (rounded to the dtype, as the kernels' forward
+stores them), so these tests judge the backward kernels alone; one end-to-end test chains the
+emulated forward and backward.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+from cupy_cosattn import api, emulator, launch, problem, reference
+from cupy_cosattn import launch_backward as LB
+from cupy_cosattn.problem import BFLOAT16
+
+F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
+DTYPES = {"float16": F16, "bfloat16": BFLOAT16, "float32": F32}
+GRAD_TOL = {"float16": 1e-2, "bfloat16": 5e-2, "float32": 1e-4}
+GRADS = ("dq", "dk", "dv", "dbias", "dscale")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs.
+
+def make_case(seed, *, B=2, H=2, Hk=None, Nq=63, Nk=None, D=64, dtype="float16", merged=False, kv_3d=False,
+              causal=False, mask=None, bias=None, bias_f32=False, scale=8.0, per_head_scale=False, groups=1,
+              l2norm_qk=True, bias_scale=1.0, deterministic=False):
+    """(args, kwargs, dout) for cupy_cosattn.backward on NumPy arrays (args = q, k, v).
+
+    mask: None | "random" (one batch row fully masked: its queries see nothing; for B > 1 the first
+    64 keys of another row masked when Nk >= 96: whole key tiles skipped); bias: None | "head" |
+    "batch" | "full".
+    l2norm_qk=False feeds q, k that are already normalized (the caller's promise)."""
+    rng = np.random.default_rng(seed)
+    dt = DTYPES[dtype]
+    Nk = Nq if Nk is None else Nk
+    Hk = H if Hk is None else Hk
+    if merged:
+        q = rng.standard_normal((B * H, Nq, D))
+        k = rng.standard_normal((B * H, Nk, D))
+        Bm = B * H
+    else:
+        q = rng.standard_normal((B, H, Nq, D))
+        k = rng.standard_normal((B, Nk, D) if kv_3d else (B, Hk, Nk, D))
+        Bm = B
+    v = rng.standard_normal(k.shape)
+    if not l2norm_qk:
+        def norm(x):
+            c = x.reshape(x.shape[:-1] + (groups, D // groups))
+            c = c / np.linalg.norm(c, axis=-1, keepdims=True)
+            return c.reshape(x.shape)
+        q, k = norm(q), norm(k)
+    kw = dict(causal=causal, groups=groups, l2norm_qk=l2norm_qk, deterministic=deterministic)
+    if mask == "random":
+        m = rng.random((Bm, Nk)) < 0.7
+        m[0] = False
+        if Bm > 1:  # whole key tiles invisible when Nk allows (keep enough keys for a non-degenerate row)
+            m[1, : 64 if Nk >= 96 else Nk // 2] = False
+            m[1, -1] = True
+        kw["mask"] = m
+    if bias is not None:
+        bdt = F32 if bias_f32 else dt
+        shape = (B * H, Nq, Nk) if merged else {"head": (H, Nq, Nk), "batch": (B, Nq, Nk), "full": (B, H, Nq, Nk)}[bias]
+        kw["attn_bias"] = (bias_scale * rng.standard_normal(shape)).astype(bdt)
+        kw["attn_bias_batch_dim"] = bias == "batch"
+    if per_head_scale:
+        kw["scale"] = rng.uniform(0.5 * scale, 1.5 * scale, size=(1 if merged else H,))
+    else:
+        kw["scale"] = scale
+    dout = rng.standard_normal(q.shape).astype(dt)
+    return (q.astype(dt), k.astype(dt), v.astype(dt)), kw, dout
+
+
+def rel_err(x, ref):
+    x = np.asarray(x, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    den = np.linalg.norm(ref)
+    return float(np.linalg.norm(x - ref) / (den if den > 0 else 1.0))
+
+
+def _to(xp, x):
+    return xp.asarray(x) if isinstance(x, np.ndarray) else x
+
+
+def run_backward(args, kw, dout, backend="emulator"):
+    """(dq, dk, dv, dbias, dscale) from `backend` as NumPy values, with out/lse of the reference."""
+    out, lse = api.forward(*args, backend="reference", **kw)
+    if backend == "cuda":
+        import cupy
+
+        dev = lambda x: _to(cupy, x)  # noqa: E731
+        kw_dev = {k: (dev(v) if k != "scale" else v) for k, v in kw.items()}
+        res = api.backward(dev(dout), *[dev(a) for a in args], dev(out), dev(lse), backend="cuda", **kw_dev)
+        return tuple(cupy.asnumpy(r) if isinstance(r, cupy.ndarray) else r for r in res)
+    return api.backward(dout, *args, out, lse, backend=backend, **kw)
+
+
+def reference_grads(args, kw, dout):
+    """float64 (dq, dk, dv, dbias, dscale) in the caller's shapes (dscale: float or (H,))."""
+    prob, inp = problem.canonicalize(*args, **kw)
+    dq, dk, dv, dbias, dscale = reference.backward64(prob, inp, dout.reshape(prob.B, prob.H, prob.Nq, prob.D))
+    q, k, v = args
+    dbias = None if dbias is None else dbias.reshape(kw["attn_bias"].shape)
+    dscale = dscale if prob.per_head_scale else float(np.sum(dscale))
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), dbias, dscale
+
+
+def dscale_term_norm(args, kw, dout):
+    """T = sum_bij |dS_bhij <qhat_i, khat_j>| per head (summed over heads for a scalar scale), in
+    float64 from the reference's probabilities: the scale of dscale's error (see the docstring)."""
+    prob, inp = problem.canonicalize(*args, **kw)
+    c = reference._compute(prob, inp)
+    do = np.asarray(dout, dtype=np.float64).reshape(prob.B, prob.H, prob.Nq, prob.D)
+    dp = do @ np.swapaxes(c["v_x"], -1, -2)
+    ds = c["p"] * (dp - np.sum(do * c["o"], axis=-1, keepdims=True))
+    t = np.sum(np.abs(ds * c["cos"]), axis=(0, 2, 3))
+    return t if prob.per_head_scale else float(np.sum(t))
+
+
+def check_grads(args, kw, dout, backend="emulator", tol=None):
+    """Assert the contract's accuracy of every gradient; returns {name: rel err}."""
+    q, k, v = args
+    dtype = problem.DTYPE_NAMES[np.dtype(q.dtype)]
+    got = run_backward(args, kw, dout, backend)
+    ref = reference_grads(args, kw, dout)
+    tol = tol or GRAD_TOL[dtype]
+    errs = {}
+    for name, g, r, like in zip(GRADS, got, ref, (q, k, v, kw.get("attn_bias"), None)):
+        if r is None:
+            assert g is None, f"{name} should be None"
+            continue
+        if like is not None:
+            assert g.shape == like.shape and np.dtype(g.dtype) == np.dtype(like.dtype), \
+                f"{name}: shape/dtype {g.shape}/{g.dtype}, want {like.shape}/{like.dtype}"
+        g64 = np.asarray(g, dtype=np.float64)
+        assert np.isfinite(g64).all(), f"NaN/Inf in {name}"
+        if name == "dscale":
+            den = np.linalg.norm(dscale_term_norm(args, kw, dout))
+            errs[name] = float(np.linalg.norm(g64 - r) / (den if den > 0 else 1.0))
+        else:
+            errs[name] = rel_err(g64, r)
+    bad = {n: e for n, e in errs.items() if e > tol}
+    assert not bad, f"rel errors above {tol:.0e}: " + ", ".join(f"{n} {e:.2e}" for n, e in bad.items())
+    return errs
+
+
+# ---------------------------------------------------------------------------------------------------
+# The grid: causal / mask / neither x bias (none, per head, per batch, full) x single kv head x D x
+# lengths x dtypes. One test per (dtype, D, length) runs the 24 flag combinations (alternately in
+# deterministic mode, with float32 biases on some), so a failure names them.
+
+GRID_FLAGS = [(mode, bias, kv1) for mode in ("none", "causal", "mask") for bias in (None, "head", "batch", "full")
+              for kv1 in (False, True)]
+
+
+def _grid(backend, dtype, D, N):
+    failures = []
+    for i, (mode, bias, kv1) in enumerate(GRID_FLAGS):
+        det = i % 2 == 1
+        args, kw, dout = make_case(1000 * D + N + i, B=2, H=2, Nq=N, D=D, dtype=dtype, kv_3d=kv1,
+                                   causal=mode == "causal", mask="random" if mode == "mask" else None, bias=bias,
+                                   bias_f32=(i % 3 == 0), deterministic=det)
+        try:
+            check_grads(args, kw, dout, backend)
+        except AssertionError as e:
+            failures.append(f"{mode=} {bias=} single_kv={kv1} deterministic={det}: {e}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("N", [63, 127])
+@pytest.mark.parametrize("D", [32, 64, 96, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_backward_grid(dtype, D, N):
+    _grid("emulator", dtype, D, N)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Random and edge configurations.
+
+CONFIGS = {
+    "gqa": dict(H=4, Hk=2, Nq=70, Nk=90, D=64, causal=True),
+    "gqa_bias_det": dict(H=6, Hk=2, Nq=40, Nk=50, D=32, bias="head", deterministic=True),
+    "mqa_3d_kv": dict(H=3, kv_3d=True, Nq=40, Nk=150, D=32, mask="random"),
+    "merged_3d": dict(merged=True, B=2, H=2, Nq=33, Nk=65, D=64, bias="head", mask="random"),
+    "merged_3d_det": dict(merged=True, B=2, H=2, Nq=33, Nk=65, D=64, causal=True, deterministic=True),
+    "groups4": dict(D=64, groups=4, Nq=50, Nk=77),
+    "groups_chunk8_det": dict(D=32, groups=4, Nq=20, Nk=20, causal=True, deterministic=True),
+    "per_head_scale": dict(H=3, per_head_scale=True, Nq=45, Nk=70, D=64, bias="batch"),
+    "per_head_scale_det": dict(H=3, per_head_scale=True, Nq=45, Nk=70, D=32, deterministic=True),
+    "prenormalized_big_bias": dict(l2norm_qk=False, bias="full", bias_scale=30.0, Nq=64, Nk=96, D=64),
+    "prenormalized_no_bias_det": dict(l2norm_qk=False, Nq=31, Nk=64, D=32, causal=True, deterministic=True),
+    "nq_gt_nk_causal": dict(Nq=100, Nk=30, causal=True, D=32, bias="full"),
+    "nq_lt_nk_causal_det": dict(Nq=17, Nk=130, causal=True, D=64, bias="head", deterministic=True),
+    "fully_masked_rows": dict(mask="random", causal=True, bias="batch", Nq=65, Nk=65, D=32),
+    "fully_masked_rows_det": dict(mask="random", bias="full", Nq=40, Nk=90, D=64, deterministic=True),
+    "nq1": dict(Nq=1, Nk=77, D=64),
+    "nk2_det": dict(Nq=20, Nk=2, D=32, deterministic=True),
+    "large_scale": dict(scale=24.0, Nq=40, Nk=70, D=64),
+    "d8": dict(D=8, Nq=30, Nk=45),
+    "d40_groups5_det": dict(D=40, groups=5, Nq=30, Nk=45, deterministic=True),
+    "d33_groups3": dict(D=33, groups=3, Nq=30, Nk=45, causal=True),
+    "d80_mask": dict(D=80, Nq=30, Nk=45, mask="random"),
+    "d200_causal_det": dict(D=200, Nq=20, Nk=33, causal=True, deterministic=True),
+    "d256_bias": dict(D=256, Nq=40, Nk=70, bias="head", B=1),
+}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_backward_configs(name, dtype):
+    args, kw, dout = make_case(zlib.crc32(name.encode()), dtype=dtype, **CONFIGS[name])
+    check_grads(args, kw, dout)
+
+
+def test_invisible_rows_and_keys_get_zero_gradient():
+    """A batch row with every key masked: its queries' dq and dbias rows are exactly 0, and so are
+    dk, dv of masked keys; nothing is NaN."""
+    args, kw, dout = make_case(11, B=2, H=2, Nq=30, Nk=40, D=32, dtype="float32", mask="random", bias="full")
+    dq, dk, dv, dbias, _ = run_backward(args, kw, dout)
+    m = kw["mask"]
+    assert not m[0].any()
+    assert np.all(dq[0] == 0) and np.all(dbias[0] == 0)
+    keys = lambda x: np.swapaxes(x, 1, 2)[~m]  # noqa: E731  (B, Nk, H, D) rows of masked keys
+    assert np.all(keys(dk) == 0) and np.all(keys(dv) == 0)
+    assert np.all(dbias[1][..., ~m[1]] == 0)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_single_key(deterministic):
+    """Nk = 1: every query attends to its one key with p = 1, so dS = 0: dq and dk vanish (up to
+    rounding; relative errors against an exact 0 are meaningless) and dv = sum_i dout_i."""
+    args, kw, dout = make_case(9, B=2, H=2, Nq=20, Nk=1, D=32, dtype="float32", deterministic=deterministic)
+    dq, dk, dv, _, dscale = run_backward(args, kw, dout)
+    assert np.abs(dq).max() < 1e-5 and np.abs(dk).max() < 1e-5 and abs(dscale) < 1e-5
+    assert np.allclose(dv, dout.sum(axis=2, keepdims=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_deterministic_is_bitwise_repeatable(dtype):
+    """deterministic=True: two runs under different emulator interleavings (thread order inside a
+    block and block order) give bitwise equal gradients, GQA and a broadcast bias included."""
+    args, kw, dout = make_case(5, B=2, H=4, Hk=2, Nq=70, Nk=90, D=64, dtype=dtype, causal=True, bias="head",
+                               deterministic=True)
+    runs = []
+    for seed in (1, 12345):
+        with emulator.interleave(seed):
+            runs.append(run_backward(args, kw, dout))
+    for name, a, b in zip(GRADS, *runs):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), f"{name} differs between runs"
+
+
+def test_query_head_splits(monkeypatch):
+    """GQA with the query heads of a kv head split over several blocks (partial dK/dV summed by the
+    launch layer in a fixed order), in both modes."""
+    monkeypatch.setattr(LB, "TARGET_BLOCKS", 10**9)
+    prob, _ = problem.canonicalize(*make_case(0, H=6, Hk=2, Nq=8, D=32)[0])
+    assert LB.choose_nsplit(prob, 1) == 3
+    for det in (False, True):
+        args, kw, dout = make_case(21 + det, B=1, H=6, Hk=2, Nq=45, Nk=70, D=32, dtype="float32", bias="head",
+                                   deterministic=det)
+        check_grads(args, kw, dout)
+
+
+def test_grid_yz_limit_loops(monkeypatch):
+    """B*H beyond the grid's y extent: every backward kernel loops over its y work items."""
+    monkeypatch.setattr(launch, "GRID_YZ_LIMIT", 2)
+    for det in (False, True):
+        args, kw, dout = make_case(7 + det, B=3, H=3, Hk=1, Nq=20, Nk=70, D=32, dtype="float32", mask="random",
+                                   bias="head", deterministic=det)
+        check_grads(args, kw, dout)
+
+
+def test_forward_then_backward_emulated():
+    """End to end on the emulator: forward's out and lse feed backward."""
+    args, kw, dout = make_case(3, B=2, H=2, Nq=50, Nk=70, D=64, dtype="float16", causal=True, bias="head")
+    out, lse = api.forward(*args, backend="emulator", **kw)
+    got = api.backward(dout, *args, out, lse, backend="emulator", **kw)
+    ref = reference_grads(args, kw, dout)
+    for name, g, r in zip(GRADS[:4], got, ref):
+        assert rel_err(g, r) <= GRAD_TOL["float16"], name
+    assert abs(got[4] - ref[4]) <= GRAD_TOL["float16"] * dscale_term_norm(args, kw, dout)
+
+
+@pytest.mark.parametrize("dtype,dp", [("float16", 64), ("bfloat16", 128), ("float32", 96), ("float32", 128)])
+def test_tile_config_mirrors_kernel(dtype, dp):
+    """launch_backward.kv_config / q_config (grids, shared memory) agree with the compiled traits."""
+    be = launch.Backend("emulator")
+    kv, q = LB.kv_config(dtype, dp), LB.q_config(dtype, dp)
+    want = (kv.threads, kv.rows, kv.tile, kv.dc, kv.n_chunks, kv.smem, q.threads, q.rows, q.tile, q.dc, q.n_chunks,
+            q.smem)
+    assert LB.tile_info(be, dtype, dp) == want
+
+
+def test_tile_configs_fit():
+    """Every instantiation: chunks divide the padded head dim; shared memory within sm_80's limit."""
+    for dt in launch.DTYPE_NAMES:
+        for dp in LB.HEAD_DIM_PADS:
+            for c in (LB.kv_config(dt, dp), LB.q_config(dt, dp)):
+                assert c.dc % 16 == 0 and c.dc * c.n_chunks == dp
+                assert c.smem <= launch.SMEM_OPTIN_LIMIT, (dt, dp, c)
+    assert [LB.head_dim_pad(d) for d in (1, 8, 16, 33, 128, 129, 200, 256)] == [16, 16, 16, 48, 128, 160, 224, 256]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The same on a GPU (skipped with the reason elsewhere, see conftest.py).
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [63, 127])
+@pytest.mark.parametrize("D", [32, 64, 96, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_backward_grid_gpu(dtype, D, N):
+    _grid("cuda", dtype, D, N)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_backward_configs_gpu(name, dtype):
+    args, kw, dout = make_case(zlib.crc32(name.encode()), dtype=dtype, **CONFIGS[name])
+    check_grads(args, kw, dout, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_deterministic_is_bitwise_repeatable_gpu():
+    args, kw, dout = make_case(5, B=4, H=8, Hk=2, Nq=300, Nk=333, D=64, dtype="float16", causal=True, bias="head",
+                               deterministic=True)
+    a = run_backward(args, kw, dout, "cuda")
+    b = run_backward(args, kw, dout, "cuda")
+    for name, x, y in zip(GRADS, a, b):
+        assert np.array_equal(np.asarray(x), np.asarray(y)), f"{name} differs between runs"
