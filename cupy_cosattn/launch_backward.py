@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import launch as L
-from .problem import Inputs, Problem
+from .problem import BFLOAT16, Inputs, Problem
 
 SOURCE = "backward.cu"
 PREP_THREADS = 128  # backward.cu PREP_WARPS * 32
@@ -251,7 +251,7 @@ def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse):
                   (qc.threads, 1, 1), rec, qc.smem)
 
     # 4. Post-passes (fixed reduction orders throughout).
-    dscale = xp.sum(qhat.astype(f32) * dq, axis=(0, 2, 3), dtype=np.float64)
+    dscale = xp.sum(cast(xp, qhat, f32) * dq, axis=(0, 2, 3), dtype=np.float64)
     dscale = _host(be, dscale) / np.asarray(inp.scale, dtype=np.float64)
 
     if nsplit > 1:
@@ -278,7 +278,33 @@ def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse):
 
 
 def _finish(be, x, D: int, dtype) -> object:
-    """x[..., :D] as a contiguous array of `dtype` (of this backend's array library)."""
-    y = x[..., :D] if x.shape[-1] != D else x
-    y = y.astype(dtype, copy=False)
+    """x[..., :D] as a new contiguous array of `dtype` (of this backend's array library)."""
+    y = cast(be.xp, x, dtype)
+    if y.shape[-1] != D:
+        y = _slice_cols(be.xp, y, D)
     return be.to_host_into(y, None)
+
+
+def _slice_cols(xp, x, D: int):
+    """Contiguous x[..., :D], bfloat16 moved as 16-bit integers (CuPy has no bfloat16 kernels)."""
+    if np.dtype(x.dtype) == BFLOAT16:
+        return xp.ascontiguousarray(x.view(np.uint16)[..., :D]).view(BFLOAT16)
+    return xp.ascontiguousarray(x[..., :D])
+
+
+def cast(xp, x, dtype):
+    """x converted to `dtype` (round to nearest even). Conversions to and from bfloat16 go through
+    the bit patterns with integer arithmetic, which CuPy can run (it has no bfloat16 arithmetic);
+    NumPy takes the same path, so the emulator tests cover it."""
+    dtype = np.dtype(dtype)
+    src = np.dtype(x.dtype)
+    if src == dtype:
+        return x
+    if dtype == BFLOAT16:
+        u = xp.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+        u = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+        return u.astype(np.uint16).view(BFLOAT16)
+    if src == BFLOAT16:
+        f = (xp.ascontiguousarray(x).view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return f if dtype == np.float32 else f.astype(dtype)
+    return x.astype(dtype)

@@ -304,6 +304,20 @@ def test_tile_config_mirrors_kernel(dtype, dp):
     assert LB.tile_info(be, dtype, dp) == want
 
 
+def test_bfloat16_cast_matches_ml_dtypes():
+    """launch_backward.cast (integer bit arithmetic, what CuPy runs for bfloat16) rounds exactly as
+    ml_dtypes does, both ways."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(5000).astype(np.float32) * 10.0 ** rng.integers(-40, 38, 5000),
+                        np.array([0.0, -0.0, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 3.0e38, 1e-45], np.float32)])
+    x = x.astype(np.float32)
+    got = LB.cast(np, x, BFLOAT16)
+    assert got.dtype == BFLOAT16 and np.array_equal(got.view(np.uint16), x.astype(BFLOAT16).view(np.uint16))
+    back = LB.cast(np, got, np.float32)
+    assert np.array_equal(back, got.astype(np.float32))
+    assert LB.cast(np, got[-6:-2], np.float16).dtype == np.float16
+
+
 def test_tile_configs_fit():
     """Every instantiation: chunks divide the padded head dim; shared memory within sm_80's limit."""
     for dt in launch.DTYPE_NAMES:
