@@ -53,7 +53,7 @@ __all__ = [
 _EMU_DIR = CUDA_SRC / "emu"
 _SHIM = _EMU_DIR / "shim.h"
 _RUNTIME_SRC = _EMU_DIR / "runtime.cpp"
-_ABI = "caemu-1"
+_ABI = "caemu-2"
 
 # Dynamic shared memory limits, as on sm_90 (the larger of the targets): 48 KiB without opting in
 # through `max_dynamic_shared_size_bytes`, 227 KiB at most.
@@ -251,7 +251,7 @@ def _runtime():
         lib.caemu_launch.argtypes = [
             ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
             ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_uint64,
-            ctypes.POINTER(_Result)]
+            ctypes.c_void_p, ctypes.POINTER(_Result)]
         lib.caemu_launch.restype = ctypes.c_int
         lib.caemu_alloc.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_int64)]
         lib.caemu_alloc.restype = ctypes.c_void_p
@@ -484,6 +484,10 @@ def _wrappers(entries):
         f"void* caemu_module_entry(int i) {{ static void (*const t[])(void**) = {{{ents}}}; return (void*)t[i]; }}",
         "int caemu_module_args(int i, emu::ArgInfo* o, int m) {",
         f"  static int (*const t[])(emu::ArgInfo*, int) = {{{argf}}}; return t[i](o, m); }}",
+        # static __shared__ variables are this module's thread_local data; the runtime finds this
+        # thread's copy of the module's TLS segment from this probe and garbage-fills it per block
+        "static thread_local char caemu_tls_probe_var;",
+        "void* caemu_module_tls_probe(void) { return &caemu_tls_probe_var; }",
         "}",
         "",
     ]
@@ -530,8 +534,9 @@ class RawKernel:
     """One kernel of an emulated module; call it like cupy.RawKernel:
     ``kernel(grid, block, args, shared_mem=0)``."""
 
-    def __init__(self, module, name, entry, arginfo):
+    def __init__(self, module, name, entry, arginfo, tls_probe=None):
         self._module = module  # keep the library loaded
+        self._tls_probe = tls_probe
         self.name = name
         self._entry = entry
         self._arginfo = arginfo  # list of (size, align, is_pointer)
@@ -627,7 +632,8 @@ def launch(kernel, grid, block, args, shared_mem=0):
         res = _Result()
         seed = _state["interleave"]
         code = lib.caemu_launch(kernel._entry, kname.encode(), gv, bv, argv, shared_mem, _state["workers"],
-                                0 if seed is None else 1, 0 if seed is None else seed, ctypes.byref(res))
+                                0 if seed is None else 1, 0 if seed is None else seed, kernel._tls_probe,
+                                ctypes.byref(res))
         if code:
             msg = res.msg.decode(errors="replace")
             if code == 2 and res.alloc_id >= 0:
@@ -673,7 +679,8 @@ class RawModule:
         entries = [(e, e) for e in exprs]
         known = {e for e in exprs}
         entries_auto = entries + [(short, q) for q, short in auto if short not in known and q not in known]
-        base = [_cxx(), "-O2", "-std=c++17", "-fPIC", "-shared", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
+        base = [_cxx(), "-O2", "-std=c++17", "-fPIC", "-shared", "-fno-strict-aliasing", "-fstack-clash-protection",
+                "-Wno-unknown-pragmas",
                 "-DCA_EMULATOR", f"-I{CUDA_SRC}"] + flags + extra + ["-include", str(_SHIM)]
         digest = hashlib.sha256()
         for part in (_ABI, _compiler_id(), "\0".join(base), _shim_digest(),
@@ -742,6 +749,7 @@ class RawModule:
         infos = (_ArgInfo * 64)()
         n = lib.caemu_module_args(idx, infos, 64)
         arginfo = [(infos[i].size, infos[i].align, infos[i].is_pointer) for i in range(min(n, 64))]
-        k = RawKernel(self, name, lib.caemu_module_entry(idx), arginfo)
+        probe = ctypes.cast(lib.caemu_module_tls_probe, ctypes.c_void_p).value
+        k = RawKernel(self, name, lib.caemu_module_entry(idx), arginfo, probe)
         self._kernels[name] = k
         return k

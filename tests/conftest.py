@@ -4,8 +4,14 @@ GPU tests are marked ``@pytest.mark.gpu``; on a machine without CuPy or a CUDA d
 skipped with the reason. Their CPU twins run the same kernels through the emulator.
 """
 import functools
+import os
 
 import pytest
+
+# The CPU emulator runs in its interleaving mode under the tests: at every scheduling point the next
+# thread of a block is chosen at random (seeded), so a missing __syncthreads() changes results.
+# Set CUPY_COSATTN_EMU_INTERLEAVE=off to run in the fixed round-robin order instead.
+os.environ.setdefault("CUPY_COSATTN_EMU_INTERLEAVE", "1")
 
 
 @functools.lru_cache(maxsize=1)

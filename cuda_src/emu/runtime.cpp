@@ -31,6 +31,7 @@
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#include <link.h>
 
 #if !defined(__x86_64__)
 #include <ucontext.h>
@@ -144,6 +145,7 @@ struct Launch {
   int nworkers = 1;
   bool interleave = false;
   uint64_t seed = 0;
+  void* (*tls_probe)() = nullptr;  // the module's caemu_module_tls_probe (static __shared__ lives in its TLS)
   std::vector<long long> order;
   std::atomic<long long> next{0};
   std::atomic<int> abort{0};
@@ -185,6 +187,8 @@ struct Worker {
   size_t smem_maplen = 0, smem_cap = 0;
   unsigned char* smem_end = nullptr;  // first byte of the guard page after the shared memory
   void* altstack = nullptr;
+  struct TlsRange { void* probe_fn; void* base; size_t size; };
+  std::vector<TlsRange> tls;  // per module: this thread's instance of its TLS segment
 };
 
 }  // namespace
@@ -202,6 +206,9 @@ struct caemu_result {
 namespace {
 
 size_t g_page = 4096;
+// PROT_NONE guard regions: 64 KiB of address space (no memory) on each side of every buffer and below
+// every fiber stack, so an access up to 64 KiB past an end faults.
+const size_t kGuard = 64 * 1024;
 size_t g_stack_size = 256 * 1024;
 thread_local Worker* tl_worker = nullptr;
 
@@ -283,7 +290,7 @@ int64_t g_next_id = 1;
 const unsigned char kCanary = 0xCB;
 
 void arm(const Alloc& a) {
-  unsigned char* lo = (unsigned char*)a.map + g_page;
+  unsigned char* lo = (unsigned char*)a.map + kGuard;
   memset(lo, kCanary, a.data - lo);
   memset(a.data + a.nbytes, kCanary, a.rounded - a.nbytes);
 }
@@ -294,15 +301,15 @@ void fiber_init_stack(Fiber* f) {
   if (f->map && f->stack_size == g_stack_size) return;
   if (f->map) munmap(f->map, f->maplen);
   f->stack_size = g_stack_size;
-  f->maplen = g_stack_size + g_page;
+  f->maplen = g_stack_size + kGuard;
   f->map = (char*)mmap(nullptr, f->maplen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (f->map == MAP_FAILED) {
     f->map = nullptr;
     fprintf(stderr, "cupy_cosattn emulator: cannot map a fiber stack\n");
     abort();
   }
-  mprotect(f->map, g_page, PROT_NONE);
-  f->stack_lo = f->map + g_page;
+  mprotect(f->map, kGuard, PROT_NONE);
+  f->stack_lo = f->map + kGuard;
 }
 
 #if !defined(__x86_64__)
@@ -826,11 +833,11 @@ void ensure_smem(Worker* w, size_t bytes) {
     if (w->smem_map) munmap(w->smem_map, w->smem_maplen);
     size_t cap = (rounded + g_page - 1) / g_page * g_page;
     if (cap == 0) cap = g_page;
-    w->smem_maplen = cap + 2 * g_page;
+    w->smem_maplen = cap + 2 * kGuard;
     w->smem_map = (char*)mmap(nullptr, w->smem_maplen, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    mprotect(w->smem_map + g_page, cap, PROT_READ | PROT_WRITE);
+    mprotect(w->smem_map + kGuard, cap, PROT_READ | PROT_WRITE);
     w->smem_cap = cap;
-    w->smem_end = (unsigned char*)w->smem_map + g_page + cap;
+    w->smem_end = (unsigned char*)w->smem_map + kGuard + cap;
   }
 }
 
@@ -848,7 +855,7 @@ caemu_result* g_res = nullptr;
 std::string describe_internal(Worker* w, uintptr_t a) {
   Block* B = &w->blk;
   for (Fiber* f : B->fibers)
-    if (a >= (uintptr_t)f->map && a < (uintptr_t)f->map + g_page)
+    if (a >= (uintptr_t)f->map && a < (uintptr_t)f->map + kGuard)
       return fmt("stack overflow of %s (the emulator's per-thread stack is %zu bytes; raise CUPY_COSATTN_EMU_STACK)",
                  thread_str(f).c_str(), f->stack_size);
   if (w->smem_map && a >= (uintptr_t)w->smem_map && a < (uintptr_t)w->smem_map + w->smem_maplen) {
@@ -857,6 +864,42 @@ std::string describe_internal(Worker* w, uintptr_t a) {
                (long long)(a - (uintptr_t)base), B->L->smem);
   }
   return "";
+}
+
+struct TlsFind {
+  uintptr_t probe;
+  void* base;
+  size_t size;
+};
+
+int tls_find_cb(struct dl_phdr_info* info, size_t, void* p) {
+  TlsFind* f = (TlsFind*)p;
+  if (!info->dlpi_tls_data) return 0;
+  for (int i = 0; i < info->dlpi_phnum; ++i)
+    if (info->dlpi_phdr[i].p_type == PT_TLS) {
+      uintptr_t b = (uintptr_t)info->dlpi_tls_data;
+      size_t sz = info->dlpi_phdr[i].p_memsz;
+      if (f->probe >= b && f->probe < b + sz) {
+        f->base = (void*)b;
+        f->size = sz;
+        return 1;
+      }
+    }
+  return 0;
+}
+
+// Fill this worker's copy of a module's TLS segment (its static __shared__ variables; kernel modules
+// have no other thread_local data) with 0xFF bytes.
+void poison_static_shared(Worker* w, void* (*probe)()) {
+  for (auto& r : w->tls)
+    if (r.probe_fn == (void*)probe) {
+      if (r.base) memset(r.base, 0xFF, r.size);
+      return;
+    }
+  TlsFind f{(uintptr_t)probe(), nullptr, 0};  // calling the probe allocates the segment in this thread
+  dl_iterate_phdr(tls_find_cb, &f);
+  w->tls.push_back(Worker::TlsRange{(void*)probe, f.base, f.size});
+  if (f.base) memset(f.base, 0xFF, f.size);
 }
 
 void run_block(Worker* w, Launch* L, long long bl) {
@@ -875,6 +918,9 @@ void run_block(Worker* w, Launch* L, long long bl) {
   // Fresh shared memory holds garbage (0xFF bytes: NaN as fp32/fp16/bf16), so reading what no one
   // wrote shows up.
   memset(w->smem_end - rounded, 0xFF, rounded);
+  // Static __shared__ variables are the module's thread_local variables (see shim.h), one copy per
+  // worker: garbage them too, so a block never sees what an earlier block (or launch) left there.
+  if (L->tls_probe) poison_static_shared(w, L->tls_probe);
   int n = L->nthreads;
   B->n = n;
   B->live = n;
@@ -1076,7 +1122,7 @@ void install_handlers() {
 // C API used by cupy_cosattn/emulator.py.
 extern "C" {
 
-int caemu_abi_version(void) { return 1; }
+int caemu_abi_version(void) { return 2; }
 
 void caemu_configure(size_t stack_bytes) {
   std::lock_guard<std::mutex> lk(g_launch_mu);
@@ -1085,7 +1131,7 @@ void caemu_configure(size_t stack_bytes) {
 }
 
 int caemu_launch(void* entry, const char* name, const unsigned* grid, const unsigned* block, void** args,
-                 size_t smem, int nworkers, int interleave, uint64_t seed, caemu_result* res) {
+                 size_t smem, int nworkers, int interleave, uint64_t seed, void* tls_probe, caemu_result* res) {
   std::lock_guard<std::mutex> lk(g_launch_mu);
   memset(res, 0, sizeof *res);
   res->alloc_id = -1;
@@ -1100,6 +1146,7 @@ int caemu_launch(void* entry, const char* name, const unsigned* grid, const unsi
   L.nblocks = (long long)grid[0] * grid[1] * grid[2];
   L.interleave = interleave != 0;
   L.seed = seed;
+  L.tls_probe = (void* (*)())tls_probe;
   if (nworkers < 1) nworkers = 1;
   if (nworkers > 64) nworkers = 64;
   if (L.nblocks < nworkers) nworkers = (int)(L.nblocks > 0 ? L.nblocks : 1);
@@ -1152,17 +1199,17 @@ void* caemu_alloc(size_t nbytes, int64_t* id_out) {
   size_t rounded = (nbytes + 15) & ~(size_t)15;
   size_t data_pages = (rounded + page - 1) / page * page;
   if (data_pages == 0) data_pages = page;
-  size_t maplen = data_pages + 2 * page;
+  size_t maplen = data_pages + 2 * kGuard;
   char* map = (char*)mmap(nullptr, maplen, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (map == MAP_FAILED) return nullptr;
-  if (mprotect(map + page, data_pages, PROT_READ | PROT_WRITE) != 0) {
+  if (mprotect(map + kGuard, data_pages, PROT_READ | PROT_WRITE) != 0) {
     munmap(map, maplen);
     return nullptr;
   }
   Alloc a;
   a.map = map;
   a.maplen = maplen;
-  a.data = (unsigned char*)map + page + data_pages - rounded;
+  a.data = (unsigned char*)map + kGuard + data_pages - rounded;
   a.nbytes = nbytes;
   a.rounded = rounded;
   std::lock_guard<std::mutex> lk(g_alloc_mu);
@@ -1190,7 +1237,7 @@ int caemu_check_canaries(int64_t* ids, int64_t* offsets, int max) {
   int bad = 0;
   for (auto& kv : g_allocs) {
     const Alloc& a = kv.second;
-    unsigned char* lo = (unsigned char*)a.map + g_page;
+    unsigned char* lo = (unsigned char*)a.map + kGuard;
     int64_t off = 0;
     bool found = false;
     for (unsigned char* p = lo; p < a.data; ++p)
