@@ -615,3 +615,10 @@ def test_emu_speed_mma_loop(mod):
     dt = time.perf_counter() - t0
     assert (out == iters).all()  # each mma adds 16 * 1.0 * 2^-4 = 1
     assert dt < 20, f"4 warps x {iters} mma took {dt:.1f} s"
+
+
+def test_emu_null_pointer_dereference(mod):
+    out = emu.device_zeros(1, np.float32)
+    with pytest.raises(emu.EmulatorError, match=r"f_oob_read.*thread \(5,0,0\).*invalid memory access.*0x10"):
+        mod.get_function("f_oob_read")((1,), (32,), (None, out, np.int32(0), np.int32(4)))
+    _ok_after(mod)
