@@ -304,16 +304,17 @@ class Backend:
 
     def zeros(self, shape, dtype):
         if self.name == "cuda":
-            return self.xp.zeros(shape, dtype=dtype)
+            dtype = np.dtype(dtype)
+            return self.xp.zeros(shape, dtype=_bits_dtype(dtype)).view(dtype)
         return self._emu.device_zeros(shape, dtype)
 
     def to_device(self, arr):
         """A C-contiguous device copy of `arr`, or `arr` itself when it already is one whose start is
         16-byte aligned (cuda). The emulator always copies into guarded device memory."""
         if self.name == "cuda":
-            a = self.xp.ascontiguousarray(arr)
+            a = contiguous(self.xp, arr)
             if a.data.ptr % 16:
-                a = a.copy()
+                a = bits(a).copy().view(a.dtype)
             return a
         return self._emu.to_device(np.ascontiguousarray(arr))
 
@@ -432,9 +433,12 @@ class Backend:
         """Contiguous device copy of x (..., D) with rows zero-padded to `cols` elements."""
         if x.shape[-1] == cols:
             return self.to_device(x)
-        xp = self.xp
-        host = xp.zeros(tuple(x.shape[:-1]) + (cols,), dtype=x.dtype)
-        host[..., : x.shape[-1]] = x
+        if self.name == "cuda":
+            dev = self.zeros(tuple(x.shape[:-1]) + (cols,), x.dtype)
+            copy_into(dev[..., : x.shape[-1]], x)
+            return dev
+        host = np.zeros(tuple(x.shape[:-1]) + (cols,), dtype=x.dtype)
+        copy_into(host[..., : x.shape[-1]], x)
         return self.to_device(host)
 
     def device_scale(self, scale: np.ndarray):
@@ -523,9 +527,9 @@ class Backend:
         return a plain contiguous array of this backend's library (NumPy for the emulator)."""
         if dst is None:
             if self.name == "cuda":
-                return self.xp.ascontiguousarray(src)
+                return contiguous(self.xp, src)
             return np.array(src, copy=True, order="C")
-        dst[...] = src
+        copy_into(dst, src)
         return dst
 
     def backward(self, prob: Problem, inp: Inputs, dout, out, lse):
@@ -533,6 +537,38 @@ class Backend:
         from .launch_backward import run_backward
 
         return run_backward(self, prob, inp, dout, out, lse)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2-byte floats move as 16-bit integers. CuPy before 14 has no bfloat16 kernels at all, so a copy, a
+# fill or a strided slice of a bfloat16 array would fail there; moving the bits is exact for every
+# 2-byte type and works with any CuPy (and NumPy, so the emulator tests run the same path).
+
+
+def _bits_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    return np.dtype(np.uint16) if dtype.itemsize == 2 and dtype.kind not in "iu" else dtype
+
+
+def bits(x):
+    """`x` viewed as uint16 when it holds a 2-byte float (float16, bfloat16), else `x` itself."""
+    return x.view(_bits_dtype(x.dtype))
+
+
+def contiguous(xp, x):
+    """`x` itself when C-contiguous, else a C-contiguous copy (of the bits for 2-byte floats)."""
+    if x.flags.c_contiguous:
+        return x
+    return xp.ascontiguousarray(bits(x)).view(x.dtype)
+
+
+def copy_into(dst, src):
+    """dst[...] = src. Arrays of one 2-byte float dtype are copied as their bits (no float kernel);
+    anything else is an ordinary (converting) assignment."""
+    if np.dtype(dst.dtype) == np.dtype(src.dtype):
+        bits(dst)[...] = bits(src)
+    else:
+        dst[...] = src
 
 
 def _dtype_name(dtype) -> str:

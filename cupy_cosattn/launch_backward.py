@@ -280,16 +280,7 @@ def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse):
 def _finish(be, x, D: int, dtype) -> object:
     """x[..., :D] as a new contiguous array of `dtype` (of this backend's array library)."""
     y = cast(be.xp, x, dtype)
-    if y.shape[-1] != D:
-        y = _slice_cols(be.xp, y, D)
-    return be.to_host_into(y, None)
-
-
-def _slice_cols(xp, x, D: int):
-    """Contiguous x[..., :D], bfloat16 moved as 16-bit integers (CuPy has no bfloat16 kernels)."""
-    if np.dtype(x.dtype) == BFLOAT16:
-        return xp.ascontiguousarray(x.view(np.uint16)[..., :D]).view(BFLOAT16)
-    return xp.ascontiguousarray(x[..., :D])
+    return be.to_host_into(y if y.shape[-1] == D else y[..., :D], None)
 
 
 def cast(xp, x, dtype):

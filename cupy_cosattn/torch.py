@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import api as _api
+from . import launch as _launch
 from . import problem as _problem
 
 __all__ = ["cosine_sim_attention", "forward", "OP_FORWARD", "OP_BACKWARD", "CPU_BACKENDS", "get_cpu_backend",
@@ -418,14 +419,6 @@ class _NumpyBridge:
         return int(a.__array_interface__["data"][0])
 
 
-def _copy_into(dst, src):
-    """dst[...] = src (CuPy or NumPy), 2-byte types copied as int16 bits (CuPy has no bfloat16 kernels)."""
-    if dst.dtype.itemsize == 2 and src.dtype == dst.dtype:
-        dst.view(np.int16)[...] = src.view(np.int16)
-    else:
-        dst[...] = src
-
-
 def _kernel_inputs(bridge, prob, shapes, q, k, v, mask, bias, scale_t, scale):
     scale_host = float(scale) if scale_t is None else scale_t.detach().to(torch.float64).cpu().numpy()
     _, scale_vec = _problem._scale_vector(scale_host, prob.H, prob.merged)  # values: finite and > 0
@@ -446,9 +439,9 @@ def _kernel_forward(bridge, prob, shapes, q, k, v, mask, bias, scale_t, scale):
         out_a, lse_a = bridge.to_array(out, canon), bridge.to_array(lse, canon[:-1])
         o, l = _api.forward_canonical(prob, inp, bridge.backend, out=out_a, lse=lse_a)
         if bridge.ptr(o) != bridge.ptr(out_a):  # a backend that did not write in place
-            _copy_into(out_a, o)
+            _launch.copy_into(out_a, o)
         if bridge.ptr(l) != bridge.ptr(lse_a):
-            _copy_into(lse_a, l)
+            _launch.copy_into(lse_a, l)
     return out, lse
 
 
