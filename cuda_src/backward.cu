@@ -33,18 +33,6 @@
 namespace ca {
 namespace bwd {
 
-constexpr float LOG2E = 1.4426950408889634f;
-
-CA_DEVICE float as_float(uint32_t u) {
-#ifdef CA_EMULATOR
-  float f;
-  __builtin_memcpy(&f, &u, 4);
-  return f;
-#else
-  return __uint_as_float(u);
-#endif
-}
-CA_DEVICE float pos_inf() { return as_float(0x7f800000u); }
 
 // ---------------------------------------------------------------------------------------------
 // Warp-level matrix products. Shared-memory tiles are row-major with a padded row stride `ld`
@@ -108,19 +96,15 @@ struct Mma<float> {
   struct A { uint32_t big[4], small[4]; };
   struct B { uint32_t big[2], small[2]; };
 
-  static CA_DEVICE void split(float x, uint32_t& big, uint32_t& small) {
-    big = to_tf32(x);
-    small = to_tf32(x - as_float(big));
-  }
   static CA_DEVICE void set_a(A& a, float x0, float x1, float x2, float x3) {
-    split(x0, a.big[0], a.small[0]);
-    split(x1, a.big[1], a.small[1]);
-    split(x2, a.big[2], a.small[2]);
-    split(x3, a.big[3], a.small[3]);
+    split_tf32(x0, a.big[0], a.small[0]);
+    split_tf32(x1, a.big[1], a.small[1]);
+    split_tf32(x2, a.big[2], a.small[2]);
+    split_tf32(x3, a.big[3], a.small[3]);
   }
   static CA_DEVICE void set_b(B& b, float x0, float x1) {
-    split(x0, b.big[0], b.small[0]);
-    split(x1, b.big[1], b.small[1]);
+    split_tf32(x0, b.big[0], b.small[0]);
+    split_tf32(x1, b.big[1], b.small[1]);
   }
   static CA_DEVICE void load_a_mk(A& a, const float* s, int ld, int m0, int k0, int lane) {
     const int g = lane >> 2, t = lane & 3;
@@ -156,11 +140,7 @@ struct Mma<float> {
   static CA_DEVICE void a_from_c(A& a, const float (&c)[NT][4], int kk) {
     set_a(a, c[kk][0], c[kk][2], c[kk][1], c[kk][3]);
   }
-  static CA_DEVICE void mma(float* d, const A& a, const B& b) {
-    mma_m16n8k8_tf32(d, a.small, b.big);
-    mma_m16n8k8_tf32(d, a.big, b.small);
-    mma_m16n8k8_tf32(d, a.big, b.big);
-  }
+  static CA_DEVICE void mma(float* d, const A& a, const B& b) { mma_3xtf32(d, a.big, a.small, b.big, b.small); }
   static CA_DEVICE void store2(float* s, float x0, float x1) { s[0] = x0; s[1] = x1; }
 };
 
@@ -282,9 +262,21 @@ CA_DEVICE void load_f32_async(float* s, const float* g, int tid) {
   if (tid < N / 4) cp_async_16(s + 4 * tid, g + 4 * tid, 16);
 }
 
-template <typename T>
-CA_DEVICE float load_bias(const BwdParams& p, int64_t off) {
-  return p.bias_f32 ? static_cast<const float*>(p.bias)[off] : to_float(static_cast<const T*>(p.bias)[off]);
+// A warp's bias fragment in log2 units, 0 without a bias or out of range: element (n, e) of an
+// NT x 4 accumulator tile is bias[query i][key j] with {i, j} = at(n, e).
+struct RowCol { int i, j; };
+template <typename T, int NT, typename At>
+CA_DEVICE void load_bias_frag(float (&b2)[NT][4], const BwdParams& p, int b, int h, At at) {
+  fill_zero(b2);
+  if (p.bias == nullptr) return;
+  const int64_t bb = b * p.bias_sb + h * p.bias_sh;
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const RowCol ij = at(n, e);
+      if (ij.i < p.Nq && ij.j < p.Nk) b2[n][e] = load_f32_or<T>(p.bias, bb + ij.i * p.bias_sq + ij.j, p.bias_f32) * LOG2E;
+    }
 }
 
 template <typename T>
@@ -387,10 +379,8 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD>::THREADS, 1) bwd_dkdv(const
     const int n_it = per_head * p.heads_per_split;
 
     float acc_dk[ND][4], acc_dv[ND][4];
-#pragma unroll
-    for (int n = 0; n < ND; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dk[n][e] = acc_dv[n][e] = 0.f;
+    fill_zero(acc_dk);
+    fill_zero(acc_dv);
 
     if (n_it > 0) {
       const T* gk = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + (int64_t)j0 * p.k_sn;
@@ -436,27 +426,11 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD>::THREADS, 1) bwd_dkdv(const
 
       // Bias for this warp's slab (issued early; log2-scaled), element (key row, query column).
       float bias2[NT][4];
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) bias2[n][e] = 0.f;
-      if (p.bias != nullptr) {
-        const int64_t bb = b * p.bias_sb + h * p.bias_sh;
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = i0 + n * 8 + 2 * t + (e & 1), j = key[e >> 1];
-            if (i < p.Nq && j < p.Nk) bias2[n][e] = load_bias<T>(p, bb + i * p.bias_sq + j) * LOG2E;
-          }
-      }
+      load_bias_frag<T>(bias2, p, b, h, [&](int n, int e) { return RowCol{i0 + n * 8 + 2 * t + (e & 1), key[e >> 1]}; });
 
       // S^T = Khat Qhat^T, then P^T in place.
       float acc_s[NT][4];
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_s[n][e] = 0.f;
+      fill_zero(acc_s);
       gemm_nk<T, NT, D_PAD>(acc_s, sK, SK, 16 * warp, cQ, SK, 0, lane);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
@@ -473,10 +447,7 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD>::THREADS, 1) bwd_dkdv(const
 
       // dP^T = V dO^T, then dS^T = P^T (dP^T - D) in place.
       float acc_dp[NT][4];
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_dp[n][e] = 0.f;
+      fill_zero(acc_dp);
       gemm_nk<T, NT, D_PAD>(acc_dp, sV, SK, 16 * warp, cdO, SK, 0, lane);
       const bool write_dbias = p.dbias_mode != 0 && chunk == 0;
       const int64_t dbb = write_dbias ? b * p.dbias_sb + h * p.dbias_sh : 0;
@@ -509,10 +480,7 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD>::THREADS, 1) bwd_dkdv(const
         float* gdq = p.dq + b * p.dq_sb + h * p.dq_sh;
         for (int u = warp / MT; u < DC / 16; u += C::NW / MT) {
           float acc[2][4];
-#pragma unroll
-          for (int n = 0; n < 2; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+          fill_zero(acc);
 #pragma unroll 1
           for (int k0 = 0; k0 < BC; k0 += M::KSTEP) {
             typename M::A a;
@@ -599,10 +567,7 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD>::THREADS, 1) bwd_dq(const Bw
     const float sl2 = scale_h * LOG2E;
 
     float acc_dq[ND][4];
-#pragma unroll
-    for (int n = 0; n < ND; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dq[n][e] = 0.f;
+    fill_zero(acc_dq);
 
     const T* gk = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
     const T* gv = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
@@ -643,27 +608,11 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD>::THREADS, 1) bwd_dq(const Bw
       const int* cOk = sOk + st * BC;
 
       float bias2[NT][4];
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) bias2[n][e] = 0.f;
-      if (p.bias != nullptr) {
-        const int64_t bb = b * p.bias_sb + h * p.bias_sh;
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = row[e >> 1], j = j0 + n * 8 + 2 * t + (e & 1);
-            if (i < p.Nq && j < p.Nk) bias2[n][e] = load_bias<T>(p, bb + i * p.bias_sq + j) * LOG2E;
-          }
-      }
+      load_bias_frag<T>(bias2, p, b, h, [&](int n, int e) { return RowCol{row[e >> 1], j0 + n * 8 + 2 * t + (e & 1)}; });
 
       // S = Qhat Khat^T -> P in place.
       float acc_s[NT][4];
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_s[n][e] = 0.f;
+      fill_zero(acc_s);
       gemm_nk<T, NT, D_PAD>(acc_s, sQ, SK, 16 * warp, cK, SK, 0, lane);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
@@ -677,10 +626,7 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD>::THREADS, 1) bwd_dq(const Bw
 
       // dP = dO V^T -> scale_h dS in place.
       float acc_dp[NT][4];
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_dp[n][e] = 0.f;
+      fill_zero(acc_dp);
       gemm_nk<T, NT, D_PAD>(acc_dp, sdO, SK, 16 * warp, cV, SK, 0, lane);
 #pragma unroll
       for (int n = 0; n < NT; ++n)

@@ -122,6 +122,25 @@ CA_DEVICE float bits_as_float(uint32_t u) {
 }
 
 CA_DEVICE float neg_inf() { return bits_as_float(0xff800000u); }
+CA_DEVICE float pos_inf() { return bits_as_float(0x7f800000u); }
+
+// exp(x) = exp2(x * LOG2E): the kernels work in log2 units (one FFMA + one ex2 per element).
+constexpr float LOG2E = 1.4426950408889634f;
+
+// Set an accumulator tile (M fragments of N registers) to zero.
+template <int M, int N>
+CA_DEVICE void fill_zero(float (&a)[M][N]) {
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int e = 0; e < N; ++e) a[m][e] = 0.f;
+}
+
+// Element i of an array that holds either fp32 or T (a bias has q's dtype or float32), as float.
+template <typename T>
+CA_DEVICE float load_f32_or(const void* base, int64_t i, bool is_f32) {
+  return is_f32 ? static_cast<const float*>(base)[i] : to_float(static_cast<const T*>(base)[i]);
+}
 
 // One 16-byte move (the unit of cp.async and of the kernels' vectorized global stores); both
 // pointers must be 16-byte aligned.
@@ -240,6 +259,20 @@ CA_DEVICE void mma_m16n8k8_tf32(float* d, const uint32_t* a, const uint32_t* b) 
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
+}
+
+// fp32 accuracy on tf32 tensor cores (3xTF32): each operand x is split into big = tf32(x) and
+// small = tf32(x - big); big*big + big*small + small*big recovers ~fp32 accuracy (the dropped
+// small*small term is ~2^-22 relative). Smaller products are accumulated first.
+CA_DEVICE void split_tf32(float x, uint32_t& big, uint32_t& small) {
+  big = to_tf32(x);
+  small = to_tf32(x - bits_as_float(big));
+}
+CA_DEVICE void mma_3xtf32(float* d, const uint32_t* a_big, const uint32_t* a_small, const uint32_t* b_big,
+                          const uint32_t* b_small) {
+  mma_m16n8k8_tf32(d, a_small, b_big);
+  mma_m16n8k8_tf32(d, a_big, b_small);
+  mma_m16n8k8_tf32(d, a_big, b_big);
 }
 
 // ---------------------------------------------------------------------------------------------

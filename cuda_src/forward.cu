@@ -35,7 +35,6 @@ namespace fwd {
 constexpr int BLOCK_M = 64;  // query rows per block
 constexpr int WARPS = 4;     // 16 rows each
 constexpr int THREADS = 32 * WARPS;
-constexpr float LOG2E = 1.4426950408889634f;  // exp(x) = exp2(x log2 e): one FMA + ex2 per element
 constexpr float LN2 = 0.6931471805599453f;
 
 template <typename T> struct is_f32 { static constexpr bool value = false; };
@@ -141,21 +140,7 @@ CA_DEVICE void tile_pv(float (&o)[DP / 8][4], float (&lsum)[4], const float (&s)
 }
 
 // ---------------------------------------------------------------------------------------------
-// fp32 tile products: 3xTF32 on mma.m16n8k8. Each operand x is split into big = tf32(x) and
-// small = tf32(x - big); big*big + big*small + small*big recovers ~fp32 accuracy (the dropped
-// small*small term is ~2^-22 relative). Smaller products are accumulated first.
-
-CA_DEVICE void split_tf32(float x, uint32_t& big, uint32_t& small) {
-  big = to_tf32(x);
-  small = to_tf32(x - bits_as_float(big));
-}
-
-CA_DEVICE void mma_3xtf32(float* d, const uint32_t* a_big, const uint32_t* a_small, const uint32_t* b_big,
-                          const uint32_t* b_small) {
-  mma_m16n8k8_tf32(d, a_small, b_big);
-  mma_m16n8k8_tf32(d, a_big, b_small);
-  mma_m16n8k8_tf32(d, a_big, b_big);
-}
+// fp32 tile products: 3xTF32 on mma.m16n8k8 (split_tf32 / mma_3xtf32 in common.cuh).
 
 // s[j] += Q_w K^T. A (16 rows x 8 dims): a0 = (g, t), a1 = (g+8, t), a2 = (g, t+4), a3 = (g+8, t+4);
 // B (8 dims x 8 keys): b0 = K[key g][dim t], b1 = K[key g][dim t+4]. An 8 x 4 block of fp32 is an
@@ -208,10 +193,6 @@ CA_DEVICE void tile_pv_f32(float (&o)[DP / 8][4], const float (&s)[BN / 8][4], c
   }
 }
 
-template <typename T>
-CA_DEVICE float load_bias(const void* row_base, int64_t j, bool f32) {
-  return f32 ? static_cast<const float*>(row_base)[j] : to_float(static_cast<const T*>(row_base)[j]);
-}
 
 // ---------------------------------------------------------------------------------------------
 // The kernel. Grid: x = query tile (reversed under causal so the longest tiles start first),
@@ -285,8 +266,7 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
     };
 
     float o[DP / 8][4];  // O accumulators: rows g / g+8, dims 8n + 2t, +1
-#pragma unroll
-    for (int n = 0; n < DP / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    fill_zero(o);
     // Row sums l: lsum[2r] for row g + 8r. 16-bit: complete sums, accumulated by tile_pv's ones-mma.
     // fp32: this thread's partial sums (its columns), reduced across the quad in the epilogue.
     float lsum[4] = {0.f, 0.f, 0.f, 0.f};
@@ -320,8 +300,7 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
 
       // 1. Scores S = Qhat Khat^T for this warp's 16 rows x BN keys.
       float s[BN / 8][4];
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      fill_zero(s);
       if constexpr (F32) tile_scores_f32<DP, BN>(s, sQw, sKb, lane);
       else tile_scores<T, DP, BN, Q_IN_REGS>(s, qf, sQw, sKb, lane);
 
@@ -363,7 +342,7 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
                 // rows past Nq are computed but never stored: clamp them onto a real bias row
                 const int64_t row = wrow0 + g + 8 * (e >> 1);
                 const char* brow = bias + (row < p.Nq ? row : p.Nq - 1) * p.bias_sq * (p.bias_f32 ? 4 : (int)sizeof(T));
-                x += load_bias<T>(brow, key0 + 8 * j + 2 * t + (e & 1), p.bias_f32) * LOG2E;
+                x += load_f32_or<T>(brow, key0 + 8 * j + 2 * t + (e & 1), p.bias_f32) * LOG2E;
               }
             }
             s[j][e] = x;
