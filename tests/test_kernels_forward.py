@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import zlib
 
 import numpy as np
@@ -15,9 +16,8 @@ import pytest
 
 from cupy_cosattn import api, launch, problem, reference
 from cupy_cosattn.problem import BFLOAT16
+from kernel_cases import DTYPES, F16, F32, make_case, rel_err  # noqa: F401
 
-F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
-DTYPES = {"float16": F16, "bfloat16": BFLOAT16, "float32": F32}
 OUT_TOL = {"float16": 3e-3, "bfloat16": 2e-2, "float32": 1e-5}
 # lse: absolute error relative to the logit bound scale * groups + max|bias| (q, k are rounded to the
 # dtype after normalization, so logits carry an error proportional to that bound).
@@ -25,64 +25,7 @@ LSE_TOL = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-6}
 
 
 # ---------------------------------------------------------------------------------------------------
-# Inputs.
-
-def make_case(seed, *, B=1, H=2, Hk=None, Nq=63, Nk=None, D=64, dtype="float16", merged=False, kv_3d=False,
-              causal=False, mask=None, bias=None, bias_f32=False, scale=8.0, per_head_scale=False, groups=1,
-              l2norm_qk=True, bias_scale=1.0):
-    """(args, kwargs) for cupy_cosattn.forward on NumPy arrays.
-
-    mask: None | "random" (a random mask with one batch row fully masked and, for B > 1, the first
-    64 keys of another masked, so whole key tiles are skipped); bias: None | "head" | "batch" | "full".
-    l2norm_qk=False feeds q, k that are already normalized (the caller's promise)."""
-    rng = np.random.default_rng(seed)
-    dt = DTYPES[dtype]
-    Nk = Nq if Nk is None else Nk
-    Hk = H if Hk is None else Hk
-    if merged:
-        q = rng.standard_normal((B * H, Nq, D))
-        k = rng.standard_normal((B * H, Nk, D))
-        v = rng.standard_normal((B * H, Nk, D))
-        Bm = B * H
-    else:
-        q = rng.standard_normal((B, H, Nq, D))
-        k = rng.standard_normal((B, Nk, D) if kv_3d else (B, Hk, Nk, D))
-        v = rng.standard_normal(k.shape)
-        Bm = B
-    if not l2norm_qk:
-        def norm(x):
-            c = x.reshape(x.shape[:-1] + (groups, D // groups))
-            c = c / np.linalg.norm(c, axis=-1, keepdims=True)
-            return c.reshape(x.shape)
-        q, k = norm(q), norm(k)
-    kw = dict(causal=causal, groups=groups, l2norm_qk=l2norm_qk)
-    if mask == "random":
-        m = rng.random((Bm, Nk)) < 0.7
-        m[0] = False  # a batch row with no visible key at all
-        if Bm > 1:
-            m[1, : min(Nk, 64)] = False  # whole key tiles invisible: skipped
-            m[1, -1] = True
-        kw["mask"] = m
-    if bias is not None:
-        bdt = F32 if bias_f32 else dt
-        if merged:
-            shape = (B * H, Nq, Nk)
-        else:
-            shape = {"head": (H, Nq, Nk), "batch": (B, Nq, Nk), "full": (B, H, Nq, Nk)}[bias]
-        kw["attn_bias"] = (bias_scale * rng.standard_normal(shape)).astype(bdt)
-        kw["attn_bias_batch_dim"] = bias == "batch"
-    if per_head_scale:
-        kw["scale"] = rng.uniform(0.5 * scale, 1.5 * scale, size=(1 if merged else H,))
-    else:
-        kw["scale"] = scale
-    return (q.astype(dt), k.astype(dt), v.astype(dt)), kw
-
-
-def rel_err(x, ref):
-    x = np.asarray(x, dtype=np.float64)
-    den = np.linalg.norm(ref)
-    return np.linalg.norm(x - ref) / (den if den > 0 else 1.0)
-
+# Checks (inputs: kernel_cases.make_case).
 
 def check_forward(args, kw, backend="emulator", dtype=None, out_tol=None):
     """Run the kernels and the float64 reference; assert the contract's accuracy."""
@@ -300,6 +243,72 @@ def test_registry_covers_launches():
         assert launch.norm_fwd_name(dt) in names
     n = launch.fwd_name("float16", 64, 64, False)
     assert launch.module_members("forward.cu", n) == tuple(sorted((n, launch.fwd_name("float16", 64, 64, True))))
+
+
+class _NoBf16(np.ndarray):
+    """A NumPy array that, like CuPy without bfloat16 kernels, refuses element-wise work (copies,
+    fills, assignments) on bfloat16; 16-bit integer views of it work. ``.data.ptr`` as in CuPy."""
+
+    def __setitem__(self, key, value):
+        if self.dtype == BFLOAT16:
+            raise TypeError("bfloat16 assignment: CuPy has no such kernel")
+        super().__setitem__(key, value)
+
+    def copy(self, order="C"):
+        if self.dtype == BFLOAT16:
+            raise TypeError("bfloat16 copy: CuPy has no such kernel")
+        return super().copy(order)
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
+
+class _XpNoBf16:
+    """The slice of the CuPy namespace the launch layer uses, refusing bfloat16 work."""
+
+    @staticmethod
+    def ascontiguousarray(a, dtype=None):
+        if np.dtype(dtype or a.dtype) == BFLOAT16 and not (a.flags.c_contiguous and dtype is None):
+            raise TypeError("bfloat16 copy: CuPy has no such kernel")
+        return np.ascontiguousarray(a, dtype=dtype).view(_NoBf16)
+
+    @staticmethod
+    def zeros(shape, dtype):
+        if np.dtype(dtype) == BFLOAT16:
+            raise TypeError("bfloat16 fill: CuPy has no such kernel")
+        return np.zeros(shape, dtype=dtype).view(_NoBf16)
+
+
+def test_cuda_array_plumbing_runs_no_bfloat16_kernel():
+    """The cuda backend's copies, zero padding and column slices move bfloat16 as 16-bit integers,
+    bit-exactly, so they work with any CuPy (checked on a NumPy stand-in that refuses bfloat16 work)."""
+    be = launch.Backend.__new__(launch.Backend)
+    be.name, be.xp = "cuda", _XpNoBf16()
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 10)).astype(BFLOAT16).view(_NoBf16)
+    strided = x[:, ::2, 1:6]  # (2, 2, 5), not contiguous
+    with pytest.raises(TypeError):  # the stand-in does refuse a bfloat16 copy
+        strided.copy()
+
+    padded = be.padded(strided, 16)
+    assert padded.shape == (2, 2, 16) and padded.dtype == BFLOAT16 and padded.flags.c_contiguous
+    assert np.array_equal(padded.view(np.uint16)[..., :5], strided.view(np.uint16))
+    assert not padded.view(np.uint16)[..., 5:].any()
+
+    dev = be.to_device(strided)
+    assert dev.flags.c_contiguous and np.array_equal(dev.view(np.uint16), strided.view(np.uint16))
+    assert be.to_device(dev) is dev  # already a contiguous, aligned device array: no copy
+    assert not be.zeros((3, 4), BFLOAT16).view(np.uint16).any()
+
+    out = be.to_host_into(padded[..., :5], None)  # the forward's column slice of a padded result
+    assert out.flags.c_contiguous and np.array_equal(out.view(np.uint16), strided.view(np.uint16))
+    dst = np.zeros((2, 2, 5), dtype=BFLOAT16).view(_NoBf16)
+    assert be.to_host_into(padded[..., :5], dst) is dst
+    assert np.array_equal(dst.view(np.uint16), strided.view(np.uint16))
+    f32 = np.zeros((2, 2, 5), dtype=np.float32)
+    launch.copy_into(f32, strided.view(np.ndarray))  # different dtypes: an ordinary converting copy
+    assert np.array_equal(f32, strided.view(np.ndarray).astype(np.float32))
 
 
 def test_launch_imports_no_cupy():
