@@ -87,8 +87,9 @@ extern "C" __global__ void e_block_sum(const float* x, float* out, int n) {
 }
 
 // y[0 .. 128*ceil(n/128)) = x[0..n) followed by zeros, through shared memory, 32 threads x 16 bytes
-// per chunk, double-buffered; each thread stores elements another thread loaded.
-extern "C" __global__ void e_copy(const float* x, float* y, int n) {
+// per chunk, double-buffered; each thread stores elements another thread loaded. refill_barrier = 0
+// plants a fault: a buffer is refilled while other threads may still be reading it.
+extern "C" __global__ void e_copy(const float* x, float* y, int n, int refill_barrier) {
   CA_DYNAMIC_SHARED(smem);
   float* buf = (float*)smem;  // [2][128]
   int t = threadIdx.x;
@@ -114,7 +115,7 @@ extern "C" __global__ void e_copy(const float* x, float* y, int n) {
       int i = (t * 4 + j + 64) % 128;
       y[c * 128 + i] = buf[(c & 1) * 128 + i];
     }
-    __syncthreads();
+    if (refill_barrier) __syncthreads();
   }
 }
 
@@ -313,9 +314,28 @@ def test_emu_cp_async_double_buffered_copy(mod, n):
     m = (n + 127) // 128 * 128
     y = emu.device_empty(m, np.float32)
     y[:] = 123.0
-    mod.get_function("e_copy")((1,), (32,), (emu.to_device(x), y, np.int32(n)), shared_mem=2 * 128 * 4)
-    np.testing.assert_array_equal(y[:n], x)
-    assert (y[n:] == 0).all()  # zero-filled by cp.async src-size
+    for seed in (None, 1, 2, 3):  # copies land at the wait, or (interleave mode) half of them at issue
+        y[:] = 123.0
+        with emu.interleave(seed):
+            mod.get_function("e_copy")((1,), (32,), (emu.to_device(x), y, np.int32(n), np.int32(1)),
+                                       shared_mem=2 * 128 * 4)
+        np.testing.assert_array_equal(y[:n], x)
+        assert (y[n:] == 0).all()  # zero-filled by cp.async src-size
+
+
+def test_emu_missing_barrier_before_cp_async_refill_is_exposed(mod):
+    """A thread that refills a buffer (cp.async) while others still read it: on the GPU the copy may
+    land at any time after its issue. Interleave mode lands copies early (seeded), so the missing
+    barrier changes the result."""
+    x = np.arange(5 * 128, dtype=np.float32) + 1
+    xd = emu.to_device(x)
+    wrong = 0
+    for seed in range(1, 6):
+        y = emu.device_zeros(x.size, np.float32)
+        with emu.interleave(seed):
+            mod.get_function("e_copy")((1,), (32,), (xd, y, np.int32(x.size), np.int32(0)), shared_mem=2 * 128 * 4)
+        wrong += not np.array_equal(y, x)
+    assert wrong >= 3, f"missing refill barrier exposed under only {wrong} of 5 seeds"
 
 
 def test_emu_grid_and_block_dims(mod):
@@ -420,11 +440,24 @@ def test_emu_plain_numpy_argument_is_guarded_too(mod):
 def test_emu_read_before_cp_async_wait_sees_stale_data(mod):
     x = np.arange(256, dtype=np.float32) + 1
     out = emu.device_zeros(512, np.float32)
-    mod.get_function("f_early_read")((1,), (32,), (emu.to_device(x), out))
+    with emu.interleave(None):  # copies land exactly at the wait that retires them
+        mod.get_function("f_early_read")((1,), (32,), (emu.to_device(x), out))
     assert (out[:128] == -1).all()              # read before the wait: stale
     np.testing.assert_array_equal(out[128:256], x[:128])  # wait<1> retired the first group
     assert (out[256:384] == -1).all()           # ... but not the second
     np.testing.assert_array_equal(out[384:], x[128:])     # wait<0> retired it
+    # interleave mode: each copy lands at issue or at its wait (seeded); after the wait, always there
+    early = []
+    for seed in range(1, 4):
+        out = emu.device_zeros(512, np.float32)
+        with emu.interleave(seed):
+            mod.get_function("f_early_read")((1,), (32,), (emu.to_device(x), out))
+        np.testing.assert_array_equal(out[128:256], x[:128])
+        np.testing.assert_array_equal(out[384:], x[128:])
+        assert np.all((out[:128] == -1) | (out[:128] == x[:128]))
+        early.append(out[:128] == x[:128])
+    early = np.concatenate(early)
+    assert early.any() and not early.all()  # some copies landed before their wait, some did not
 
 
 def test_emu_fresh_shared_memory_is_garbage(mod):

@@ -9,7 +9,7 @@
 //    its operands and blocks; the last lane named by the member mask computes every lane's result
 //    (from the PTX ISA's definitions) and wakes the others.
 //  * cp.async reads its source at issue and writes its destination only at the cp.async.wait_group
-//    that retires it.
+//    that retires it (interleave mode: half of the copies, seeded, land at once, at issue).
 //  * Guarded allocations (PROT_NONE pages on both sides, canaries in the slack) for global memory
 //    and dynamic shared memory; a fault inside a kernel is caught (signal handler on an alternate
 //    stack, siglongjmp back to the worker's scheduler) and reported, and the process goes on.
@@ -99,6 +99,7 @@ struct Copy {
   void* dst;
   int bytes;
   uint64_t group;
+  bool landed;  // written at issue (interleave mode); still in flight until its wait
   unsigned char data[16];
 };
 
@@ -784,6 +785,13 @@ extern "C" void caemu_cp_async(void* dst, const void* src, int cp_bytes, int src
   c.group = f->group_next;
   memset(c.data, 0, sizeof c.data);
   if (src_bytes) memcpy(c.data, src, src_bytes);
+  // The hardware may land a copy at any moment between its issue and the wait that retires it.
+  // Landing half of them (seeded) at once in interleave mode exposes the races that landing at the
+  // wait hides: a buffer still being read by other threads (a missing barrier before it is
+  // refilled) changes under them.
+  Block* B = &f->w->blk;
+  c.landed = B->interleave && (splitmix(B->rng) & 1);
+  if (c.landed) memcpy(c.dst, c.data, c.bytes);
   f->copies.push_back(c);
   caemu_maybe_yield();
 }
@@ -803,7 +811,7 @@ extern "C" void caemu_cp_async_wait(int n) {
   for (size_t i = 0; i < f->copies.size(); ++i) {
     Copy& c = f->copies[i];
     if (c.group < limit) {
-      memcpy(c.dst, c.data, c.bytes);
+      if (!c.landed) memcpy(c.dst, c.data, c.bytes);
     } else {
       f->copies[keep++] = c;
     }
