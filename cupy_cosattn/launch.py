@@ -39,6 +39,31 @@ GRID_YZ_LIMIT = 65535  # largest grid y (and z) extent; kernels loop over B*H be
 GRID_X_LIMIT = 2**31 - 1
 MAX_HEAD_DIM = 256  # the fused kernels keep a row of O (D fp32 accumulators per 4 lanes) in registers
 SMEM_OPTIN_LIMIT = 163 * 1024  # largest dynamic shared memory per block on sm_80 (sm_90 allows 227 KB)
+# Largest dynamic shared memory per block (opt-in) of the architectures the tiles are chosen for:
+# A100/A30 (sm_80), consumer Ampere and Ada (sm_86, sm_89: 99 KB), Hopper (sm_90). The registry holds
+# the tile shapes every one of these picks; other devices pick by their own limit among them.
+SMEM_OPTIN_BY_ARCH = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024}
+MIN_COMPUTE_CAPABILITY = (8, 0)  # cp.async, ldmatrix, bf16 and tf32 mma
+
+
+@dataclass(frozen=True)
+class DeviceCaps:
+    """What the launch layer needs to know of a device to pick tiles and grids."""
+
+    compute_capability: tuple  # (major, minor)
+    smem_optin: int  # largest dynamic shared memory per block, bytes (with the opt-in attribute)
+    sm_count: int
+
+    def check(self):
+        """Raise RuntimeError on a device the kernels cannot run on (nothing is launched)."""
+        if tuple(self.compute_capability) < MIN_COMPUTE_CAPABILITY:
+            cc = ".".join(map(str, self.compute_capability))
+            raise RuntimeError(f"the fused kernels need an NVIDIA GPU of compute capability >= 8.0 (Ampere or newer: "
+                               f"cp.async, bf16/tf32 tensor cores); this device has {cc}. Use backend='reference'")
+
+
+# The emulator runs the kernels as on an A100 (sm_80, 108 SMs); tests replace it to mimic other GPUs.
+EMULATED_DEVICE = DeviceCaps((8, 0), SMEM_OPTIN_BY_ARCH["sm_80"], 108)
 
 FWD_BLOCK_M = 64  # query rows per block (forward.cu BLOCK_M)
 FWD_THREADS = 128  # 4 warps
@@ -75,11 +100,24 @@ def storage_dim(D: int) -> int:
     return head_dim_pad(D)
 
 
-def fwd_block_n(dtype_name: str, dp: int) -> int:
-    """Keys per K/V tile: as many as registers and shared memory allow (see docs/kernels.md)."""
+def fwd_block_n(dtype_name: str, dp: int, smem_limit: int = SMEM_OPTIN_LIMIT) -> int:
+    """Keys per K/V tile: as many as registers allow (see docs/kernels.md), halved (down to 16) while
+    the tiles exceed the device's shared memory per block `smem_limit`."""
     if dtype_name == "float32":
-        return 32 if dp <= 128 else 16
-    return 64 if dp <= 128 else 32
+        bn = 32 if dp <= 128 else 16
+    else:
+        bn = 64 if dp <= 128 else 32
+    while bn > 16 and fwd_smem_bytes(dtype_name, dp, bn) > smem_limit:
+        bn //= 2
+    return bn
+
+
+def check_smem(what: str, prob: Problem, need: int, caps: DeviceCaps):
+    """Raise ValueError (before anything is launched) when a kernel's tiles do not fit the device."""
+    if need > caps.smem_optin:
+        raise ValueError(f"{what} for head dim D={prob.D} in {prob.dtype_name} needs {need} bytes of shared memory "
+                         f"per block; this device allows {caps.smem_optin}. Use a smaller head dim, another dtype, "
+                         f"or backend='reference'")
 
 
 def fwd_smem_bytes(dtype_name: str, dp: int, bn: int) -> int:
@@ -133,9 +171,12 @@ def forward_kernel_specs() -> list:
     specs = []
     for dt in DTYPE_NAMES:
         for dp in range(16, MAX_HEAD_DIM + 1, 16):
-            bn = fwd_block_n(dt, dp)
-            for rm in (False, True):
-                specs.append(KernelSpec("forward.cu", fwd_name(dt, dp, bn, rm), FWD_THREADS, fwd_smem_bytes(dt, dp, bn)))
+            bns = {fwd_block_n(dt, dp, lim) for lim in SMEM_OPTIN_BY_ARCH.values()
+                   if fwd_smem_bytes(dt, dp, fwd_block_n(dt, dp, lim)) <= lim}
+            for bn in sorted(bns, reverse=True):
+                for rm in (False, True):
+                    specs.append(KernelSpec("forward.cu", fwd_name(dt, dp, bn, rm), FWD_THREADS,
+                                            fwd_smem_bytes(dt, dp, bn)))
     return specs
 
 
@@ -272,6 +313,7 @@ def make_record(dtype: np.dtype, **fields):
 # Backends.
 
 _MODULE_CACHE: dict = {}
+_DEVICE_CAPS: dict = {}  # device id -> DeviceCaps
 _FUNC_CACHE: dict = {}  # (module key, name) -> [kernel function, dynamic shared memory opted in]
 _MODULE_LOCK = threading.Lock()
 
@@ -294,6 +336,23 @@ class Backend:
         else:
             raise ValueError(f"kernel backend must be 'cuda' or 'emulator', got {name!r}")
         self.name = name
+
+    # -- the device -----------------------------------------------------------------------------
+    def device_caps(self) -> DeviceCaps:
+        """Compute capability, shared memory per block and SM count of the current device (cuda; read
+        once per device), or EMULATED_DEVICE (emulator)."""
+        if self.name != "cuda":
+            return EMULATED_DEVICE
+        dev = self.xp.cuda.Device()
+        caps = _DEVICE_CAPS.get(dev.id)
+        if caps is None:
+            rt = self.xp.cuda.runtime
+            cc = str(dev.compute_capability)  # e.g. "90"
+            caps = _DEVICE_CAPS[dev.id] = DeviceCaps(
+                (int(cc[:-1]), int(cc[-1])),
+                int(rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerBlockOptin, dev.id)),
+                int(rt.deviceGetAttribute(rt.cudaDevAttrMultiProcessorCount, dev.id)))
+        return caps
 
     # -- arrays ---------------------------------------------------------------------------------
     def empty(self, shape, dtype):
@@ -478,11 +537,14 @@ class Backend:
         """Fused forward: (out (B, H, Nq, D) in prob.dtype, lse (B, H, Nq) float32). `out` / `lse`,
         when given (canonical shapes, this backend's arrays), are written and returned."""
         check_supported(prob)
+        caps = self.device_caps()
+        caps.check()
         B, H, Nq, Nk, D = prob.B, prob.H, prob.Nq, prob.Nk, prob.D
         dt = prob.dtype_name
         dp = head_dim_pad(D)
-        bn = fwd_block_n(dt, dp)
+        bn = fwd_block_n(dt, dp, caps.smem_optin)
         smem = fwd_smem_bytes(dt, dp, bn)
+        check_smem("the forward kernel", prob, smem, caps)
         running_max = not fixed_offset_ok(prob, inp.scale)
 
         qhat, khat, v = self.prepare_qkv(prob, inp)

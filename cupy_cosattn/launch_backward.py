@@ -31,8 +31,9 @@ PREP_ROWS = 32  # rows per bwd_prep block (PREP_WARPS * PREP_ROWS_PER_WARP)
 NQ_PAD = 128  # lse2 / D rows are padded to a multiple of this (every query tile size divides it)
 
 # Split the query heads of a kv head over several blocks (partial dK/dV summed afterwards) when the
-# dK/dV grid would otherwise have fewer blocks than this (about two waves of a 132-SM GPU).
-TARGET_BLOCKS = 264
+# dK/dV grid would otherwise fill fewer than WAVES waves of the device's SMs (one block per SM).
+WAVES = 2
+TARGET_BLOCKS = None  # a fixed block target instead of WAVES x SMs (tests)
 
 _PTR = np.uint64
 BWD_PARAMS = np.dtype(
@@ -144,10 +145,10 @@ def tile_info(be, dtype_name: str, dp: int) -> tuple:
     return tuple(int(x) for x in host)
 
 
-def choose_nsplit(prob: Problem, n_x_blocks: int, target: int = None) -> int:
+def choose_nsplit(prob: Problem, n_x_blocks: int, sm_count: int = 132) -> int:
     """Query-head splits per kv head: the smallest divisor of H / Hk that gives the dK/dV grid at
-    least `target` blocks (1 when the grid is big enough without splitting)."""
-    target = TARGET_BLOCKS if target is None else target
+    least WAVES x sm_count blocks (TARGET_BLOCKS when set; 1 when the grid is big enough unsplit)."""
+    target = TARGET_BLOCKS or WAVES * sm_count
     qpk = prob.q_per_kv
     base = n_x_blocks * prob.B * prob.Hk
     for s in range(1, qpk + 1):
@@ -164,12 +165,15 @@ def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse):
     """Gradients of one canonical problem on kernel backend `be` (a launch.Backend): (dq (B, H, Nq, D),
     dk (B, Hk, Nk, D), dv, dbias (inp.bias.shape, bias dtype) | None, dscale float64 NumPy (H,))."""
     L.check_supported(prob)
+    caps = be.device_caps()
+    caps.check()
     xp = be.xp
     B, H, Hk, Nq, Nk, D = prob.B, prob.H, prob.Hk, prob.Nq, prob.Nk, prob.D
     dt = prob.dtype_name
     dp = head_dim_pad(D)
     names = _names(dt, dp)
     kv, qc = kv_config(dt, dp), q_config(dt, dp)
+    L.check_smem("the backward kernels", prob, max(kv.smem, qc.smem), caps)
     f32 = np.float32
 
     qhat, khat, v = be.prepare_qkv(prob, inp)
@@ -187,7 +191,7 @@ def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse):
     dq = be.empty((B, H, Nq, Ds), f32) if prob.deterministic else be.zeros((B, H, Nq, Ds), f32)
 
     n_kt = L.cdiv(Nk, kv.rows)
-    nsplit = choose_nsplit(prob, n_kt * kv.n_chunks)
+    nsplit = choose_nsplit(prob, n_kt * kv.n_chunks, caps.sm_count)
     hps = prob.q_per_kv // nsplit
     dk_f32 = nsplit > 1 or prob.l2norm_qk
     dv_f32 = nsplit > 1

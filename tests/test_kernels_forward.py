@@ -240,9 +240,61 @@ def test_registry_covers_launches():
             for rm in (False, True):
                 assert launch.fwd_name(dt, dp, launch.fwd_block_n(dt, dp), rm) in names
             assert launch.fwd_smem_bytes(dt, dp, launch.fwd_block_n(dt, dp)) <= launch.SMEM_OPTIN_LIMIT
+            for limit in launch.SMEM_OPTIN_BY_ARCH.values():  # the tiles each architecture picks
+                bn = launch.fwd_block_n(dt, dp, limit)
+                if launch.fwd_smem_bytes(dt, dp, bn) <= limit:
+                    assert launch.fwd_name(dt, dp, bn, False) in names and launch.fwd_name(dt, dp, bn, True) in names
         assert launch.norm_fwd_name(dt) in names
     n = launch.fwd_name("float16", 64, 64, False)
     assert launch.module_members("forward.cu", n) == tuple(sorted((n, launch.fwd_name("float16", 64, 64, True))))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Device-dependent choices: tiles by the device's shared memory, a clear error where they cannot fit.
+
+SM86 = launch.DeviceCaps((8, 6), launch.SMEM_OPTIN_BY_ARCH["sm_86"], 84)  # RTX 30xx: 99 KB per block
+
+
+@pytest.mark.parametrize("dtype,D", [("float16", 256), ("bfloat16", 250), ("float32", 128)])
+def test_small_shared_memory_device_gets_smaller_key_tiles(monkeypatch, dtype, D):
+    """On a 99 KB device the forward halves its key tile where the sm_80 tile does not fit, and the
+    smaller instantiation is as accurate."""
+    monkeypatch.setattr(launch, "EMULATED_DEVICE", SM86)
+    dp = launch.head_dim_pad(D)
+    bn = launch.fwd_block_n(dtype, dp, SM86.smem_optin)
+    assert bn < launch.fwd_block_n(dtype, dp) and launch.fwd_smem_bytes(dtype, dp, bn) <= SM86.smem_optin
+    used = []
+    real_kernel = launch.Backend.kernel
+    monkeypatch.setattr(launch.Backend, "kernel", lambda self, src, name, smem=0: (
+        used.append(name), real_kernel(self, src, name, smem))[1])
+    args, kw = make_case(11, Nq=40, Nk=70, D=D, dtype=dtype, causal=True)
+    check_forward(args, kw)
+    assert launch.fwd_name(dtype, dp, bn, False) in used
+
+
+def test_tiles_that_do_not_fit_the_device_raise_before_any_launch(monkeypatch):
+    monkeypatch.setattr(launch, "EMULATED_DEVICE", SM86)
+    launches = []
+    monkeypatch.setattr(launch.Backend, "launch", lambda self, *a, **k: launches.append(a))
+    args, kw = make_case(3, Nq=8, D=256, dtype="float32")
+    with pytest.raises(ValueError, match=r"forward kernel for head dim D=256 in float32 needs \d+ bytes of shared "
+                                         r"memory per block; this device allows 101376"):
+        api.forward(*args, backend="emulator", **kw)
+    args, kw = make_case(3, Nq=8, D=192, dtype="bfloat16")
+    out, lse = api.forward(*args, backend="reference", **kw)
+    with pytest.raises(ValueError, match=r"backward kernels for head dim D=192 in bfloat16 needs"):
+        api.backward(out, *args, out, lse, backend="emulator", **kw)
+    assert not launches
+
+
+def test_pre_ampere_device_raises(monkeypatch):
+    monkeypatch.setattr(launch, "EMULATED_DEVICE", launch.DeviceCaps((7, 5), 64 * 1024, 40))
+    args, kw = make_case(3, Nq=8, D=64)
+    with pytest.raises(RuntimeError, match=r"compute capability >= 8.0.*this device has 7.5"):
+        api.forward(*args, backend="emulator", **kw)
+    out, lse = api.forward(*args, backend="reference", **kw)
+    with pytest.raises(RuntimeError, match="compute capability"):
+        api.backward(out, *args, out, lse, backend="emulator", **kw)
 
 
 class _NoBf16(np.ndarray):
@@ -347,6 +399,17 @@ def test_grid_yz_limit_loops_gpu(monkeypatch):
     monkeypatch.setattr(launch, "GRID_YZ_LIMIT", 2)
     args, kw = make_case(7, B=3, H=3, Hk=1, Nq=20, Nk=70, D=32, dtype="float32", mask="random", bias="head")
     check_forward(args, kw, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_device_caps_gpu():
+    import cupy
+
+    caps = launch.Backend("cuda").device_caps()
+    dev = cupy.cuda.Device()
+    assert caps.compute_capability == (int(dev.compute_capability[:-1]), int(dev.compute_capability[-1]))
+    assert caps.smem_optin >= 99 * 1024 and caps.sm_count > 0
+    caps.check()
 
 
 def _skip_unsupported_gpu_dtype(dtype):
