@@ -42,11 +42,11 @@ template <> struct is_f32<float> { static constexpr bool value = true; };
 
 // Fixed-offset headroom: with b = scale_h groups the logit bound, P = exp(s - (b - HEADROOM)) lies in
 // [exp(HEADROOM - 2b), exp(HEADROOM)]. For fp16, P is rounded to fp16 before P V, so the range is moved
-// up into fp16's normal range (exp(10) = 22026 < 65504; the launch layer uses this path for b <= 10
-// only, keeping P >= exp(-10) > fp16's smallest normal). bf16 and fp32 share fp32's exponent range
-// (the launch layer's limit b <= 40 keeps P >= exp(-80), a normal float).
+// into fp16's normal range [6.1e-5, 65504] = [exp(-9.70), exp(11.09)]: with HEADROOM = 10.5 and the
+// launch layer's limit b <= 10, P lies in [exp(-9.5), exp(10.5)] = [7.5e-5, 36316]. bf16 and fp32
+// share fp32's exponent range (the launch layer's limit b <= 40 keeps P >= exp(-80), a normal float).
 template <typename T> struct Headroom { static constexpr float value = 0.f; };
-template <> struct Headroom<half_t> { static constexpr float value = 10.f; };
+template <> struct Headroom<half_t> { static constexpr float value = 10.5f; };
 
 // Shared memory: Q (BLOCK_M rows), K and V (2 buffers of BN rows each), and the mask bytes of the two
 // K/V buffers. Each row is padded by one 16-byte chunk: row starts then move 4 banks apart, which makes
