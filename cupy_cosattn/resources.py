@@ -7,8 +7,9 @@ compiles them) and each architecture, NVRTC (CuPy's binding of the pip-wheel lib
 ``-arch=sm_XX -Xptxas=-v -std=c++17`` and ptxas' report gives one row: registers, shared memory
 (static from ptxas + dynamic as the launch layer requests it), spill stores/loads and stack bytes.
 
-Exit status 1 on any compile error, any spill, or shared memory above the architecture's per-block
-limit; 0 otherwise. This is the CI gate of DESIGN.md section 4 item 2.
+Exit status 1 on any compile error, any spill, any stack frame (local memory: a register array
+indexed at run time, or an ABI call), shared memory above the architecture's per-block limit, or a
+--match that selects no kernel; 0 otherwise. This is the CI gate of DESIGN.md section 4 item 2.
 """
 from __future__ import annotations
 
@@ -79,12 +80,15 @@ def compile_group(source: str, names: tuple, arch: str) -> tuple:
 
 def run(archs, match=None, jobs=2, out=None) -> int:
     """Compile the registry (optionally only names matching regex `match`); print rows to `out`
-    (default stdout); return the number of failures (compile errors, spills, shared memory over the
-    limit)."""
+    (default stdout); return the number of failures (compile errors, spills, stack frames, shared
+    memory over the limit; 1 when `match` selects nothing)."""
     from . import launch
 
     out = sys.stdout if out is None else out
     specs = [s for s in launch.kernel_registry() if match is None or re.search(match, s.name)]
+    if not specs:
+        print(f"no registered kernel matches {match!r}", file=out, flush=True)
+        return 1
     by_name = {(s.source, s.name): s for s in specs}
     groups = {}
     for s in specs:
@@ -117,6 +121,8 @@ def run(archs, match=None, jobs=2, out=None) -> int:
                 problems = []
                 if r["spill_st"] or r["spill_ld"]:
                     problems.append("SPILL")
+                if r["stack"]:
+                    problems.append("STACK")
                 if total > SMEM_LIMIT.get(arch.rstrip("a"), 227 * 1024):
                     problems.append("SMEM>LIMIT")
                 failures += bool(problems)

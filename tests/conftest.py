@@ -36,3 +36,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+# A run in which nothing passed proves nothing: fail it (pytest itself already fails when no test
+# was collected). `pytest -m gpu` on a CPU-only machine, where every test is skipped, is such a run.
+_PASSED = {"n": 0}
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.passed:
+        _PASSED["n"] += 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus == 0 and session.testscollected and _PASSED["n"] == 0:
+        session.exitstatus = 1
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line("no test passed (all skipped or deselected): failing the run", red=True)
