@@ -120,6 +120,11 @@ def _device_of(x):
     return (lib, None)
 
 
+def _device_str(dev) -> str:
+    lib, idx = dev
+    return f"CUDA device {idx}" if lib == "cupy" else "the host"
+
+
 def _check_array(name: str, x, ndims, lib: Optional[str] = None):
     if not array_library(x) or array_library(x) == "torch":
         raise TypeError(
@@ -198,7 +203,8 @@ def canonicalize(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=Fals
                         f"k: {array_library(k)}, v: {array_library(v)}")
     devices = {_device_of(x) for x in (q, k, v)}
     if len(devices) != 1:
-        raise ValueError(f"q, k and v must be on one device, got {sorted(str(d) for d in devices)}")
+        raise ValueError("q, k and v must be on one device, got " + ", ".join(
+            f"{n} on {_device_str(_device_of(x))}" for n, x in (("q", q), ("k", k), ("v", v))))
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_dtype(name, x)
     if not (q.dtype == k.dtype == v.dtype):
@@ -256,7 +262,7 @@ def canonicalize(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=Fals
         if array_library(mask) != lib:
             raise TypeError(f"mask must be a {lib} array like q, got {_describe(mask)}")
         if _device_of(mask) != _device_of(q):
-            raise ValueError(f"mask is on device {_device_of(mask)} but q is on {_device_of(q)}")
+            raise ValueError(f"mask is on {_device_str(_device_of(mask))} but q is on {_device_str(_device_of(q))}")
         if mask.dtype != np.bool_:
             raise TypeError(f"mask must have dtype bool (True = may attend), got {mask.dtype}")
         want = (B, Nk)
@@ -270,7 +276,8 @@ def canonicalize(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=Fals
         if array_library(attn_bias) != lib:
             raise TypeError(f"attn_bias must be a {lib} array like q, got {_describe(attn_bias)}")
         if _device_of(attn_bias) != _device_of(q):
-            raise ValueError(f"attn_bias is on device {_device_of(attn_bias)} but q is on {_device_of(q)}")
+            raise ValueError(f"attn_bias is on {_device_str(_device_of(attn_bias))} but q is on "
+                             f"{_device_str(_device_of(q))}")
         if np.dtype(attn_bias.dtype) not in (np.dtype(q.dtype), np.dtype(np.float32)):
             raise TypeError(f"attn_bias must have q's dtype ({q.dtype}) or float32, got {attn_bias.dtype}")
         bs = tuple(attn_bias.shape)
@@ -321,7 +328,7 @@ def check_backward_extras(prob: Problem, q_shape, q_device, lib: str, dout, out,
         if array_library(x) != lib:
             raise TypeError(f"{name} must be a {lib} array like q, got {_describe(x)}")
         if _device_of(x) != q_device:
-            raise ValueError(f"{name} is on device {_device_of(x)} but q is on {q_device}")
+            raise ValueError(f"{name} is on {_device_str(_device_of(x))} but q is on {_device_str(q_device)}")
         if np.dtype(x.dtype) != want_dtype:
             raise TypeError(f"{name} must have dtype {want_dtype}, got {x.dtype}")
         if tuple(x.shape) != want_shape:

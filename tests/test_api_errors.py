@@ -277,6 +277,62 @@ def test_numpy_q_with_cupy_arrays():
     check(TypeError, r"^q, k and v must come from one array library", k=cupy.asarray(k))
 
 
+class FakeCupyArray:
+    """Stands in for a CuPy array on a CPU-only machine (CuPy cannot allocate without a GPU): the
+    argument checks look only at the array's library, shape, dtype and device, and must reject a
+    mixture before touching the data."""
+
+    __module__ = "cupy._core.core"
+
+    def __init__(self, a, device=0):
+        self._a = np.asarray(a)
+        self.shape, self.ndim, self.dtype = self._a.shape, self._a.ndim, self._a.dtype
+        self.device = type("Device", (), {"id": device})()
+
+    def reshape(self, *shape):
+        return FakeCupyArray(self._a.reshape(*shape), self.device.id)
+
+
+def fake_cupy(a, device=0):
+    return FakeCupyArray(a, device)
+
+
+def test_numpy_q_with_cupy_like_arrays():
+    q, k, v = qkv()
+    check(TypeError, r"^q, k and v must come from one array library, got q: numpy, k: cupy, v: numpy", k=fake_cupy(k))
+    check(TypeError, r"^mask must be a numpy array like q.*cupy", mask=fake_cupy(np.ones((B, NK), dtype=bool)))
+    check(TypeError, r"^attn_bias must be a numpy array like q.*cupy",
+          attn_bias=fake_cupy(np.zeros((H, NQ, NK), np.float32)))
+
+
+def test_qkv_on_different_devices():
+    q, k, v = qkv()
+    check(ValueError, r"^q, k and v must be on one device, got q on CUDA device 0, k on CUDA device 1, "
+                      r"v on CUDA device 0", q=fake_cupy(q), k=fake_cupy(k, device=1), v=fake_cupy(v))
+
+
+@pytest.mark.parametrize("name,value", [("mask", np.ones((B, NK), dtype=bool)),
+                                        ("attn_bias", np.zeros((H, NQ, NK), np.float32))])
+def test_mask_or_bias_on_another_device(name, value):
+    q, k, v = (fake_cupy(x) for x in qkv())
+    check(ValueError, rf"^{name} is on CUDA device 1 but q is on CUDA device 0", q=q, k=k, v=v,
+          **{name: fake_cupy(value, device=1)})
+
+
+def test_backward_extras_on_another_device():
+    from cupy_cosattn import problem
+
+    q, k, v = (fake_cupy(x) for x in qkv())
+    prob, _ = problem.canonicalize(q, k, v)
+    good = dict(dout=fake_cupy(np.zeros((B, H, NQ, D), np.float32)), out=fake_cupy(np.zeros((B, H, NQ, D), np.float32)),
+                lse=fake_cupy(np.zeros((B, H, NQ), np.float32)))
+    for name in good:
+        bad = dict(good, **{name: fake_cupy(np.asarray(good[name]._a), device=1)})
+        with pytest.raises(ValueError, match=rf"^{name} is on CUDA device 1 but q is on CUDA device 0"):
+            problem.check_backward_extras(prob, q.shape, problem._device_of(q), "cupy", bad["dout"], bad["out"],
+                                          bad["lse"])
+
+
 # ---- flags and backend ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flag", ["causal", "l2norm_qk", "deterministic", "attn_bias_batch_dim"])
