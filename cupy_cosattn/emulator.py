@@ -45,6 +45,9 @@ __all__ = [
     "set_interleave",
     "get_interleave",
     "interleave",
+    "set_placement",
+    "get_placement",
+    "placement",
     "set_num_workers",
     "get_num_workers",
     "cache_dir",
@@ -53,7 +56,7 @@ __all__ = [
 _EMU_DIR = CUDA_SRC / "emu"
 _SHIM = _EMU_DIR / "shim.h"
 _RUNTIME_SRC = _EMU_DIR / "runtime.cpp"
-_ABI = "caemu-2"
+_ABI = "caemu-3"
 
 # Dynamic shared memory limits, as on sm_90 (the larger of the targets): 48 KiB without opting in
 # through `max_dynamic_shared_size_bytes`, 227 KiB at most.
@@ -99,7 +102,24 @@ def _env_stack():
     return int(float(v) * mult)
 
 
-_state = {"interleave": _env_interleave(), "workers": _env_workers()}
+# Where a device array sits between its two guard regions (see set_placement); codes as in runtime.cpp.
+_PLACEMENTS = {"end": 0, "start": 1, "exact": 2, "alternate": 3}
+_PLACEMENT_NAMES = {0: "end", 1: "start", 2: "exact"}
+
+
+def _check_placement(mode, what):
+    m = str(mode).strip().lower()
+    if m not in _PLACEMENTS:
+        raise ValueError(f"{what}: unknown placement {mode!r} (one of {', '.join(_PLACEMENTS)})")
+    return m
+
+
+def _env_placement():
+    v = os.environ.get("CUPY_COSATTN_EMU_PLACE", "").strip()
+    return _check_placement(v, "CUPY_COSATTN_EMU_PLACE") if v else "alternate"
+
+
+_state = {"interleave": _env_interleave(), "workers": _env_workers(), "placement": _env_placement()}
 
 
 def set_interleave(seed):
@@ -131,6 +151,46 @@ def interleave(seed):
         yield
     finally:
         _state["interleave"] = old
+
+
+def set_placement(mode):
+    """Where new device arrays sit between their two guard regions (PROT_NONE pages, so that a kernel
+    touching them faults), for out-of-bounds reads to be caught on either side:
+
+    - ``"end"``: the data ends flush against the guard after its size is rounded up to 16 bytes (the
+      pointer is 16-byte aligned): reads past the end fault, except inside the rounding tail.
+    - ``"start"``: the data starts flush against the guard before it: reads before the start fault.
+    - ``"alternate"`` (the default): ``"end"`` and ``"start"`` by turns, by the parity of the
+      emulator's allocation counter (odd: end, even: start), so that over the buffers of a launch
+      both sides are checked.
+    - ``"exact"``: the data ends exactly at the guard, without rounding, so that even a read inside
+      what would be the rounding tail faults; the pointer is then aligned only to the largest power
+      of two dividing the size (a 12-byte buffer is 4-byte aligned), not to 16 bytes as cudaMalloc's
+      are, so a kernel doing 16-byte accesses (cp.async, float4) to such a buffer is reported as
+      misaligned. Never chosen by ``"alternate"``; use it to hunt reads just past the end.
+
+    Out-of-bounds writes are caught under every placement: the bytes between the guards that are not
+    data hold canaries, checked after every launch. The environment variable
+    CUPY_COSATTN_EMU_PLACE=end|start|alternate|exact sets the initial value. Arrays already
+    allocated keep their placement.
+    """
+    _state["placement"] = _check_placement(mode, "set_placement")
+
+
+def get_placement():
+    """The placement new device arrays get: "end", "start", "alternate" or "exact"."""
+    return _state["placement"]
+
+
+@contextlib.contextmanager
+def placement(mode):
+    """Context manager: set_placement(mode) inside the block, restored after."""
+    old = _state["placement"]
+    set_placement(mode)
+    try:
+        yield
+    finally:
+        _state["placement"] = old
 
 
 def set_num_workers(n):
@@ -253,7 +313,7 @@ def _runtime():
             ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_uint64,
             ctypes.c_void_p, ctypes.POINTER(_Result)]
         lib.caemu_launch.restype = ctypes.c_int
-        lib.caemu_alloc.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_int64)]
+        lib.caemu_alloc.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int64)]
         lib.caemu_alloc.restype = ctypes.c_void_p
         lib.caemu_free.argtypes = [ctypes.c_void_p]
         lib.caemu_free.restype = None
@@ -267,7 +327,7 @@ def _runtime():
 # ------------------------------------------------------------------------------------------------
 # Guarded device memory.
 
-_allocs = {}  # id -> (ptr, nbytes, shape, dtype str)
+_allocs = {}  # id -> (ptr, nbytes, shape, dtype str, placement)
 
 
 class _GuardedBuffer:
@@ -276,12 +336,14 @@ class _GuardedBuffer:
     def __init__(self, nbytes):
         lib = _runtime()
         aid = ctypes.c_int64()
-        ptr = lib.caemu_alloc(nbytes, ctypes.byref(aid))
+        place = ctypes.c_int(_PLACEMENTS[_state["placement"]])  # in: requested, out: the one used
+        ptr = lib.caemu_alloc(nbytes, ctypes.byref(place), ctypes.byref(aid))
         if not ptr:
             raise MemoryError(f"emulator: cannot allocate {nbytes} bytes")
         self.ptr = ptr
         self.nbytes = nbytes
         self.id = aid.value
+        self.placement = _PLACEMENT_NAMES.get(place.value, "end")
         self.__array_interface__ = {
             "data": (ptr, False),
             "shape": (nbytes,),
@@ -302,8 +364,8 @@ def _dtype_name(dt):
 
 def device_empty(shape, dtype=np.float32):
     """An uninitialized "device" array: a NumPy array over a guarded allocation (PROT_NONE pages on
-    both sides, the data flush against the end guard after rounding the size up to 16 bytes, canaries
-    in the slack). Out-of-bounds kernel accesses fault or hit a canary and raise EmulatorError."""
+    both sides, the data flush against one of them as set_placement says, canaries in the slack).
+    Out-of-bounds kernel accesses fault or hit a canary and raise EmulatorError."""
     dtype = np.dtype(dtype)
     shape = (shape,) if np.isscalar(shape) else tuple(int(s) for s in shape)
     n = 1
@@ -312,7 +374,7 @@ def device_empty(shape, dtype=np.float32):
             raise ValueError(f"negative dimension in shape {shape}")
         n *= s
     buf = _GuardedBuffer(n * dtype.itemsize)
-    _allocs[buf.id] = (buf.ptr, buf.nbytes, shape, _dtype_name(dtype))
+    _allocs[buf.id] = (buf.ptr, buf.nbytes, shape, _dtype_name(dtype), buf.placement)
     arr = np.asarray(buf).view(dtype).reshape(shape)
     return arr
 
@@ -365,11 +427,12 @@ def _describe_alloc(aid, offset):
     info = _allocs.get(aid)
     if info is None:
         return f"a guarded buffer (id {aid}) at byte offset {offset}"
-    ptr, nbytes, shape, dt = info
+    ptr, nbytes, shape, dt, place = info
     itemsize = np.dtype(dt).itemsize if dt else 1
     where = "before its start" if offset < 0 else "past its end" if offset >= nbytes else "inside"
     elem = f", element {offset // itemsize}" if itemsize > 1 else ""
-    return (f"buffer of shape {shape} dtype {dt} ({nbytes} bytes) at byte offset {offset}{elem} ({where})")
+    return (f"buffer of shape {shape} dtype {dt} ({nbytes} bytes, placement {place}) at byte offset "
+            f"{offset}{elem} ({where})")
 
 
 def _check_canaries(kname):

@@ -399,12 +399,14 @@ def test_emu_interleave_is_reproducible(mod):
     assert outs[0] == outs[1]
 
 
+@pytest.mark.parametrize("place", ["end", "start", "exact"])
 @pytest.mark.parametrize("n,idx", [(1000, 1000), (1000, 1001), (1000, 6000), (1001, 1001), (1001, 1003),
                                    (1000, -1), (1001, -3), (1024, -1000)])
-def test_emu_out_of_bounds_write(mod, n, idx):
-    """Past the end: the guard region (data flush against it when the size is a multiple of 16
-    bytes) or the canaries of the rounding tail; before the start: the canaries or the guard."""
-    x = emu.device_zeros(n, np.float32)
+def test_emu_out_of_bounds_write(mod, n, idx, place):
+    """Caught under every placement: where the data is flush against a guard region, by the fault;
+    elsewhere (the slack before or after the data, the rounding tail) by the canaries."""
+    with emu.placement(place):
+        x = emu.device_zeros(n, np.float32)
     with pytest.raises(emu.EmulatorError) as ei:
         mod.get_function("f_oob_write")((1,), (32,), (x, np.int32(0), np.int32(idx)))
     msg = str(ei.value)
@@ -427,6 +429,95 @@ def test_emu_out_of_bounds_read(mod, off):
     assert "f_oob_read" in msg and "thread (5,0,0)" in msg and "block (0,0,0)" in msg
     assert "(1024,)" in msg and "float32" in msg
     _ok_after(mod)
+
+
+# (n, index read, the placements under which the read faults): "start" puts the guard right before
+# x[0]; "end" right after the data rounded up to 16 bytes; "exact" right after the data itself.
+OOB_READS = [
+    (1000, -1, {"start"}),
+    (3, -1, {"start"}),
+    (3, 3, {"exact"}),             # inside the 16-byte rounding tail (12 bytes of data)
+    (1001, 1001, {"exact"}),       # inside the rounding tail of a 4004-byte buffer
+    (1001, 1004, {"end", "exact"}),  # the first element past the rounding tail
+    (1000, 1000, {"end", "exact"}),  # a multiple of 16 bytes: no tail
+    (1024, 1024, {"end", "start", "exact"}),  # exactly one page: flush against both guards
+    (1024, -1, {"end", "start", "exact"}),
+]
+
+
+@pytest.mark.parametrize("n,idx,caught_under", OOB_READS)
+def test_emu_out_of_bounds_read_placement(mod, n, idx, caught_under):
+    """The same out-of-bounds read, with the buffer placed against each guard in turn: caught, with
+    the kernel, the thread, the buffer and the offset, exactly under the placements that put a guard
+    there (elsewhere it reads canary bytes unnoticed, as docs/emulator.md says)."""
+    for place in ("end", "start", "exact"):
+        with emu.placement(place):
+            x = emu.to_device(np.ones(n, np.float32))
+        out = emu.device_zeros(1, np.float32)
+        args = (x, out, np.int32(n), np.int32(idx - n))
+        if place not in caught_under:
+            mod.get_function("f_oob_read")((1,), (32,), args)
+            assert out[0] != 1.0  # a canary, not data
+            continue
+        with pytest.raises(emu.EmulatorError) as ei:
+            mod.get_function("f_oob_read")((1,), (32,), args)
+        msg = str(ei.value)
+        assert "f_oob_read" in msg and "thread (5,0,0)" in msg and "block (0,0,0)" in msg, msg
+        assert f"buffer of shape ({n},) dtype float32 ({4 * n} bytes, placement {place})" in msg, msg
+        assert f"byte offset {4 * idx}, element {idx} ({'before its start' if idx < 0 else 'past its end'})" in msg
+        _ok_after(mod)
+
+
+def test_emu_alternate_placement_covers_both_ends(mod):
+    """The default placement alternates between the end and the start guard by allocation, so of two
+    buffers allocated in a row, one catches a read just before its start and the other a read just
+    past its end; writes are caught on both sides of both (canaries)."""
+    if not os.environ.get("CUPY_COSATTN_EMU_PLACE", "").strip():
+        assert emu.get_placement() == "alternate"
+    n = 1000  # 4000 bytes: a multiple of 16, so "end" has no rounding tail
+    with emu.placement("alternate"):
+        xs = [emu.to_device(np.ones(n, np.float32)) for _ in range(2)]
+    out = emu.device_zeros(1, np.float32)
+
+    def caught(kernel, x, idx):
+        try:
+            mod.get_function(kernel)((1,), (32,), (x, out, np.int32(0), np.int32(idx)) if kernel == "f_oob_read"
+                                     else (x, np.int32(0), np.int32(idx)))
+        except emu.EmulatorError:
+            return True
+        return False
+
+    before = [caught("f_oob_read", x, -1) for x in xs]
+    after = [caught("f_oob_read", x, n) for x in xs]
+    assert sorted(before) == [False, True] and after == [not b for b in before]
+    for x in xs:
+        assert caught("f_oob_write", x, -1) and caught("f_oob_write", x, n)
+
+
+def test_emu_placement_settings():
+    old = emu.get_placement()
+    with emu.placement("start"):
+        assert emu.get_placement() == "start"
+        emu.set_placement("exact")
+        assert emu.get_placement() == "exact"
+    assert emu.get_placement() == old
+    with pytest.raises(ValueError, match="unknown placement"):
+        emu.set_placement("middle")
+    assert emu.get_placement() == old
+    with emu.placement("exact"):
+        a = emu.device_empty(3, np.float32)
+    assert emu.device_ptr(a) % 16 == 4  # exact: ends at the guard, so only 4-byte aligned
+    for place in ("end", "start", "alternate"):
+        with emu.placement(place):
+            assert all(emu.device_ptr(emu.device_empty(k, np.float32)) % 16 == 0 for k in (1, 3, 5, 1000))
+    code = "from cupy_cosattn import emulator as e; print(e.get_placement())"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                       env={**os.environ, "CUPY_COSATTN_EMU_PLACE": "start"})
+    assert r.stdout.strip() == "start", r.stderr
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                       env={**os.environ, "CUPY_COSATTN_EMU_PLACE": "sideways"})
+    assert r.returncode != 0 and "CUPY_COSATTN_EMU_PLACE" in r.stderr
 
 
 def test_emu_plain_numpy_argument_is_guarded_too(mod):

@@ -12,7 +12,9 @@
 //    that retires it (interleave mode: half of the copies, seeded, land at once, at issue).
 //  * Guarded allocations (PROT_NONE pages on both sides, canaries in the slack) for global memory
 //    and dynamic shared memory; a fault inside a kernel is caught (signal handler on an alternate
-//    stack, siglongjmp back to the worker's scheduler) and reported, and the process goes on.
+//    stack, siglongjmp back to the worker's scheduler) and reported, and the process goes on. A
+//    global buffer sits flush against its end guard or its start guard (the placement, chosen per
+//    allocation by the caller), so that out-of-bounds reads on either side fault.
 //  * Interleave mode: a seeded random choice of the next runnable thread at every scheduling point,
 //    so races between barriers show up as seed-dependent results.
 #include <atomic>
@@ -278,12 +280,28 @@ std::string block_prefix(const Block* B) {
 
 // ---------------------------------------------------------------------------------------------
 // Guarded allocations.
+//
+// The accessible pages [lo, hi) between the two guard regions hold the data and canary bytes in
+// every byte that is not data. Where the data sits (the placement, see caemu_alloc):
+//   end    the data ends flush against the end guard after its size is rounded up to 16 bytes
+//          (16-byte aligned): a read past the end faults unless it is inside the rounding tail;
+//          canaries before the data and in the tail.
+//   start  the data starts flush against the start guard (page aligned): a read before the start
+//          faults; canaries after the data, up to the end of the page.
+//   exact  the data ends exactly at the end guard, with no rounding: a read of even one byte past
+//          the end faults, but the data is aligned only to the largest power of two dividing its
+//          size (4 bytes for 3 floats), not to 16 bytes as cudaMalloc's pointers are.
+// Writes into the canary bytes are found by caemu_check_canaries after every launch.
+enum Placement : int { P_END = 0, P_START = 1, P_EXACT = 2 };
 struct Alloc {
   int64_t id;
   char* map;
   size_t maplen;
   unsigned char* data;
-  size_t nbytes, rounded;
+  size_t nbytes;
+  int placement;
+  unsigned char* lo() const { return (unsigned char*)map + kGuard; }
+  unsigned char* hi() const { return (unsigned char*)map + maplen - kGuard; }
 };
 std::mutex g_alloc_mu;
 std::map<uintptr_t, Alloc> g_allocs;  // keyed by map start
@@ -291,9 +309,8 @@ int64_t g_next_id = 1;
 const unsigned char kCanary = 0xCB;
 
 void arm(const Alloc& a) {
-  unsigned char* lo = (unsigned char*)a.map + kGuard;
-  memset(lo, kCanary, a.data - lo);
-  memset(a.data + a.nbytes, kCanary, a.rounded - a.nbytes);
+  memset(a.lo(), kCanary, a.data - a.lo());
+  memset(a.data + a.nbytes, kCanary, a.hi() - (a.data + a.nbytes));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1130,7 +1147,7 @@ void install_handlers() {
 // C API used by cupy_cosattn/emulator.py.
 extern "C" {
 
-int caemu_abi_version(void) { return 2; }
+int caemu_abi_version(void) { return 3; }
 
 void caemu_configure(size_t stack_bytes) {
   std::lock_guard<std::mutex> lk(g_launch_mu);
@@ -1202,7 +1219,9 @@ int caemu_launch(void* entry, const char* name, const unsigned* grid, const unsi
   return res->code;
 }
 
-void* caemu_alloc(size_t nbytes, int64_t* id_out) {
+// *placement: 0 end, 1 start, 2 exact (see Alloc above), or 3 alternate: end for odd allocation ids,
+// start for even ones. On return it holds the placement used. Returns the data pointer and the id.
+void* caemu_alloc(size_t nbytes, int* placement, int64_t* id_out) {
   size_t page = (size_t)sysconf(_SC_PAGESIZE);
   size_t rounded = (nbytes + 15) & ~(size_t)15;
   size_t data_pages = (rounded + page - 1) / page * page;
@@ -1217,11 +1236,20 @@ void* caemu_alloc(size_t nbytes, int64_t* id_out) {
   Alloc a;
   a.map = map;
   a.maplen = maplen;
-  a.data = (unsigned char*)map + kGuard + data_pages - rounded;
   a.nbytes = nbytes;
-  a.rounded = rounded;
   std::lock_guard<std::mutex> lk(g_alloc_mu);
   a.id = g_next_id++;
+  int want = *placement;
+  if (want == 3) want = (a.id & 1) ? P_END : P_START;
+  a.placement = want == P_START || want == P_EXACT ? want : P_END;
+  *placement = a.placement;
+  unsigned char* lo = (unsigned char*)map + kGuard;
+  if (a.placement == P_START)
+    a.data = lo;
+  else if (a.placement == P_EXACT)
+    a.data = lo + data_pages - nbytes;
+  else
+    a.data = lo + data_pages - rounded;
   arm(a);
   g_allocs[(uintptr_t)map] = a;
   *id_out = a.id;
@@ -1245,17 +1273,16 @@ int caemu_check_canaries(int64_t* ids, int64_t* offsets, int max) {
   int bad = 0;
   for (auto& kv : g_allocs) {
     const Alloc& a = kv.second;
-    unsigned char* lo = (unsigned char*)a.map + kGuard;
     int64_t off = 0;
     bool found = false;
-    for (unsigned char* p = lo; p < a.data; ++p)
+    for (unsigned char* p = a.lo(); p < a.data; ++p)
       if (*p != kCanary) {
         off = (int64_t)(p - a.data);
         found = true;
         break;
       }
     if (!found)
-      for (unsigned char* p = a.data + a.nbytes; p < a.data + a.rounded; ++p)
+      for (unsigned char* p = a.data + a.nbytes; p < a.hi(); ++p)
         if (*p != kCanary) {
           off = (int64_t)(p - a.data);
           found = true;
