@@ -744,7 +744,8 @@ class RawModule:
         entries_auto = entries + [(short, q) for q, short in auto if short not in known and q not in known]
         base = [_cxx(), "-O2", "-std=c++17", "-fPIC", "-shared", "-fno-strict-aliasing", "-fstack-clash-protection",
                 "-Wno-unknown-pragmas",
-                "-DCA_EMULATOR", f"-I{CUDA_SRC}"] + flags + extra + ["-include", str(_SHIM)]
+                # cuda_src/emu/ first: its cuda_fp16.h / cuda_bf16.h stand in for CUDA's
+                "-DCA_EMULATOR", f"-I{_EMU_DIR}", f"-I{CUDA_SRC}"] + flags + extra + ["-include", str(_SHIM)]
         digest = hashlib.sha256()
         for part in (_ABI, _compiler_id(), "\0".join(base), _shim_digest(),
                      _headers_digest([CUDA_SRC] + incdirs), self.code, "\0".join(exprs)):

@@ -27,6 +27,8 @@ from cupy_cosattn import emulator as emu
 
 SRC = r"""
 #include "common.cuh"
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
 
 template <int N, bool TRANS>
 __global__ void t_ldmatrix(const uint16_t* rows, const int* row_of_lane, uint32_t* out) {
@@ -111,6 +113,39 @@ extern "C" __global__ void t_convert(const float* x, const uint16_t* h, int n, u
   h2f[i] = ca::to_float(hh);
   bf2f[i] = ca::to_float(bb);
   packed[i] = ca::pack2<ca::half_t>(x[i], -x[i]);
+}
+
+// The cuda_fp16.h / cuda_bf16.h spelling: __half and __nv_bfloat16 arrays, scalars and conversions.
+extern "C" __global__ void t_cuda_fp16(const float* x, const __half* h, const __nv_bfloat16* b, int n,
+                                       __half* f16, __nv_bfloat16* bf16, float* h2f, float* b2f,
+                                       uint32_t* implicit_ok, __half hs, __nv_bfloat16 bs, float* scalars) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i == 0) {
+    scalars[0] = __half2float(hs);
+    scalars[1] = __bfloat162float(bs);
+  }
+  if (i >= n) return;
+  f16[i] = __float2half_rn(x[i]);
+  bf16[i] = __float2bfloat16_rn(x[i]);
+  h2f[i] = __half2float(h[i]);
+  b2f[i] = __bfloat162float(b[i]);
+  // the other spellings give the same bits: __float2half, the implicit conversions, raw access
+  __half hi = x[i];
+  __nv_bfloat16 bi = x[i];
+  float hw = h[i], bw = b[i];
+  uint32_t ok = 0;
+  ok |= (__half_as_ushort(__float2half(x[i])) == __half_as_ushort(f16[i])) << 0;
+  ok |= (__half_as_ushort(hi) == __half_as_ushort(f16[i])) << 1;
+  ok |= (__bfloat16_as_ushort(__float2bfloat16(x[i])) == __bfloat16_as_ushort(bf16[i])) << 2;
+  ok |= (__bfloat16_as_ushort(bi) == __bfloat16_as_ushort(bf16[i])) << 3;
+  ok |= (__float_as_uint(hw) == __float_as_uint(h2f[i])) << 4;
+  ok |= (__float_as_uint(bw) == __float_as_uint(b2f[i])) << 5;
+  ok |= (static_cast<__half_raw>(f16[i]).x == __half_as_ushort(f16[i])) << 6;
+  ok |= (__half_as_ushort(__ushort_as_half(0x3c00)) == 0x3c00 && (float)__ushort_as_half(0x3c00) == 1.0f) << 7;
+  half alias = __float2half_rn(2.0f);
+  nv_bfloat16 balias = __float2bfloat16_rn(2.0f);
+  ok |= ((float)alias == 2.0f && (float)balias == 2.0f) << 8;
+  implicit_ok[i] = ok;
 }
 """
 
@@ -397,15 +432,18 @@ def test_emu_conversions(mod):
         exp_b = x.astype(ml_dtypes.bfloat16)
     nan = np.isnan(x)
     np.testing.assert_array_equal(f16[~nan], exp_h.view(np.uint16)[~nan])
-    assert np.isnan(f16.view(np.float16)[nan]).all()
+    assert (f16[nan] == 0x7FFF).all()  # the GPU's canonical NaN
     np.testing.assert_array_equal(bf16[~nan], exp_b.view(np.uint16)[~nan])
-    assert np.isnan(bf16.view(ml_dtypes.bfloat16)[nan].astype(np.float32)).all()
+    assert (bf16[nan] == 0x7FFF).all()
     exp_t = _tf32_rna_reference(x)
     np.testing.assert_array_equal(tf32[~nan], exp_t.view(np.uint32)[~nan])
     assert np.isnan(tf32.view(np.float32)[nan]).all()
     assert ((tf32 & 0x1FFF) == 0).all()
-    # widening: exact, bit for bit (nan payloads included) against numpy / ml_dtypes
-    np.testing.assert_array_equal(h2f.view(np.uint32), hbits.view(np.float16).astype(np.float32).view(np.uint32))
+    # widening: exact, bit for bit against numpy / ml_dtypes; a binary16 NaN gives the canonical NaN
+    hnan = np.isnan(hbits.view(np.float16))
+    np.testing.assert_array_equal(h2f.view(np.uint32)[~hnan],
+                                  hbits.view(np.float16).astype(np.float32).view(np.uint32)[~hnan])
+    assert (h2f.view(np.uint32)[hnan] == 0x7FFFFFFF).all()
     bfw = hbits.view(ml_dtypes.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(bf2f.view(np.uint32)[~np.isnan(bfw)], bfw.view(np.uint32)[~np.isnan(bfw)])
     assert np.isnan(bf2f[np.isnan(bfw)]).all()
@@ -416,8 +454,65 @@ def test_emu_conversions(mod):
     np.testing.assert_array_equal(packed[~nan], exp_p[~nan])
 
 
+def test_emu_cuda_fp16_bf16_types(mod):
+    """__half / __nv_bfloat16 (cuda_fp16.h / cuda_bf16.h) under the emulator: __float2half_rn and
+    __float2bfloat16_rn bit for bit against NumPy float16 and ml_dtypes.bfloat16 over ties (normal and
+    subnormal), subnormals, overflow to inf, inf and fp32 noise; NaN gives the GPU's canonical NaN
+    0x7fff. __half2float over every binary16 pattern (exact; NaN -> 0x7fffffff) and __bfloat162float
+    over every bfloat16 pattern (a bit move, NaN payloads kept)."""
+    # binary16 results by hand: ties to even, the largest finite, overflow, the subnormal range
+    spot = {1.0 + 2.0**-11: 0x3C00, 1.0 + 3 * 2.0**-11: 0x3C02, 65504.0: 0x7BFF, 65519.0: 0x7BFF,
+            65520.0: 0x7C00, -65520.0: 0xFC00, 1e6: 0x7C00, 2.0**-24: 0x0001, 2.0**-25: 0x0000,
+            2.0**-24 * 1.5: 0x0002, 2.0**-24 * 2.5: 0x0002, 2.0**-14 - 2.0**-25: 0x0400, -0.0: 0x8000}
+    x = _conversion_inputs()
+    extra = np.array([np.inf, -np.inf, 3.3895314e38, 3.4028235e38, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, *spot],
+                     np.float32)
+    # NaNs of both signs, quiet and signalling, with payloads
+    nans = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FBFFFFF, 0x7FFFFFFF, 0x7FC01234],
+                    np.uint32).view(np.float32)
+    x = np.concatenate([x, extra, nans])
+    patterns = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    n = max(x.size, patterns.size)
+    x = np.resize(x, n)
+    hb = np.resize(patterns, n)
+    f16 = emu.device_zeros(n, np.float16)
+    bf16 = emu.device_zeros(n, ml_dtypes.bfloat16)
+    h2f = emu.device_zeros(n, np.float32)
+    b2f = emu.device_zeros(n, np.float32)
+    ok = emu.device_zeros(n, np.uint32)
+    scalars = emu.device_zeros(2, np.float32)
+    mod.get_function("t_cuda_fp16")(((n + 255) // 256,), (256,), (
+        emu.to_device(x), emu.to_device(hb.view(np.float16)), emu.to_device(hb.view(ml_dtypes.bfloat16)),
+        np.int32(n), f16, bf16, h2f, b2f, ok, np.float16(-1.5), ml_dtypes.bfloat16(3.25), scalars))
+    nan = np.isnan(x)
+    assert nan.any() and np.isinf(x).any() and (np.abs(x[~nan]) > 65520).any()
+    with np.errstate(all="ignore"):
+        exp_h = x.astype(np.float16).view(np.uint16)
+        exp_b = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+    got_h, got_b = f16.view(np.uint16), bf16.view(np.uint16)
+    np.testing.assert_array_equal(got_h[~nan], exp_h[~nan])
+    np.testing.assert_array_equal(got_b[~nan], exp_b[~nan])
+    assert (got_h[nan] == 0x7FFF).all() and (got_b[nan] == 0x7FFF).all()
+    for v, bits in spot.items():
+        i = np.flatnonzero(x.view(np.uint32) == np.float32(v).view(np.uint32))[0]
+        assert got_h[i] == bits, (v, hex(got_h[i]))
+    # widening: every pattern
+    hnan = np.isnan(hb.view(np.float16))
+    exp_hw = hb.view(np.float16).astype(np.float32).view(np.uint32)
+    np.testing.assert_array_equal(h2f.view(np.uint32)[~hnan], exp_hw[~hnan])
+    assert (h2f.view(np.uint32)[hnan] == 0x7FFFFFFF).all()
+    bnan = np.isnan(hb.view(ml_dtypes.bfloat16).astype(np.float32))
+    exp_bw = hb.view(ml_dtypes.bfloat16).astype(np.float32).view(np.uint32)
+    np.testing.assert_array_equal(b2f.view(np.uint32)[~bnan], exp_bw[~bnan])
+    np.testing.assert_array_equal(b2f.view(np.uint32), hb.astype(np.uint32) << 16)
+    # the other spellings agree, and by-value __half / __nv_bfloat16 arguments arrive intact
+    assert (ok == 0x1FF).all(), np.unique(ok)
+    np.testing.assert_array_equal(scalars, [-1.5, 3.25])
+
+
 def test_emu_f16_all_patterns_roundtrip(mod):
-    """Every binary16 pattern widens exactly and narrows back to itself (nan stays nan)."""
+    """Every binary16 pattern widens exactly and narrows back to itself (a NaN becomes the canonical
+    NaN, 0x7fffffff widened and 0x7fff narrowed)."""
     h = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
     x = h.view(np.float16).astype(np.float32)
     n = h.size
@@ -426,4 +521,6 @@ def test_emu_f16_all_patterns_roundtrip(mod):
     f16, _, _, h2f, _, _ = outs
     nan = np.isnan(x)
     np.testing.assert_array_equal(f16[~nan], h[~nan])
-    np.testing.assert_array_equal(h2f.view(np.uint32), x.view(np.uint32))
+    assert (f16[nan] == 0x7FFF).all()
+    np.testing.assert_array_equal(h2f.view(np.uint32)[~nan], x.view(np.uint32)[~nan])
+    assert (h2f.view(np.uint32)[nan] == 0x7FFFFFFF).all()

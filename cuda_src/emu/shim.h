@@ -5,7 +5,9 @@
 // functions below that involve more than one thread (barriers, shuffles, ldmatrix, mma) call into
 // the runtime, which blocks the calling fiber until every participant has arrived and then computes
 // the result exactly as the PTX ISA describes it. Pure per-thread operations (conversions, math,
-// atomics) are defined inline here.
+// atomics) are defined inline here, and so are the __half and __nv_bfloat16 types of cuda_fp16.h and
+// cuda_bf16.h (emu/cuda_fp16.h and emu/cuda_bf16.h, found first on the emulator's include path, only
+// include this file).
 #pragma once
 #ifndef CA_EMULATOR
 #error "emu/shim.h is only for the CPU emulator build (-DCA_EMULATOR)"
@@ -240,14 +242,22 @@ namespace emu {
 inline float bits_to_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 inline uint32_t f32_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 
-// IEEE binary16 -> binary32 (exact).
+// NaN results. The GPU's conversions (cvt.f32.f16, cvt.rn.f16.f32, cvt.rn.bf16.f32) return the
+// canonical NaN, all ones but the sign (0x7fffffff, 0x7fff), whatever the input NaN's sign and
+// payload; NVIDIA's host implementations of __half2float, __float2half_rn and __float2bfloat16_rn in
+// cuda_fp16.hpp / cuda_bf16.hpp, written to give the device's results, do the same. (bf16 -> fp32 is
+// a bit move on the GPU and keeps every NaN as it is.)
+const uint32_t kCanonicalNanF32 = 0x7fffffffu;
+const uint16_t kCanonicalNan16 = 0x7fffu;
+
+// IEEE binary16 -> binary32 (exact; NaN -> canonical NaN).
 inline float f16_to_f32(uint16_t h) {
   uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
   uint32_t exp = (h >> 10) & 0x1fu;
   uint32_t man = h & 0x3ffu;
   uint32_t u;
   if (exp == 0x1f) {
-    u = sign | 0x7f800000u | (man << 13);  // inf, or nan keeping its payload
+    u = man ? kCanonicalNanF32 : sign | 0x7f800000u;  // nan, or inf
   } else if (exp != 0) {
     u = sign | ((exp + 112u) << 23) | (man << 13);
   } else if (man == 0) {
@@ -261,15 +271,12 @@ inline float f16_to_f32(uint16_t h) {
   return bits_to_f32(u);
 }
 
-// binary32 -> binary16, round to nearest even, with subnormals, overflow to inf, nan kept nan.
+// binary32 -> binary16, round to nearest even, with subnormals, overflow to inf, nan -> canonical nan.
 inline uint16_t f32_to_f16_rn(float f) {
   uint32_t u = f32_to_bits(f);
   uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
   uint32_t a = u & 0x7fffffffu;
-  if (a >= 0x7f800000u) {
-    if (a == 0x7f800000u) return sign | 0x7c00u;
-    return sign | 0x7e00u | (uint16_t)((a >> 13) & 0x3ffu);  // quiet nan
-  }
+  if (a >= 0x7f800000u) return a == 0x7f800000u ? (uint16_t)(sign | 0x7c00u) : kCanonicalNan16;
   if (a >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65536 -> inf
   int e = (int)(a >> 23) - 127;  // unbiased exponent
   if (e >= -14) {
@@ -292,10 +299,11 @@ inline uint16_t f32_to_f16_rn(float f) {
   return sign | (uint16_t)h;
 }
 
-// binary32 -> bfloat16, round to nearest even; nan stays nan (quieted).
+// binary32 -> bfloat16, round to nearest even (fp32 subnormals round like any other value; overflow
+// rounds to inf); nan -> canonical nan.
 inline uint16_t f32_to_bf16_rn(float f) {
   uint32_t u = f32_to_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return kCanonicalNan16;
   u += 0x7fffu + ((u >> 16) & 1u);
   return (uint16_t)(u >> 16);
 }
@@ -311,6 +319,9 @@ inline uint32_t f32_to_tf32_rna(float f) {
   u += 0x1000u;  // half an ulp of tf32 on the magnitude: ties go away from zero
   return u & 0xffffe000u;
 }
+
+// bfloat16 -> binary32: the bits moved to the upper half (exact, NaN payloads kept).
+inline float bf16_to_f32(uint16_t b) { return bits_to_f32((uint32_t)b << 16); }
 
 inline float exp2_approx(float x) { return exp2f(x); }
 
@@ -359,3 +370,63 @@ inline int arg_info(void (*)(A...), ArgInfo* out, int max) {
 }
 
 }  // namespace emu
+
+// ---------------------------------------------------------------------------------------------
+// __half and __nv_bfloat16 as cuda_fp16.h / cuda_bf16.h declare them (2-byte, 2-aligned, the raw
+// bits in a protected member; __half_raw / __nv_bfloat16_raw give access to them), with the
+// conversions to and from float. They round exactly as the GPU's cvt.rn instructions (the emu::
+// functions above): to nearest even, subnormals kept, overflow to inf, NaN to the canonical NaN.
+// As in CUDA, defining __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__ removes the
+// implicit conversions from and to float. No arithmetic operators or intrinsics (__hadd, __half2,
+// ...) are modelled: convert to float, compute, and convert back.
+struct __half_raw { unsigned short x; };
+struct __nv_bfloat16_raw { unsigned short x; };
+
+struct __align__(2) __half {
+ protected:
+  unsigned short __x;
+
+ public:
+  __half() = default;
+  constexpr __half(const __half_raw& r) : __x(r.x) {}
+  __half& operator=(const __half_raw& r) { __x = r.x; return *this; }
+  operator __half_raw() const { return __half_raw{__x}; }
+#if !defined(__CUDA_NO_HALF_CONVERSIONS__)
+  __half(float f) : __x(emu::f32_to_f16_rn(f)) {}
+  __half& operator=(float f) { __x = emu::f32_to_f16_rn(f); return *this; }
+  operator float() const { return emu::f16_to_f32(__x); }
+#endif
+};
+
+struct __align__(2) __nv_bfloat16 {
+ protected:
+  unsigned short __x;
+
+ public:
+  __nv_bfloat16() = default;
+  constexpr __nv_bfloat16(const __nv_bfloat16_raw& r) : __x(r.x) {}
+  __nv_bfloat16& operator=(const __nv_bfloat16_raw& r) { __x = r.x; return *this; }
+  operator __nv_bfloat16_raw() const { return __nv_bfloat16_raw{__x}; }
+#if !defined(__CUDA_NO_BFLOAT16_CONVERSIONS__)
+  __nv_bfloat16(float f) : __x(emu::f32_to_bf16_rn(f)) {}
+  __nv_bfloat16& operator=(float f) { __x = emu::f32_to_bf16_rn(f); return *this; }
+  operator float() const { return emu::bf16_to_f32(__x); }
+#endif
+};
+
+static_assert(sizeof(__half) == 2 && alignof(__half) == 2, "__half is 2 bytes");
+static_assert(sizeof(__nv_bfloat16) == 2 && alignof(__nv_bfloat16) == 2, "__nv_bfloat16 is 2 bytes");
+static_assert(std::is_trivially_copyable<__half>::value && std::is_trivially_copyable<__nv_bfloat16>::value,
+              "kernel arguments are copied bytewise");
+
+inline __half __ushort_as_half(unsigned short u) { return __half(__half_raw{u}); }
+inline unsigned short __half_as_ushort(__half h) { return static_cast<__half_raw>(h).x; }
+inline __half __float2half_rn(float f) { return __ushort_as_half(emu::f32_to_f16_rn(f)); }
+inline __half __float2half(float f) { return __float2half_rn(f); }  // round to nearest even too
+inline float __half2float(__half h) { return emu::f16_to_f32(__half_as_ushort(h)); }
+
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16(__nv_bfloat16_raw{u}); }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return static_cast<__nv_bfloat16_raw>(b).x; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __ushort_as_bfloat16(emu::f32_to_bf16_rn(f)); }
+inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }  // round to nearest even too
+inline float __bfloat162float(__nv_bfloat16 b) { return emu::bf16_to_f32(__bfloat16_as_ushort(b)); }
