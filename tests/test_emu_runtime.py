@@ -1,8 +1,10 @@
 """Emulator self-tests, part 2: end-to-end kernels built from the common.cuh primitives (a tiled
 ldmatrix + mma matmul with a cp.async double-buffered pipeline, a shuffle reduction, a cp.async copy
-with zero-filled tails), planted faults that must each be caught (missing barrier, out-of-bounds
-reads and writes, reading before cp.async lands, deadlock, partial-warp collectives, ...), argument
-marshalling (params structs by value, size checks), the build cache, and speed."""
+with zero-filled tails), __syncwarp ordering shared memory within a warp, planted faults that must
+each be caught (missing barrier or __syncwarp, out-of-bounds reads and writes under each placement of
+a buffer between its guards, reading before cp.async lands, deadlock, partial-warp collectives and
+__syncwarp waiting for a lane that never arrives, ...), argument marshalling (params structs by
+value, size checks), the build cache, and speed."""
 import os
 import subprocess
 import sys
@@ -207,6 +209,90 @@ extern "C" __global__ void f_stack(float* out, int n) {
 extern "C" __global__ void f_trap(float* out) {
   if (threadIdx.x == 7) __trap();
   out[threadIdx.x] = 1.f;
+}
+
+// ---- __syncwarp ----
+// Each warp passes values round a ring through shared memory, ordered by __syncwarp alone: lane l
+// writes its slot, syncs, reads its neighbour's (l + 1) and syncs again before the next round
+// overwrites its slot. syncs = 2 is correct; 1 drops the second __syncwarp (a write-after-read race:
+// a lane's next write can overwrite a slot its neighbour has not read yet); 0 drops both.
+extern "C" __global__ void w_ring(const int* x, int* out, int rounds, int syncs) {
+  __shared__ int s[4][32];
+  int t = threadIdx.x, w = t / 32, l = t % 32;
+  int v = x[t];
+  for (int r = 0; r < rounds; ++r) {
+    s[w][l] = v;
+    if (syncs >= 1) __syncwarp();
+    v = s[w][(l + 1) % 32] + 1;
+    if (syncs >= 2) __syncwarp();
+  }
+  out[t] = v;
+}
+
+// The two halves of a warp, each a ring of 16 ordered by __syncwarp with its own member mask.
+extern "C" __global__ void w_ring_halves(const int* x, int* out, int rounds) {
+  __shared__ int s[32];
+  int l = threadIdx.x;  // one warp
+  unsigned mask = l < 16 ? 0x0000ffffu : 0xffff0000u;
+  int base = l & 16;
+  int v = x[l];
+  for (int r = 0; r < rounds; ++r) {
+    s[l] = v;
+    __syncwarp(mask);
+    v = s[base + ((l + 1) & 15)] + 1;
+    __syncwarp(mask);
+  }
+  out[l] = v;
+}
+
+// Diverged lanes meet at different __syncwarp() call sites: allowed from sm_70 on (threads wait for
+// every thread of the mask to execute a __syncwarp with the same mask, not the same instruction).
+extern "C" __global__ void w_sites(const int* x, int* out) {
+  __shared__ int s[32];
+  int l = threadIdx.x;
+  if (l < 16) {
+    s[l] = 2 * x[l];
+    __syncwarp();
+    out[l] = s[31 - l];
+  } else {
+    s[l] = 3 * x[l];
+    __syncwarp();
+    out[l] = s[31 - l] + 1000;
+  }
+}
+
+// Lanes >= k of every warp leave the kernel; the others then __syncwarp() with the full mask.
+extern "C" __global__ void w_exited(int* out, int k) {
+  if (threadIdx.x % 32 >= k) return;
+  out[threadIdx.x] = 1;
+  __syncwarp();
+  out[threadIdx.x] = 2;
+}
+
+// Lanes < 16 wait at __syncwarp() for lanes that went to __syncthreads() / a shuffle instead.
+extern "C" __global__ void w_vs_barrier(int* out) {
+  if (threadIdx.x < 16) __syncwarp();
+  else __syncthreads();
+  out[threadIdx.x] = 1;
+}
+
+extern "C" __global__ void w_vs_shfl(int* out) {
+  int v = threadIdx.x;
+  if (threadIdx.x < 16) __syncwarp();
+  else v = __shfl_xor_sync(0xffffffffu, v, 1);
+  out[threadIdx.x] = v;
+}
+
+// The full mask in a block of 48 threads: lanes 16-31 of warp 1 do not exist.
+extern "C" __global__ void w_partial_last_warp(int* out) {
+  __syncwarp();
+  out[threadIdx.x] = 1;
+}
+
+// A mask that does not name the calling lane.
+extern "C" __global__ void w_not_self(int* out) {
+  if (threadIdx.x == 3) __syncwarp(0x1u);
+  out[threadIdx.x] = 1;
 }
 
 // ---- arguments ----
@@ -618,6 +704,80 @@ def test_emu_shared_mem_limit(mod):
     k((1,), (32,), (np.int32(0),), shared_mem=64 * 1024)
     with pytest.raises(emu.EmulatorError, match="invalid launch configuration"):
         k((1,), (2048,), (np.int32(0),))
+
+
+# ------------------------------------------------------------------------------------------------
+# __syncwarp
+
+def _ring_expected(x, rounds, group):
+    """After each round lane l holds its neighbour's (l + 1 within its group of `group` lanes) value + 1."""
+    v = x.copy()
+    idx = np.arange(x.size)
+    nb = idx - idx % group + (idx % group + 1) % group
+    for _ in range(rounds):
+        v = v[nb] + 1
+    return v
+
+
+def test_emu_syncwarp_orders_shared_memory_within_a_warp(mod):
+    x = np.arange(128, dtype=np.int32) * 7
+    xd = emu.to_device(x)
+    exp = _ring_expected(x, 5, 32)
+    wrong = {1: 0, 0: 0}
+    for seed in (None, 1, 2, 3, 4):
+        with emu.interleave(seed):
+            out = emu.device_zeros(128, np.int32)
+            mod.get_function("w_ring")((1,), (128,), (xd, out, np.int32(5), np.int32(2)))
+            np.testing.assert_array_equal(out, exp, err_msg=f"seed {seed}")
+            for syncs in (1, 0):
+                out = emu.device_zeros(128, np.int32)
+                mod.get_function("w_ring")((1,), (128,), (xd, out, np.int32(5), np.int32(syncs)))
+                wrong[syncs] += not np.array_equal(out, exp)
+    # without the __syncwarp()s the races show: the write-after-read one under most interleavings
+    assert wrong[0] == 5 and wrong[1] >= 3, wrong
+
+
+def test_emu_syncwarp_partial_masks_and_call_sites(mod):
+    x = np.arange(32, dtype=np.int32) * 5 + 1
+    for seed in (None, 1, 2, 3):
+        with emu.interleave(seed):
+            out = emu.device_zeros(32, np.int32)
+            mod.get_function("w_ring_halves")((1,), (32,), (emu.to_device(x), out, np.int32(7)))
+            np.testing.assert_array_equal(out, _ring_expected(x, 7, 16), err_msg=f"seed {seed}")
+            out = emu.device_zeros(32, np.int32)
+            mod.get_function("w_sites")((1,), (32,), (emu.to_device(x), out))
+            wrote = np.where(np.arange(32) < 16, 2 * x, 3 * x)
+            np.testing.assert_array_equal(out, wrote[::-1] + np.where(np.arange(32) < 16, 0, 1000))
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+@pytest.mark.parametrize("k", [16, 31])
+def test_emu_syncwarp_waiting_for_an_exited_lane(mod, k, seed):
+    """On the GPU a __syncwarp whose mask names an exited lane is undefined (typically a hang); here
+    it is an error naming the kernel, the warp, the lanes and __syncwarp."""
+    out = emu.device_zeros(64, np.int32)
+    with emu.interleave(seed), pytest.raises(emu.EmulatorError) as ei:
+        mod.get_function("w_exited")((1,), (64,), (out, np.int32(k)))
+    msg = str(ei.value)
+    assert "w_exited" in msg and "partial warp" in msg and "__syncwarp" in msg and "exited" in msg, msg
+    assert "0xffffffff" in msg, msg
+    _ok_after(mod)
+
+
+@pytest.mark.parametrize("seed", [None, 5])
+@pytest.mark.parametrize("kernel,block,what", [
+    ("w_vs_barrier", 32, "__syncthreads"),
+    ("w_vs_shfl", 32, "__shfl_xor_sync"),
+    ("w_partial_last_warp", 48, "do not exist"),
+    ("w_not_self", 32, "does not name the calling lane"),
+])
+def test_emu_syncwarp_with_a_lane_that_never_arrives(mod, kernel, block, what, seed):
+    out = emu.device_zeros(block, np.int32)
+    with emu.interleave(seed), pytest.raises(emu.EmulatorError) as ei:
+        mod.get_function(kernel)((1,), (block,), (out,))
+    msg = str(ei.value)
+    assert kernel in msg and "__syncwarp" in msg and what in msg, msg
+    _ok_after(mod)
 
 
 # ------------------------------------------------------------------------------------------------
