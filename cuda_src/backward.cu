@@ -17,7 +17,8 @@
 //                dK  += (scale_h dS^T) Qhat
 //                dQ  += (scale_h dS) Khat          (only when dq_atomic: fp32 atomicAdd)
 //   bwd_dq     deterministic mode's dQ: one block per (query tile, batch, query head), dQ in
-//              registers while streaming key tiles (recomputes S, P, dP, dS; no atomics anywhere).
+//              registers while streaming the key tiles that can be visible (recomputes S, P, dP, dS;
+//              no atomics anywhere). Fully masked key tiles are skipped here as in bwd_dkdv.
 //
 // No running maximum anywhere: P = exp(s - lse) is bounded by 1 because lse >= every visible logit
 // of its row, whatever the bias or the norm of q and k. dscale is not reduced here: since
@@ -524,7 +525,8 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD>::THREADS, 1) bwd_dkdv(const
 // =============================================================================================
 // bwd_dq (deterministic mode): grid x = query tile * n_chunks + chunk, y = (b, h). Each warp owns
 // 16 query rows and keeps their dQ columns [c0, c0 + DC) in registers; key tiles stream through
-// double-buffered shared memory. Every dq element is written exactly once: no atomics.
+// double-buffered shared memory, skipping those beyond the causal bound and those whose keys are all
+// masked (tile_any, as in the forward). Every dq element is written exactly once: no atomics.
 template <typename T, int D_PAD>
 __global__ void __launch_bounds__(QTraits<T, D_PAD>::THREADS, 1) bwd_dq(const BwdParams p) {
   typedef QTraits<T, D_PAD> C;
@@ -571,6 +573,15 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD>::THREADS, 1) bwd_dq(const Bw
 
     const T* gk = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
     const T* gv = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+    // The next key tile at or after kt that has an unmasked key: tiles whose keys are all masked are
+    // skipped (no loads, no math; their dS is 0 anyway, and NaN/Inf in their K or V never reaches dQ).
+    // Every thread reads the same flags, so the loop and the barriers below stay uniform.
+    const unsigned char* const tile_any = p.tile_any ? p.tile_any + b * p.tile_any_sb : nullptr;
+    auto next_tile = [&](int kt) {
+      if (tile_any != nullptr)
+        while (kt < n_kt && !tile_any[kt]) ++kt;
+      return kt;
+    };
 #define CA_BWD_Q_LOAD_STAGE(kt_, st_)                                                                  \
     {                                                                                                  \
       const int j0_ = (kt_) * BC;                                                                      \
@@ -585,18 +596,24 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD>::THREADS, 1) bwd_dq(const Bw
       cp_async_commit();                                                                               \
     }
 
-    if (n_kt > 0) {
+    // Visible tiles kt go through the stages alternately (stage = it & 1, it counting visible tiles
+    // only). Iteration it prefetches the next visible tile into stage (it + 1) & 1, which iteration
+    // it - 1 read and released with its closing barrier; the wait + barrier make tile kt's copies
+    // (and its sOk stores) visible before any read.
+    int kt = next_tile(0);
+    if (kt < n_kt) {
       const T* gq = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + (int64_t)i0 * p.q_sn;
       const T* gd = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + (int64_t)i0 * p.do_sn;
       load_rows_async<T, BR, D_PAD, SK, NTH>(sQ, gq, p.q_sn, p.Nq - i0, p.D, tid);
       load_rows_async<T, BR, D_PAD, SK, NTH>(sdO, gd, p.do_sn, p.Nq - i0, p.D, tid);
-      CA_BWD_Q_LOAD_STAGE(0, 0)  // one group with Q and dO
+      CA_BWD_Q_LOAD_STAGE(kt, 0)  // one group with Q and dO
     }
 
-    for (int kt = 0; kt < n_kt; ++kt) {
-      const int st = kt & 1;
-      if (kt + 1 < n_kt) {
-        CA_BWD_Q_LOAD_STAGE(kt + 1, st ^ 1)
+    for (int it = 0; kt < n_kt; ++it) {
+      const int st = it & 1;
+      const int kt_next = next_tile(kt + 1);
+      if (kt_next < n_kt) {
+        CA_BWD_Q_LOAD_STAGE(kt_next, st ^ 1)
         cp_async_wait<1>();
       } else {
         cp_async_wait<0>();
@@ -636,6 +653,7 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD>::THREADS, 1) bwd_dq(const Bw
       // dQ += (scale_h dS) Khat.
       gemm_ck<T, ND, NT>(acc_dq, acc_dp, cK, SK, c0, lane);
       __syncthreads();  // this stage may be refilled next iteration
+      kt = kt_next;
     }
 #undef CA_BWD_Q_LOAD_STAGE
 

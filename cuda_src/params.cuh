@@ -78,6 +78,8 @@ struct BwdParams {
   float* dvec;                // (B*H, nq_pad) written by bwd_prep
   const float* scale;         // (H,)
   const unsigned char* mask;  // (B, Nk) bool, True = may attend; null = no mask
+  const unsigned char* tile_any;  // bwd_dq: (B, ceil(Nk / QTraits::BC)) any key of (b, key tile)
+                                  // unmasked (launch.Backend.tile_any); null = every tile may be visible
   const void* bias;           // (Bb, Hb, Nq, Nk), dtype T or float32 (bias_f32); null = none
   void* dbias;                // where dS goes (dbias_mode), dtype float32 or T (dbias_f32)
   float* dq;                  // (B, H, Nq, D) fp32 dqhat
@@ -94,6 +96,7 @@ struct BwdParams {
   int64_t bias_sb, bias_sh, bias_sq;   // 0 for a broadcast dim; keys contiguous
   int64_t dbias_sb, dbias_sh, dbias_sq;
   int64_t mask_sb;
+  int64_t tile_any_sb;        // row length of tile_any (0 without it)
   int64_t n_y;                // work items along grid y (the kernel loops past gridDim.y)
   int B, H, Hk, Nq, Nk, D;
   int nq_pad;                 // row length of lse2 / dvec (a multiple of 128)

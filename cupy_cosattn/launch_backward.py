@@ -37,15 +37,15 @@ TARGET_BLOCKS = None  # a fixed block target instead of WAVES x SMs (tests)
 
 _PTR = np.uint64
 BWD_PARAMS = np.dtype(
-    [(f, _PTR) for f in ("q", "k", "v", "o", "dout", "lse", "lse2", "dvec", "scale", "mask", "bias", "dbias",
-                         "dq", "dk", "dv")]
+    [(f, _PTR) for f in ("q", "k", "v", "o", "dout", "lse", "lse2", "dvec", "scale", "mask", "tile_any", "bias",
+                         "dbias", "dq", "dk", "dv")]
     + [(f"{t}_s{d}", np.int64) for t in ("q", "k", "v", "o", "do") for d in ("b", "h", "n")]
     + [("lse_sb", np.int64), ("lse_sh", np.int64)]
     + [(f"dq_s{d}", np.int64) for d in ("b", "h", "n")]
     + [(f"dkv_s{d}", np.int64) for d in ("b", "h", "n")]
     + [("bias_sb", np.int64), ("bias_sh", np.int64), ("bias_sq", np.int64)]
     + [("dbias_sb", np.int64), ("dbias_sh", np.int64), ("dbias_sq", np.int64)]
-    + [("mask_sb", np.int64), ("n_y", np.int64)]
+    + [("mask_sb", np.int64), ("tile_any_sb", np.int64), ("n_y", np.int64)]
     + [(f, np.int32) for f in ("B", "H", "Hk", "Nq", "Nk", "D", "nq_pad", "causal", "bias_f32", "dbias_mode",
                                "dbias_f32", "dq_atomic", "dk_f32", "dv_f32", "nsplit", "heads_per_split",
                                "n_chunks")],
@@ -183,6 +183,8 @@ def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse):
     lse_d = be.to_device(lse.astype(f32, copy=False) if lse.dtype != f32 else lse)
     scale = be.device_scale(inp.scale)
     mask = be.device_mask(inp.mask)
+    # bwd_dq skips the key tiles (of its own size) whose keys are all masked; bwd_dkdv finds its own.
+    tiles = be.tile_any(inp.mask, qc.tile) if prob.deterministic else None
     bias, (bsb, bsh, bsq), bias_f32 = be.device_bias(inp.bias, prob)
 
     nq_pad = L.round_up(Nq, NQ_PAD)
@@ -219,7 +221,8 @@ def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse):
 
     common = dict(
         q=be.ptr(qhat), k=be.ptr(khat), v=be.ptr(v), o=be.ptr(O), dout=be.ptr(dO), lse=be.ptr(lse_d),
-        lse2=be.ptr(lse2), dvec=be.ptr(dvec), scale=be.ptr(scale), mask=be.ptr(mask), bias=be.ptr(bias),
+        lse2=be.ptr(lse2), dvec=be.ptr(dvec), scale=be.ptr(scale), mask=be.ptr(mask), tile_any=be.ptr(tiles),
+        bias=be.ptr(bias),
         dbias=be.ptr(dbias_buf), dq=be.ptr(dq), dk=be.ptr(dk), dv=be.ptr(dv),
         q_sb=H * Nq * Ds, q_sh=Nq * Ds, q_sn=Ds,
         k_sb=Hk * Nk * Ds, k_sh=Nk * Ds, k_sn=Ds,
@@ -231,7 +234,7 @@ def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse):
         dkv_sb=Hk * nsplit * Nk * Ds, dkv_sh=Nk * Ds, dkv_sn=Ds,
         bias_sb=bsb, bias_sh=bsh, bias_sq=bsq,
         dbias_sb=dbs[0], dbias_sh=dbs[1], dbias_sq=dbs[2],
-        mask_sb=Nk if mask is not None else 0,
+        mask_sb=Nk if mask is not None else 0, tile_any_sb=L.cdiv(Nk, qc.tile) if tiles is not None else 0,
         B=B, H=H, Hk=Hk, Nq=Nq, Nk=Nk, D=Ds, nq_pad=nq_pad, causal=int(prob.causal), bias_f32=int(bias_f32),
         dbias_mode=dbias_mode, dbias_f32=dbias_f32, dq_atomic=int(not prob.deterministic),
         dk_f32=int(dk_f32), dv_f32=int(dv_f32), nsplit=nsplit, heads_per_split=hps,
@@ -277,7 +280,7 @@ def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse):
             dbias_buf = dbias_buf.sum(axis=axes, keepdims=True)
         dbias = _finish(be, dbias_buf, Nk, np.dtype(inp.bias.dtype))
 
-    _keep_alive = (qhat, khat, v, dO, O, lse_d, scale, mask, bias)  # noqa: F841
+    _keep_alive = (qhat, khat, v, dO, O, lse_d, scale, mask, tiles, bias)  # noqa: F841
     return dq_out, dk_out, dv_out, dbias, dscale
 
 

@@ -188,6 +188,65 @@ def test_invisible_rows_and_keys_get_zero_gradient():
     assert np.all(dbias[1][..., ~m[1]] == 0)
 
 
+FWD_TOL = {"float16": 3e-3, "bfloat16": 2e-2, "float32": 1e-5}
+
+
+def skipped_tile_keys(dtype: str, D: int) -> int:
+    """A key range of this many keys, starting at a multiple of it, is a union of whole key tiles of
+    every kernel: the forward's (fwd_block_n on the emulated device), bwd_dkdv's key block and
+    bwd_dq's key tile. All are powers of two, so the largest is a multiple of the others."""
+    bn = launch.fwd_block_n(dtype, launch.head_dim_pad(D), launch.EMULATED_DEVICE.smem_optin)
+    dp = LB.head_dim_pad(D)
+    return max(bn, LB.kv_config(dtype, dp).rows, LB.q_config(dtype, dp).tile)
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_fully_masked_tile_is_never_read(dtype, where):
+    """K and V are NaN on keys that the mask hides as whole tiles (the first tile, or the last one,
+    which is partial): every kernel must skip those tiles (no loads, no math), so forward out/lse and
+    every gradient of both backward modes are finite and equal the reference computed without those
+    keys; the hidden keys get exactly zero dk, dv and dbias."""
+    D = 64
+    T = skipped_tile_keys(dtype, D)
+    Nk = 3 * T - 5
+    lo, hi = (0, T) if where == "first" else (2 * T, Nk)
+    args, kw, dout = make_case(31 + (where == "last"), B=2, H=2, Nq=40, Nk=Nk, D=D, dtype=dtype, bias="head")
+    q, k, v = args
+    rng = np.random.default_rng(7)
+    mask = np.ones((2, Nk), dtype=bool)
+    mask[1] = rng.random(Nk) < 0.7  # batch 1: random masking elsewhere too
+    mask[:, lo:hi] = False
+    k, v = k.copy(), v.copy()
+    k[:, :, lo:hi] = np.nan
+    v[:, :, lo:hi] = np.nan
+    kw = dict(kw, mask=mask)
+    keep = np.ones(Nk, dtype=bool)
+    keep[lo:hi] = False
+    args_r = (q, np.ascontiguousarray(k[:, :, keep]), np.ascontiguousarray(v[:, :, keep]))
+    kw_r = dict(kw, mask=np.ascontiguousarray(mask[:, keep]),
+                attn_bias=np.ascontiguousarray(kw["attn_bias"][..., keep]))
+
+    out, lse = api.forward(q, k, v, backend="emulator", **kw)
+    out_r, lse_r = api.forward(*args_r, backend="reference", **kw_r)
+    assert np.isfinite(np.asarray(out, dtype=np.float64)).all() and np.isfinite(lse).all()
+    assert rel_err(out, out_r) <= FWD_TOL[dtype] and rel_err(lse, lse_r) <= FWD_TOL[dtype]
+
+    ref = reference_grads(args_r, kw_r, dout)
+    den = dscale_term_norm(args_r, kw_r, dout)
+    tol = GRAD_TOL[dtype]
+    for det in (False, True):
+        got = api.backward(dout, q, k, v, out, lse, backend="emulator", **dict(kw, deterministic=det))
+        for name, g in zip(GRADS, got):
+            assert np.isfinite(np.asarray(g, dtype=np.float64)).all(), f"NaN/Inf in {name} ({det=})"
+        dq, dk, dv, dbias, dscale = (np.asarray(g, dtype=np.float64) for g in got)
+        assert np.all(dk[:, :, ~keep] == 0) and np.all(dv[:, :, ~keep] == 0) and np.all(dbias[..., ~keep] == 0)
+        errs = {"dq": rel_err(dq, ref[0]), "dk": rel_err(dk[:, :, keep], ref[1]), "dv": rel_err(dv[:, :, keep], ref[2]),
+                "dbias": rel_err(dbias[..., keep], ref[3]), "dscale": abs(float(dscale) - ref[4]) / den}
+        bad = {n: e for n, e in errs.items() if e > tol}
+        assert not bad, f"{det=}: rel errors above {tol:.0e}: {bad}"
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_single_key(deterministic):
     """Nk = 1: every query attends to its one key with p = 1, so dS = 0: dq and dk vanish (up to
