@@ -109,17 +109,24 @@ def check_grads(args, kw, dout, backend="emulator", tol=None):
 
 # ---------------------------------------------------------------------------------------------------
 # The grid: causal / mask / neither x bias (none, per head, per batch, full) x single kv head x D x
-# lengths x dtypes. One test per (dtype, D, length) runs the 24 flag combinations (alternately in
+# lengths x dtypes. One test per (dtype, D, length) runs the 24 flag combinations (half of them in
 # deterministic mode, with float32 biases on some), so a failure names them.
 
-GRID_FLAGS = [(mode, bias, kv1) for mode in ("none", "causal", "mask") for bias in (None, "head", "batch", "full")
-              for kv1 in (False, True)]
+GRID_MODES = ("none", "causal", "mask")
+GRID_BIASES = (None, "head", "batch", "full")
+GRID_FLAGS = [(mode, bias, kv1) for mode in GRID_MODES for bias in GRID_BIASES for kv1 in (False, True)]
+
+
+def grid_deterministic(mode, bias, kv1) -> bool:
+    """Deterministic mode on a checkerboard of (mode, bias, kv1): under every mode each bias kind and
+    each kv layout runs in both backward modes, and every (bias, kv layout) pair does too."""
+    return (GRID_MODES.index(mode) + GRID_BIASES.index(bias) + int(kv1)) % 2 == 1
 
 
 def _grid(backend, dtype, D, N):
     failures = []
     for i, (mode, bias, kv1) in enumerate(GRID_FLAGS):
-        det = i % 2 == 1
+        det = grid_deterministic(mode, bias, kv1)
         args, kw, dout = make_case(1000 * D + N + i, B=2, H=2, Nq=N, D=D, dtype=dtype, kv_3d=kv1,
                                    causal=mode == "causal", mask="random" if mode == "mask" else None, bias=bias,
                                    bias_f32=(i % 3 == 0), deterministic=det)
@@ -135,6 +142,18 @@ def _grid(backend, dtype, D, N):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_backward_grid(dtype, D, N):
     _grid("emulator", dtype, D, N)
+
+
+def test_grid_covers_both_modes_everywhere():
+    """The grid's deterministic flag is independent of the other flags: every (mode, kv layout),
+    (mode, bias) and (bias, kv layout) pair runs in both backward modes."""
+    dets = {f: grid_deterministic(*f) for f in GRID_FLAGS}
+    assert sum(dets.values()) == len(GRID_FLAGS) // 2
+    for a, b in ((0, 2), (0, 1), (1, 2)):
+        pairs = {}
+        for f, det in dets.items():
+            pairs.setdefault((f[a], f[b]), set()).add(det)
+        assert all(v == {False, True} for v in pairs.values()), (a, b, pairs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,15 +276,18 @@ def test_single_key(deterministic):
     assert np.allclose(dv, dout.sum(axis=2, keepdims=True), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
 def test_deterministic_is_bitwise_repeatable(dtype):
     """deterministic=True: two runs under different emulator interleavings (thread order inside a
-    block and block order) give bitwise equal gradients, GQA and a broadcast bias included."""
+    block and block order) give bitwise equal gradients, GQA and a broadcast bias included, for
+    every dtype."""
+    assert set(DTYPES) == {"float16", "bfloat16", "float32"}
     args, kw, dout = make_case(5, B=2, H=4, Hk=2, Nq=70, Nk=90, D=64, dtype=dtype, causal=True, bias="head",
                                deterministic=True)
     runs = []
     for seed in (1, 12345):
         with emulator.interleave(seed):
+            assert emulator.get_interleave() == seed
             runs.append(run_backward(args, kw, dout))
     for name, a, b in zip(GRADS, *runs):
         assert np.array_equal(np.asarray(a), np.asarray(b)), f"{name} differs between runs"
