@@ -8,9 +8,13 @@
 3. ``bwd_dkdv``: dK-hat, dV per key tile in registers (GQA heads summed in the block), dS -> dbias,
    and in the default (fast) mode dQ-hat by fp32 atomicAdd;
 4. ``bwd_dq`` (``deterministic=True`` only): dQ-hat per query tile in registers, no atomics;
-5. post-passes with ``xp``: partial dK/dV of query-head splits summed in a fixed order, dscale_h =
-   sum_i <qhat_i, dqhat_i> / scale_h (= sum_ij dS_ij <qhat_i, khat_j>), broadcast dbias summed,
-   and the gradient through the l2 norm (norm.cu ``l2norm_bwd``), or a cast to the input dtype.
+5. post-passes with ``xp``: partial dK/dV of query-head splits summed in a fixed order, broadcast
+   dbias summed, and the gradient through the l2 norm (norm.cu ``l2norm_bwd``), or a cast to the
+   input dtype;
+6. last, unless the caller opts out (``need_dscale=False``): dscale_h = sum_i <qhat_i, dqhat_i> /
+   scale_h (= sum_ij dS_ij <qhat_i, khat_j>), reduced on the device and copied to the host once
+   everything else is queued (the call's only device-to-host copy, so the host never waits for the
+   GPU between launches).
 
 Everything the kernels need is in one ``BwdParams`` struct (cuda_src/backward.cu), mirrored here by
 ``BWD_PARAMS``. Tile sizes are the kernels' ``KVTraits`` / ``QTraits``, mirrored by :func:`kv_config`
@@ -161,9 +165,14 @@ def _host(be, x):
     return x.get() if be.name == "cuda" else np.asarray(x)
 
 
-def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse):
+def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse, need_dscale: bool = True):
     """Gradients of one canonical problem on kernel backend `be` (a launch.Backend): (dq (B, H, Nq, D),
-    dk (B, Hk, Nk, D), dv, dbias (inp.bias.shape, bias dtype) | None, dscale float64 NumPy (H,))."""
+    dk (B, Hk, Nk, D), dv, dbias (inp.bias.shape, bias dtype) | None, dscale float64 NumPy (H,)).
+
+    dscale is reduced after every kernel is queued; its host copy is the call's only device-to-host
+    transfer (on the CUDA path the only point where the host waits for the GPU). With
+    ``need_dscale=False`` it is not computed at all and None is returned in its place (no reduction,
+    no copy, no wait): for callers whose scale is a constant (a float scale in torch)."""
     L.check_supported(prob)
     caps = be.device_caps()
     caps.check()
@@ -258,9 +267,6 @@ def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse):
                   (qc.threads, 1, 1), rec, qc.smem)
 
     # 4. Post-passes (fixed reduction orders throughout).
-    dscale = xp.sum(cast(xp, qhat, f32) * dq, axis=(0, 2, 3), dtype=np.float64)
-    dscale = _host(be, dscale) / np.asarray(inp.scale, dtype=np.float64)
-
     if nsplit > 1:
         dk = dk.reshape(B, Hk, nsplit, Nk, Ds).sum(axis=2)
         dv = dv.reshape(B, Hk, nsplit, Nk, Ds).sum(axis=2)
@@ -279,6 +285,14 @@ def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse):
             axes = tuple(i for i, n in enumerate(inp.bias.shape[:2]) if n == 1)
             dbias_buf = dbias_buf.sum(axis=axes, keepdims=True)
         dbias = _finish(be, dbias_buf, Nk, np.dtype(inp.bias.dtype))
+
+    # 5. dscale last: its reduction is queued behind everything above, and the copy to the host (a
+    # stream sync on the CUDA path) waits for work that is already queued instead of stalling the
+    # launches. Skipped entirely (None) when the caller does not need it.
+    dscale = None
+    if need_dscale:
+        dscale = xp.sum(cast(xp, qhat, f32) * dq, axis=(0, 2, 3), dtype=np.float64)
+        dscale = _host(be, dscale) / np.asarray(inp.scale, dtype=np.float64)
 
     _keep_alive = (qhat, khat, v, dO, O, lse_d, scale, mask, tiles, bias)  # noqa: F841
     return dq_out, dk_out, dv_out, dbias, dscale

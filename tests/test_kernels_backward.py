@@ -314,6 +314,30 @@ def test_grid_yz_limit_loops(monkeypatch):
         check_grads(args, kw, dout)
 
 
+def test_dscale_last_and_optional(monkeypatch):
+    """run_backward copies dscale to the host once, after every kernel is launched (no host wait
+    between launches on the CUDA path); need_dscale=False skips it (None) and changes nothing else."""
+    args, kw, dout = make_case(13, B=2, H=3, Nq=40, Nk=70, D=32, dtype="float16", mask="random", bias="batch",
+                               per_head_scale=True, deterministic=True)
+    prob, inp = problem.canonicalize(*args, **kw)
+    out, lse = api.forward(*args, backend="reference", **kw)
+    be = launch.Backend("emulator")
+    events = []
+    real_launch, real_host = be.launch, LB._host
+    monkeypatch.setattr(be, "launch", lambda *a, **k: (events.append("launch"), real_launch(*a, **k))[1])
+    monkeypatch.setattr(LB, "_host", lambda b, x: (events.append("host"), real_host(b, x))[1])
+    with_ds = LB.run_backward(be, prob, inp, dout, out, lse)
+    assert events.count("host") == 1 and events[-1] == "host" and events.count("launch") >= 4, events
+    events.clear()
+    without = LB.run_backward(be, prob, inp, dout, out, lse, need_dscale=False)
+    assert "host" not in events and without[4] is None
+    for name, a, b in zip(GRADS[:4], with_ds, without):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), name
+    ref = reference_grads(args, kw, dout)[4]
+    err = np.linalg.norm(with_ds[4] - ref) / np.linalg.norm(dscale_term_norm(args, kw, dout))
+    assert with_ds[4].shape == (3,) and with_ds[4].dtype == np.float64 and err <= GRAD_TOL["float16"]
+
+
 def test_forward_then_backward_emulated():
     """End to end on the emulator: forward's out and lse feed backward."""
     args, kw, dout = make_case(3, B=2, H=2, Nq=50, Nk=70, D=64, dtype="float16", causal=True, bias="head")
