@@ -77,7 +77,9 @@ def run_both(q, k, v, mask, bias, scale, kw, seed=1):
         if isinstance(t, torch.Tensor):
             t.grad = None
     out = cat.cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, scale=scale, **kw)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    # drawn on the CPU (the same numbers whatever the device), then moved to out's device and dtype
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(device=out.device,
+                                                                                    dtype=out.dtype)
     out.backward(dout)
     np_scale = to_np(scale).astype(np.float64) if isinstance(scale, torch.Tensor) else scale
     args = dict(mask=to_np(mask), attn_bias=to_np(bias), scale=np_scale, backend="reference", **kw)
