@@ -325,18 +325,27 @@ class _TorchMemory:
         return cupy.cuda.MemoryPointer(mem, 0)
 
 
+def _cupy_stream(cupy, ts, device_index: int):
+    """CuPy's handle on torch stream `ts` (of device `device_index`, which is current).
+
+    `cupy.cuda.Stream.from_external` (CuPy >= 14) takes any object with the CUDA stream protocol
+    (`__cuda_stream__`); it is used only when CuPy has it *and* torch's stream implements the protocol.
+    Otherwise the raw handle is wrapped in `cupy.cuda.ExternalStream`. Either way CuPy launches on
+    torch's stream and neither side owns the other's stream object."""
+    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(ts, "__cuda_stream__"):
+        return cupy.cuda.Stream.from_external(ts)
+    return cupy.cuda.ExternalStream(ts.cuda_stream, device_index)
+
+
 @contextlib.contextmanager
 def _torch_stream_and_memory(device: torch.device):
     """CuPy on `device`, on torch's current stream, allocating from torch's caching allocator."""
     import cupy
 
     ts = torch.cuda.current_stream(device)
-    if hasattr(cupy.cuda.Stream, "from_external"):
-        stream = cupy.cuda.Stream.from_external(ts)
-    else:  # CuPy < 14
-        stream = cupy.cuda.ExternalStream(ts.cuda_stream, device.index)
-    with cupy.cuda.Device(device.index), stream, cupy.cuda.using_allocator(_TorchMemory(device)):
-        yield cupy
+    with cupy.cuda.Device(device.index):  # the stream is wrapped with its own device current
+        with _cupy_stream(cupy, ts, device.index), cupy.cuda.using_allocator(_TorchMemory(device)):
+            yield cupy
 
 
 def _to_cupy(t: Optional[Tensor], shape=None):

@@ -292,6 +292,52 @@ def test_cpu_backend_setting():
     assert cat.get_cpu_backend() == "torch"
 
 
+# ----------------------------------------------------------------------------------- CuPy stream choice
+
+class _FakeStreamNS:
+    """Stand-in for the `cupy` module: cupy.cuda.Stream (with or without from_external) and
+    cupy.cuda.ExternalStream, recording how they were called."""
+
+    def __init__(self, with_from_external):
+        calls = self.calls = []
+
+        class Stream:
+            pass
+
+        if with_from_external:
+            Stream.from_external = staticmethod(lambda obj: calls.append(("from_external", obj)) or "S")
+
+        def external(ptr, device_id):
+            calls.append(("ExternalStream", ptr, device_id))
+            return "E"
+
+        self.cuda = type("cuda", (), dict(Stream=Stream, ExternalStream=staticmethod(external)))
+
+
+class _TorchStreamWithProtocol:
+    cuda_stream = 0xABC
+
+    def __cuda_stream__(self):
+        return (0, self.cuda_stream)
+
+
+class _TorchStreamWithoutProtocol:
+    cuda_stream = 0xDEF
+
+
+@pytest.mark.parametrize("cupy_has,torch_has", [(True, True), (True, False), (False, True), (False, False)])
+def test_cupy_stream_selection(cupy_has, torch_has):
+    """Stream.from_external only when CuPy has it and torch's stream speaks the CUDA stream protocol;
+    otherwise ExternalStream on the raw handle, with the device index."""
+    cp = _FakeStreamNS(cupy_has)
+    ts = (_TorchStreamWithProtocol if torch_has else _TorchStreamWithoutProtocol)()
+    got = cat._cupy_stream(cp, ts, 3)
+    if cupy_has and torch_has:
+        assert got == "S" and cp.calls == [("from_external", ts)]
+    else:
+        assert got == "E" and cp.calls == [("ExternalStream", ts.cuda_stream, 3)]
+
+
 # --------------------------------------------------------------------------------------- argument errors
 
 def _both_raise(torch_args, np_args, kw_torch=None, kw_np=None):
