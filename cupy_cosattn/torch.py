@@ -35,8 +35,8 @@ from . import api as _api
 from . import launch as _launch
 from . import problem as _problem
 
-__all__ = ["cosine_sim_attention", "forward", "OP_FORWARD", "OP_BACKWARD", "CPU_BACKENDS", "get_cpu_backend",
-           "set_cpu_backend", "cpu_backend"]
+__all__ = ["cosine_sim_attention", "forward", "OP_FORWARD", "OP_BACKWARD", "BACKENDS", "CPU_BACKENDS",
+           "get_cpu_backend", "set_cpu_backend", "cpu_backend"]
 
 OP_FORWARD = "cupy_cosattn::attn_fwd"
 OP_BACKWARD = "cupy_cosattn::attn_bwd"
@@ -509,15 +509,40 @@ def cpu_backend(name: str):
         set_cpu_backend(prev)
 
 
-def _bridge_for(q: Tensor):
-    """The bridge to a kernel backend for this call, or None for the torch CPU implementation."""
+# The `backend=` keyword: the NumPy/CuPy API's values, plus "torch" (the torch CPU implementation).
+BACKENDS = ("auto", "cuda", "torch", "emulator", "reference")
+
+
+def _check_backend(backend, q: Tensor) -> None:
+    """Raise ValueError, naming `backend`, for an unknown value or one that cannot run q's device."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dev = q.device.type
+    if backend == "cuda" and dev != "cuda":
+        raise ValueError(f"backend='cuda' runs CUDA tensors, but q is on {q.device} "
+                         f"(use backend='auto', 'torch', 'emulator' or 'reference')")
+    if backend in CPU_BACKENDS and dev == "cuda":
+        raise ValueError(f"backend={backend!r} runs CPU tensors, but q is on {q.device} (use backend='auto' or 'cuda')")
+    if backend in ("emulator", "reference") and dev != "cpu":
+        raise ValueError(f"backend={backend!r} runs CPU tensors, but q is on {q.device}")
+
+
+def _bridge_for(q: Tensor, backend: str = "auto"):
+    """The bridge to a kernel backend for this call, or None for the torch CPU implementation.
+
+    backend "auto": CUDA tensors run the fused kernels, others what `set_cpu_backend` chose ("torch" by
+    default); "cuda", "torch", "emulator", "reference" force that implementation (`_check_backend`)."""
+    _check_backend(backend, q)
     if q.device.type == "cuda":
         return _CupyBridge
-    if _cpu_backend == "torch":
+    name = _cpu_backend if backend == "auto" else backend
+    if name == "torch":
         return None
     if q.dtype == torch.float64:
-        raise TypeError(f"float64 tensors run only on the 'torch' CPU backend, not {_cpu_backend!r}")
-    return _NumpyBridge(_cpu_backend)
+        raise TypeError(f"float64 tensors run only on the 'torch' CPU backend, not {name!r}")
+    if q.device.type != "cpu":
+        raise ValueError(f"the {name!r} CPU backend runs CPU tensors, but q is on {q.device}")
+    return _NumpyBridge(name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -527,11 +552,11 @@ def _bridge_for(q: Tensor):
 @torch.library.custom_op(OP_FORWARD, mutates_args=())
 def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], attn_bias: Optional[Tensor],
               scale_t: Optional[Tensor], scale: float, attn_bias_batch_dim: bool, groups: int, causal: bool,
-              l2norm_qk: bool, deterministic: bool) -> Tuple[Tensor, Tensor]:
+              l2norm_qk: bool, deterministic: bool, backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """(out, lse): out like q, lse float32 of shape q.shape[:-1]. scale_t (if given) overrides scale."""
     prob, shapes = _check(q, k, v, mask, attn_bias, scale if scale_t is None else scale_t, attn_bias_batch_dim,
                           groups, causal, l2norm_qk, deterministic)
-    bridge = _bridge_for(q)
+    bridge = _bridge_for(q, backend)
     if bridge is not None:
         return _kernel_forward(bridge, prob, shapes, q, k, v, mask, attn_bias, scale_t, scale)
     return _cpu_forward(prob, shapes, q, k, v, mask, attn_bias, scale_t, scale)
@@ -539,7 +564,8 @@ def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], attn_bias
 
 @_attn_fwd.register_fake
 def _attn_fwd_fake(q, k, v, mask, attn_bias, scale_t, scale, attn_bias_batch_dim, groups, causal, l2norm_qk,
-                   deterministic):
+                   deterministic, backend="auto"):
+    _check_backend(backend, q)
     if _static(q, k, v, mask, attn_bias, scale_t):  # trace-time errors under torch.compile
         _check(q, k, v, mask, attn_bias, scale if scale_t is None else scale_t, attn_bias_batch_dim, groups, causal,
                l2norm_qk, deterministic)
@@ -549,12 +575,12 @@ def _attn_fwd_fake(q, k, v, mask, attn_bias, scale_t, scale, attn_bias_batch_dim
 @torch.library.custom_op(OP_BACKWARD, mutates_args=())
 def _attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
               attn_bias: Optional[Tensor], scale_t: Optional[Tensor], scale: float, attn_bias_batch_dim: bool,
-              groups: int, causal: bool, l2norm_qk: bool,
-              deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+              groups: int, causal: bool, l2norm_qk: bool, deterministic: bool,
+              backend: str = "auto") -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dbias, dscale); dbias is empty without a bias, dscale empty for a float scale."""
     prob, shapes = _check(q, k, v, mask, attn_bias, scale if scale_t is None else scale_t, attn_bias_batch_dim,
                           groups, causal, l2norm_qk, deterministic)
-    bridge = _bridge_for(q)
+    bridge = _bridge_for(q, backend)
     if bridge is not None:
         return _kernel_backward(bridge, prob, shapes, dout, q, k, v, out, lse, mask, attn_bias, scale_t, scale)
     return _cpu_backward(prob, shapes, dout, q, k, v, mask, attn_bias, scale_t, scale)
@@ -562,7 +588,8 @@ def _attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
 
 @_attn_bwd.register_fake
 def _attn_bwd_fake(dout, q, k, v, out, lse, mask, attn_bias, scale_t, scale, attn_bias_batch_dim, groups, causal,
-                   l2norm_qk, deterministic):
+                   l2norm_qk, deterministic, backend="auto"):
+    _check_backend(backend, q)
     dbias = _empty(q) if attn_bias is None else attn_bias.new_empty(attn_bias.shape)
     dscale = _empty(q) if scale_t is None else scale_t.new_empty(scale_t.shape)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dscale
@@ -581,7 +608,7 @@ def _backward(ctx, dout, _dlse):
     dq, dk, dv, dbias, dscale = torch.ops.cupy_cosattn.attn_bwd(dout, q, k, v, out, lse, mask, attn_bias, scale_t,
                                                                 *ctx.flags)
     return (dq, dk, dv, None, None if attn_bias is None else dbias, None if scale_t is None else dscale,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 _attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -600,13 +627,19 @@ def _autocast(x: Optional[Tensor], dtype: Optional[torch.dtype], keep_float32: b
     return x.to(dtype)
 
 
+def _autocast_available(device_type: str) -> bool:
+    """Whether autocast knows this device type (torch.is_autocast_enabled raises for e.g. "meta")."""
+    check = getattr(torch.amp, "is_autocast_available", None)
+    return True if check is None else bool(check(device_type))
+
+
 def forward(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=False, scale=_problem.DEFAULT_SCALE,
-            groups=1, causal=False, l2norm_qk=True, deterministic=False):
+            groups=1, causal=False, l2norm_qk=True, deterministic=False, backend="auto"):
     """(out, lse) with autograd through out; see `cosine_sim_attention`. lse (q.shape[:-1], float32) is
     the log-sum-exp of each row's visible logits (-inf for a row without one); it has no gradient."""
     if isinstance(q, Tensor):
         dev = q.device.type
-        if torch.is_autocast_enabled(dev):
+        if _autocast_available(dev) and torch.is_autocast_enabled(dev):
             dt = torch.get_autocast_dtype(dev)
             q, k, v = _autocast(q, dt), _autocast(k, dt), _autocast(v, dt)
             attn_bias = _autocast(attn_bias, dt, keep_float32=True)
@@ -615,13 +648,15 @@ def forward(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=False, sc
         _check(q, k, v, mask, attn_bias, scale, attn_bias_batch_dim, groups, causal, l2norm_qk, deterministic)
         if scale_t is None and not isinstance(scale, numbers.Real):
             raise TypeError(f"scale must be a float or a torch.Tensor of shape (H,), got {type(scale).__name__}")
+    _check_backend(backend, q)  # also while tracing: the value is a constant of the graph
     scale_f = 1.0 if scale_t is not None else float(scale)
     return torch.ops.cupy_cosattn.attn_fwd(q, k, v, mask, attn_bias, scale_t, scale_f, bool(attn_bias_batch_dim),
-                                           int(groups), bool(causal), bool(l2norm_qk), bool(deterministic))
+                                           int(groups), bool(causal), bool(l2norm_qk), bool(deterministic), backend)
 
 
 def cosine_sim_attention(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=False,
-                         scale=_problem.DEFAULT_SCALE, groups=1, causal=False, l2norm_qk=True, deterministic=False):
+                         scale=_problem.DEFAULT_SCALE, groups=1, causal=False, l2norm_qk=True, deterministic=False,
+                         backend="auto"):
     """Cosine-sim attention with autograd (DESIGN.md section 1).
 
     q: (B, H, Nq, D) or merged (BH, Nq, D); k, v: (B, Hk, Nk, D) with H % Hk == 0, (B, Nk, D) (one shared
@@ -632,9 +667,15 @@ def cosine_sim_attention(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_
     causal: bottom-right aligned (query i sees key j iff j <= i + Nk - Nq). l2norm_qk=False: q, k are
     already normalized. Rows without a visible key give 0 and contribute no gradient.
 
+    backend: "auto" (default): CUDA tensors run the fused kernels, CPU tensors the torch implementation
+    (or what `set_cpu_backend` chose). "cuda": the fused kernels (CUDA tensors only). "torch": the torch
+    implementation, "emulator" / "reference": the package's kernels on the CPU emulator / the float64
+    NumPy reference (CPU tensors only). Anything else raises ValueError.
+
     Returns out with q's shape and dtype. Under autocast, q, k, v (and a non-float32 bias) are cast to
     the autocast dtype first. CUDA tensors run the fused kernels; CPU tensors a torch implementation
     (float16, bfloat16, float32, and float64 for gradcheck).
     """
     return forward(q, k, v, mask=mask, attn_bias=attn_bias, attn_bias_batch_dim=attn_bias_batch_dim, scale=scale,
-                   groups=groups, causal=causal, l2norm_qk=l2norm_qk, deterministic=deterministic)[0]
+                   groups=groups, causal=causal, l2norm_qk=l2norm_qk, deterministic=deterministic,
+                   backend=backend)[0]

@@ -249,6 +249,44 @@ def test_kernel_glue_on_cpu_with_reference_backend(name, dtype):
             assert rel(g.float(), np.asarray(r, np.float64)) <= tol
 
 
+def backend_vs_default(backend, name="head-bias-per-head-scale", dtype=torch.float32):
+    """Run case `name` with `backend=` and with the default (no keyword, CPU backend "torch"), forward and
+    backward; returns (relative errors of out, dq, dk, dv, dbias, dscale against the default, the backends
+    the kernel entry points were called with)."""
+    q, k, v, mask, bias, scale, kw = make_case(name, dtype)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.detach().float().requires_grad_()
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    leaves = [t for t in (q, k, v, bias, scale) if isinstance(t, torch.Tensor)]
+    seen = []
+    fwd, bwd = cat._api.forward_canonical, cat._api.backward_canonical
+
+    def spy_fwd(prob, inp, be, out=None, lse=None):
+        seen.append(("fwd", be))
+        return fwd(prob, inp, be, out=out, lse=lse)
+
+    def spy_bwd(prob, inp, do, out, lse, be):
+        seen.append(("bwd", be))
+        return bwd(prob, inp, do, out, lse, be)
+
+    results = []
+    for b in (None, backend):
+        for t in leaves:
+            t.grad = None
+        extra = {} if b is None else dict(backend=b)
+        cat._api.forward_canonical, cat._api.backward_canonical = spy_fwd, spy_bwd
+        try:
+            out = cat.cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, scale=scale, **kw, **extra)
+            out.backward(dout)
+        finally:
+            cat._api.forward_canonical, cat._api.backward_canonical = fwd, bwd
+        results.append([out.detach().float()] + [t.grad.float() for t in leaves])
+        if b is None:
+            assert not seen, seen  # the default CPU path is the torch implementation: no kernel backend
+    errs = [rel(x, r.double().numpy()) for x, r in zip(results[1], results[0])]
+    return errs, seen
+
+
 _EMULATOR_CHILD = r"""
 import os, sys, traceback
 sys.path.insert(0, sys.argv[1])
@@ -256,7 +294,7 @@ code = 1
 try:
     import numpy as np, torch
     import cupy_cosattn.torch as cat
-    from test_torch import make_case, run_both, rel
+    from test_torch import make_case, run_both, rel, backend_vs_default
     for name in ("head-bias-per-head-scale", "merged-bias-mask-causal"):
         q, k, v, mask, bias, scale, kw = make_case(name, torch.float16)
         if isinstance(scale, torch.Tensor):
@@ -267,6 +305,12 @@ try:
             rel(g.float(), np.asarray(r, np.float64)) for g, r in zip(grads, rg) if g is not None and r is not None]
         print(name, errs, flush=True)
         assert errs[0] <= 3e-3 and max(errs[1:]) <= 1e-2, (name, errs)
+    # the backend= keyword (not the process-wide setting) runs the emulator, forward and backward
+    errs, seen = backend_vs_default("emulator", "gqa-groups-causal")
+    print("backend='emulator'", errs, seen, flush=True)
+    assert seen == [("fwd", "emulator"), ("bwd", "emulator")], seen
+    assert errs[0] <= 1e-5 and max(errs[1:]) <= 1e-4, errs
+    assert cat.get_cpu_backend() == "torch"
     code = 0
 except Exception:
     traceback.print_exc()
@@ -290,6 +334,81 @@ def test_cpu_backend_setting():
         with pytest.raises(TypeError, match="float64"):
             cat.cosine_sim_attention(q, q, q)
     assert cat.get_cpu_backend() == "torch"
+
+
+# ------------------------------------------------------------------------------------ the backend keyword
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+def test_backend_keyword_on_cpu_matches_default(backend):
+    """backend= on CPU tensors: "auto" and "torch" are the default torch implementation, "reference" runs
+    the kernel glue with the float64 reference, forward and backward (the keyword travels to the
+    backward op). "emulator" is checked the same way in test_kernel_glue_on_cpu_with_emulator_backend."""
+    errs, seen = backend_vs_default(backend)
+    assert errs[0] <= 1e-5 and max(errs[1:]) <= 1e-4, errs
+    if backend == "reference":
+        assert seen == [("fwd", "reference"), ("bwd", "reference")], seen
+    else:
+        assert seen == [], seen
+
+
+def test_backend_keyword_overrides_cpu_backend_setting():
+    q = torch.randn(1, 2, 4, 8, dtype=torch.float64)  # float64: only the torch implementation takes it
+    with cat.cpu_backend("reference"):
+        with pytest.raises(TypeError, match="float64"):
+            cat.cosine_sim_attention(q, q, q)  # auto: the process-wide setting
+        cat.cosine_sim_attention(q, q, q, backend="torch")  # the keyword wins
+
+
+@pytest.mark.parametrize("bad", ["CUDA", "numpy", "", None, 1, ("cuda",)])
+def test_backend_bad_value_raises_value_error(bad):
+    q = torch.zeros(1, 2, 3, 8)
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cuda'"):
+        cat.cosine_sim_attention(q, q, q, backend=bad)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cat.forward(q, q, q, backend=bad)
+    with pytest.raises(ValueError, match="backend must be one of"):  # the op itself checks too
+        torch.ops.cupy_cosattn.attn_fwd(q, q, q, None, None, None, 8.0, False, 1, False, True, False,
+                                        bad if isinstance(bad, str) else "bogus")
+
+
+def test_backend_cuda_needs_cuda_tensors():
+    q = torch.zeros(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="backend='cuda' runs CUDA tensors, but q is on cpu"):
+        cat.cosine_sim_attention(q, q, q, backend="cuda")
+    qm = q.to("meta")
+    with pytest.raises(ValueError, match="backend='reference' runs CPU tensors, but q is on meta"):
+        cat.cosine_sim_attention(qm, qm, qm, backend="reference")
+
+
+def test_backend_keyword_under_compile_fullgraph():
+    """The backend string is a constant argument of the custom op: no graph break, and the compiled
+    forward and backward (aot_eager: fake tensors + the registered autograd) run the chosen backend."""
+    q, k, v, mask, bias, scale, kw = make_case("head-bias-per-head-scale")
+
+    def loss_fn(q, k, v, bias, scale):
+        return cat.cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, scale=scale, causal=True,
+                                        backend="reference").square().sum()
+
+    args = (q, k, v, bias, scale)
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(loss_fn)(*args)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+    seen = []
+    fwd, bwd = cat._api.forward_canonical, cat._api.backward_canonical
+    cat._api.forward_canonical = lambda p, i, b, out=None, lse=None: (seen.append(b), fwd(p, i, b, out=out, lse=lse))[1]
+    cat._api.backward_canonical = lambda p, i, d, o, l, b: (seen.append(b), bwd(p, i, d, o, l, b))[1]
+    try:
+        torch._dynamo.reset()
+        lc = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(*args)
+        gc = torch.autograd.grad(lc, args)
+    finally:
+        cat._api.forward_canonical, cat._api.backward_canonical = fwd, bwd
+    assert seen == ["reference", "reference"], seen
+    le = cat.cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, scale=scale, causal=True).square().sum()
+    ge = torch.autograd.grad(le, args)
+    torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-5)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------- CuPy stream choice
@@ -513,6 +632,17 @@ def test_gpu_zero_copy_reads_and_writes_torch_memory(monkeypatch):
     for g, t in zip(grads, (q, k, v, bias)):
         torch.testing.assert_close(t.grad, g, rtol=1e-2, atol=1e-2)  # float atomics: order may differ
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_gpu_backend_keyword():
+    dev = torch.device("cuda")
+    q, k, v = (torch.randn(2, 4, 33, 32, device=dev, dtype=torch.float16) for _ in range(3))
+    auto = cat.cosine_sim_attention(q, k, v, causal=True)
+    torch.testing.assert_close(cat.cosine_sim_attention(q, k, v, causal=True, backend="cuda"), auto, rtol=0, atol=0)
+    for b in ("torch", "emulator", "reference"):
+        with pytest.raises(ValueError, match=f"backend='{b}' runs CPU tensors, but q is on cuda"):
+            cat.cosine_sim_attention(q, k, v, backend=b)
 
 
 @pytest.mark.gpu
