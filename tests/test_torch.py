@@ -595,19 +595,30 @@ def test_import_does_not_import_cupy():
 
 @pytest.mark.gpu
 def test_gpu_zero_copy_reads_and_writes_torch_memory(monkeypatch):
+    """On a non-default torch stream: the kernels read and write the tensors' own memory (both ways),
+    launch on that stream (CuPy's current stream during the calls is torch's), and every CuPy allocation
+    comes from torch's caching allocator (CuPy's default pool is not touched)."""
+    import cupy
+
     from cupy_cosattn import api
 
     seen = {}
     fwd, bwd = api.forward_canonical, api.backward_canonical
+    pool = cupy.get_default_memory_pool()
 
     def spy_fwd(prob, inp, backend, out=None, lse=None):
         seen["fwd_in"] = (inp.q.data.ptr, inp.k.data.ptr, inp.v.data.ptr, inp.bias.data.ptr)
         seen["fwd_out"] = (out.data.ptr, lse.data.ptr)
         seen["backend"] = backend
-        return fwd(prob, inp, backend, out=out, lse=lse)
+        seen["fwd_stream"] = cupy.cuda.get_current_stream().ptr
+        res = fwd(prob, inp, backend, out=out, lse=lse)
+        seen["fwd_pool"] = pool.used_bytes()
+        return res
 
     def spy_bwd(prob, inp, dout, out, lse, backend):
+        seen.setdefault("bwd_stream", []).append(cupy.cuda.get_current_stream().ptr)
         res = bwd(prob, inp, dout, out, lse, backend)
+        seen.setdefault("bwd_pool", []).append(pool.used_bytes())  # the gradients are alive here
         seen["bwd_in"] = (inp.q.data.ptr, dout.data.ptr, out.data.ptr, lse.data.ptr)
         seen["bwd_out"] = tuple(r.data.ptr for r in res[:4])
         return res
@@ -615,23 +626,31 @@ def test_gpu_zero_copy_reads_and_writes_torch_memory(monkeypatch):
     monkeypatch.setattr(api, "forward_canonical", spy_fwd)
     monkeypatch.setattr(api, "backward_canonical", spy_bwd)
     dev = torch.device("cuda")
-    q = torch.randn(2, 4, 64, 64, device=dev, dtype=torch.float16, requires_grad=True)
-    k = torch.randn(2, 4, 80, 64, device=dev, dtype=torch.float16, requires_grad=True)
-    v = torch.randn(2, 4, 80, 64, device=dev, dtype=torch.float16, requires_grad=True)
-    bias = torch.randn(4, 64, 80, device=dev, dtype=torch.float16, requires_grad=True)
-    out, lse = cat.forward(q, k, v, attn_bias=bias, causal=True)
-    assert seen["backend"] == "cuda"
-    assert seen["fwd_in"] == (q.data_ptr(), k.data_ptr(), v.data_ptr(), bias.data_ptr())
-    assert seen["fwd_out"] == (out.data_ptr(), lse.data_ptr())
-    dout = torch.randn_like(out)
-    grads = torch.ops.cupy_cosattn.attn_bwd(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, None,
-                                            bias.detach(), None, 8.0, False, 1, True, True, False)
-    assert seen["bwd_in"] == (q.data_ptr(), dout.data_ptr(), out.data_ptr(), lse.data_ptr())
-    assert seen["bwd_out"] == tuple(g.data_ptr() for g in grads[:4])  # the kernels' gradients, not copies
-    out.backward(dout)
-    for g, t in zip(grads, (q, k, v, bias)):
-        torch.testing.assert_close(t.grad, g, rtol=1e-2, atol=1e-2)  # float atomics: order may differ
+    used0, total0 = pool.used_bytes(), pool.total_bytes()
+    s = torch.cuda.Stream(device=dev)
+    assert s.cuda_stream != torch.cuda.current_stream(dev).cuda_stream
+    with torch.cuda.stream(s):
+        q = torch.randn(2, 4, 64, 64, device=dev, dtype=torch.float16, requires_grad=True)
+        k = torch.randn(2, 4, 80, 64, device=dev, dtype=torch.float16, requires_grad=True)
+        v = torch.randn(2, 4, 80, 64, device=dev, dtype=torch.float16, requires_grad=True)
+        bias = torch.randn(4, 64, 80, device=dev, dtype=torch.float16, requires_grad=True)
+        out, lse = cat.forward(q, k, v, attn_bias=bias, causal=True)
+        assert seen["backend"] == "cuda"
+        assert seen["fwd_in"] == (q.data_ptr(), k.data_ptr(), v.data_ptr(), bias.data_ptr())
+        assert seen["fwd_out"] == (out.data_ptr(), lse.data_ptr())
+        dout = torch.randn_like(out)
+        grads = torch.ops.cupy_cosattn.attn_bwd(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, None,
+                                                bias.detach(), None, 8.0, False, 1, True, True, False)
+        assert seen["bwd_in"] == (q.data_ptr(), dout.data_ptr(), out.data_ptr(), lse.data_ptr())
+        assert seen["bwd_out"] == tuple(g.data_ptr() for g in grads[:4])  # the kernels' gradients, not copies
+        out.backward(dout)  # autograd runs the backward on the forward's stream, s
+        for g, t in zip(grads, (q, k, v, bias)):
+            torch.testing.assert_close(t.grad, g, rtol=1e-2, atol=1e-2)  # float atomics: order may differ
     torch.cuda.synchronize()
+    assert seen["fwd_stream"] == s.cuda_stream
+    assert seen["bwd_stream"] == [s.cuda_stream, s.cuda_stream]  # the explicit op call and autograd's
+    assert seen["fwd_pool"] == used0 and seen["bwd_pool"] == [used0, used0]
+    assert pool.used_bytes() == used0 and pool.total_bytes() == total0
 
 
 @pytest.mark.gpu

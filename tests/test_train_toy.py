@@ -77,6 +77,23 @@ def test_train_toy_under_torchrun_two_processes(tmp_path):
     assert load(out / "checkpoint.pt")["step"] == 6 and (out / "loss.png").exists()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,dtype", [("bf16", "torch.bfloat16"), ("fp16", "torch.float16")])
+def test_train_toy_on_gpu(tmp_path, precision, dtype):
+    """The fused kernels in training: bfloat16 autocast, and float16 autocast with the GradScaler (whose
+    first steps may be skipped while the scale settles, hence the smaller required drop)."""
+    out = tmp_path / precision
+    log = run_script(["--device", "cuda", "--precision", precision, "--steps", 20, "--out", out, "--sample-len", 32]
+                     + SMALL, cwd=tmp_path, timeout=300)
+    assert "device cuda" in log and f"autocast {dtype}" in log, log[-2000:]
+    assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    ck = load(out / "checkpoint.pt")
+    assert ck["step"] == 20
+    val = [v for _, v in ck["history"]["val"]]
+    assert len(val) >= 2 and all(v == v for v in val), val  # no NaN
+    assert val[0] > 7.5 and val[-1] < val[0] - 1.0, val  # ~8 bits/byte (uniform) clearly down
+
+
 # ------------------------------------------------------------------------------------- DDP with spawn
 
 def _free_port():
