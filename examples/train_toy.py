@@ -8,9 +8,10 @@
 
 The text is read at run time from the .py files of this interpreter's standard library (a few MB,
 sorted by path, so every run sees the same data), split 90 % / 10 % into train and validation. The
-script shows a progress bar, prints the validation loss in bits per character every --val-every
-steps, prints a generated sample at the end and writes loss.png (the curves) and checkpoint.pt into
---out. On a GPU the model runs the fused CUDA kernels under bfloat16 (or float16) autocast; on the CPU
+model is byte-level: its tokens, the "characters" it predicts, are the 256 byte values, so losses are
+reported in bits per byte. The script shows a progress bar, prints the validation loss in bits/byte
+every --val-every steps, prints a generated sample at the end and writes loss.png (the curves) and
+checkpoint.pt into --out. On a GPU the model runs the fused CUDA kernels under bfloat16 (or float16) autocast; on the CPU
 it runs the torch implementation of the same op in float32.
 
 Training stops at --steps or after --time-limit seconds of training, whichever comes first, so a
