@@ -39,6 +39,7 @@ import importlib
 import math
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -712,6 +713,18 @@ def write_png(path: Path, rows, meta, impls, plot_dtype, plot_d):
 # Main
 
 
+def _cupy_distributions(name_versions) -> list:
+    """"name version" of the installed CuPy distributions (cupy, cupy-cuda12x, cupy-cuda13x, ...) among
+    (name, version) pairs: not this package (cupy-cosattn / cupy_cosattn), each listed once (a
+    distribution visible on two sys.path entries is reported twice by importlib.metadata)."""
+    found = set()
+    for name, version in name_versions:
+        norm = re.sub(r"[-_.]+", "-", (name or "").lower())
+        if norm.startswith("cupy") and not norm.startswith("cupy-cosattn"):
+            found.add(f"{name} {version}")
+    return sorted(found)
+
+
 def _versions(cuda: bool) -> str:
     parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
     if cuda:
@@ -721,9 +734,7 @@ def _versions(cuda: bool) -> str:
     try:
         from importlib import metadata
 
-        cupys = sorted(d.metadata["Name"] + " " + d.version for d in metadata.distributions()
-                       if (d.metadata["Name"] or "").lower().startswith("cupy"))
-        parts += cupys
+        parts += _cupy_distributions((d.metadata["Name"], d.version) for d in metadata.distributions())
     except Exception:  # noqa: BLE001
         pass
     try:

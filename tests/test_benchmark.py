@@ -143,6 +143,15 @@ def test_flop_counting_and_constant_work(bench):
         assert B * H * n * n == max(work, n * n) and H <= 16
 
 
+def test_versions_line_lists_cupy_not_this_package(bench):
+    dists = [("cupy-cosattn", "0.1.0"), ("cupy_cosattn", "0.1.0"), ("cupy-cuda13x", "14.2.0"),
+             ("cupy-cuda13x", "14.2.0"), ("numpy", "2.3.0"), ("CuPy", "13.6.0"), (None, "1")]
+    assert bench._cupy_distributions(dists) == ["CuPy 13.6.0", "cupy-cuda13x 14.2.0"]
+    parts = bench._versions(cuda=False).split(", ")
+    ours = [p for p in parts if p.lower().replace("_", "-").startswith("cupy-cosattn")]
+    assert ours == [p for p in parts if p.startswith("cupy_cosattn ")] and len(ours) == 1, parts  # once, its own
+
+
 def test_gpu_check_parses():
     bash = shutil.which("bash")
     if bash is None:
