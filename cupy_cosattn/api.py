@@ -74,8 +74,10 @@ def forward_canonical(prob: Problem, inp: Inputs, backend: str, out=None, lse=No
     return backend_impl(backend).forward(prob, inp, out=out, lse=lse)
 
 
-def backward_canonical(prob: Problem, inp: Inputs, dout, out, lse, backend: str):
-    """Gradients of a checked problem (canonical shapes in and out; see the module docstring)."""
+def backward_canonical(prob: Problem, inp: Inputs, dout, out, lse, backend: str, need_dscale: bool = True):
+    """Gradients of a checked problem (canonical shapes in and out; see the module docstring).
+    need_dscale=False lets the kernel backends skip dscale (returned as None), which on the GPU also
+    skips the backward's only device-to-host copy; the reference computes it regardless."""
     xp = _xp(array_library(inp.q))
     if prob.Nq == 0 or prob.Nk == 0:
         dq = xp.zeros(inp.q.shape, dtype=prob.dtype)
@@ -83,7 +85,10 @@ def backward_canonical(prob: Problem, inp: Inputs, dout, out, lse, backend: str)
         dv = xp.zeros(inp.v.shape, dtype=prob.dtype)
         dbias = None if inp.bias is None else xp.zeros(inp.bias.shape, dtype=inp.bias.dtype)
         return dq, dk, dv, dbias, np.zeros((prob.H,), dtype=np.float64)
-    return backend_impl(backend).backward(prob, inp, dout, out, lse)
+    impl = backend_impl(backend)
+    if need_dscale or backend == "reference":
+        return impl.backward(prob, inp, dout, out, lse)
+    return impl.backward(prob, inp, dout, out, lse, need_dscale=False)
 
 
 def forward(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=False, scale=_problem.DEFAULT_SCALE,

@@ -594,11 +594,12 @@ class Backend:
         copy_into(dst, src)
         return dst
 
-    def backward(self, prob: Problem, inp: Inputs, dout, out, lse):
-        """Gradients (dq, dk, dv, dbias | None, dscale float64 (H,)): launch_backward.run_backward."""
+    def backward(self, prob: Problem, inp: Inputs, dout, out, lse, need_dscale: bool = True):
+        """Gradients (dq, dk, dv, dbias | None, dscale float64 (H,) | None without need_dscale):
+        launch_backward.run_backward."""
         from .launch_backward import run_backward
 
-        return run_backward(self, prob, inp, dout, out, lse)
+        return run_backward(self, prob, inp, dout, out, lse, need_dscale=need_dscale)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -410,3 +410,19 @@ def test_deterministic_is_bitwise_repeatable_gpu():
     b = run_backward(args, kw, dout, "cuda")
     for name, x, y in zip(GRADS, a, b):
         assert np.array_equal(np.asarray(x), np.asarray(y)), f"{name} differs between runs"
+
+
+def test_backward_canonical_can_skip_dscale():
+    """api.backward_canonical(need_dscale=False) reaches the kernels: the same gradients, no dscale
+    (the torch op asks for it only when the scale is a tensor)."""
+    args, kw, dout = make_case(21, Nq=20, D=32, dtype="float32", bias="head", deterministic=True)
+    prob, inp = problem.canonicalize(*args, **kw)
+    out, lse = api.forward_canonical(prob, inp, "emulator")
+    d4 = dout.reshape(prob.B, prob.H, prob.Nq, prob.D)
+    full = api.backward_canonical(prob, inp, d4, out, lse, "emulator")
+    lean = api.backward_canonical(prob, inp, d4, out, lse, "emulator", need_dscale=False)
+    assert full[4] is not None and lean[4] is None
+    for a, b in zip(full[:4], lean[:4]):
+        np.testing.assert_array_equal(a, b)
+    ref = api.backward_canonical(prob, inp, d4, out, lse, "reference", need_dscale=False)
+    assert ref[4] is not None  # the reference has no such shortcut
