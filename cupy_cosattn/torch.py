@@ -460,13 +460,17 @@ def _kernel_backward(bridge, prob, shapes, dout, q, k, v, out, lse, mask, bias, 
     with bridge.context(q.device):
         inp = _kernel_inputs(bridge, prob, shapes, q, k, v, mask, bias, scale_t, scale)
         arr = bridge.to_array
+        # dscale only for a tensor scale: otherwise the kernels skip it and, on the GPU, the
+        # backward's only device-to-host copy with it
         dq, dk, dv, dbias, dscale = _api.backward_canonical(
             prob, inp, arr(dout.contiguous(), canon), arr(out.contiguous(), canon), arr(lse.contiguous(), canon[:-1]),
-            bridge.backend)
+            bridge.backend, need_dscale=scale_t is not None)
         dq = bridge.to_tensor(dq, q.dtype, q.shape)
         dk = bridge.to_tensor(dk, k.dtype, k.shape)
         dv = bridge.to_tensor(dv, v.dtype, v.shape)
         dbias = _empty(q) if bias is None else bridge.to_tensor(dbias, bias.dtype, bias.shape)
+    if scale_t is None:
+        return dq, dk, dv, dbias, _empty(q)
     dscale = torch.as_tensor(np.asarray(dscale, dtype=np.float64)).to(q.device)
     return dq, dk, dv, dbias, _user_dscale(dscale, scale_t, q)
 

@@ -265,9 +265,9 @@ def backend_vs_default(backend, name="head-bias-per-head-scale", dtype=torch.flo
         seen.append(("fwd", be))
         return fwd(prob, inp, be, out=out, lse=lse)
 
-    def spy_bwd(prob, inp, do, out, lse, be):
+    def spy_bwd(prob, inp, do, out, lse, be, need_dscale=True):
         seen.append(("bwd", be))
-        return bwd(prob, inp, do, out, lse, be)
+        return bwd(prob, inp, do, out, lse, be, need_dscale=need_dscale)
 
     results = []
     for b in (None, backend):
@@ -396,7 +396,7 @@ def test_backend_keyword_under_compile_fullgraph():
     seen = []
     fwd, bwd = cat._api.forward_canonical, cat._api.backward_canonical
     cat._api.forward_canonical = lambda p, i, b, out=None, lse=None: (seen.append(b), fwd(p, i, b, out=out, lse=lse))[1]
-    cat._api.backward_canonical = lambda p, i, d, o, l, b: (seen.append(b), bwd(p, i, d, o, l, b))[1]
+    cat._api.backward_canonical = lambda p, i, d, o, l, b, **kw: (seen.append(b), bwd(p, i, d, o, l, b, **kw))[1]
     try:
         torch._dynamo.reset()
         lc = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(*args)
@@ -615,9 +615,10 @@ def test_gpu_zero_copy_reads_and_writes_torch_memory(monkeypatch):
         seen["fwd_pool"] = pool.used_bytes()
         return res
 
-    def spy_bwd(prob, inp, dout, out, lse, backend):
+    def spy_bwd(prob, inp, dout, out, lse, backend, need_dscale=True):
         seen.setdefault("bwd_stream", []).append(cupy.cuda.get_current_stream().ptr)
-        res = bwd(prob, inp, dout, out, lse, backend)
+        seen.setdefault("need_dscale", []).append(need_dscale)
+        res = bwd(prob, inp, dout, out, lse, backend, need_dscale=need_dscale)
         seen.setdefault("bwd_pool", []).append(pool.used_bytes())  # the gradients are alive here
         seen["bwd_in"] = (inp.q.data.ptr, dout.data.ptr, out.data.ptr, lse.data.ptr)
         seen["bwd_out"] = tuple(r.data.ptr for r in res[:4])
@@ -649,6 +650,7 @@ def test_gpu_zero_copy_reads_and_writes_torch_memory(monkeypatch):
     torch.cuda.synchronize()
     assert seen["fwd_stream"] == s.cuda_stream
     assert seen["bwd_stream"] == [s.cuda_stream, s.cuda_stream]  # the explicit op call and autograd's
+    assert seen["need_dscale"] == [False, False]  # a float scale: no dscale, no device-to-host copy
     assert seen["fwd_pool"] == used0 and seen["bwd_pool"] == [used0, used0]
     assert pool.used_bytes() == used0 and pool.total_bytes() == total0
 
@@ -698,3 +700,28 @@ def test_gpu_autocast_and_compile():
     assert q.grad.dtype == torch.float32
     f = torch.compile(lambda q, k, v: cat.cosine_sim_attention(q, k, v, causal=True), fullgraph=True)
     torch.testing.assert_close(f(q, k, v), cat.cosine_sim_attention(q, k, v, causal=True))
+
+
+@pytest.mark.parametrize("tensor_scale", [False, True])
+def test_kernel_backward_asks_for_dscale_only_for_a_tensor_scale(monkeypatch, tensor_scale):
+    """dscale is the backward's only device-to-host copy on the GPU: the op skips it for a float scale
+    (checked on CPU tensors through the emulator backend, which takes the same glue)."""
+    from cupy_cosattn import api
+
+    calls = []
+    real = api.backward_canonical
+
+    def spy(*args, need_dscale=True):
+        calls.append(need_dscale)
+        return real(*args, need_dscale=need_dscale)
+
+    monkeypatch.setattr(api, "backward_canonical", spy)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=g, requires_grad=True) for _ in range(3))
+    scale = torch.tensor([6.0, 9.0], requires_grad=True) if tensor_scale else 8.0
+    cat.cosine_sim_attention(q, k, v, scale=scale, backend="emulator").sum().backward()
+    assert calls == [tensor_scale]
+    if tensor_scale:
+        ref = torch.tensor([6.0, 9.0], requires_grad=True)
+        cat.cosine_sim_attention(q.detach(), k.detach(), v.detach(), scale=ref, backend="reference").sum().backward()
+        torch.testing.assert_close(scale.grad, ref.grad, rtol=1e-4, atol=1e-5)
