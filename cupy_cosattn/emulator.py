@@ -143,14 +143,19 @@ def get_interleave():
 
 
 @contextlib.contextmanager
-def interleave(seed):
-    """Context manager: set_interleave(seed) inside the block, restored after."""
-    old = _state["interleave"]
-    set_interleave(seed)
+def _temporarily(key: str, setter, value):
+    """Context manager: setter(value) inside the block, _state[key] restored after."""
+    old = _state[key]
+    setter(value)
     try:
         yield
     finally:
-        _state["interleave"] = old
+        _state[key] = old
+
+
+def interleave(seed):
+    """Context manager: set_interleave(seed) inside the block, restored after."""
+    return _temporarily("interleave", set_interleave, seed)
 
 
 def set_placement(mode):
@@ -182,15 +187,9 @@ def get_placement():
     return _state["placement"]
 
 
-@contextlib.contextmanager
 def placement(mode):
     """Context manager: set_placement(mode) inside the block, restored after."""
-    old = _state["placement"]
-    set_placement(mode)
-    try:
-        yield
-    finally:
-        _state["placement"] = old
+    return _temporarily("placement", set_placement, mode)
 
 
 def set_num_workers(n):
