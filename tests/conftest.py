@@ -54,3 +54,17 @@ def pytest_sessionfinish(session, exitstatus):
         tr = session.config.pluginmanager.get_plugin("terminalreporter")
         if tr is not None:
             tr.write_line("no test passed (all skipped or deselected): failing the run", red=True)
+
+
+@pytest.fixture(autouse=True)
+def _torch_default_dtype_unchanged():
+    """A test that changes torch's default dtype must restore it: a leak silently changes what every
+    later test computes in (torch.randn without a dtype)."""
+    torch = __import__("sys").modules.get("torch")
+    before = torch.get_default_dtype() if torch is not None else None
+    yield
+    torch = __import__("sys").modules.get("torch")
+    if torch is not None and before is not None:
+        after = torch.get_default_dtype()
+        torch.set_default_dtype(before)
+        assert after == before, f"the test left torch's default dtype at {after} (was {before})"

@@ -24,8 +24,17 @@ import torch
 import cupy_cosattn as ca
 from cupy_cosattn import problem, reference
 
-torch.set_default_dtype(torch.float64)
 EPS = 1e-12
+
+
+@pytest.fixture(autouse=True)
+def _float64_by_default():
+    """The independent model below computes in float64. Set for this module's tests only: a global
+    set_default_dtype at import would leak into every other test file of the session."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 # --------------------------------------------------------------------------------------------------
