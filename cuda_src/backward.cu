@@ -195,29 +195,39 @@ __host__ __device__ constexpr int chunk_cols(int d_pad, int limit, int c = 0) {
 
 // Both main kernels use 16-row warp slabs; D_PAD (a multiple of 16, and of 32 above 128) is the
 // head dim padded with zeros; DC the columns of dK/dV (or dQ) one block accumulates.
-template <typename T, int D_PAD>
+// SMALL selects the small-shared-memory variant, for devices whose opt-in shared memory per block
+// (99 KB on sm_86/sm_89) the default tiles exceed: half the warps (so half the block's own rows) and
+// a streamed tile of 16 rows. Its one-warp bwd_dkdv (fp32 above DP = 128) also stages scale_h dS^T
+// in the current stage's dO tile (dead once dP^T = V dO^T is done) instead of a tile of its own:
+// without that, fp32 DP = 256 misses 99 KB by 320 bytes (elsewhere it costs a barrier and, for fp32
+// DP = 128, spills). The default (SMALL = false) is unchanged.
+template <typename T, int D_PAD, bool SMALL = false>
 struct KVTraits {
   static constexpr bool F32 = sizeof(T) == 4;
-  static constexpr int NW = (F32 && D_PAD > 128) ? 2 : 4;   // warps; each owns 16 keys
+  static constexpr int NW_DEFAULT = (F32 && D_PAD > 128) ? 2 : 4;
+  static constexpr int NW = SMALL ? NW_DEFAULT / 2 : NW_DEFAULT;  // warps; each owns 16 keys
   static constexpr int BC = 16 * NW;                        // keys per block
-  static constexpr int BR = F32 ? 16 : (D_PAD <= 64 ? 64 : 32);  // queries per streamed tile
+  static constexpr int BR = (F32 || SMALL) ? 16 : (D_PAD <= 64 ? 64 : 32);  // queries per streamed tile
   static constexpr int DC = chunk_cols(D_PAD, 128);
   static constexpr int NCHUNK = D_PAD / DC;
   static constexpr int SK = D_PAD + Mma<T>::PAD;            // row stride of the K, V, Q, dO tiles
   static constexpr int SDS = BR + 8;                        // row stride of the dS^T tile
+  static constexpr bool DS_IN_DO = SMALL && NW == 1;        // dS^T staged in the current dO stage
   static constexpr int THREADS = 32 * NW;
-  static constexpr int SMEM = (int)sizeof(T) * (2 * BC * SK + 4 * BR * SK + BC * SDS) +
+  static constexpr int SMEM = (int)sizeof(T) * (2 * BC * SK + 4 * BR * SK + (DS_IN_DO ? 0 : BC * SDS)) +
                               (int)sizeof(float) * 4 * BR + (int)sizeof(int) * BC;
   static_assert(D_PAD % 16 == 0 && D_PAD <= 256 && (D_PAD <= 128 || D_PAD % 32 == 0), "bad D_PAD");
-  static_assert(NW % (BR / 16) == 0, "dQ products need the query m-tiles to divide the warps");
+  static_assert(NW >= 1 && NW % (BR / 16) == 0, "dQ products need the query m-tiles to divide the warps");
+  static_assert(!DS_IN_DO || BC * SDS <= BR * SK, "the dS^T tile must fit in a dO stage");
 };
 
-template <typename T, int D_PAD>
+template <typename T, int D_PAD, bool SMALL = false>
 struct QTraits {
   static constexpr bool F32 = sizeof(T) == 4;
-  static constexpr int NW = (F32 && D_PAD > 128) ? 2 : 4;   // warps; each owns 16 queries
+  static constexpr int NW_DEFAULT = (F32 && D_PAD > 128) ? 2 : 4;
+  static constexpr int NW = SMALL ? NW_DEFAULT / 2 : NW_DEFAULT;  // warps; each owns 16 queries
   static constexpr int BR = 16 * NW;                        // queries per block
-  static constexpr int BC = F32 ? 16 : (D_PAD <= 64 ? 64 : 32);  // keys per tile
+  static constexpr int BC = (F32 || SMALL) ? 16 : (D_PAD <= 64 ? 64 : 32);  // keys per tile
   static constexpr int DC = chunk_cols(D_PAD, F32 ? DQ_F32_MAX_COLS : 128);
   static constexpr int NCHUNK = D_PAD / DC;
   static constexpr int SK = D_PAD + Mma<T>::PAD;
@@ -237,21 +247,40 @@ CA_DEVICE void load_rows_async(T* s, const T* g, int64_t g_sn, int rows_valid, i
   constexpr int EPC = 16 / (int)sizeof(T);   // elements per chunk
   constexpr int CPR = D_PAD / EPC;           // chunks per row
   constexpr int CW = pow2_ceil(CPR);         // threads per row (the extra ones idle)
-  static_assert(CW <= THREADS, "a row needs more chunks than the block has threads");
-  constexpr int STEP = THREADS / CW;         // rows per pass
-  const int cc = tid % CW, r0 = tid / CW;
-  if (cc < CPR && r0 < ROWS) {
-    const int col = cc * EPC;
-    const int rem = D - col;
-    const int full = rem >= EPC ? 16 : (rem > 0 ? rem * (int)sizeof(T) : 0);
-    const T* src = g + r0 * g_sn + col;
-    T* dst = s + r0 * SK + col;
+  if constexpr (CW > THREADS) {
+    // A row has more chunks than the block has threads (fp32 rows of 192+ columns in the one-warp
+    // blocks of the SMALL variants): each thread takes chunks tid, tid + THREADS, ... of every row.
 #pragma unroll 1
-    for (int r = r0; r < ROWS; r += STEP) {
-      const int bytes = r < rows_valid ? full : 0;
-      cp_async_16(dst, bytes > 0 ? src : g, bytes);
-      src += STEP * g_sn;
-      dst += STEP * SK;
+    for (int cc = tid; cc < CPR; cc += THREADS) {
+      const int col = cc * EPC;
+      const int rem = D - col;
+      const int full = rem >= EPC ? 16 : (rem > 0 ? rem * (int)sizeof(T) : 0);
+      const T* src = g + col;
+      T* dst = s + col;
+#pragma unroll 1
+      for (int r = 0; r < ROWS; ++r) {
+        const int bytes = r < rows_valid ? full : 0;
+        cp_async_16(dst, bytes > 0 ? src : g, bytes);
+        src += g_sn;
+        dst += SK;
+      }
+    }
+  } else {
+    constexpr int STEP = THREADS / CW;         // rows per pass
+    const int cc = tid % CW, r0 = tid / CW;
+    if (cc < CPR && r0 < ROWS) {
+      const int col = cc * EPC;
+      const int rem = D - col;
+      const int full = rem >= EPC ? 16 : (rem > 0 ? rem * (int)sizeof(T) : 0);
+      const T* src = g + r0 * g_sn + col;
+      T* dst = s + r0 * SK + col;
+#pragma unroll 1
+      for (int r = r0; r < ROWS; r += STEP) {
+        const int bytes = r < rows_valid ? full : 0;
+        cp_async_16(dst, bytes > 0 ? src : g, bytes);
+        src += STEP * g_sn;
+        dst += STEP * SK;
+      }
     }
   }
 }
@@ -327,9 +356,9 @@ __global__ void __launch_bounds__(32 * PREP_WARPS) bwd_prep(const BwdParams p) {
 
 // =============================================================================================
 // bwd_dkdv: see the file comment. Grid: x = key tile * n_chunks + chunk, y = (b, hk, split).
-template <typename T, int D_PAD>
-__global__ void __launch_bounds__(KVTraits<T, D_PAD>::THREADS, 1) bwd_dkdv(const BwdParams p) {
-  typedef KVTraits<T, D_PAD> C;
+template <typename T, int D_PAD, bool SMALL = false>
+__global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkdv(const BwdParams p) {
+  typedef KVTraits<T, D_PAD, SMALL> C;
   typedef Mma<T> M;
   constexpr int BC = C::BC, BR = C::BR, DC = C::DC, SK = C::SK, SDS = C::SDS, NTH = C::THREADS;
   constexpr int NT = BR / 8;    // n8 tiles of a 16 x BR slab of S^T
@@ -340,8 +369,8 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD>::THREADS, 1) bwd_dkdv(const
   T* sV = sK + BC * SK;
   T* sQ = sV + BC * SK;          // [2][BR][SK]
   T* sdO = sQ + 2 * BR * SK;     // [2][BR][SK]
-  T* sdS = sdO + 2 * BR * SK;    // [BC][SDS]: scale_h dS^T, for the dQ product
-  float* sL = reinterpret_cast<float*>(sdS + BC * SDS);  // [2][BR] lse2
+  T* sdS = sdO + 2 * BR * SK;    // [BC][SDS]: scale_h dS^T, for the dQ product (DS_IN_DO: none)
+  float* sL = reinterpret_cast<float*>(sdS + (C::DS_IN_DO ? 0 : BC * SDS));  // [2][BR] lse2
   float* sDv = sL + 2 * BR;                                // [2][BR] D
   int* sOk = reinterpret_cast<int*>(sDv + 2 * BR);        // [BC] key visible (in range and unmasked)
 
@@ -470,11 +499,14 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD>::THREADS, 1) bwd_dkdv(const
 
       // dQ += (scale_h dS) Khat, through shared memory: each warp takes 16 queries x 16 columns units.
       if (p.dq_atomic) {
+        // DS_IN_DO: scale_h dS^T goes into this stage's dO tile, once every warp is done reading it.
+        T* const tdS = C::DS_IN_DO ? sdO + st * BR * SK : sdS;
+        if constexpr (C::DS_IN_DO) __syncthreads();
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
           for (int r = 0; r < 2; ++r)
-            M::store2(sdS + (16 * warp + g + 8 * r) * SDS + n * 8 + 2 * t, acc_dp[n][2 * r], acc_dp[n][2 * r + 1]);
+            M::store2(tdS + (16 * warp + g + 8 * r) * SDS + n * 8 + 2 * t, acc_dp[n][2 * r], acc_dp[n][2 * r + 1]);
         __syncthreads();
         constexpr int MT = BR / 16;
         const int mt = warp % MT;
@@ -486,7 +518,7 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD>::THREADS, 1) bwd_dkdv(const
           for (int k0 = 0; k0 < BC; k0 += M::KSTEP) {
             typename M::A a;
             typename M::B bf[2];
-            M::load_a_km(a, sdS, SDS, mt * 16, k0, lane);
+            M::load_a_km(a, tdS, SDS, mt * 16, k0, lane);
             M::load_b2_kn(bf, sK, SK, k0, c0 + u * 16, lane);
             M::mma(acc[0], a, bf[0]);
             M::mma(acc[1], a, bf[1]);
@@ -527,9 +559,9 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD>::THREADS, 1) bwd_dkdv(const
 // 16 query rows and keeps their dQ columns [c0, c0 + DC) in registers; key tiles stream through
 // double-buffered shared memory, skipping those beyond the causal bound and those whose keys are all
 // masked (tile_any, as in the forward). Every dq element is written exactly once: no atomics.
-template <typename T, int D_PAD>
-__global__ void __launch_bounds__(QTraits<T, D_PAD>::THREADS, 1) bwd_dq(const BwdParams p) {
-  typedef QTraits<T, D_PAD> C;
+template <typename T, int D_PAD, bool SMALL = false>
+__global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(const BwdParams p) {
+  typedef QTraits<T, D_PAD, SMALL> C;
   constexpr int BR = C::BR, BC = C::BC, DC = C::DC, SK = C::SK, NTH = C::THREADS;
   constexpr int NT = BC / 8;   // n8 tiles of a 16 x BC slab of S
   constexpr int ND = DC / 8;
@@ -668,11 +700,12 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD>::THREADS, 1) bwd_dq(const Bw
   }
 }
 
-// Tile configuration of an instantiation, for the launch layer's checks (one thread writes 12 ints).
-template <typename T, int D_PAD>
+// Tile configuration of an instantiation (SMALL: the small variants of both kernels), for the launch
+// layer's checks (one thread writes 12 ints).
+template <typename T, int D_PAD, bool SMALL = false>
 __global__ void bwd_info(int* out) {
-  typedef KVTraits<T, D_PAD> K;
-  typedef QTraits<T, D_PAD> Q;
+  typedef KVTraits<T, D_PAD, SMALL> K;
+  typedef QTraits<T, D_PAD, SMALL> Q;
   if (threadIdx.x == 0 && blockIdx.x == 0) {
     out[0] = K::THREADS; out[1] = K::BC; out[2] = K::BR; out[3] = K::DC; out[4] = K::NCHUNK; out[5] = K::SMEM;
     out[6] = Q::THREADS; out[7] = Q::BR; out[8] = Q::BC; out[9] = Q::DC; out[10] = Q::NCHUNK; out[11] = Q::SMEM;

@@ -18,7 +18,9 @@
 
 Everything the kernels need is in one ``BwdParams`` struct (cuda_src/backward.cu), mirrored here by
 ``BWD_PARAMS``. Tile sizes are the kernels' ``KVTraits`` / ``QTraits``, mirrored by :func:`kv_config`
-and :func:`q_config` (tests compare the two through the ``bwd_info`` kernel).
+and :func:`q_config` (tests compare the two through the ``bwd_info`` kernel). Each kernel has a default
+and a small-shared-memory variant (template argument ``SMALL``: half the warps, a 16-row streamed
+tile); :func:`choose_small` takes the default where it fits the device's shared memory per block.
 """
 from __future__ import annotations
 
@@ -90,42 +92,61 @@ def chunk_cols(dp: int, limit: int) -> int:
     return c
 
 
-def _common(dtype_name: str, dp: int):
+def _common(dtype_name: str, dp: int, small: bool):
     f32 = dtype_name == "float32"
     size = 4 if f32 else 2
     sk = dp + (4 if f32 else 8)
     nw = 2 if (f32 and dp > 128) else 4
+    if small:
+        nw //= 2
     return f32, size, sk, nw
 
 
-def kv_config(dtype_name: str, dp: int) -> TileConfig:
-    """bwd_dkdv tiles (backward.cu KVTraits)."""
-    f32, size, sk, nw = _common(dtype_name, dp)
+def kv_config(dtype_name: str, dp: int, small: bool = False) -> TileConfig:
+    """bwd_dkdv tiles (backward.cu KVTraits<T, DP, SMALL>). The small variant has half the warps and a
+    16-row query tile; with one warp (fp32 above DP = 128) it has no dS^T tile of its own (DS_IN_DO:
+    dS^T is staged in the current dO stage)."""
+    f32, size, sk, nw = _common(dtype_name, dp, small)
     bc = 16 * nw
-    br = 16 if f32 else (64 if dp <= 64 else 32)
+    br = 16 if (f32 or small) else (64 if dp <= 64 else 32)
     dc = chunk_cols(dp, 128)
-    smem = size * (2 * bc * sk + 4 * br * sk + bc * (br + 8)) + 4 * 4 * br + 4 * bc
+    ds_tile = 0 if (small and nw == 1) else bc * (br + 8)
+    smem = size * (2 * bc * sk + 4 * br * sk + ds_tile) + 4 * 4 * br + 4 * bc
     return TileConfig(32 * nw, bc, br, dc, dp // dc, smem)
 
 
-def q_config(dtype_name: str, dp: int) -> TileConfig:
-    """bwd_dq tiles (backward.cu QTraits)."""
-    f32, size, sk, nw = _common(dtype_name, dp)
+def q_config(dtype_name: str, dp: int, small: bool = False) -> TileConfig:
+    """bwd_dq tiles (backward.cu QTraits<T, DP, SMALL>). The small variant has half the warps and a
+    16-row key tile."""
+    f32, size, sk, nw = _common(dtype_name, dp, small)
     br = 16 * nw
-    bc = 16 if f32 else (64 if dp <= 64 else 32)
+    bc = 16 if (f32 or small) else (64 if dp <= 64 else 32)
     dc = chunk_cols(dp, DQ_F32_MAX_COLS if f32 else 128)
     smem = size * (2 * br * sk + 4 * bc * sk) + 4 * 2 * bc
     return TileConfig(32 * nw, br, bc, dc, dp // dc, smem)
 
 
-def _names(dtype_name: str, dp: int) -> dict:
-    t = L.CTYPES[dtype_name]
-    return {k: f"ca::bwd::bwd_{k}<{t}, {dp}>" for k in ("prep", "dkdv", "dq", "info")}
+def choose_small(dtype_name: str, dp: int, smem_limit: int) -> tuple:
+    """(bwd_dkdv small, bwd_dq small): each kernel takes its small variant only where its default
+    tiles exceed the device's shared memory per block `smem_limit` (run_backward's check_smem then
+    raises if even the small one does not fit)."""
+    return (kv_config(dtype_name, dp).smem > smem_limit, q_config(dtype_name, dp).smem > smem_limit)
+
+
+def _name(kind: str, dtype_name: str, dp: int, small: bool = False) -> str:
+    """NVRTC name expression; the default variant keeps its two-argument name (SMALL defaults to false)."""
+    return f"ca::bwd::bwd_{kind}<{L.CTYPES[dtype_name]}, {dp}{', true' if small else ''}>"
+
+
+def _names(dtype_name: str, dp: int, kv_small: bool = False, q_small: bool = False) -> dict:
+    return {"prep": _name("prep", dtype_name, dp), "dkdv": _name("dkdv", dtype_name, dp, kv_small),
+            "dq": _name("dq", dtype_name, dp, q_small), "info": _name("info", dtype_name, dp)}
 
 
 def kernel_specs() -> list:
-    """Every backward instantiation (for launch.kernel_registry and python -m cupy_cosattn.resources).
-    The kernels of one (dtype, head-dim pad) form one module."""
+    """Every backward instantiation (for launch.kernel_registry and python -m cupy_cosattn.resources):
+    the default variants, and the small ones that some architecture of launch.SMEM_OPTIN_BY_ARCH
+    picks (with their bwd_info). The kernels of one (dtype, head-dim pad) form one module."""
     specs = []
     for dt in L.DTYPE_NAMES:
         for dp in HEAD_DIM_PADS:
@@ -133,6 +154,17 @@ def kernel_specs() -> list:
             kv, q = kv_config(dt, dp), q_config(dt, dp)
             specs += [L.KernelSpec(SOURCE, n["prep"], PREP_THREADS), L.KernelSpec(SOURCE, n["dkdv"], kv.threads, kv.smem),
                       L.KernelSpec(SOURCE, n["dq"], q.threads, q.smem), L.KernelSpec(SOURCE, n["info"], 32)]
+            picks = {choose_small(dt, dp, lim) for lim in L.SMEM_OPTIN_BY_ARCH.values()}
+            kv_s = any(p[0] for p in picks)
+            q_s = any(p[1] for p in picks)
+            if kv_s:
+                c = kv_config(dt, dp, True)
+                specs.append(L.KernelSpec(SOURCE, _name("dkdv", dt, dp, True), c.threads, c.smem))
+            if q_s:
+                c = q_config(dt, dp, True)
+                specs.append(L.KernelSpec(SOURCE, _name("dq", dt, dp, True), c.threads, c.smem))
+            if kv_s or q_s:
+                specs.append(L.KernelSpec(SOURCE, _name("info", dt, dp, True), 32))
     return specs
 
 
@@ -140,11 +172,11 @@ def _kernel(be, name: str, smem: int = 0):
     return be.kernel(SOURCE, name, smem)
 
 
-def tile_info(be, dtype_name: str, dp: int) -> tuple:
-    """The 12 ints bwd_info writes: (dkdv threads, BC, BR, DC, chunks, smem, dq threads, BR, BC, DC,
-    chunks, smem), as compiled."""
+def tile_info(be, dtype_name: str, dp: int, small: bool = False) -> tuple:
+    """The 12 ints bwd_info<T, DP, SMALL> writes: (dkdv threads, BC, BR, DC, chunks, smem, dq threads,
+    BR, BC, DC, chunks, smem), as compiled."""
     out = be.zeros((12,), np.int32)
-    be.launch(_kernel(be, _names(dtype_name, dp)["info"]), (1, 1, 1), (32, 1, 1), out)
+    be.launch(_kernel(be, _name("info", dtype_name, dp, small)), (1, 1, 1), (32, 1, 1), out)
     host = out.get() if be.name == "cuda" else np.array(out)
     return tuple(int(x) for x in host)
 
@@ -180,8 +212,9 @@ def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse, need_dscale: bo
     B, H, Hk, Nq, Nk, D = prob.B, prob.H, prob.Hk, prob.Nq, prob.Nk, prob.D
     dt = prob.dtype_name
     dp = head_dim_pad(D)
-    names = _names(dt, dp)
-    kv, qc = kv_config(dt, dp), q_config(dt, dp)
+    kv_small, q_small = choose_small(dt, dp, caps.smem_optin)
+    names = _names(dt, dp, kv_small, q_small)
+    kv, qc = kv_config(dt, dp, kv_small), q_config(dt, dp, q_small)
     L.check_smem("the backward kernels", prob, max(kv.smem, qc.smem), caps)
     f32 = np.float32
 
