@@ -349,14 +349,68 @@ def test_forward_then_backward_emulated():
     assert abs(got[4] - ref[4]) <= GRAD_TOL["float16"] * dscale_term_norm(args, kw, dout)
 
 
-@pytest.mark.parametrize("dtype,dp", [("float16", 64), ("bfloat16", 128), ("float32", 96), ("float32", 128)])
-def test_tile_config_mirrors_kernel(dtype, dp):
-    """launch_backward.kv_config / q_config (grids, shared memory) agree with the compiled traits."""
+@pytest.mark.parametrize("dtype,dp,small", [("float16", 64, False), ("bfloat16", 128, False), ("float32", 96, False),
+                                            ("float32", 128, False), ("float16", 256, True), ("bfloat16", 224, True),
+                                            ("float32", 128, True), ("float32", 256, True)])
+def test_tile_config_mirrors_kernel(dtype, dp, small):
+    """launch_backward.kv_config / q_config (grids, shared memory) agree with the compiled traits, for
+    the default variant and the small-shared-memory one (bwd_info<T, DP, true>)."""
     be = launch.Backend("emulator")
-    kv, q = LB.kv_config(dtype, dp), LB.q_config(dtype, dp)
+    kv, q = LB.kv_config(dtype, dp, small), LB.q_config(dtype, dp, small)
     want = (kv.threads, kv.rows, kv.tile, kv.dc, kv.n_chunks, kv.smem, q.threads, q.rows, q.tile, q.dc, q.n_chunks,
             q.smem)
-    assert LB.tile_info(be, dtype, dp) == want
+    assert LB.tile_info(be, dtype, dp, small) == want
+
+
+SM86 = launch.DeviceCaps((8, 6), launch.SMEM_OPTIN_BY_ARCH["sm_86"], 84)
+
+
+def test_small_variants_are_registered_where_a_device_picks_them():
+    """Every (dtype, DP) fits a 99 KB device with the variant choose_small picks, and the registry holds
+    every variant some architecture of SMEM_OPTIN_BY_ARCH picks (and no small one that none does)."""
+    names = {s.name for s in LB.kernel_specs()}
+    picked = set()
+    for dt in launch.DTYPE_NAMES:
+        for dp in LB.HEAD_DIM_PADS:
+            for lim in launch.SMEM_OPTIN_BY_ARCH.values():
+                kv_s, q_s = LB.choose_small(dt, dp, lim)
+                assert max(LB.kv_config(dt, dp, kv_s).smem, LB.q_config(dt, dp, q_s).smem) <= lim, (dt, dp, lim)
+                n = LB._names(dt, dp, kv_s, q_s)
+                picked |= {n["dkdv"], n["dq"]}
+                if kv_s or q_s:
+                    picked.add(LB._name("info", dt, dp, True))
+    assert picked <= names
+    assert {n for n in names if n.endswith(", true>")} <= picked
+    assert LB.choose_small("float16", 128, SM86.smem_optin) == (False, False)
+    assert LB.choose_small("float32", 192, SM86.smem_optin) == (True, False)
+
+
+# (dtype, D) whose default backward tiles exceed 99 KB: on sm_86 they run the small variants.
+SMALL_CASES = [("float16", 192), ("float16", 256), ("bfloat16", 200), ("float32", 128), ("float32", 180),
+               ("float32", 256)]
+
+
+@pytest.mark.parametrize("dtype,D", SMALL_CASES)
+def test_small_shared_memory_device_runs_small_backward_tiles(monkeypatch, dtype, D):
+    """On a 99 KB device (sm_86) the backward picks the small variant of each kernel whose default
+    tiles do not fit, and every gradient still meets the contract, in both modes, with a bias and a
+    mask."""
+    monkeypatch.setattr(launch, "EMULATED_DEVICE", SM86)
+    dp = LB.head_dim_pad(D)
+    kv_s, q_s = LB.choose_small(dtype, dp, SM86.smem_optin)
+    assert kv_s
+    kernels = []
+    real_kernel = launch.Backend.kernel
+    monkeypatch.setattr(launch.Backend, "kernel",
+                        lambda self, source, name, smem=0: (kernels.append(name), real_kernel(self, source, name, smem))[1])
+    for det in (False, True):
+        kernels.clear()
+        args, kw, dout = make_case(4000 + D + det, B=1, H=2, Hk=1, Nq=21, Nk=37, D=D, dtype=dtype, mask="random",
+                                   bias="head", deterministic=det)
+        check_grads(args, kw, dout)
+        ran = {n for n in kernels if "bwd_dkdv" in n or "bwd_dq" in n}
+        want = {LB._name("dkdv", dtype, dp, kv_s)} | ({LB._name("dq", dtype, dp, q_s)} if det else set())
+        assert ran == want, (det, ran)
 
 
 def test_bfloat16_cast_matches_ml_dtypes():
