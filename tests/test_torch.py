@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 import cupy_cosattn as ca  # noqa: E402
 import cupy_cosattn.torch as cat  # noqa: E402
+import cupy_cosattn.api as ca_api  # noqa: E402
 
 
 def rel(x, ref):
@@ -186,7 +187,7 @@ def test_chunked_cpu_path_equals_single_block(monkeypatch):
     q, k, v, mask, bias, scale, kw = make_case("full-bias-nq-gt-nk-causal")
     out1, grads1, _, _ = run_both(q, k, v, mask, bias, scale, kw)
     grads1 = [g.clone() for g in grads1]
-    monkeypatch.setattr(cat, "_CPU_BLOCK_ELEMS", 2 * 4 * 3 * 5)  # 3 query rows per block
+    monkeypatch.setattr(cat.cpu, "CPU_BLOCK_ELEMS", 2 * 4 * 3 * 5)  # 3 query rows per block
     q2, k2, v2, b2, s2 = (t.detach().clone().requires_grad_() for t in (q, k, v, bias, scale))
     out2, grads2, _, _ = run_both(q2, k2, v2, mask, b2, s2, kw)
     torch.testing.assert_close(out2, out1, rtol=1e-6, atol=1e-6)
@@ -225,7 +226,7 @@ def test_kernel_glue_on_cpu_with_reference_backend(name, dtype):
     if isinstance(scale, torch.Tensor):
         scale = scale.detach().float().requires_grad_()
     seen = {}
-    fwd = cat._api.forward_canonical
+    fwd = ca_api.forward_canonical
 
     def spy(prob, inp, backend, out=None, lse=None):
         if out is not None:  # the torch op's call (ca.forward, called by run_both too, passes no out)
@@ -234,11 +235,11 @@ def test_kernel_glue_on_cpu_with_reference_backend(name, dtype):
         return fwd(prob, inp, backend, out=out, lse=lse)
 
     with cat.cpu_backend("reference"):
-        cat._api.forward_canonical = spy
+        ca_api.forward_canonical = spy
         try:
             out, grads, ro, rg = run_both(q, k, v, mask, bias, scale, kw)
         finally:
-            cat._api.forward_canonical = fwd
+            ca_api.forward_canonical = fwd
     assert cat.get_cpu_backend() == "torch"
     assert seen["in"] == q.data_ptr() and seen["out"] == out.data_ptr()  # zero-copy both ways
     assert out.dtype == dtype
@@ -259,7 +260,7 @@ def backend_vs_default(backend, name="head-bias-per-head-scale", dtype=torch.flo
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
     leaves = [t for t in (q, k, v, bias, scale) if isinstance(t, torch.Tensor)]
     seen = []
-    fwd, bwd = cat._api.forward_canonical, cat._api.backward_canonical
+    fwd, bwd = ca_api.forward_canonical, ca_api.backward_canonical
 
     def spy_fwd(prob, inp, be, out=None, lse=None):
         seen.append(("fwd", be))
@@ -274,12 +275,12 @@ def backend_vs_default(backend, name="head-bias-per-head-scale", dtype=torch.flo
         for t in leaves:
             t.grad = None
         extra = {} if b is None else dict(backend=b)
-        cat._api.forward_canonical, cat._api.backward_canonical = spy_fwd, spy_bwd
+        ca_api.forward_canonical, ca_api.backward_canonical = spy_fwd, spy_bwd
         try:
             out = cat.cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, scale=scale, **kw, **extra)
             out.backward(dout)
         finally:
-            cat._api.forward_canonical, cat._api.backward_canonical = fwd, bwd
+            ca_api.forward_canonical, ca_api.backward_canonical = fwd, bwd
         results.append([out.detach().float()] + [t.grad.float() for t in leaves])
         if b is None:
             assert not seen, seen  # the default CPU path is the torch implementation: no kernel backend
@@ -394,15 +395,15 @@ def test_backend_keyword_under_compile_fullgraph():
     explain = torch._dynamo.explain(loss_fn)(*args)
     assert explain.graph_break_count == 0 and explain.graph_count == 1
     seen = []
-    fwd, bwd = cat._api.forward_canonical, cat._api.backward_canonical
-    cat._api.forward_canonical = lambda p, i, b, out=None, lse=None: (seen.append(b), fwd(p, i, b, out=out, lse=lse))[1]
-    cat._api.backward_canonical = lambda p, i, d, o, l, b, **kw: (seen.append(b), bwd(p, i, d, o, l, b, **kw))[1]
+    fwd, bwd = ca_api.forward_canonical, ca_api.backward_canonical
+    ca_api.forward_canonical = lambda p, i, b, out=None, lse=None: (seen.append(b), fwd(p, i, b, out=out, lse=lse))[1]
+    ca_api.backward_canonical = lambda p, i, d, o, l, b, **kw: (seen.append(b), bwd(p, i, d, o, l, b, **kw))[1]
     try:
         torch._dynamo.reset()
         lc = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(*args)
         gc = torch.autograd.grad(lc, args)
     finally:
-        cat._api.forward_canonical, cat._api.backward_canonical = fwd, bwd
+        ca_api.forward_canonical, ca_api.backward_canonical = fwd, bwd
     assert seen == ["reference", "reference"], seen
     le = cat.cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, scale=scale, causal=True).square().sum()
     ge = torch.autograd.grad(le, args)
@@ -450,7 +451,7 @@ def test_cupy_stream_selection(cupy_has, torch_has):
     otherwise ExternalStream on the raw handle, with the device index."""
     cp = _FakeStreamNS(cupy_has)
     ts = (_TorchStreamWithProtocol if torch_has else _TorchStreamWithoutProtocol)()
-    got = cat._cupy_stream(cp, ts, 3)
+    got = cat.bridge.cupy_stream(cp, ts, 3)
     if cupy_has and torch_has:
         assert got == "S" and cp.calls == [("from_external", ts)]
     else:

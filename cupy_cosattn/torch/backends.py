@@ -1,0 +1,79 @@
+"""Which implementation runs a call of the torch op: the `backend=` keyword and the CPU-backend setting."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from .bridge import CupyBridge, NumpyBridge
+
+CPU_BACKENDS = ("torch", "emulator", "reference")
+_cpu_backend = "torch"
+
+
+def get_cpu_backend() -> str:
+    """What runs CPU tensors: "torch" (default), or a NumPy kernel backend, see `set_cpu_backend`."""
+    return _cpu_backend
+
+
+def set_cpu_backend(name: str) -> str:
+    """Choose what runs CPU tensors; returns the previous choice.
+
+    "torch" (default): the chunked torch implementation (all dtypes incl. float64; fast).
+    "emulator": the package's CUDA kernels run on the CPU by the emulator, through the same glue as the
+    CUDA path (tensor -> array views, preallocated out/lse, gradients handed back without a copy) -- slow,
+    for testing that glue and the kernels on small problems. "reference": the float64 NumPy reference.
+    The kernel backends take float16, bfloat16 and float32 only."""
+    global _cpu_backend
+    if name not in CPU_BACKENDS:
+        raise ValueError(f"cpu backend must be one of {CPU_BACKENDS}, got {name!r}")
+    prev, _cpu_backend = _cpu_backend, name
+    return prev
+
+
+@contextlib.contextmanager
+def cpu_backend(name: str):
+    """Context manager form of `set_cpu_backend`."""
+    prev = set_cpu_backend(name)
+    try:
+        yield
+    finally:
+        set_cpu_backend(prev)
+
+
+# The `backend=` keyword: the NumPy/CuPy API's values, plus "torch" (the torch CPU implementation).
+BACKENDS = ("auto", "cuda", "torch", "emulator", "reference")
+
+
+def check_backend(backend, q: Tensor) -> None:
+    """Raise ValueError, naming `backend`, for an unknown value or one that cannot run q's device."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dev = q.device.type
+    if backend == "cuda" and dev != "cuda":
+        raise ValueError(f"backend='cuda' runs CUDA tensors, but q is on {q.device} "
+                         f"(use backend='auto', 'torch', 'emulator' or 'reference')")
+    if backend in CPU_BACKENDS and dev == "cuda":
+        raise ValueError(f"backend={backend!r} runs CPU tensors, but q is on {q.device} (use backend='auto' or 'cuda')")
+    if backend in ("emulator", "reference") and dev != "cpu":
+        raise ValueError(f"backend={backend!r} runs CPU tensors, but q is on {q.device}")
+
+
+def bridge_for(q: Tensor, backend: str = "auto"):
+    """The bridge to a kernel backend for this call, or None for the torch CPU implementation.
+
+    backend "auto": CUDA tensors run the fused kernels, others what `set_cpu_backend` chose ("torch" by
+    default); "cuda", "torch", "emulator", "reference" force that implementation (`check_backend`)."""
+    check_backend(backend, q)
+    if q.device.type == "cuda":
+        return CupyBridge
+    name = _cpu_backend if backend == "auto" else backend
+    if name == "torch":
+        return None
+    if q.dtype == torch.float64:
+        raise TypeError(f"float64 tensors run only on the 'torch' CPU backend, not {name!r}")
+    if q.device.type != "cpu":
+        raise ValueError(f"the {name!r} CPU backend runs CPU tensors, but q is on {q.device}")
+    return NumpyBridge(name)
+

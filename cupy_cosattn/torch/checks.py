@@ -1,0 +1,112 @@
+"""Argument checks for the torch op, shared with the NumPy/CuPy API.
+
+``problem.canonicalize`` itself runs on zero-memory NumPy stand-ins that have the tensors' shapes and
+dtypes, so every message matches the NumPy/CuPy API. Results are cached per signature (shapes, dtypes,
+flags), which keeps the check off the hot path of a training loop.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import problem as _problem
+
+# torch dtypes with a NumPy twin (a static table: this also runs under FakeTensorMode, where no tensor
+# can be turned into a NumPy array).
+_NUMPY_OF_TORCH = {
+    torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64, torch.bool: np.bool_,
+    torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32,
+    torch.int64: np.int64, torch.complex64: np.complex64, torch.complex128: np.complex128,
+}
+
+
+def _np_dtype(name: str, dt: torch.dtype, cpu: bool):
+    """The NumPy dtype that stands in for torch dtype `dt` when problem.canonicalize checks it.
+
+    float64 is accepted on the CPU path (it is checked as float32, the dtype rules being the same)."""
+    if dt == torch.bfloat16:
+        if _problem.BFLOAT16 is None:  # pragma: no cover - ml_dtypes is a dependency
+            raise TypeError(f"{name} is bfloat16, which needs the ml_dtypes package")
+        return _problem.BFLOAT16
+    if dt == torch.float64 and cpu:
+        return np.dtype(np.float32)
+    if dt in _NUMPY_OF_TORCH:
+        return np.dtype(_NUMPY_OF_TORCH[dt])
+    raise TypeError(f"{name} has dtype {dt}; supported are float16, bfloat16 and float32"
+                    f"{' (and float64 on the CPU)' if cpu else ''}")
+
+
+def _stand_in(shape, dtype):
+    """A read-only NumPy array of `shape` and `dtype` backed by a single element (all strides 0)."""
+    base = np.zeros((1,), dtype=dtype)
+    return np.lib.stride_tricks.as_strided(base, shape=tuple(shape), strides=(0,) * len(shape), writeable=False)
+
+
+def check_signature(q_sig, k_sig, v_sig, mask_sig, bias_sig, scale_sig, attn_bias_batch_dim, groups, causal,
+                     l2norm_qk, deterministic, cpu, arg_types=None):
+    """(Problem, canonical shapes {q, k, v, bias}) for tensor signatures; raises like canonicalize.
+    `arg_types` only keys the cache (so causal=1 is not served the answer cached for causal=True)."""
+    def arr(name, sig):
+        return None if sig is None else _stand_in(sig[0], _np_dtype(name, sig[1], cpu))
+
+    if isinstance(scale_sig, tuple):  # a tensor: its shape and dtype are checked here, its values elsewhere
+        scale = np.ones(scale_sig[0], dtype=_np_dtype("scale", scale_sig[1], cpu=True))
+    else:
+        scale = scale_sig
+    try:
+        prob, inp = _problem.canonicalize(
+            arr("q", q_sig), arr("k", k_sig), arr("v", v_sig), mask=arr("mask", mask_sig),
+            attn_bias=arr("attn_bias", bias_sig), attn_bias_batch_dim=attn_bias_batch_dim, scale=scale,
+            groups=groups, causal=causal, l2norm_qk=l2norm_qk, deterministic=deterministic)
+    except TypeError as e:
+        if cpu and "dtype" in str(e) and "supported" in str(e):
+            raise TypeError(f"{e} (CPU tensors also accept float64)") from None
+        raise
+    shapes = dict(q=inp.q.shape, k=inp.k.shape, v=inp.v.shape, bias=None if inp.bias is None else inp.bias.shape)
+    return prob, shapes
+
+
+_check_cached = functools.lru_cache(maxsize=512)(check_signature)
+
+
+def _sig(x):
+    return None if x is None else (tuple(int(s) for s in x.shape), x.dtype)
+
+
+def check(q, k, v, mask, attn_bias, scale, attn_bias_batch_dim, groups, causal, l2norm_qk, deterministic):
+    """Check every argument (tensors or fake tensors); returns (Problem, canonical shapes)."""
+    named = (("q", q), ("k", k), ("v", v), ("mask", mask), ("attn_bias", attn_bias))
+    for name, t in named:
+        if t is None and name in ("mask", "attn_bias"):
+            continue
+        if not isinstance(t, Tensor):
+            like = " like q" if name != "q" else ""
+            raise TypeError(f"{name} must be a torch.Tensor{like}, got {type(t).__name__} "
+                            f"(cupy_cosattn.cosine_sim_attention takes NumPy/CuPy arrays)")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on device {t.device} but q is on {q.device}")
+    if isinstance(scale, Tensor):
+        if scale.device != q.device:
+            raise ValueError(f"scale is on device {scale.device} but q is on {q.device}")
+        scale_sig = _sig(scale)
+    elif isinstance(scale, (int, float, np.integer, np.floating)) and not isinstance(scale, (bool, np.bool_)):
+        scale_sig = float(scale)
+    else:
+        scale_sig = scale  # canonicalize says what is wrong with it
+    flags = (attn_bias_batch_dim, groups, causal, l2norm_qk, deterministic)
+    key = (_sig(q), _sig(k), _sig(v), _sig(mask), _sig(attn_bias), scale_sig, *flags, q.device.type != "cuda",
+           tuple(type(f) for f in flags))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable (hence wrong) argument: check it uncached for the message
+        return check_signature(*key)
+    return _check_cached(*key)
+
+
+def is_static(*tensors) -> bool:
+    """True when every shape is concrete (not symbolic), so the NumPy check can run on it."""
+    return all(t is None or all(type(s) is int for s in t.shape) for t in tensors)
+

@@ -1,0 +1,158 @@
+"""The CPU implementation of the torch op: plain torch, chunked over queries.
+
+Only a (B, H, chunk, Nk) block of scores exists at a time (at most ``CPU_BLOCK_ELEMS`` elements); the
+backward recomputes the scores chunk by chunk. It computes in float32 (float64 for float64 inputs,
+which the CPU path accepts so that ``torch.autograd.gradcheck`` works).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import problem as _problem
+from .outputs import empty_grad, user_dscale
+
+# Scores per block of the CPU path: a (B, H, chunk, Nk) block holds at most this many elements.
+CPU_BLOCK_ELEMS = 1 << 22
+
+def compute_dtype(dt: torch.dtype) -> torch.dtype:
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+def grouped_l2norm(x: Tensor, groups: int):
+    """(x̂, n): each of `groups` chunks of the last dim divided by max(‖chunk‖, 1e-12); n the norms."""
+    shape = x.shape
+    xs = x.reshape(*shape[:-1], groups, shape[-1] // groups)
+    n = torch.linalg.vector_norm(xs, dim=-1, keepdim=True)
+    return (xs / n.clamp_min(_problem.NORM_EPS)).reshape(shape), n
+
+
+def grouped_l2norm_backward(xhat: Tensor, n: Tensor, dxhat: Tensor, groups: int) -> Tensor:
+    """dx = (dx̂ − x̂⟨x̂, dx̂⟩)/n per chunk, or dx̂/1e-12 where the norm was clamped."""
+    shape = xhat.shape
+    xs = xhat.reshape(*shape[:-1], groups, shape[-1] // groups)
+    dxs = dxhat.reshape(xs.shape)
+    big = n > _problem.NORM_EPS
+    proj = (xs * dxs).sum(-1, keepdim=True)
+    dx = torch.where(big, (dxs - xs * proj) / torch.where(big, n, torch.ones_like(n)), dxs / _problem.NORM_EPS)
+    return dx.reshape(shape)
+
+
+class Canon:
+    """Canonical views (compute dtype) of one call for the CPU path, and its per-chunk scores."""
+
+    def __init__(self, prob, shapes, q, k, v, mask, bias, scale_t, scale):
+        cd = compute_dtype(q.dtype)
+        self.prob, self.cd = prob, cd
+        self.q = q.reshape(shapes["q"]).to(cd)
+        self.k = k.reshape(shapes["k"]).to(cd)
+        self.v = v.reshape(shapes["v"]).to(cd)
+        self.mask = mask
+        self.bias = None if bias is None else bias.reshape(shapes["bias"]).to(cd)
+        H = prob.H
+        if scale_t is None:
+            self.scale = torch.full((H,), float(scale), dtype=cd, device=q.device)
+        else:
+            self.scale = scale_t.detach().reshape(-1).to(cd).expand(H)
+        if prob.l2norm_qk:
+            self.qh, self.qn = grouped_l2norm(self.q, prob.groups)
+            self.kh, self.kn = grouped_l2norm(self.k, prob.groups)
+        else:
+            self.qh, self.qn, self.kh, self.kn = self.q, None, self.k, None
+        self.qs = self.qh * self.scale.view(1, H, 1, 1)  # scale_h·q̂: the scale folded into the queries
+        # Can a row end up with no visible key (softmax of all -inf gives NaN, which must become 0)?
+        self.may_be_empty = mask is not None or bias is not None or (prob.causal and prob.Nq > prob.Nk)
+
+    def chunks(self):
+        """(i0, i1, kend): query rows [i0, i1) see at most keys [0, kend) (causal trims the rest)."""
+        p = self.prob
+        rows = max(1, CPU_BLOCK_ELEMS // max(1, p.B * p.H * p.Nk))
+        for i0 in range(0, p.Nq, rows):
+            i1 = min(p.Nq, i0 + rows)
+            kend = min(p.Nk, max(0, i1 + p.Nk - p.Nq)) if p.causal else p.Nk
+            yield i0, i1, kend
+
+    def grouped(self, x):
+        """(B, H, C, X) -> (B, Hk, G, C, X): the query heads that share a kv head side by side."""
+        p = self.prob
+        return x.reshape(p.B, p.Hk, p.q_per_kv, x.shape[-2], x.shape[-1])
+
+    def logits(self, i0, i1, kend):
+        """s = scale_h·⟨q̂_i, k̂_j⟩ + bias_ij for rows [i0, i1) and keys [0, kend), -inf where excluded."""
+        p = self.prob
+        B, H, C = p.B, p.H, i1 - i0
+        s = (self.grouped(self.qs[:, :, i0:i1]) @ self.kh[:, :, :kend].unsqueeze(2).transpose(-1, -2))
+        s = s.reshape(B, H, C, kend)
+        if self.bias is not None:
+            s = s + self.bias[:, :, i0:i1, :kend]
+        vis = None
+        if p.causal:
+            rows = torch.arange(i0, i1, device=s.device).unsqueeze(1)
+            cols = torch.arange(kend, device=s.device).unsqueeze(0)
+            vis = (cols <= rows + (p.Nk - p.Nq)).view(1, 1, C, kend)
+        if self.mask is not None:
+            m = self.mask[:, :kend].view(B, 1, 1, kend)
+            vis = m if vis is None else vis & m
+        if vis is not None:
+            s = s.masked_fill(~vis, float("-inf"))
+        return s
+
+    def probs(self, s):
+        """Softmax over the visible keys; 0 for a row without any."""
+        P = torch.softmax(s, dim=-1)
+        return torch.nan_to_num(P, nan=0.0) if self.may_be_empty else P
+
+
+def cpu_forward(prob, shapes, q, k, v, mask, bias, scale_t, scale):
+    c = Canon(prob, shapes, q, k, v, mask, bias, scale_t, scale)
+    B, H, Nq, D = prob.B, prob.H, prob.Nq, prob.D
+    out = torch.zeros((B, H, Nq, D), dtype=c.cd, device=q.device)
+    lse = torch.full((B, H, Nq), float("-inf"), dtype=torch.float32, device=q.device)
+    for i0, i1, kend in c.chunks():
+        if kend == 0:
+            continue  # no key visible to any row of this chunk: out 0, lse -inf
+        s = c.logits(i0, i1, kend)
+        o = c.grouped(c.probs(s)) @ c.v[:, :, :kend].unsqueeze(2)  # (B, Hk, G, C, D)
+        out[:, :, i0:i1] = o.reshape(B, H, i1 - i0, D)
+        lse[:, :, i0:i1] = torch.logsumexp(s, dim=-1).to(torch.float32)  # -inf for a row without a key
+    return out.to(q.dtype).reshape(q.shape), lse.reshape(q.shape[:-1])
+
+
+def cpu_backward(prob, shapes, dout, q, k, v, mask, bias, scale_t, scale):
+    """Gradients by recomputing each query chunk's probabilities (DESIGN.md section 1, backward)."""
+    c = Canon(prob, shapes, q, k, v, mask, bias, scale_t, scale)
+    B, H, Nq, D = prob.B, prob.H, prob.Nq, prob.D
+    do = dout.reshape(B, H, Nq, D).to(c.cd)
+    dqh = torch.zeros_like(c.q)
+    dkh = torch.zeros_like(c.k)
+    dv = torch.zeros_like(c.v)
+    dbias = None if c.bias is None else torch.zeros_like(c.bias)
+    dscale = torch.zeros((H,), dtype=c.cd, device=q.device)
+    for i0, i1, kend in c.chunks():
+        if kend == 0:
+            continue
+        C = i1 - i0
+        P = c.probs(c.logits(i0, i1, kend))
+        dog = c.grouped(do[:, :, i0:i1])  # (B, Hk, G, C, D)
+        kh, vv = c.kh[:, :, :kend].unsqueeze(2), c.v[:, :, :kend].unsqueeze(2)  # (B, Hk, 1, kend, D)
+        dP = (dog @ vv.transpose(-1, -2)).reshape(B, H, C, kend)
+        dS = torch._softmax_backward_data(dP, P, -1, P.dtype)  # P ∘ (dP − rowsum(P ∘ dP))
+        dSg = c.grouped(dS)
+        dv[:, :, :kend] += (c.grouped(P).transpose(-1, -2) @ dog).sum(2)
+        g = (dSg @ kh).reshape(B, H, C, D)  # dS·K̂ = dq̂ / scale_h
+        dqh[:, :, i0:i1] = g * c.scale.view(1, H, 1, 1)
+        dkh[:, :, :kend] += (dSg.transpose(-1, -2) @ c.grouped(c.qs[:, :, i0:i1])).sum(2)
+        dscale += (g * c.qh[:, :, i0:i1]).sum(dim=(0, 2, 3))  # Σ dS_ij ⟨q̂_i, k̂_j⟩
+        if dbias is not None:
+            axes = tuple(ax for ax in (0, 1) if c.bias.shape[ax] == 1)
+            dbias[:, :, i0:i1, :kend] = dS.sum(dim=axes, keepdim=True) if axes else dS
+    if prob.l2norm_qk:
+        dq = grouped_l2norm_backward(c.qh, c.qn, dqh, prob.groups)
+        dk = grouped_l2norm_backward(c.kh, c.kn, dkh, prob.groups)
+    else:
+        dq, dk = dqh, dkh
+    dq = dq.to(q.dtype).reshape(q.shape)
+    dk = dk.to(k.dtype).reshape(k.shape)
+    dv = dv.to(v.dtype).reshape(v.shape)
+    dbias = empty_grad(q) if bias is None else dbias.to(bias.dtype).reshape(bias.shape)
+    return dq, dk, dv, dbias, user_dscale(dscale, scale_t, q)
