@@ -389,7 +389,7 @@ def test_zigzag_blocks_balance_causal_work():
         work, seen = [], torch.zeros(N, N, dtype=torch.int64)
         for r in range(W):
             ring = R._Ring(None, r, W, 0, 0, "gloo")
-            cfg = R._Config(ring, True, layout, 8.0, 1, True, False, "auto", False, True)
+            cfg = R._Config(ring, True, layout, 8.0, 1, True, False, "auto", False)
             pos = R.shard_indices(N, W, r, layout)
             pairs = 0
             for step in range(W):

@@ -113,6 +113,10 @@ def gather_sequence(x: Tensor, group=None, layout: str = "zigzag", dim: int = -2
 
 # ------------------------------------------------------------------------------------------ the ring
 
+# torch.distributed backends that send CPU tensors
+_HOST_BACKENDS = ("gloo", "mpi", "ucc")
+
+
 class _Exchange:
     """Tensors in flight to the next rank and from the previous one; `wait` returns the received ones."""
 
@@ -159,18 +163,20 @@ class _Ring:
 
     def comm_device(self, device: torch.device) -> torch.device:
         """Where tensors living on `device` travel: the device itself for CUDA tensors on an NCCL group;
-        the host otherwise (gloo moves CPU tensors only, so CUDA tensors on a gloo group are staged)."""
+        the host on a group that carries CPU tensors (gloo sends CPU tensors only, so CUDA tensors on a
+        gloo group are staged through the host)."""
         if device.type == "cuda" and "nccl" in self.backend:
             return device
-        if device.type != "cpu" and "gloo" not in self.backend and "nccl" in self.backend:
-            raise ValueError(f"an NCCL group carries CUDA tensors, not tensors on {device}")
-        return torch.device("cpu")
+        if any(b in self.backend for b in _HOST_BACKENDS):
+            return torch.device("cpu")
+        raise ValueError(f"the process group's backend {self.backend!r} cannot carry tensors on {device}: use "
+                         f"NCCL for CUDA tensors, gloo for CPU tensors")
 
     def descriptor_device(self) -> torch.device:
-        """The device of the small all-gathered tensors (gloo: the host; NCCL alone: this rank's GPU)."""
-        if "nccl" in self.backend and "gloo" not in self.backend:
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        """The device of the small all-gathered descriptors: the host, unless the group is NCCL only."""
+        if any(b in self.backend for b in _HOST_BACKENDS) or "nccl" not in self.backend:
+            return torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device())
 
     def exchange(self, tensors: Sequence[Tensor]) -> _Exchange:
         """Send `tensors` to the next rank and receive tensors of the same shapes and dtypes from the
@@ -309,7 +315,6 @@ class _Config:
     deterministic: bool
     backend: str
     kernel: bool  # the blocks run the op's kernel backends (else the torch CPU implementation)
-    fixed_offset: bool  # combine with the fixed offset scale_h * groups (else a running maximum)
 
 
 def _blocks(cfg: _Config, src: int, n: int) -> List[Tuple[slice, slice, bool]]:
@@ -338,8 +343,9 @@ class _Combine:
 
     A block's out_i, lse_i are the softmax over its keys alone; the whole row's are
     lse = log Σ_i exp(lse_i) and out = Σ_i exp(lse_i − lse)·out_i. With normalized q, k every logit is
-    at most b_h = scale_h·groups, so with the fixed offset c = b_h the weights exp(lse_i − c) = Σ_j exp(s_ij − c)
-    are the kernels' own fixed-offset row sums l_i (they store lse_i = c' + log l_i), bounded by N_local:
+    at most b_h = scale_h·groups, so with the fixed offset c = b_h the weights
+    l_i = exp(lse_i − c) = Σ_j exp(s_ij − c) lie in [exp(−2·b_h), N_local] (the kernels' own fixed-offset
+    row sums, up to their headroom factor, which is the same for every block of a row: docs/ring.md), and
     numerators Σ_i l_i·out_i and denominators Σ_i l_i simply add, with no maximum to track or exchange and
     no rescaling. Without that bound (l2norm_qk=False, or b_h above FIXED_OFFSET_MAX_BOUND) a running
     maximum per row takes c's place. A row that sees no key of a block has lse_i = −inf and out_i = 0,
@@ -468,7 +474,10 @@ def _ring_backward(cfg: _Config, dout, q, k, v, mask, scale_t, out, lse):
     dscale = None if scale_t is None else torch.zeros(scale_t.shape, dtype=torch.float64, device=scale_t.device)
     kv = [k, v] + ([mask] if mask is not None else [])
     partials: Optional[_Exchange] = None
-    dk = dv = None
+
+    def zeros_kv():
+        return torch.zeros(k.shape, dtype=cd, device=k.device), torch.zeros(v.shape, dtype=cd, device=v.device)
+
     for step in range(ring.world):
         pending = ring.exchange(kv) if step + 1 < ring.world else None
         mine = None  # this rank's share of the visiting slice's dK, dV
@@ -478,14 +487,13 @@ def _ring_backward(cfg: _Config, dout, q, k, v, mask, scale_t, out, lse):
                                                      lse[:, :, rows], mb, scale_t, causal)
             dq[:, :, rows] += dq_i
             if mine is None:
-                mine = (torch.zeros(k.shape, dtype=cd, device=k.device), torch.zeros(v.shape, dtype=cd, device=v.device))
+                mine = zeros_kv()
             mine[0][:, :, cols] += dk_i
             mine[1][:, :, cols] += dv_i
             if dscale is not None:
                 dscale += ds_i.to(torch.float64)
         if step == 0:
-            dk, dv = mine if mine is not None else (torch.zeros(k.shape, dtype=cd, device=k.device),
-                                                    torch.zeros(v.shape, dtype=cd, device=v.device))
+            dk, dv = mine if mine is not None else zeros_kv()
         else:
             dk, dv = partials.wait()  # the visiting slice's partials, sent by the previous rank
             if mine is not None:
@@ -617,5 +625,5 @@ def ring_cosine_sim_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, ca
     kernel = _check_local(ring, q, k, v, mask, scale, causal, layout, groups, l2norm_qk, deterministic, backend)
     offset = _offset(scale, q, groups, l2norm_qk)
     cfg = _Config(ring, causal, layout, 1.0 if scale_t is not None else float(scale), int(groups), bool(l2norm_qk),
-                  bool(deterministic), backend, kernel, offset is not None)
+                  bool(deterministic), backend, kernel)
     return _RingAttention.apply(q, k, v, scale_t, mask, cfg, offset)
