@@ -582,3 +582,39 @@ def test_gpu_nccl_two_gpus(tmp_path):
         pytest.skip(f"NCCL ring needs 2 GPUs, this machine has {torch.cuda.device_count()}")
     spawn(ring_worker, 2, (free_port(), str(tmp_path), GPU_CASES, "nccl"), timeout=300)
     _check_gpu_results(tmp_path, 2)
+
+
+def test_transformer_positions_and_attention_fn_hooks():
+    """The hooks the context-parallel trainer uses: explicit positions and a replaced attention give
+    what the defaults give; a shard's positions pick the right embeddings; bad uses raise."""
+    from cupy_cosattn.transformer import CosineSimCausalTransformer
+
+    torch.manual_seed(0)
+    model = CosineSimCausalTransformer(num_tokens=20, dim=16, max_seq_len=12, depth=1, heads=2, dim_head=8,
+                                       learned_scale=True)
+    x = torch.randint(0, 20, (2, 9))
+    calls = []
+
+    def attend(q, k, v, **kw):
+        calls.append(kw)
+        return cat.cosine_sim_attention(q, k, v, **kw)
+
+    ref = model(x, return_loss=True)
+    got = model(x, return_loss=True, positions=torch.arange(9), attention_fn=attend)
+    assert torch.equal(got, ref) and calls and calls[0]["causal"] is True and calls[0]["groups"] == 1
+    # a shard embeds its own global positions (with return_loss, the last token is only a label)
+    seen = []
+    hook = model.pos_emb.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].tolist()))
+    pos = torch.tensor([0, 1, 2, 7, 8, 9, 10, 11, 3])
+    model(x, return_loss=True, positions=pos)
+    model(x[:, :4], positions=pos[3:7])
+    hook.remove()
+    assert seen == [pos[:8].tolist(), [7, 8, 9, 10]]
+    with pytest.raises(ValueError, match="positions must be"):
+        model(x, positions=torch.arange(8))
+    with pytest.raises(ValueError, match="positions must be"):
+        model(x, positions=torch.arange(9) + 4)  # past max_seq_len
+    soft = CosineSimCausalTransformer(num_tokens=20, dim=16, max_seq_len=12, depth=1, heads=2, dim_head=8,
+                                      attn="softmax")
+    with pytest.raises(ValueError, match="attention_fn replaces cosine attention"):
+        soft(x, attention_fn=attend)
