@@ -171,6 +171,9 @@ def _encode_driver(addr, code, dims, strides, box, es, swizzle, oob, l2) -> byte
     except ImportError:
         driver = None
     if driver is not None:
+        (err,) = driver.cuInit(0)
+        if int(err) != _CUDA_SUCCESS:
+            raise TensorMapError(f"cuInit failed with {err!r}")
         err, tmap = driver.cuTensorMapEncodeTiled(
             driver.CUtensorMapDataType(code), rank, addr, [driver.cuuint64_t(d) for d in dims],
             [driver.cuuint64_t(s) for s in strides], [driver.cuuint32_t(b) for b in box],
