@@ -726,8 +726,13 @@ def test_emu_wgmma_descriptor_layouts(mod, operand, major, span):
                    f"{name.lower()}_sbo": sbo, f"{name.lower()}_swz": sw})
     ma = int(operand == "A" and major == "MN")
     mb = int(operand == "B" and major == "MN")
+    exp = A.astype(np.float64) @ B.astype(np.float64)
     regs = run_wgmma(mod, n, BF16, ma, mb, A, B, np.zeros((64, n), np.float32), img, wg_params(img, scale_d=0, **kw))
-    np.testing.assert_allclose(from_frags(regs, n), A.astype(np.float64) @ B.astype(np.float64), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(from_frags(regs, n), exp, rtol=1e-6, atol=1e-6)
+    if operand == "B":  # the same B with A from registers
+        regs = run_wgmma(mod, n, BF16, ma, mb, A, B, np.zeros((64, n), np.float32), img,
+                         wg_params(img, scale_d=0, a_regs=1, **kw))
+        np.testing.assert_allclose(from_frags(regs, n), exp, rtol=1e-6, atol=1e-6)
 
 
 # The PTX ISA's worked bf16 MN-major examples: exact layouts (elements) with their LBO / SBO (bytes).
