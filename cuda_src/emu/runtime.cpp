@@ -194,6 +194,12 @@ struct Worker {
   std::vector<TlsRange> tls;  // per module: this thread's instance of its TLS segment
 };
 
+// The sm_90a model (hopper.cpp, included at the end of this file) hooks into the scheduler here.
+void hopper_block_start(Block* B);
+void hopper_thread_exit(Fiber* f);
+bool hopper_progress(Block* B);  // no thread can run: land an in-flight TMA load; true if that changed anything
+std::string hopper_blocked_detail(Block* B);
+
 }  // namespace
 
 // Result of a launch, read by Python (ctypes mirror in emulator.py).
@@ -265,6 +271,7 @@ std::string op_name(uint32_t op) {
       static const char* m[] = {"mma.m16n8k16.f16", "mma.m16n8k16.bf16", "mma.m16n8k8.tf32"};
       return m[(op >> 8) % 3];
     }
+    case 6: return "elect.sync";
   }
   return "collective";
 }
@@ -441,6 +448,7 @@ extern "C" __attribute__((visibility("hidden"))) void caemu_fiber_main(void* p) 
   if (!f->copies.empty())
     fail(f, fmt("%s exited with %zu cp.async copies not yet waited for (cp.async.wait_group)", thread_str(f).c_str(),
                 f->copies.size()));
+  hopper_thread_exit(f);
   Warp& W = B->warps[f->pub.warp];
   uint32_t bit = 1u << f->pub.lane;
   for (int i = 0; i < 32 && W.npending; ++i) {
@@ -973,6 +981,7 @@ void run_block(Worker* w, Launch* L, long long bl) {
   B->rng = L->seed * 0x9E3779B97F4A7C15ull + (uint64_t)bl * 0xD1B54A32D192ED03ull + 0x632BE59BD9B4E019ull;
   B->failed = false;
   B->err.clear();
+  hopper_block_start(B);
   for (int i = 0; i < n; ++i) {
     Fiber* f = B->fibers[i];
     fiber_init_stack(f);
@@ -1031,6 +1040,7 @@ void run_block(Worker* w, Launch* L, long long bl) {
     if (L->abort.load(std::memory_order_relaxed)) break;
     if (B->count == 0) {
       if (B->live == 0) break;
+      if (hopper_progress(B)) continue;
       // Nothing can run but threads are alive: a deadlock.
       int at_bar = 0, at_warp = 0;
       std::string detail;
@@ -1043,6 +1053,7 @@ void run_block(Worker* w, Launch* L, long long bl) {
           if (p.used)
             detail += fmt("; warp %d: lanes %s wait at %s (mask 0x%08x) for lanes %s", i, lanes_str(p.arrived).c_str(),
                           op_name(p.op).c_str(), p.mask, lanes_str(p.mask & ~p.arrived).c_str());
+      detail += hopper_blocked_detail(B);
       record_error(L, g_res,
                    block_prefix(B) + fmt(": deadlock: %d thread(s) wait at __syncthreads(), %d at warp collectives, "
                                          "none can proceed%s",
@@ -1301,3 +1312,5 @@ int caemu_check_canaries(int64_t* ids, int64_t* offsets, int max) {
 }
 
 }  // extern "C"
+
+#include "hopper.cpp"

@@ -28,6 +28,7 @@
 #define __noinline__ __attribute__((noinline))
 #define __forceinline__ inline
 #define __constant__
+#define __grid_constant__
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 // Static shared memory: one copy per OS worker thread. A worker runs one block at a time (all of
