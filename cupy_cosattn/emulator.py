@@ -48,6 +48,9 @@ __all__ = [
     "set_placement",
     "get_placement",
     "placement",
+    "set_fill",
+    "get_fill",
+    "fill",
     "set_num_workers",
     "get_num_workers",
     "cache_dir",
@@ -119,7 +122,32 @@ def _env_placement():
     return _check_placement(v, "CUPY_COSATTN_EMU_PLACE") if v else "alternate"
 
 
-_state = {"interleave": _env_interleave(), "workers": _env_workers(), "placement": _env_placement()}
+# Fresh device arrays hold this byte everywhere (see set_fill); None leaves them as the OS maps them.
+_FILL_DEFAULT = 0xFF
+
+
+def _check_fill(value, what):
+    if value is None or value is False:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) <= 255:
+        raise ValueError(f"{what}: expected a byte value 0..255 or None (off), got {value!r}")
+    return int(value)
+
+
+def _env_fill():
+    v = os.environ.get("CUPY_COSATTN_EMU_FILL", "").strip().lower()
+    if not v:
+        return _FILL_DEFAULT
+    if v in ("off", "none", "no", "false"):
+        return None
+    try:
+        return _check_fill(int(v, 0), "CUPY_COSATTN_EMU_FILL")
+    except ValueError:
+        raise ValueError(f"CUPY_COSATTN_EMU_FILL: expected a byte value 0..255 (e.g. 0xff) or off, got {v!r}") from None
+
+
+_state = {"interleave": _env_interleave(), "workers": _env_workers(), "placement": _env_placement(),
+          "fill": _env_fill()}
 
 
 def set_interleave(seed):
@@ -190,6 +218,30 @@ def get_placement():
 def placement(mode):
     """Context manager: set_placement(mode) inside the block, restored after."""
     return _temporarily("placement", set_placement, mode)
+
+
+def set_fill(value):
+    """What fresh device arrays (device_empty, and so every buffer the launch layer allocates without
+    initializing it) hold: every byte set to `value` (0..255), or None to leave them as the OS maps
+    them, all zeros.
+
+    The default, 0xFF, is a NaN in float32, float16 and bfloat16 (and -1 in every signed integer
+    type): on a GPU ``cupy.empty`` hands out recycled pool memory, so a kernel that fails to write
+    part of its output (padding columns, say) must not pass because fresh memory happens to be zero.
+    The environment variable CUPY_COSATTN_EMU_FILL=<byte, e.g. 0xff>|off sets the initial value.
+    device_zeros and to_device are not affected (they write every byte).
+    """
+    _state["fill"] = _check_fill(value, "set_fill")
+
+
+def get_fill():
+    """The byte fresh device arrays are filled with, or None when the fill is off."""
+    return _state["fill"]
+
+
+def fill(value):
+    """Context manager: set_fill(value) inside the block, restored after."""
+    return _temporarily("fill", set_fill, value)
 
 
 def set_num_workers(n):
@@ -364,7 +416,17 @@ def _dtype_name(dt):
 def device_empty(shape, dtype=np.float32):
     """An uninitialized "device" array: a NumPy array over a guarded allocation (PROT_NONE pages on
     both sides, the data flush against one of them as set_placement says, canaries in the slack).
-    Out-of-bounds kernel accesses fault or hit a canary and raise EmulatorError."""
+    Out-of-bounds kernel accesses fault or hit a canary and raise EmulatorError. Every byte holds the
+    garbage of set_fill (0xFF by default: NaN as any float type)."""
+    arr = _device_alloc(shape, dtype)
+    value = _state["fill"]
+    if value is not None and arr.size:
+        np.asarray(_guarded_owner(arr)).fill(value)  # the allocation's bytes (uint8)
+    return arr
+
+
+def _device_alloc(shape, dtype):
+    """A device array straight from the allocator: all zeros (fresh anonymous pages)."""
     dtype = np.dtype(dtype)
     shape = (shape,) if np.isscalar(shape) else tuple(int(s) for s in shape)
     n = 1
@@ -380,15 +442,13 @@ def device_empty(shape, dtype=np.float32):
 
 def device_zeros(shape, dtype=np.float32):
     """device_empty, filled with zeros."""
-    a = device_empty(shape, dtype)
-    a.view(np.uint8).reshape(-1)[:] = 0
-    return a
+    return _device_alloc(shape, dtype)  # fresh anonymous pages are zero
 
 
 def to_device(a, dtype=None):
     """A guarded copy of `a` (C-contiguous)."""
     a = np.asarray(a, dtype=dtype)
-    d = device_empty(a.shape, a.dtype)
+    d = _device_alloc(a.shape, a.dtype)  # every byte is copied: no fill needed
     if a.size:
         np.copyto(d, a, casting="no")
     return d
