@@ -605,7 +605,7 @@ void warp_release(Fiber* f, Pending* P) {
 
 struct ShflSlot {
   unsigned long long v, out;
-  int b, width;
+  int b, c;
 };
 struct VoteSlot {
   int pred;
@@ -623,38 +623,54 @@ struct MmaSlot {
 
 }  // namespace
 
-extern "C" unsigned long long caemu_shfl(int mode, unsigned mask, unsigned long long v, int b, int width) {
+namespace {
+// PTX ISA, shfl.sync: the lane whose `a` operand lane `lane` receives, for operands b and c, in
+// mode 0 .idx, 1 .up, 2 .down, 3 .bfly. Only b[4:0], c[4:0] (the clamp) and c[12:8] (the segment
+// mask) take part; when the computed lane is out of range the lane keeps its own value.
+int shfl_source_lane(int mode, int lane, uint32_t b, uint32_t c) {
+  const int bval = (int)(b & 31), cval = (int)(c & 31), segmask = (int)((c >> 8) & 31);
+  const int maxLane = (lane & segmask) | (cval & ~segmask);
+  const int minLane = lane & segmask;
+  int j;
+  bool in_range;
+  switch (mode) {
+    case 1: j = lane - bval; in_range = j >= maxLane; break;
+    case 2: j = lane + bval; in_range = j <= maxLane; break;
+    case 3: j = lane ^ bval; in_range = j <= maxLane; break;
+    default: j = minLane | (bval & ~segmask); in_range = j <= maxLane; break;
+  }
+  return in_range ? j : lane;
+}
+}  // namespace
+
+// shfl.sync.mode.b32 d, a=v, b, c, membermask=mask (8-byte values move as two shuffles with the
+// same b and c would).
+extern "C" unsigned long long caemu_shfl_c(int mode, unsigned mask, unsigned long long v, int b, int c) {
   Fiber* f = cur_fiber();
-  if (width < 1 || width > 32 || (width & (width - 1)))
-    fail(f, fmt("%s with width %d (must be a power of two up to 32)", op_name(1 | mode << 8).c_str(), width));
-  ShflSlot s{v, 0, b, width};
-  Pending* P = warp_arrive(f, 1u | (uint32_t)mode << 8, mask, &s);
+  ShflSlot s{v, 0, b, c};
+  Pending* P = warp_arrive(f, 1u | (uint32_t)(mode & 3) << 8, mask, &s);
   if (P) {
     ShflSlot* sl[32];
     for (int l = 0; l < 32; ++l) sl[l] = (P->mask >> l & 1) ? (ShflSlot*)P->slot[l] : nullptr;
     for (int l = 0; l < 32; ++l) {
       if (!sl[l]) continue;
-      // PTX shfl.sync: c = ((32 - width) << 8) | clamp, clamp = 0 for .up and 31 otherwise.
-      int segmask = (32 - sl[l]->width) & 31;
-      int clamp = mode == 1 ? 0 : 31;
-      int bval = sl[l]->b;
-      int minLane = l & segmask;
-      int maxLane = minLane | (clamp & ~segmask);
-      int j;
-      bool ok;
-      switch (mode) {
-        case 1: j = l - bval; ok = j >= maxLane; break;
-        case 2: j = l + bval; ok = j <= maxLane; break;
-        case 3: j = l ^ bval; ok = j <= maxLane; break;
-        default: j = minLane | (bval & 31 & ~segmask); ok = j <= maxLane; break;
-      }
-      if (!ok) j = l;
+      int j = shfl_source_lane(mode & 3, l, (uint32_t)sl[l]->b, (uint32_t)sl[l]->c);
       // Reading a lane outside the member mask is undefined: give a visible garbage value.
-      sl[l]->out = (j >= 0 && j < 32 && sl[j]) ? sl[j]->v : ~0ull;
+      sl[l]->out = sl[j] ? sl[j]->v : ~0ull;
     }
     warp_release(f, P);
   }
   return s.out;
+}
+
+// __shfl_sync / _up / _down / _xor (mode 0 .. 3) as CUDA's headers build them:
+// c = ((32 - width) << 8) | clamp, clamp 0 for .up and 31 otherwise.
+extern "C" unsigned long long caemu_shfl(int mode, unsigned mask, unsigned long long v, int b, int width) {
+  if (width < 1 || width > 32 || (width & (width - 1))) {
+    Fiber* f = cur_fiber();
+    fail(f, fmt("%s with width %d (must be a power of two up to 32)", op_name(1 | mode << 8).c_str(), width));
+  }
+  return caemu_shfl_c(mode, mask, v, b, ((32 - width) << 8) | (mode == 1 ? 0 : 31));
 }
 
 extern "C" unsigned caemu_vote(int mode, unsigned mask, int pred) {
