@@ -10,7 +10,8 @@ arrays with a faithful model of the warp-level execution.
 `RawModule` mirrors ``cupy.RawModule``; NumPy arrays stand for device pointers and NumPy scalars
 (including structured ``np.void`` scalars, passed by value as their raw bytes) for by-value arguments.
 See docs/emulator.md for what is modelled (every thread a fiber, real barriers, warp collectives from
-the PTX fragment tables, cp.async landing at the wait, guarded memory) and what is not.
+the PTX fragment tables, cp.async landing at the wait, guarded and garbage-filled memory, a watchdog
+for threads that spin without progress) and what is not.
 
 This module never imports CuPy.
 """
@@ -53,6 +54,9 @@ __all__ = [
     "fill",
     "set_num_workers",
     "get_num_workers",
+    "set_watchdog",
+    "get_watchdog",
+    "watchdog",
     "cache_dir",
 ]
 
@@ -146,8 +150,32 @@ def _env_fill():
         raise ValueError(f"CUPY_COSATTN_EMU_FILL: expected a byte value 0..255 (e.g. 0xff) or off, got {v!r}") from None
 
 
+_WATCHDOG_DEFAULT = 10.0  # seconds without progress before a launch is reported as hung
+
+
+def _check_watchdog(seconds, what):
+    if seconds is None or seconds is False:
+        return None
+    try:
+        v = float(seconds)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected a number of seconds > 0 or None (off), got {seconds!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise ValueError(f"{what}: expected a number of seconds > 0 or None (off), got {seconds!r}")
+    return v
+
+
+def _env_watchdog():
+    v = os.environ.get("CUPY_COSATTN_EMU_WATCHDOG", "").strip().lower()
+    if not v:
+        return _WATCHDOG_DEFAULT
+    if v in ("off", "none", "no", "false", "0"):
+        return None
+    return _check_watchdog(v, "CUPY_COSATTN_EMU_WATCHDOG")
+
+
 _state = {"interleave": _env_interleave(), "workers": _env_workers(), "placement": _env_placement(),
-          "fill": _env_fill()}
+          "fill": _env_fill(), "watchdog": _env_watchdog()}
 
 
 def set_interleave(seed):
@@ -206,6 +234,10 @@ def set_placement(mode):
     data hold canaries, checked after every launch. The environment variable
     CUPY_COSATTN_EMU_PLACE=end|start|alternate|exact sets the initial value. Arrays already
     allocated keep their placement.
+
+    Dynamic shared memory follows the same setting at every launch, with ``"alternate"`` by the
+    parity of the block index plus a launch counter: against its start guard (``smem[-1]`` faults)
+    or its end guard, with canaries in the slack checked when each block is done.
     """
     _state["placement"] = _check_placement(mode, "set_placement")
 
@@ -242,6 +274,31 @@ def get_fill():
 def fill(value):
     """Context manager: set_fill(value) inside the block, restored after."""
     return _temporarily("fill", set_fill, value)
+
+
+def set_watchdog(seconds):
+    """Report a launch as hung when none of its threads made progress for `seconds` (None: off).
+
+    Progress is a barrier or warp collective completing, copies landing at a cp.async wait, a thread
+    exiting, or any change in shared or global memory. Threads of a block switch only at scheduling
+    points, so the watchdog also preempts a thread that runs long without one (after about 0.1 s), so
+    that a spin-wait on a flag another thread sets (legal on Volta and later) makes progress; one
+    that no thread ever sets raises EmulatorError after the bound, naming the spinning threads and
+    their call sites (the function, its offsets in the module and the source lines). Off, the
+    preemption is off too, and such a launch hangs. Default 10 s; the environment variable
+    CUPY_COSATTN_EMU_WATCHDOG=<seconds>|off sets the initial value.
+    """
+    _state["watchdog"] = _check_watchdog(seconds, "set_watchdog")
+
+
+def get_watchdog():
+    """The watchdog's bound in seconds, or None when it is off."""
+    return _state["watchdog"]
+
+
+def watchdog(seconds):
+    """Context manager: set_watchdog(seconds) inside the block, restored after."""
+    return _temporarily("watchdog", set_watchdog, seconds)
 
 
 def set_num_workers(n):
@@ -286,7 +343,7 @@ def _compiler_id():
 def _shim_digest():
     h = hashlib.sha256()
     for p in sorted(_EMU_DIR.iterdir()):
-        if p.is_file() and p.suffix in (".h", ".cpp", ".hpp"):
+        if p.is_file() and p.suffix in (".h", ".cpp", ".hpp", ".inc"):
             h.update(p.name.encode())
             h.update(p.read_bytes())
     return h.hexdigest()
@@ -370,6 +427,8 @@ def _runtime():
         lib.caemu_free.restype = None
         lib.caemu_check_canaries.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
         lib.caemu_check_canaries.restype = ctypes.c_int
+        lib.caemu_set_option.argtypes = [ctypes.c_int, ctypes.c_longlong]
+        lib.caemu_set_option.restype = None
         lib.caemu_configure(_env_stack())
         _runtime_lib = lib
         return lib
@@ -490,6 +549,8 @@ def _describe_alloc(aid, offset):
     itemsize = np.dtype(dt).itemsize if dt else 1
     where = "before its start" if offset < 0 else "past its end" if offset >= nbytes else "inside"
     elem = f", element {offset // itemsize}" if itemsize > 1 else ""
+    if 0 <= offset < nbytes and len(shape) > 1:
+        elem += f" {tuple(int(i) for i in np.unravel_index(offset // itemsize, shape))}"
     return (f"buffer of shape {shape} dtype {dt} ({nbytes} bytes, placement {place}) at byte offset "
             f"{offset}{elem} ({where})")
 
@@ -725,6 +786,48 @@ def _arg_bytes(kname, i, a, info, temps):
     return data
 
 
+# caemu_set_option keys (runtime.cpp).
+_OPT_SMEM_PLACEMENT, _OPT_WATCHDOG_MS = 1, 2
+
+_CODE_ADDRS = re.compile(r"\[(/[^\[\],]+?)\+(0x[0-9a-f]+(?:, \+0x[0-9a-f]+)*)\]")
+
+
+def _source_line(path, line):
+    try:
+        with open(path, errors="replace") as f:
+            for i, text in enumerate(f, 1):
+                if i == line:
+                    text = " ".join(text.split())
+                    return text if len(text) <= 100 else text[:97] + "..."
+    except OSError:
+        pass
+    return ""
+
+
+def _resolve_code_addresses(msg):
+    """Append the source lines (addr2line) to each "[library+0xoff, +0xoff, ...]" of a runtime message,
+    when the library has line information; unchanged otherwise."""
+    def lines(m):
+        offs = [o.strip().lstrip("+") for o in m.group(2).split(",")]
+        try:
+            out = subprocess.run(["addr2line", "-e", m.group(1)] + offs, capture_output=True, text=True,
+                                 timeout=30).stdout.splitlines()
+        except (OSError, subprocess.SubprocessError):
+            return m.group(0)
+        found = []
+        for loc in out:
+            loc = loc.split(" (discriminator")[0].strip()
+            path, _, num = loc.rpartition(":")
+            if not path or path.startswith("??") or not num.isdigit():
+                continue
+            text = _source_line(path, int(num))
+            item = f"{os.path.basename(path)}:{num}" + (f": `{text}`" if text else "")
+            if item not in found:
+                found.append(item)
+        return f"{m.group(0)} ({'; '.join(found)})" if found else m.group(0)
+    return _CODE_ADDRS.sub(lines, msg)
+
+
 def launch(kernel, grid, block, args, shared_mem=0):
     """Run `kernel` (a RawKernel of an emulated module) on the CPU. Same as calling the kernel."""
     lib = _runtime()
@@ -753,6 +856,9 @@ def launch(kernel, grid, block, args, shared_mem=0):
         bv = (ctypes.c_uint * 3)(*b)
         res = _Result()
         seed = _state["interleave"]
+        wd = _state["watchdog"]
+        lib.caemu_set_option(_OPT_SMEM_PLACEMENT, _PLACEMENTS[_state["placement"]])
+        lib.caemu_set_option(_OPT_WATCHDOG_MS, 0 if wd is None else max(1, int(wd * 1000)))
         code = lib.caemu_launch(kernel._entry, kname.encode(), gv, bv, argv, shared_mem, _state["workers"],
                                 0 if seed is None else 1, 0 if seed is None else seed, kernel._tls_probe,
                                 ctypes.byref(res))
@@ -760,6 +866,8 @@ def launch(kernel, grid, block, args, shared_mem=0):
             msg = res.msg.decode(errors="replace")
             if code == 2 and res.alloc_id >= 0:
                 msg += ": out of bounds of " + _describe_alloc(res.alloc_id, res.offset)
+            if "watchdog:" in msg:
+                msg = _resolve_code_addresses(msg)
             try:
                 _check_canaries(kname)  # re-arm, so the next launch starts clean
             except EmulatorError as e:
@@ -801,13 +909,15 @@ class RawModule:
         entries = [(e, e) for e in exprs]
         known = {e for e in exprs}
         entries_auto = entries + [(short, q) for q, short in auto if short not in known and q not in known]
-        base = [_cxx(), "-O2", "-std=c++17", "-fPIC", "-shared", "-fno-strict-aliasing", "-fstack-clash-protection",
-                "-Wno-unknown-pragmas",
+        # -g1: line tables, so that the watchdog can name the source lines of its call sites
+        base = [_cxx(), "-O2", "-g1", "-std=c++17", "-fPIC", "-shared", "-fno-strict-aliasing",
+                "-fstack-clash-protection", "-Wno-unknown-pragmas",
                 # cuda_src/emu/ first: its cuda_fp16.h / cuda_bf16.h stand in for CUDA's
                 "-DCA_EMULATOR", f"-I{_EMU_DIR}", f"-I{CUDA_SRC}"] + flags + extra + ["-include", str(_SHIM)]
         digest = hashlib.sha256()
         for part in (_ABI, _compiler_id(), "\0".join(base), _shim_digest(),
-                     _headers_digest([CUDA_SRC] + incdirs), self.code, "\0".join(exprs)):
+                     _headers_digest([CUDA_SRC] + incdirs), self.code, "\0".join(exprs),
+                     "file-prefix-map"):
             digest.update(part.encode())
             digest.update(b"\1")
         key = digest.hexdigest()[:32]
@@ -843,6 +953,8 @@ class RawModule:
         tmp_src = src.with_name(f"{src.name}.{os.getpid()}.{threading.get_ident()}.cpp")
         tmp_src.write_text(text)
         try:
+            # line information names the source by the name it keeps after the build
+            base = base + [f"-ffile-prefix-map={tmp_src}={src}"]
             _compile(base + [str(tmp_src), "-o", "@OUT@"], out, "an emulated module")
         finally:
             try:
@@ -853,12 +965,7 @@ class RawModule:
     def compile(self, log_stream=None):
         self._build()
 
-    def get_function(self, name):
-        """The kernel named `name`: a name expression given to the constructor (exactly, or up to
-        whitespace), or the name of a non-template __global__ function."""
-        if name in self._kernels:
-            return self._kernels[name]
-        lib = self._build()
+    def _kernel_index(self, lib, name):
         table = {}
         for i in range(lib.caemu_module_count()):
             table[lib.caemu_module_name(i).decode()] = i
@@ -869,6 +976,15 @@ class RawModule:
         if idx is None:
             raise EmulatorError(f"no kernel named {name!r} in the module (known: {sorted(table)}); template "
                                 "kernels must be listed in name_expressions")
+        return idx
+
+    def get_function(self, name):
+        """The kernel named `name`: a name expression given to the constructor (exactly, or up to
+        whitespace), or the name of a non-template __global__ function."""
+        if name in self._kernels:
+            return self._kernels[name]
+        lib = self._build()
+        idx = self._kernel_index(lib, name)
         infos = (_ArgInfo * 64)()
         n = lib.caemu_module_args(idx, infos, 64)
         arginfo = [(infos[i].size, infos[i].align, infos[i].is_pointer) for i in range(min(n, 64))]
