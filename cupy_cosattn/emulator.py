@@ -11,7 +11,8 @@ arrays with a faithful model of the warp-level execution.
 (including structured ``np.void`` scalars, passed by value as their raw bytes) for by-value arguments.
 See docs/emulator.md for what is modelled (every thread a fiber, real barriers, warp collectives from
 the PTX fragment tables, cp.async landing at the wait, guarded and garbage-filled memory, a watchdog
-for threads that spin without progress) and what is not.
+for threads that spin without progress, an instrumented mode that finds races between blocks) and
+what is not.
 
 This module never imports CuPy.
 """
@@ -57,6 +58,9 @@ __all__ = [
     "set_watchdog",
     "get_watchdog",
     "watchdog",
+    "set_race_check",
+    "get_race_check",
+    "race_check",
     "cache_dir",
 ]
 
@@ -174,8 +178,13 @@ def _env_watchdog():
     return _check_watchdog(v, "CUPY_COSATTN_EMU_WATCHDOG")
 
 
+def _env_race():
+    v = os.environ.get("CUPY_COSATTN_EMU_RACE", "").strip().lower()
+    return v not in ("", "0", "off", "no", "false", "none")
+
+
 _state = {"interleave": _env_interleave(), "workers": _env_workers(), "placement": _env_placement(),
-          "fill": _env_fill(), "watchdog": _env_watchdog()}
+          "fill": _env_fill(), "watchdog": _env_watchdog(), "race": _env_race()}
 
 
 def set_interleave(seed):
@@ -299,6 +308,31 @@ def get_watchdog():
 def watchdog(seconds):
     """Context manager: set_watchdog(seconds) inside the block, restored after."""
     return _temporarily("watchdog", set_watchdog, seconds)
+
+
+def set_race_check(on):
+    """Turn the detection of races between blocks in global memory on or off (default off).
+
+    On, kernels run from a build instrumented by the compiler (g++ -fsanitize=thread, with the
+    emulator's own handlers instead of ThreadSanitizer's run-time library): every plain load and
+    store to a device array is recorded per byte with the block that made it, and a launch in which
+    one block writes a byte that another block reads or writes raises EmulatorError naming the
+    kernel, both blocks and threads, and the buffer and byte offset. Atomics are exempt (as are
+    accesses by threads of the same block, ordered by barriers). Blocks run on one worker thread.
+    Slow: an instrumented build of each module (once, cached) and a call per memory access; use it
+    on small problems. The environment variable CUPY_COSATTN_EMU_RACE=1 sets the initial value.
+    """
+    _state["race"] = bool(on)
+
+
+def get_race_check():
+    """Whether race detection is on."""
+    return _state["race"]
+
+
+def race_check(on=True):
+    """Context manager: set_race_check(on) inside the block, restored after."""
+    return _temporarily("race", set_race_check, on)
 
 
 def set_num_workers(n):
@@ -708,6 +742,12 @@ def _translate_options(options):
     return flags, incdirs
 
 
+# Race mode: gcc's ThreadSanitizer pass (function entry/exit hooks off: only memory accesses), linked
+# without libtsan; calls of memcpy / memset / memmove go to the runtime's __wrap_ versions.
+_RACE_CFLAGS = ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0"]
+_RACE_LDFLAGS = ["-Wl,--wrap=memcpy,--wrap=memset,--wrap=memmove"]
+
+
 def _extra_cflags():
     v = os.environ.get("CUPY_COSATTN_EMU_CFLAGS", "").split()
     return v
@@ -787,7 +827,7 @@ def _arg_bytes(kname, i, a, info, temps):
 
 
 # caemu_set_option keys (runtime.cpp).
-_OPT_SMEM_PLACEMENT, _OPT_WATCHDOG_MS = 1, 2
+_OPT_SMEM_PLACEMENT, _OPT_WATCHDOG_MS, _OPT_RACE = 1, 2, 3
 
 _CODE_ADDRS = re.compile(r"\[(/[^\[\],]+?)\+(0x[0-9a-f]+(?:, \+0x[0-9a-f]+)*)\]")
 
@@ -856,16 +896,22 @@ def launch(kernel, grid, block, args, shared_mem=0):
         bv = (ctypes.c_uint * 3)(*b)
         res = _Result()
         seed = _state["interleave"]
+        race = _state["race"]
+        entry, probe = kernel._module._race_entry(kname) if race else (kernel._entry, kernel._tls_probe)
         wd = _state["watchdog"]
         lib.caemu_set_option(_OPT_SMEM_PLACEMENT, _PLACEMENTS[_state["placement"]])
         lib.caemu_set_option(_OPT_WATCHDOG_MS, 0 if wd is None else max(1, int(wd * 1000)))
-        code = lib.caemu_launch(kernel._entry, kname.encode(), gv, bv, argv, shared_mem, _state["workers"],
-                                0 if seed is None else 1, 0 if seed is None else seed, kernel._tls_probe,
+        lib.caemu_set_option(_OPT_RACE, int(race))
+        code = lib.caemu_launch(entry, kname.encode(), gv, bv, argv, shared_mem, _state["workers"],
+                                0 if seed is None else 1, 0 if seed is None else seed, probe,
                                 ctypes.byref(res))
         if code:
             msg = res.msg.decode(errors="replace")
             if code == 2 and res.alloc_id >= 0:
                 msg += ": out of bounds of " + _describe_alloc(res.alloc_id, res.offset)
+            elif code == 3:
+                msg = re.sub(r"\{alloc (-?\d+) (-?\d+)\}",
+                             lambda m: "in " + _describe_alloc(int(m.group(1)), int(m.group(2))), msg)
             if "watchdog:" in msg:
                 msg = _resolve_code_addresses(msg)
             try:
@@ -895,12 +941,15 @@ class RawModule:
         self.code = code
         self.options = tuple(options or ())
         self.name_expressions = tuple(name_expressions or ())
-        self._lib = None
+        self._libs = {}  # variant ("plain" | "race") -> loaded library
         self._kernels = {}
+        self._race_entries = {}
 
-    def _build(self):
-        if self._lib is not None:
-            return self._lib
+    def _build(self, race: bool = False):
+        """The module's library: plain, or instrumented for race detection (see set_race_check)."""
+        variant = "race" if race else "plain"
+        if variant in self._libs:
+            return self._libs[variant]
         _runtime()
         flags, incdirs = _translate_options(self.options)
         extra = _extra_cflags()
@@ -916,7 +965,7 @@ class RawModule:
                 "-DCA_EMULATOR", f"-I{_EMU_DIR}", f"-I{CUDA_SRC}"] + flags + extra + ["-include", str(_SHIM)]
         digest = hashlib.sha256()
         for part in (_ABI, _compiler_id(), "\0".join(base), _shim_digest(),
-                     _headers_digest([CUDA_SRC] + incdirs), self.code, "\0".join(exprs),
+                     _headers_digest([CUDA_SRC] + incdirs), self.code, "\0".join(exprs), variant,
                      "file-prefix-map"):
             digest.update(part.encode())
             digest.update(b"\1")
@@ -929,13 +978,13 @@ class RawModule:
                 if not out.exists():
                     src = d / f"mod-{key}.cpp"
                     try:
-                        self._write_and_compile(src, out, base, entries_auto)
+                        self._write_and_compile(src, out, base, entries_auto, race)
                     except EmulatorError:
                         if len(entries_auto) == len(entries):
                             raise
                         # A name found by the source scan did not work as an expression (an overload,
                         # say): build with the name expressions only.
-                        self._write_and_compile(src, out, base, entries)
+                        self._write_and_compile(src, out, base, entries, race)
                 lib = ctypes.CDLL(str(out))
                 lib.caemu_module_count.restype = ctypes.c_int
                 lib.caemu_module_name.restype = ctypes.c_char_p
@@ -945,17 +994,29 @@ class RawModule:
                 lib.caemu_module_args.restype = ctypes.c_int
                 lib.caemu_module_args.argtypes = [ctypes.c_int, ctypes.POINTER(_ArgInfo), ctypes.c_int]
                 _modules[key] = lib
-        self._lib = lib
+        self._libs[variant] = lib
         return lib
 
-    def _write_and_compile(self, src, out, base, entries):
+    def _write_and_compile(self, src, out, base, entries, race=False):
         text = self.code + "\n" + _wrappers(entries)
         tmp_src = src.with_name(f"{src.name}.{os.getpid()}.{threading.get_ident()}.cpp")
         tmp_src.write_text(text)
         try:
             # line information names the source by the name it keeps after the build
             base = base + [f"-ffile-prefix-map={tmp_src}={src}"]
-            _compile(base + [str(tmp_src), "-o", "@OUT@"], out, "an emulated module")
+            if not race:
+                _compile(base + [str(tmp_src), "-o", "@OUT@"], out, "an emulated module")
+            else:
+                # The compiler's ThreadSanitizer instrumentation without its run-time library: the
+                # calls it inserts (and memcpy / memset / memmove, wrapped at link time) go to the
+                # emulator runtime's race detector (cuda_src/emu/race.inc).
+                obj = out.with_name(out.name + ".o")
+                _compile(base + _RACE_CFLAGS + ["-c", str(tmp_src), "-o", "@OUT@"], obj, "an instrumented module")
+                try:
+                    _compile([_cxx(), "-shared", str(obj), "-o", "@OUT@"] + _RACE_LDFLAGS, out,
+                             "an instrumented module")
+                finally:
+                    obj.unlink(missing_ok=True)
         finally:
             try:
                 os.replace(tmp_src, src)  # keep the generated source beside the build, for debugging
@@ -964,6 +1025,16 @@ class RawModule:
 
     def compile(self, log_stream=None):
         self._build()
+
+    def _race_entry(self, name):
+        """(entry, TLS probe) of kernel `name` in the instrumented build."""
+        got = self._race_entries.get(name)
+        if got is None:
+            lib = self._build(race=True)
+            idx = self._kernel_index(lib, name)
+            probe = ctypes.cast(lib.caemu_module_tls_probe, ctypes.c_void_p).value
+            got = self._race_entries[name] = (lib.caemu_module_entry(idx), probe)
+        return got
 
     def _kernel_index(self, lib, name):
         table = {}

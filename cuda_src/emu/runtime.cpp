@@ -21,6 +21,9 @@
 //  * Watchdog (watchdog.inc): a thread that runs long without reaching a scheduling point is
 //    preempted (so a spin-wait on another thread's store makes progress), and a launch in which
 //    nothing progresses past a bound is reported with the spinning threads' call sites.
+//  * Race mode (race.inc): kernels built with the compiler's ThreadSanitizer instrumentation report
+//    every global access here; two blocks touching the same byte in one launch, one of them
+//    writing with a plain (non-atomic) store, is reported.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -243,6 +246,7 @@ thread_local Worker* tl_worker = nullptr;
 inline void note_progress(Worker* w) {
   w->progress.store(w->progress.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
 }
+void race_access(const void* p, size_t n, bool write);  // race.inc
 void watchdog_point(Fiber* f, uintptr_t pc);             // watchdog.inc
 uint64_t splitmix(uint64_t& s) {
   uint64_t z = (s += 0x9E3779B97F4A7C15ull);
@@ -848,7 +852,10 @@ extern "C" void caemu_cp_async(void* dst, const void* src, int cp_bytes, int src
   c.bytes = cp_bytes;
   c.group = f->group_next;
   memset(c.data, 0, sizeof c.data);
-  if (src_bytes) memcpy(c.data, src, src_bytes);
+  if (src_bytes) {
+    race_access(src, (size_t)src_bytes, false);
+    memcpy(c.data, src, src_bytes);
+  }
   // The hardware may land a copy at any moment between its issue and the wait that retires it.
   // Landing half of them (seeded) at once in interleave mode exposes the races that landing at the
   // wait hides: a buffer still being read by other threads (a missing barrier before it is
@@ -1250,10 +1257,12 @@ void install_handlers() {
 }  // namespace
 
 #include "watchdog.inc"
+#include "race.inc"
 
 namespace {
 // Settings (caemu_set_option), read by each launch.
 int g_opt_smem_place = 3;  // Placement of dynamic shared memory; 3: alternate
+bool g_opt_race = false;
 uint64_t g_launch_seq = 0;
 }  // namespace
 
@@ -1264,11 +1273,12 @@ extern "C" {
 int caemu_abi_version(void) { return 3; }
 
 // key 1: placement of dynamic shared memory (0 end, 1 start, 2 exact, 3 alternate); 2: watchdog
-// bound in milliseconds (<= 0: off).
+// bound in milliseconds (<= 0: off); 3: race mode (kernels must come from an instrumented build).
 void caemu_set_option(int key, long long value) {
   std::lock_guard<std::mutex> lk(g_launch_mu);
   if (key == 1) g_opt_smem_place = (int)value;
   if (key == 2) g_wd_bound_ms.store(value);
+  if (key == 3) g_opt_race = value != 0;
 }
 
 void caemu_configure(size_t stack_bytes) {
@@ -1296,6 +1306,7 @@ int caemu_launch(void* entry, const char* name, const unsigned* grid, const unsi
   L.tls_probe = (void* (*)())tls_probe;
   L.smem_place = g_opt_smem_place;
   L.seq = g_launch_seq++;
+  if (g_opt_race) nworkers = 1;  // the race shadow is not locked
   if (nworkers < 1) nworkers = 1;
   if (nworkers > 64) nworkers = 64;
   if (L.nblocks < nworkers) nworkers = (int)(L.nblocks > 0 ? L.nblocks : 1);
@@ -1309,6 +1320,7 @@ int caemu_launch(void* entry, const char* name, const unsigned* grid, const unsi
   }
   install_handlers();
   watchdog_begin(entry);
+  if (g_opt_race) race_begin(L);
   g_res = res;
   {
     std::unique_lock<std::mutex> plk(g_pool_mu);
@@ -1328,7 +1340,7 @@ int caemu_launch(void* entry, const char* name, const unsigned* grid, const unsi
   }
   g_res = nullptr;
   watchdog_end();
-
+  if (g_opt_race) race_end(L, res);
   if (res->code == 2) {
     // Which guarded allocation (if any) holds the faulting address?
     std::lock_guard<std::mutex> alk(g_alloc_mu);
