@@ -91,9 +91,10 @@ def test_race_mode_is_off_by_default_and_sees_nothing_then(mod):
 
 
 # One reported race: which buffer (byte offset, element) and which blocks and threads did what.
-RACE = re.compile(r"in buffer of shape (?P<shape>\([0-9, ]*\)) dtype (?P<dtype>\w+) .*?at byte offset (?P<off>\d+), "
-                  r"element (?P<elem>\d+).*?: block \((?P<b>\d+),0,0\) thread \((?P<t>\d+),0,0\) (?P<what>reads|writes) "
-                  r"(?P<n>\d+) byte\(s\) that block \((?P<ob>\d+),0,0\) thread \((?P<ot>\d+),0,0\) (?P<owhat>wrote|read)")
+RACE = re.compile(r"in buffer of shape (?P<shape>\([0-9, ]*\)) dtype (?P<dtype>\w+) .*?"
+                  r"at byte offset (?P<off>\d+), element (?P<elem>\d+).*?: "
+                  r"block \((?P<b>\d+),0,0\) thread \((?P<t>\d+),0,0\) (?P<what>reads|writes) (?P<n>\d+) byte\(s\) "
+                  r"that block \((?P<ob>\d+),0,0\) thread \((?P<ot>\d+),0,0\) (?P<owhat>wrote|read)")
 
 
 def _first_race(msg):

@@ -144,4 +144,5 @@ def test_hand_worked_cases(mod):
 def test_intrinsic_width_not_a_power_of_two_is_an_error(mod, width):
     arr = np.array([2, 1, width], dtype=np.int32)
     with pytest.raises(emu.EmulatorError, match=rf"__shfl_down_sync with width {width}"):
-        mod.get_function("shfl_intrinsics")((1,), (32,), (emu.to_device(arr), np.int32(1), emu.device_zeros(32, np.int32)))
+        out = emu.device_zeros(32, np.int32)
+        mod.get_function("shfl_intrinsics")((1,), (32,), (emu.to_device(arr), np.int32(1), out))
