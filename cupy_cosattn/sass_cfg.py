@@ -438,10 +438,11 @@ def trip_count(cfg: CFG, idom: list, loop: Loop) -> TripCount:
     cmp_ins = spine[setp[-1]][2]
     ops = _operands(cmp_ins)
     parts = cmp_ins.opcode.split(".")
+    bound = 0 if len(ops) > 3 and ops[3] in ("RZ", "URZ") else (_imm(ops[3]) if len(ops) > 3 else None)
     if parts[0] not in ("ISETP", "UISETP") or len(ops) != 5 or ops[1] not in ("PT", "UPT") or ops[4] not in ("PT", "UPT") \
-            or "EX" in parts or parts[1] not in _CMP or _imm(ops[3]) is None or not _REG.match(ops[2]):
+            or "EX" in parts or parts[1] not in _CMP or bound is None or not _REG.match(ops[2]):
         return TripCount(None, f"unknown (exit test {cmp_ins.text})")
-    cmp_fn, unsigned, bound = _CMP[parts[1]], "U32" in parts, _imm(ops[3])
+    cmp_fn, unsigned = _CMP[parts[1]], "U32" in parts
     compared = _REG.match(ops[2]).group(1)
     cmp_pos = setp[-1]
 
