@@ -146,7 +146,8 @@ def main(argv=None) -> int:
     if args.sass:
         from . import sass
 
-        return sass.main(["--arch", *args.arch, "--jobs", str(args.jobs)] + (["--kernels", args.match] if args.match else []))
+        sel = ["--kernels", args.match] if args.match else []
+        return sass.main(["--arch", *args.arch, "--jobs", str(args.jobs)] + sel)
     try:
         from cupy.cuda import nvrtc  # noqa: F401
     except Exception as e:  # noqa: BLE001

@@ -487,7 +487,8 @@ def _bwd(kind: str, dtype: str, D: int, arch: str) -> Instantiation:
     spec = _registered(LB.SOURCE, LB._name(kind, dtype, dp, small))
     B, H, N = REP_B, REP_H, REP_N
     nq_pad = _launch.round_up(N, LB.NQ_PAD)
-    strides = {f"{t}_s{d}": s for t in ("q", "k", "v", "o", "do", "dq", "dkv") for d, s in zip("bhn", (H * N * dp, N * dp, dp))}
+    strides = {f"{t}_s{d}": s for t in ("q", "k", "v", "o", "do", "dq", "dkv")
+               for d, s in zip("bhn", (H * N * dp, N * dp, dp))}
     rec = _launch.make_record(
         LB.BWD_PARAMS, **_ptrs(("q", "k", "v", "o", "dout", "lse", "lse2", "dvec", "scale", "mask", "tile_any", "bias",
                                 "dbias", "dq", "dk", "dv"), null=("mask", "tile_any", "bias", "dbias")),
@@ -744,7 +745,8 @@ def _fill(row: Row, res: dict) -> None:
 
 _CLASS_COLS = ("tensor", "ldsm", "global", "shared", "mufu", "fp32", "cvt", "int", "pred", "control", "barrier",
                "shuffle", "other")
-_CLASS_HEAD = ("HMMA", "LDSM", "global", "LDS/STS", "MUFU", "FP32", "CVT", "int", "pred", "ctrl", "bar", "shfl", "other")
+_CLASS_HEAD = ("HMMA", "LDSM", "global", "LDS/STS", "MUFU", "FP32", "CVT", "int", "pred", "ctrl", "bar", "shfl",
+               "other")
 
 
 def _fmt(x: float) -> str:
@@ -790,7 +792,9 @@ def _table(head: list, rows: list, markdown: bool) -> str:
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(lines)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([fmt(head)] + [fmt(r) for r in rows])
 
 

@@ -104,6 +104,7 @@ def is_jump(ins: Instr) -> bool:
     ptxas emits ``@P0 CALL.REL.NOINC `(.L_x_10)`` as a loop exit that never returns."""
     return ins.base in _BRANCH or (ins.base == "CALL" and ins.target is not None and ins.target.startswith(".L"))
 
+
 _INDIRECT = {"BRX", "JMX"}
 _END = {"EXIT", "RET", "KILL"}
 
@@ -315,8 +316,8 @@ _REG = re.compile(r"^(U?R(?:\d+|Z))(?:\.\w+)*$")
 _IMM = re.compile(r"^-?0x[0-9a-fA-F]+$|^-?\d+$")
 # Opcodes without a register destination (stores, reductions without return, control, barriers).
 _NO_DEST = {"ST", "STS", "STG", "STL", "STSM", "RED", "REDG", "BRA", "BRX", "JMP", "JMX", "BAR", "EXIT", "RET", "CALL",
-            "BSSY", "BSYNC", "BREAK", "BMOV", "WARPSYNC", "NOP", "DEPBAR", "LDGDEPBAR", "LDGSTS", "MEMBAR", "BPT", "YIELD",
-            "KILL", "UTMALDG", "UTMASTG", "UTMAPF", "UBLKCP", "UBLKPF", "CCTL", "ERRBAR", "FENCE"}
+            "BSSY", "BSYNC", "BREAK", "BMOV", "WARPSYNC", "NOP", "DEPBAR", "LDGDEPBAR", "LDGSTS", "MEMBAR", "BPT",
+            "YIELD", "KILL", "UTMALDG", "UTMASTG", "UTMAPF", "UBLKCP", "UBLKPF", "CCTL", "ERRBAR", "FENCE"}
 TRIP_CAP = 4096  # larger constant trip counts are treated as unknown
 
 
@@ -343,7 +344,10 @@ def _dest_regs(ins: Instr) -> set:
     name = m.group(1)
     prefix, num = ("UR", int(name[2:])) if name.startswith("UR") else ("R", int(name[1:]))
     wide = any(t in ins.opcode.split(".") for t in ("64", "WIDE")) or ins.base == "CS2R"
-    width = 4 if (ins.base in ("HMMA", "HGMMA", "IMMA", "DMMA", "LDSM") or "128" in ins.opcode.split(".")) else (2 if wide else 1)
+    if ins.base in ("HMMA", "HGMMA", "IMMA", "DMMA", "LDSM") or "128" in ins.opcode.split("."):
+        width = 4
+    else:
+        width = 2 if wide else 1
     return {f"{prefix}{num + i}" for i in range(width)}
 
 
@@ -379,8 +383,8 @@ def _add_form(ins: Instr) -> Optional[tuple]:
         return ops[0], ops[1], _imm(ops[2])
     if ins.base in ("MOV", "UMOV") and len(ops) == 2 and _REG.match(ops[1]) and ops[1] not in zero:
         return ops[0], ops[1], 0
-    if ins.opcode.startswith("IMAD.MOV") and len(ops) == 4 and ops[1] in zero and ops[2] in zero and _REG.match(ops[3]) \
-            and ops[3] not in zero:
+    if ins.opcode.startswith("IMAD.MOV") and len(ops) == 4 and ops[1] in zero and ops[2] in zero \
+            and _REG.match(ops[3]) and ops[3] not in zero:
         return ops[0], ops[3], 0
     return None
 
@@ -439,8 +443,9 @@ def trip_count(cfg: CFG, idom: list, loop: Loop) -> TripCount:
     ops = _operands(cmp_ins)
     parts = cmp_ins.opcode.split(".")
     bound = 0 if len(ops) > 3 and ops[3] in ("RZ", "URZ") else (_imm(ops[3]) if len(ops) > 3 else None)
-    if parts[0] not in ("ISETP", "UISETP") or len(ops) != 5 or ops[1] not in ("PT", "UPT") or ops[4] not in ("PT", "UPT") \
-            or "EX" in parts or parts[1] not in _CMP or bound is None or not _REG.match(ops[2]):
+    if parts[0] not in ("ISETP", "UISETP") or len(ops) != 5 or ops[1] not in ("PT", "UPT") \
+            or ops[4] not in ("PT", "UPT") or "EX" in parts or parts[1] not in _CMP or bound is None \
+            or not _REG.match(ops[2]):
         return TripCount(None, f"unknown (exit test {cmp_ins.text})")
     cmp_fn, unsigned = _CMP[parts[1]], "U32" in parts
     compared = _REG.match(ops[2]).group(1)
@@ -502,7 +507,8 @@ def trip_count(cfg: CFG, idom: list, loop: Loop) -> TripCount:
     return TripCount(None, f"unknown (more than {TRIP_CAP} iterations)")
 
 
-def _reaching_start(cfg: CFG, idom: list, block: int, reg: str, loop: Loop, end: Optional[int] = None) -> tuple:
+def _reaching_start(cfg: CFG, idom: list, block: int, reg: str, loop: Loop,
+                    end: Optional[int] = None) -> tuple:
     """The value of `reg` at the end of `block` (or before its instruction `end`): ("const", v) when
     its one reaching definition is a chain of constant moves and adds, ("runtime", c) when that chain
     starts from a run-time value (e.g. a thread index) plus c, or ("unknown", why). Walks up the
@@ -517,11 +523,10 @@ def _reaching_start(cfg: CFG, idom: list, block: int, reg: str, loop: Loop, end:
                 continue
             if ins[i].guard:
                 return ("unknown", f"{reg} is set under a predicate before the loop")
-            if not first:
-                fwd = _reach(cfg.succ, list(cfg.succ[d]), stop={d, loop.header})
-                back = _reach(cfg.pred, [block], stop={d})
-                if any(reg in _dest_regs(x) for b in (fwd & back) | {block} for x in cfg.instrs(b)
-                       if b != block or end is None):
+            if not first:  # another path from d to `block` must not redefine reg
+                between = _reach(cfg.succ, list(cfg.succ[d]), stop={d, loop.header}) & \
+                    _reach(cfg.pred, [block], stop={d})
+                if any(reg in _dest_regs(x) for b in between - {block} for x in cfg.instrs(b)):
                     return ("unknown", f"{reg} has several definitions before the loop")
             v = _const_value(ins[i], reg)
             if v is not None:

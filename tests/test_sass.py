@@ -374,6 +374,56 @@ def test_parameters_prune_canned_branch():
     assert len(pruned.blocks) == 4
 
 
+def _loop_text(prologue: str, body: str) -> str:
+    lines = ["\t.section\t.text.k,\"ax\",@progbits"]
+    off = 0
+    for part, label in ((prologue, None), (body, ".L_x_0:")):
+        if label:
+            lines.append(label)
+        for ins in filter(None, (x.strip() for x in part.split(";"))):
+            lines.append(f"        /*{off:04x}*/                   {ins} ;")
+            off += 16
+    lines.append(f"        /*{off:04x}*/                   EXIT ;")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("prologue, body, want", [
+    # counter copied before its step and compared (bwd_dkdv's dQ unit loop): u = warp .. 3
+    ("S2R R0, SR_TID.X; SHF.R.U32.HI R9, RZ, 0x5, R0",
+     "IMAD.MOV.U32 R5, RZ, RZ, R9; VIADD R9, R9, 0x1; ISETP.GE.AND P0, PT, R5, 0x3, PT; "
+     "HMMA.16816.F32 R12, R4, R8, R12; @!P0 BRA `(.L_x_0)", (4, "start assumed 0")),
+    # the next value computed into a temporary, compared before the move (a cp.async row loop)
+    ("IMAD.MOV.U32 R6, RZ, RZ, 0x10",
+     "VIADD R7, R6, 0x10; HMMA.16816.F32 R12, R4, R8, R12; ISETP.GE.AND P0, PT, R6, 0x30, PT; "
+     "IMAD.MOV.U32 R6, RZ, RZ, R7; @!P0 BRA `(.L_x_0)", (3, "constant")),
+    # start = thread index - 16, stepped by 16 before the test: 0, 16, 32, 48
+    ("S2R R10, SR_TID.X; VIADD R42, R10, 0xfffffff0",
+     "VIADD R42, R42, 0x10; ISETP.GE.AND P1, PT, R42, 0x30, PT; @!P1 BRA `(.L_x_0)", (4, "start assumed 0")),
+    # exit test against RZ (u = warp; u < 4; u += 4 rewritten as u_old >= 0)
+    ("S2R R0, SR_TID.X; SHF.R.S32.HI R39, RZ, 0x5, R0",
+     "IMAD.MOV.U32 R54, RZ, RZ, R39; IADD3 R39, R39, 0x4, RZ; ISETP.GE.AND P3, PT, R54, RZ, PT; "
+     "@!P3 BRA `(.L_x_0)", (1, "start assumed 0")),
+    # unsigned test, constant start, a uniform-register counter
+    ("UMOV UR4, 0x2",
+     "UIADD3 UR4, UR4, 0x2, URZ; UISETP.NE.U32.AND UP0, UPT, UR4, 0xa, UPT; @UP0 BRA `(.L_x_0)", (4, "constant")),
+    # the bound is a run-time value: unknown
+    ("MOV R2, RZ", "VIADD R2, R2, 0x1; ISETP.GE.AND P0, PT, R2, c[0x0][0x160], PT; @!P0 BRA `(.L_x_0)", (None, None)),
+    # the counter is stepped twice: unknown
+    ("MOV R2, RZ", "VIADD R2, R2, 0x1; VIADD R2, R2, 0x1; ISETP.GE.AND P0, PT, R2, 0x8, PT; @!P0 BRA `(.L_x_0)",
+     (None, None)),
+])
+def test_trip_count_forms(prologue, body, want):
+    f = sass.parse_sass(_loop_text(prologue, body))["k"]
+    cfg = sass.build_cfg(f)
+    (loop,) = sass.find_loops(cfg)
+    tc = sass.trip_count(cfg, sass.dominators(cfg), loop)
+    assert tc.value == want[0]
+    if want[1] is not None:
+        assert tc.how == want[1]
+    else:
+        assert tc.how.startswith("unknown")
+
+
 @pytest.mark.parametrize("ops, cbank, want", [
     # 64-bit pointer != 0: low word, then .EX on the high word chained with the low result
     (("ISETP.NE.U32.AND P0, PT, RZ, c[0x0][0x170], PT", "ISETP.NE.AND.EX P0, PT, RZ, c[0x0][0x174], PT, P0"),
