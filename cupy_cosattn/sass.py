@@ -47,6 +47,7 @@ import glob
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -453,6 +454,7 @@ class Instantiation:
 
 
 def _registered(source: str, name: str) -> "_launch.KernelSpec":
+    """The registry's entry of an instantiation the dispatch picks (SassError when it is missing)."""
     for s in _launch.kernel_registry():
         if s.source == source and s.name == name:
             return s
@@ -460,6 +462,7 @@ def _registered(source: str, name: str) -> "_launch.KernelSpec":
 
 
 def _ptrs(names: tuple, null: tuple = ()) -> dict:
+    """Pointer fields: distinct non-null fake addresses, 0 for the optional inputs in `null`."""
     return {n: 0 if n in null else _FAKE_PTR + (i << 32) for i, n in enumerate(names)}
 
 
@@ -593,8 +596,10 @@ def complete_elf(image: bytes) -> bytes:
     the cubin one byte short, which nvdisasm rejects as an invalid ELF file."""
     if len(image) < 64 or image[:4] != b"\x7fELF":
         raise SassError("not an ELF image")
-    u = lambda fmt, off: __import__("struct").unpack_from(fmt, image, off)  # noqa: E731
-    phoff, shoff = u("<QQ", 0x20)
+    def u(fmt, off):
+        return struct.unpack_from(fmt, image, off)
+
+    phoff, shoff = u("<QQ", 0x20)  # ELF64 header: program / section header table offsets
     phentsize, phnum, shentsize, shnum = u("<HHHH", 0x36)
     end = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
     for i in range(shnum):
@@ -800,8 +805,10 @@ def _table(head: list, rows: list, markdown: bool) -> str:
 
 def report(rows: list, markdown: bool = False, listing: bool = False) -> str:
     ok = [r for r in rows if r.error is None]
+    kinds = sorted({r.kernel.kind for r in ok}, key=list(KINDS).index)
     parts = ["Main loop, common path, per warp and iteration (static count from SASS; the clock columns are a "
-             "model per SM and block iteration, not a measurement):", "",
+             "model per SM and block iteration, not a measurement). Kinds: "
+             + "; ".join(f"{k} = {KIND_LABELS.get(k, k)}" for k in kinds) + ".", "",
              _table(SUMMARY_HEAD, [summary_cells(r) for r in ok], markdown), "",
              "Instructions per class on the same path:", "",
              _table(["kernel", "arch", *_CLASS_HEAD], [class_cells(r) for r in ok], markdown)]
