@@ -343,8 +343,9 @@ def _dest_regs(ins: Instr) -> set:
         return set()
     name = m.group(1)
     prefix, num = ("UR", int(name[2:])) if name.startswith("UR") else ("R", int(name[1:]))
-    wide = any(t in ins.opcode.split(".") for t in ("64", "WIDE")) or ins.base == "CS2R"
-    if ins.base in ("HMMA", "HGMMA", "IMMA", "DMMA", "LDSM") or "128" in ins.opcode.split("."):
+    parts = ins.opcode.split(".")
+    wide = any(t in parts for t in ("64", "WIDE", "F64")) or ins.base in ("CS2R", "DADD", "DMUL", "DFMA", "DMNMX")
+    if ins.base in ("HMMA", "HGMMA", "IMMA", "DMMA", "LDSM") or "128" in parts:
         width = 4
     else:
         width = 2 if wide else 1
