@@ -386,7 +386,9 @@ class Model:
     """Cycles on one SM for one main-loop iteration of one block (all its warps on the common path),
     per resource, if that resource alone limited it. A model from peak rates (ArchModel), assuming no
     bank conflicts, no latency stalls and enough resident warps: the bound is a ceiling, not a
-    prediction."""
+    prediction. The shared-memory column counts what the SM's load/store path moves (LDSM, LDS/STS,
+    the shared side of LDGSTS); the operands an HGMMA reads from shared memory through its
+    descriptors are not in it."""
 
     tensor: float
     smem: float

@@ -291,6 +291,36 @@ def test_sm_90a_is_accepted():
     assert c.tensor == 3
 
 
+WGMMA = r"""
+__global__ void wg(float* out, unsigned long long da, unsigned long long db, int iters) {
+  float d[32];
+  for (int i = 0; i < 32; ++i) d[i] = 0.f;
+#pragma unroll 1
+  for (int it = 0; it < iters; ++it) {
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, 1, 0; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+                 "{REGS}, %32, %33, p, 1, 1, 0, 0; }" : OUTS : "l"(da + it), "l"(db));
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  }
+  for (int i = 0; i < 32; ++i) out[32 * threadIdx.x + i] = d[i];
+}
+""".replace("REGS", ",".join(f"%{i}" for i in range(32))).replace("OUTS", ", ".join(f'"+f"(d[{i}])' for i in range(32)))
+
+
+@needs_tools
+def test_hgmma_on_sm_90a():
+    """A warpgroup mma: one HGMMA.64x64x16 per iteration, a quarter of its 64*64*16 multiply-adds
+    per warp, at the wgmma rate of the model."""
+    res = sass.compile_sass(WGMMA, ("wg",), "sm_90a")
+    c = _path(sass.parse_sass(res["sass"])[res["lowered"]["wg"]])
+    assert c.tensor == 1 and c.opcodes["HGMMA"] == 1
+    assert c.tensor_fma == Counter({("HGMMA", "bf16"): 64 * 64 * 16 // 4})
+    assert sass.model("sm_90a", c, warps=4).tensor == 4 * (64 * 64 * 16 // 4) / 512 / 4
+    with pytest.raises(sass.SassError, match="HGMMA"):
+        sass.model("sm_90", c, warps=4)
+
+
 @needs_tools
 def test_complete_elf_restores_a_short_cubin():
     from cupy.cuda import nvrtc
