@@ -85,11 +85,10 @@ OPCODE_CLASSES = {
     "shuffle": {"SHFL", "VOTE", "VOTEU", "MATCH", "REDUX"},
 }
 CLASS_LABELS = {"tensor": "HMMA/HGMMA", "ldsm": "LDSM", "global": "LDGSTS/LDG/STG/RED/ATOM", "shared": "LDS/STS",
-                "mufu": "MUFU", "fp32": "FP32 (FADD/FMUL/FFMA/FMNMX/..., HFMA2...)", "cvt": "CVT (F2F/F2FP/I2F/...)",
-                "int": "integer/address (IADD3/IMAD/LEA/SHF/LOP3/MOV/SEL/...)",
-                "pred": "predicates (ISETP/FSETP/PLOP3/...)", "control": "control (BRA/BSSY/BSYNC/WARPSYNC/...)",
-                "barrier": "barriers (BAR/DEPBAR/LDGDEPBAR/...)", "shuffle": "shuffles (SHFL/VOTE/...)",
-                "other": "other (S2R/LDC/ULDC/NOP/...)"}
+                "mufu": "MUFU", "fp32": "FADD/FMUL/FFMA/FMNMX/FSEL, HADD2/HFMA2...", "cvt": "F2F/F2FP/I2F/F2I...",
+                "int": "IADD3/IMAD/LEA/SHF/LOP3/MOV/SEL/PRMT/CS2R and uniform forms",
+                "pred": "ISETP/FSETP/PLOP3/P2R...", "control": "BRA/BSSY/BSYNC/WARPSYNC/CALL/YIELD...",
+                "barrier": "BAR/DEPBAR/LDGDEPBAR...", "shuffle": "SHFL/VOTE...", "other": "S2R/LDC/ULDC/NOP..."}
 _CLASS_OF = {op: c for c, ops in OPCODE_CLASSES.items() for op in ops}
 
 
@@ -812,7 +811,9 @@ def report(rows: list, markdown: bool = False, listing: bool = False) -> str:
              "model per SM and block iteration, not a measurement). Kinds: "
              + "; ".join(f"{k} = {KIND_LABELS.get(k, k)}" for k in kinds) + ".", "",
              _table(SUMMARY_HEAD, [summary_cells(r) for r in ok], markdown), "",
-             "Instructions per class on the same path:", "",
+             "Instructions per class on the same path ("
+             + "; ".join(f"{h} = {CLASS_LABELS[k]}" for k, h in zip(_CLASS_COLS, _CLASS_HEAD) if h != CLASS_LABELS[k])
+             + "):", "",
              _table(["kernel", "arch", *_CLASS_HEAD], [class_cells(r) for r in ok], markdown)]
     extra = [(r, n) for r in ok for n in notes(r)]
     if extra:
