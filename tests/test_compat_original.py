@@ -337,6 +337,20 @@ def test_bad_arguments_raise_like_the_op():
             fn(q, q, q, groups=3)
 
 
+def test_plain_compiles_without_graph_breaks():
+    """plain_cosine_sim_attention traces whole under torch.compile (fullgraph) and gives the eager result
+    (the op under flash_cosine_sim_attention has its compile tests in test_torch.py)."""
+    g = torch.Generator().manual_seed(17)
+    q = torch.randn(2, 4, 9, 16, generator=g, requires_grad=True)
+    k, v = torch.randn(2, 9, 16, generator=g), torch.randn(2, 9, 16, generator=g)
+    bias = torch.randn(4, 9, 9, generator=g)
+    compiled = torch.compile(plain_cosine_sim_attention, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v, None, bias, 8, 2, True)
+    assert torch.allclose(out, plain_cosine_sim_attention(q, k, v, None, bias, 8, 2, True), atol=1e-6)
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    assert finite(grad) and grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # documented differences
 

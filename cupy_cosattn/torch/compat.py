@@ -109,7 +109,8 @@ def plain_cosine_sim_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[T
     fused op returns 0 there). Otherwise it computes what the fused op does, and is the slow reference
     to compare it with.
     """
-    check(q, k, v, mask, attn_bias, scale, attn_bias_batch_dim, groups, causal, l2norm_qk, False)
+    if not torch.compiler.is_compiling():  # the NumPy-based check cannot be traced; it runs in eager
+        check(q, k, v, mask, attn_bias, scale, attn_bias_batch_dim, groups, causal, l2norm_qk, False)
     merged = q.ndim == 3
     if merged:  # (BH, N, D) -> (BH, 1, N, D): each batch-head is a batch of one head
         q = q.unsqueeze(1)
