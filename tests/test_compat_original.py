@@ -165,14 +165,6 @@ def check_case(case, device="cpu", batch=BATCH, heads=HEADS, with_reference=True
             assert rel(x, r) <= tol, (name, rel(x, r))
 
 
-@pytest.fixture
-def slow_selected(request):
-    """The CI command (`python3 -m pytest -q`) selects every marker: run the exhaustive grid only when
-    asked for with -m (e.g. `-m slow`)."""
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("exhaustive grid: select it with -m slow")
-
-
 def test_pairwise_subset_covers_the_grid():
     for axis_index, axis in enumerate(AXES):
         assert {c[axis_index] for c in PAIRWISE} == set(axis)
@@ -187,7 +179,7 @@ def test_grid_pairwise_cpu(case):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in GRID if c not in PAIRWISE], ids=case_id)
-def test_grid_rest_cpu(case, slow_selected):
+def test_grid_rest_cpu(case):
     """The rest of the original's grid on the CPU torch path."""
     check_case(case)
 
