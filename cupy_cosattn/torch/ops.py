@@ -2,7 +2,8 @@
 
 Each op has a fake (meta) implementation and the backward is wired through
 ``torch.library.register_autograd``, so ``torch.compile(fullgraph=True)`` sees one opaque node per
-call and no graph break.
+call and no graph break. Every output of both ops is contiguous whatever the inputs' strides
+(``outputs``); the fake implementations return exactly those shapes, dtypes and strides.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def _attn_fwd_fake(q, k, v, mask, attn_bias, scale_t, scale, attn_bias_batch_dim
     if is_static(q, k, v, mask, attn_bias, scale_t):  # trace-time errors under torch.compile
         check(q, k, v, mask, attn_bias, scale if scale_t is None else scale_t, attn_bias_batch_dim, groups, causal,
                l2norm_qk, deterministic)
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)  # new_empty: contiguous
 
 
 @torch.library.custom_op(OP_BACKWARD, mutates_args=())
