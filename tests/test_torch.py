@@ -533,6 +533,66 @@ def test_torch_specific_errors():
         cat.cosine_sim_attention(q.long(), q.long(), q.long())  # the CPU message mentions float64
 
 
+# ------------------------------------------------------------------------- scale values, every backend
+
+BAD_SCALES = {"negative": [2.0, -1.0, 3.0, 4.0], "zero": [2.0, 0.0, 3.0, 4.0], "nan": [2.0, float("nan"), 3.0, 4.0],
+              "inf": [2.0, float("inf"), 3.0, 4.0], "0-d negative": -2.0, "0-d nan": float("nan")}
+
+
+def _numpy_scale_error(values, backend):
+    q = np.random.default_rng(0).standard_normal((1, 4, 5, 8)).astype(np.float32)
+    with pytest.raises(ValueError) as info:
+        ca.forward(q, q, q, scale=np.asarray(values, dtype=np.float64), backend=backend)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_SCALES))
+def test_bad_scale_tensor_raises_the_same_error_on_every_backend(bad):
+    """A scale tensor with a value <= 0, NaN or Inf: the same ValueError from the NumPy reference and
+    emulator, and from the torch op on each CPU backend, eager and compiled, forward and backward op."""
+    values = BAD_SCALES[bad]
+    want = _numpy_scale_error(values, "reference")
+    assert want.startswith("scale must be finite and > 0")
+    assert _numpy_scale_error(values, "emulator") == want
+    q = torch.randn(1, 4, 5, 8, requires_grad=True)
+    scale = torch.tensor(values, requires_grad=True)
+    for backend in ("auto", "torch", "reference", "emulator"):
+        with pytest.raises(ValueError) as info:
+            cat.cosine_sim_attention(q, q, q, scale=scale, backend=backend)
+        assert str(info.value) == want, backend
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, s: cat.cosine_sim_attention(q, q, q, scale=s), fullgraph=True,
+                             backend="aot_eager")
+    with pytest.raises(ValueError) as info:
+        compiled(q, scale)
+    assert want in str(info.value)
+    # the backward op checks too (it may be called on its own)
+    good = torch.full_like(scale, 3.0)
+    out, lse = torch.ops.cupy_cosattn.attn_fwd(q.detach(), q.detach(), q.detach(), None, None, good.detach(), 1.0,
+                                               False, 1, False, True, False)
+    with pytest.raises(ValueError) as info:
+        torch.ops.cupy_cosattn.attn_bwd(out, q.detach(), q.detach(), q.detach(), out, lse, None, None,
+                                        scale.detach(), 1.0, False, 1, False, True, False)
+    assert str(info.value) == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bad", ["negative", "nan", "0-d negative"])
+def test_gpu_bad_scale_tensor_raises_the_same_error(bad):
+    import cupy
+
+    values = BAD_SCALES[bad]
+    want = _numpy_scale_error(values, "reference")
+    qc = cupy.asarray(np.random.default_rng(0).standard_normal((1, 4, 5, 8)).astype(np.float32))
+    with pytest.raises(ValueError) as info:
+        ca.forward(qc, qc, qc, scale=cupy.asarray(values, dtype=cupy.float64))
+    assert str(info.value) == want
+    q = torch.randn(1, 4, 5, 8, device="cuda", requires_grad=True)
+    with pytest.raises(ValueError) as info:
+        cat.cosine_sim_attention(q, q, q, scale=torch.tensor(values, device="cuda", requires_grad=True))
+    assert str(info.value) == want
+
+
 # ---------------------------------------------------------------------------------- custom op machinery
 
 def test_custom_ops_registered_and_opcheck():

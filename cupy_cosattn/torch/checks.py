@@ -106,6 +106,17 @@ def check(q, k, v, mask, attn_bias, scale, attn_bias_batch_dim, groups, causal, 
     return _check_cached(*key)
 
 
+def check_scale_values(scale_t: Tensor, prob) -> None:
+    """Raise the NumPy API's ValueError when the scale tensor holds a value <= 0, NaN or Inf.
+
+    This reads the values on the host, so it runs only inside the real implementations of the ops
+    (eager and compiled graphs alike), where the values are on the host already (CPU tensors) or
+    are copied there anyway (the kernel backends pick their kernel variant from them); never in a
+    fake implementation, whose tensors have no values."""
+    host = scale_t.detach().to(torch.float64).cpu().numpy()
+    _problem._scale_vector(host, prob.H, prob.merged)
+
+
 def is_static(*tensors) -> bool:
     """True when every shape is concrete (not symbolic), so the NumPy check can run on it."""
     return all(t is None or all(type(s) is int for s in t.shape) for t in tensors)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .backends import bridge_for, check_backend
 from .bridge import kernel_backward, kernel_forward
-from .checks import check, is_static
+from .checks import check, check_scale_values, is_static
 from .cpu import cpu_backward, cpu_forward
 from .outputs import empty_grad
 
@@ -29,8 +29,10 @@ def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], attn_bias
     prob, shapes = check(q, k, v, mask, attn_bias, scale if scale_t is None else scale_t, attn_bias_batch_dim,
                           groups, causal, l2norm_qk, deterministic)
     bridge = bridge_for(q, backend)
-    if bridge is not None:
+    if bridge is not None:  # kernel_inputs checks the scale's values on the host copy it makes anyway
         return kernel_forward(bridge, prob, shapes, q, k, v, mask, attn_bias, scale_t, scale)
+    if scale_t is not None:
+        check_scale_values(scale_t, prob)
     return cpu_forward(prob, shapes, q, k, v, mask, attn_bias, scale_t, scale)
 
 
@@ -55,6 +57,8 @@ def _attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     bridge = bridge_for(q, backend)
     if bridge is not None:
         return kernel_backward(bridge, prob, shapes, dout, q, k, v, out, lse, mask, attn_bias, scale_t, scale)
+    if scale_t is not None:
+        check_scale_values(scale_t, prob)
     return cpu_backward(prob, shapes, dout, q, k, v, mask, attn_bias, scale_t, scale)
 
 
