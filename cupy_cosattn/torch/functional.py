@@ -58,8 +58,8 @@ def cosine_sim_attention(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_
     attn_bias: (H, Nq, Nk), (B, Nq, Nk) with attn_bias_batch_dim=True, or (B, H, Nq, Nk) (merged:
     (BH, Nq, Nk)); q's dtype or float32; receives a gradient. scale: a float, or a tensor of shape (H,)
     or () that receives a gradient; values finite and > 0 (a tensor's values are checked when the op
-    runs, eager or compiled, with the NumPy API's ValueError). groups: l2-normalize `groups` chunks of the head dim.
-    causal: bottom-right aligned (query i sees key j iff j <= i + Nk - Nq). l2norm_qk=False: q, k are
+    runs, eager or compiled, with the NumPy API's ValueError). groups: l2-normalize `groups` chunks of
+    the head dim. causal: bottom-right aligned (query i sees key j iff j <= i + Nk - Nq). l2norm_qk=False: q, k are
     already normalized. Rows without a visible key give 0 and contribute no gradient.
 
     backend: "auto" (default): CUDA tensors run the fused kernels, CPU tensors the torch implementation
