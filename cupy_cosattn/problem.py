@@ -31,10 +31,16 @@ try:  # bfloat16 for NumPy arrays (a runtime dependency, but keep the import fai
 except ImportError:  # pragma: no cover
     BFLOAT16 = None
 
+# The dtypes the kernels take (backends "cuda" and "emulator").
 SUPPORTED_DTYPES = tuple(d for d in (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32)) if d is not None)
 DTYPE_NAMES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}
 if BFLOAT16 is not None:
     DTYPE_NAMES[BFLOAT16] = "bfloat16"
+FLOAT64 = np.dtype(np.float64)
+# canonicalize also accepts float64, which only the reference backend (it computes in float64 anyway)
+# runs: NumPy's default dtype, so np.random.randn input works with backend "reference" / "auto".
+ACCEPTED_DTYPES = SUPPORTED_DTYPES + (FLOAT64,)
+FLOAT64_NOTE = "and float64 on the reference backend"  # the tail of the unsupported-dtype message
 
 DEFAULT_SCALE = 8.0
 NORM_EPS = 1e-12  # each l2-normalized chunk is x / max(||x||, NORM_EPS)
@@ -66,7 +72,7 @@ class Problem:
 
     @property
     def dtype_name(self) -> str:
-        return DTYPE_NAMES[self.dtype]
+        return DTYPE_NAMES.get(self.dtype, self.dtype.name)
 
     @property
     def has_bias(self) -> bool:
@@ -136,10 +142,16 @@ def _check_array(name: str, x, ndims, lib: Optional[str] = None):
 
 
 def _check_dtype(name: str, x):
-    if np.dtype(x.dtype) not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{name} has dtype {x.dtype}; supported are float16, bfloat16 (ml_dtypes.bfloat16 for NumPy) and float32"
-        )
+    if np.dtype(x.dtype) not in ACCEPTED_DTYPES:
+        raise TypeError(f"{name} has dtype {x.dtype}; supported are float16, bfloat16 (ml_dtypes.bfloat16 for NumPy) "
+                        f"and float32, {FLOAT64_NOTE}")
+
+
+def check_kernel_dtype(dtype, backend: str, hint: str = "backend='reference' (NumPy arrays) takes float64 and computes in float64") -> None:
+    """Raise TypeError unless the kernel backend `backend` ("cuda", "emulator") takes q's `dtype`."""
+    if np.dtype(dtype) not in SUPPORTED_DTYPES:
+        raise TypeError(f"q, k and v have dtype {dtype}, which backend={backend!r} does not take: its kernels take "
+                        f"float16, bfloat16 and float32; {hint}")
 
 
 def _check_flag(name: str, value):
@@ -191,7 +203,8 @@ def canonicalize(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=Fals
 
     Shapes accepted (DESIGN.md section 1): q (B, H, Nq, D) or merged (BH, Nq, D); k, v (B, Hk, Nk, D),
     or (B, Nk, D) with a 4-D q (one shared kv head), or (BH, Nk, D) with a 3-D q.
-    Empty lengths are allowed: Nq = 0 gives empty outputs; Nk = 0 leaves every query without a
+    dtypes: float16, bfloat16, float32 and float64 (float64 runs only on the reference backend, see
+    `check_kernel_dtype`). Empty lengths are allowed: Nq = 0 gives empty outputs; Nk = 0 leaves every query without a
     visible key, so its output row is 0 (and its lse is -inf).
     """
     _check_array("q", q, (3, 4))

@@ -24,9 +24,9 @@ D_i = ⟨dO_i, O_i⟩) instead of trusting the passed ``out``/``lse``: those com
 input dtype / float32, and the reference should be the exact gradient of the exact forward. It only
 checks their shapes.
 
-Private allowance (for tests only, not reachable through the public API, which rejects float64):
-the functions accept any floating dtype, so a test may pass float64 canonical arrays together with
-``dataclasses.replace(prob, dtype=np.float64)`` and get float64 results.
+float64 input (accepted by the public API on this backend only) gives float64 results: the float64
+computation, unrounded. The functions accept any floating dtype, so a test may also pass float64
+canonical arrays together with ``dataclasses.replace(prob, dtype=np.float64)``.
 """
 from __future__ import annotations
 

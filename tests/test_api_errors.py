@@ -223,14 +223,41 @@ def test_groups_not_int(groups):
 
 # ---- dtypes and array libraries ------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [np.float64, np.int32, np.complex64, np.bool_])
+@pytest.mark.parametrize("dtype", [np.int32, np.complex64, np.bool_, np.float128 if hasattr(np, "float128") else np.int8])
 @pytest.mark.parametrize("name", ["q", "k", "v"])
 def test_unsupported_dtype(name, dtype):
     q, k, v = qkv()
     args = dict(q=q, k=k, v=v)
     args[name] = args[name].astype(dtype)
     msg = check(TypeError, rf"^{name} has dtype {np.dtype(dtype)}; supported are float16, bfloat16", **args)
-    assert "float32" in msg
+    assert "float32" in msg and "float64 on the reference backend" in msg
+
+
+def _float64_refusal(backend, call):
+    with pytest.raises(TypeError) as info:
+        call()
+    msg = str(info.value)
+    assert msg.startswith(f"q, k and v have dtype float64, which backend='{backend}' does not take: its kernels "
+                          f"take float16, bfloat16 and float32; backend='reference'"), msg
+    assert "computes in float64" in msg
+
+
+def test_float64_refused_by_the_emulator():
+    """float64 runs on the reference only: the emulator says which dtypes it takes and where float64 runs."""
+    q, k, v = qkv(np.float64)
+    _float64_refusal("emulator", lambda: ca.forward(q, k, v, backend="emulator"))
+    out, lse = np.zeros_like(q), np.zeros(q.shape[:-1], np.float32)
+    _float64_refusal("emulator", lambda: ca.backward(out, q, k, v, out, lse, backend="emulator"))
+
+
+def test_float64_refused_by_the_cuda_backend():
+    """The same check guards the cuda backend (shown on the canonical entry points, which need no GPU
+    to refuse: CuPy arrays reach them after canonicalize accepted float64)."""
+    q, k, v = qkv(np.float64)
+    prob, inp = api.canonicalize(q, k, v)
+    _float64_refusal("cuda", lambda: api.forward_canonical(prob, inp, "cuda"))
+    out, lse = np.zeros_like(q), np.zeros(q.shape[:-1], np.float32)
+    _float64_refusal("cuda", lambda: api.backward_canonical(prob, inp, out, out, lse, "cuda"))
 
 
 @pytest.mark.parametrize("name,dtype", [("k", np.float16), ("v", ml_dtypes.bfloat16), ("q", np.float16)])

@@ -137,7 +137,10 @@ def test_lse_matches_reference():
     np.testing.assert_allclose(lse.numpy()[fin], rl[fin], rtol=1e-5, atol=1e-5)
 
 
-def test_gradcheck_float64_bias_per_head_scale_causal_mask():
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_gradcheck_float64_bias_per_head_scale_causal_mask(backend):
+    """float64 CPU tensors run on the torch implementation and on the reference (both compute in
+    float64), so gradcheck holds on both."""
     g = torch.Generator().manual_seed(0)
     kw = dict(dtype=torch.float64, requires_grad=True)
     q = torch.randn(2, 4, 5, 8, generator=g, **{"dtype": torch.float64}).requires_grad_()
@@ -149,8 +152,9 @@ def test_gradcheck_float64_bias_per_head_scale_causal_mask():
 
     def f(q, k, v, bias, scale):
         return cat.cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, attn_bias_batch_dim=True, scale=scale,
-                                        causal=True, groups=2)
+                                        causal=True, groups=2, backend=backend)
 
+    assert f(q, k, v, bias, scale).dtype == torch.float64
     assert torch.autograd.gradcheck(f, (q, k, v, bias, scale), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
@@ -331,9 +335,11 @@ def test_cpu_backend_setting():
     with pytest.raises(ValueError, match="cpu backend"):
         cat.set_cpu_backend("cuda")
     q = torch.randn(1, 1, 2, 8, dtype=torch.float64)
-    with cat.cpu_backend("reference"):
-        with pytest.raises(TypeError, match="float64"):
+    with cat.cpu_backend("emulator"):
+        with pytest.raises(TypeError, match="dtype float64, which backend='emulator' does not take"):
             cat.cosine_sim_attention(q, q, q)
+    with cat.cpu_backend("reference"):  # float64 in, float64 out
+        assert cat.cosine_sim_attention(q, q, q).dtype == torch.float64
     assert cat.get_cpu_backend() == "torch"
 
 
@@ -353,11 +359,12 @@ def test_backend_keyword_on_cpu_matches_default(backend):
 
 
 def test_backend_keyword_overrides_cpu_backend_setting():
-    q = torch.randn(1, 2, 4, 8, dtype=torch.float64)  # float64: only the torch implementation takes it
-    with cat.cpu_backend("reference"):
+    q = torch.randn(1, 2, 4, 8, dtype=torch.float64)  # float64: the emulator refuses it
+    with cat.cpu_backend("emulator"):
         with pytest.raises(TypeError, match="float64"):
             cat.cosine_sim_attention(q, q, q)  # auto: the process-wide setting
         cat.cosine_sim_attention(q, q, q, backend="torch")  # the keyword wins
+        cat.cosine_sim_attention(q, q, q, backend="reference")
 
 
 @pytest.mark.parametrize("bad", ["CUDA", "numpy", "", None, 1, ("cuda",)])
@@ -714,6 +721,18 @@ def test_gpu_zero_copy_reads_and_writes_torch_memory(monkeypatch):
     assert seen["need_dscale"] == [False, False]  # a float scale: no dscale, no device-to-host copy
     assert seen["fwd_pool"] == used0 and seen["bwd_pool"] == [used0, used0]
     assert pool.used_bytes() == used0 and pool.total_bytes() == total0
+
+
+@pytest.mark.gpu
+def test_gpu_float64_is_refused_with_where_it_runs():
+    import cupy
+
+    q = torch.randn(1, 2, 5, 8, device="cuda", dtype=torch.float64)
+    with pytest.raises(TypeError, match="dtype float64, which backend='cuda' does not take.*CPU tensors"):
+        cat.cosine_sim_attention(q, q, q)
+    qc = cupy.asarray(q.cpu().numpy())
+    with pytest.raises(TypeError, match="dtype float64, which backend='cuda' does not take.*backend='reference'"):
+        ca.forward(qc, qc, qc)
 
 
 @pytest.mark.gpu
