@@ -22,8 +22,8 @@ BACKENDS = ("auto", "cuda", "emulator", "reference")
 
 def resolve_backend(backend, lib: str) -> str:
     """The concrete backend for arrays of library `lib` ('numpy' or 'cupy')."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {_problem._quote(backend)}")
     if backend == "auto":
         return "cuda" if lib == "cupy" else "reference"
     if backend == "cuda" and lib != "cupy":

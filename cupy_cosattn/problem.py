@@ -19,6 +19,7 @@ kv head (Hk = 1).
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -113,10 +114,32 @@ def array_library(x) -> str:
     return ""
 
 
+QUOTE_LIMIT = 80  # at most this many characters of any value quoted in an error message
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 2
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdict = 6
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = QUOTE_LIMIT
+
+
+def _quote(x, limit: int = QUOTE_LIMIT) -> str:
+    """A repr of x for an error message, at most `limit` characters: containers are elided by reprlib
+    and the rest is cut, so that a huge value never makes a huge message."""
+    try:
+        r = _REPR.repr(x)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the error being reported
+        r = f"<{type(x).__name__} object>"
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
 def _describe(x) -> str:
+    """What x is, briefly: an array by library, shape and dtype; a container by type and length (and
+    its first elements); anything else by type and a capped repr."""
     if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return f"{array_library(x) or type(x).__name__} array of shape {tuple(x.shape)} and dtype {x.dtype}"
-    return f"{type(x).__name__} {x!r}"
+        return f"{array_library(x) or type(x).__name__} array of shape {_quote(tuple(x.shape))} and dtype {x.dtype}"
+    if isinstance(x, (list, tuple, dict, set, frozenset)):
+        return f"{type(x).__name__} of len {len(x)}: {_quote(x)}"
+    return f"{type(x).__name__} {_quote(x)}"
 
 
 def _device_of(x):
@@ -193,7 +216,7 @@ def _scale_vector(scale, H: int, merged: bool):
         raise TypeError(f"scale must hold real numbers, got dtype {host.dtype}")
     host = host.astype(np.float64)
     if not np.all(np.isfinite(host)) or not np.all(host > 0):
-        raise ValueError(f"scale must be finite and > 0 for every head, got {host.tolist()}")
+        raise ValueError(f"scale must be finite and > 0 for every head, got {_quote(host.tolist())}")
     return True, host
 
 

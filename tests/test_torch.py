@@ -540,6 +540,29 @@ def test_torch_specific_errors():
         cat.cosine_sim_attention(q.long(), q.long(), q.long())  # the CPU message mentions float64
 
 
+@pytest.mark.parametrize("what", ["q", "k", "mask", "attn_bias", "scale", "groups", "causal", "backend",
+                                  "set_cpu_backend"])
+def test_huge_values_make_short_messages(what):
+    """A list of 100k elements (or a 100k-character string) in any argument: a message under 300
+    characters that names the argument."""
+    huge = [0.5] * 100_000
+    q = torch.zeros(1, 2, 3, 8)
+    args, kw = dict(q=q, k=q, v=q), {}
+    if what in ("q", "k"):
+        args[what] = huge
+    elif what == "backend":
+        kw["backend"] = "c" * 100_000
+    else:
+        kw[what] = huge
+    with pytest.raises((TypeError, ValueError)) as info:
+        if what == "set_cpu_backend":
+            cat.set_cpu_backend("c" * 100_000)
+        else:
+            cat.cosine_sim_attention(args["q"], args["k"], args["v"], **kw)
+    msg = str(info.value)
+    assert len(msg) < 300 and (what.split("_")[0] in msg or what == "set_cpu_backend"), (len(msg), msg[:400])
+
+
 # ------------------------------------------------------------------------- scale values, every backend
 
 BAD_SCALES = {"negative": [2.0, -1.0, 3.0, 4.0], "zero": [2.0, 0.0, 3.0, 4.0], "nan": [2.0, float("nan"), 3.0, 4.0],

@@ -29,7 +29,7 @@ def set_cpu_backend(name: str) -> str:
     "reference": the NumPy reference, which computes in float64 (and takes float64 tensors)."""
     global _cpu_backend
     if name not in CPU_BACKENDS:
-        raise ValueError(f"cpu backend must be one of {CPU_BACKENDS}, got {name!r}")
+        raise ValueError(f"cpu backend must be one of {CPU_BACKENDS}, got {_problem._quote(name)}")
     prev, _cpu_backend = _cpu_backend, name
     return prev
 
@@ -51,7 +51,7 @@ BACKENDS = ("auto", "cuda", "torch", "emulator", "reference")
 def check_backend(backend, q: Tensor) -> None:
     """Raise ValueError, naming `backend`, for an unknown value or one that cannot run q's device."""
     if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"backend must be one of {BACKENDS}, got {_problem._quote(backend)}")
     dev = q.device.type
     if backend == "cuda" and dev != "cuda":
         raise ValueError(f"backend='cuda' runs CUDA tensors, but q is on {q.device} "

@@ -86,7 +86,7 @@ def check(q, k, v, mask, attn_bias, scale, attn_bias_batch_dim, groups, causal, 
             continue
         if not isinstance(t, Tensor):
             like = " like q" if name != "q" else ""
-            raise TypeError(f"{name} must be a torch.Tensor{like}, got {type(t).__name__} "
+            raise TypeError(f"{name} must be a torch.Tensor{like}, got {_problem._describe(t)} "
                             f"(cupy_cosattn.cosine_sim_attention takes NumPy/CuPy arrays)")
         if t.device != q.device:
             raise ValueError(f"{name} is on device {t.device} but q is on {q.device}")
