@@ -1,4 +1,4 @@
-"""Public functions: forward, backward, cosine_sim_attention (DESIGN.md section 2).
+"""Public functions: forward, backward, cosine_sim_attention (docs/design.md section 2).
 
 Each call checks its arguments once (problem.canonicalize), picks a backend, runs it on the canonical
 4-D views and reshapes the results back to the caller's layout. Backends implement
@@ -105,7 +105,8 @@ def forward(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=False, sc
 
     q: (B, H, Nq, D) or merged (BH, Nq, D); k, v: (B, Hk, Nk, D), (B, Nk, D) or merged (BH, Nk, D).
     dtypes float16, bfloat16, float32; float64 too on backend "reference" (and "auto" with NumPy
-    arrays, which is the reference), which computes in float64 whatever the input. Returns (out, lse): out has q's shape and dtype; lse (q.shape[:-1], float32) is the log-sum-exp
+    arrays, which is the reference), which computes in float64 whatever the input.
+    Returns (out, lse): out has q's shape and dtype; lse (q.shape[:-1], float32) is the log-sum-exp
     of each row's visible logits (-inf for a row with no visible key), which `backward` needs.
     """
     prob, inp = canonicalize(q, k, v, mask=mask, attn_bias=attn_bias, attn_bias_batch_dim=attn_bias_batch_dim,

@@ -86,7 +86,7 @@ class Problem:
 
     @property
     def fixed_offset_safe(self) -> bool:
-        """exp(s - scale) cannot overflow: q, k normalized here and no bias (DESIGN.md section 1)."""
+        """exp(s - scale) cannot overflow: q, k normalized here and no bias (docs/design.md section 1)."""
         return self.l2norm_qk and not self.has_bias
 
 
@@ -170,7 +170,10 @@ def _check_dtype(name: str, x):
                         f"and float32, {FLOAT64_NOTE}")
 
 
-def check_kernel_dtype(dtype, backend: str, hint: str = "backend='reference' (NumPy arrays) takes float64 and computes in float64") -> None:
+FLOAT64_HINT = "backend='reference' (NumPy arrays) takes float64 and computes in float64"
+
+
+def check_kernel_dtype(dtype, backend: str, hint: str = FLOAT64_HINT) -> None:
     """Raise TypeError unless the kernel backend `backend` ("cuda", "emulator") takes q's `dtype`."""
     if np.dtype(dtype) not in SUPPORTED_DTYPES:
         raise TypeError(f"q, k and v have dtype {dtype}, which backend={backend!r} does not take: its kernels take "
@@ -224,7 +227,7 @@ def canonicalize(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=Fals
                  groups=1, causal=False, l2norm_qk=True, deterministic=False):
     """Check every argument and return (Problem, Inputs). Raises ValueError/TypeError before any work.
 
-    Shapes accepted (DESIGN.md section 1): q (B, H, Nq, D) or merged (BH, Nq, D); k, v (B, Hk, Nk, D),
+    Shapes accepted (docs/design.md section 1): q (B, H, Nq, D) or merged (BH, Nq, D); k, v (B, Hk, Nk, D),
     or (B, Nk, D) with a 4-D q (one shared kv head), or (BH, Nk, D) with a 3-D q.
     dtypes: float16, bfloat16, float32 and float64 (float64 runs only on the reference backend, see
     `check_kernel_dtype`). Empty lengths are allowed: Nq = 0 gives empty outputs; Nk = 0 leaves every query without a

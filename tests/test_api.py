@@ -2,7 +2,7 @@
 float16 and bfloat16, checking output/gradient shapes and dtypes, lse (float32, q.shape[:-1]), dbias
 (attn_bias's shape and dtype, None without a bias), dscale (a float for a scalar scale, an array of
 shape (H,) for per-head scales), and accuracy against the float64 reference on the same (rounded)
-inputs within DESIGN.md's tolerances."""
+inputs within docs/design.md's tolerances."""
 from __future__ import annotations
 
 import dataclasses

@@ -119,7 +119,7 @@ def cpu_forward(prob, shapes, q, k, v, mask, bias, scale_t, scale):
 
 
 def cpu_backward(prob, shapes, dout, q, k, v, mask, bias, scale_t, scale):
-    """Gradients by recomputing each query chunk's probabilities (DESIGN.md section 1, backward)."""
+    """Gradients by recomputing each query chunk's probabilities (docs/design.md section 1, backward)."""
     c = Canon(prob, shapes, q, k, v, mask, bias, scale_t, scale)
     B, H, Nq, D = prob.B, prob.H, prob.Nq, prob.D
     do = dout.reshape(B, H, Nq, D).to(c.cd)

@@ -51,7 +51,7 @@ def forward(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=False, sc
 def cosine_sim_attention(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=False,
                          scale=_problem.DEFAULT_SCALE, groups=1, causal=False, l2norm_qk=True, deterministic=False,
                          backend="auto"):
-    """Cosine-sim attention with autograd (DESIGN.md section 1).
+    """Cosine-sim attention with autograd (docs/design.md section 1).
 
     q: (B, H, Nq, D) or merged (BH, Nq, D); k, v: (B, Hk, Nk, D) with H % Hk == 0, (B, Nk, D) (one shared
     kv head) or, with a merged q, (BH, Nk, D). mask: bool (B, Nk) (merged: (BH, Nk)), True = may attend.
