@@ -132,14 +132,11 @@ def test_opcheck_on_layouts(name):
     torch.library.opcheck(torch.ops.cupy_cosattn.attn_bwd.default, (dout,) + fwd[:3] + (out, lse) + fwd[3:])
 
 
-@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.* is deprecated:DeprecationWarning")  # torch internals
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_compiled_forward_backward_equals_eager(name):
-    """inductor, fullgraph: the compiled loss, out, lse and every leaf's gradient equal eager's."""
+def _compiled_equals_eager(name, device):
     f = _loss_fn(name)
-    weight = _weight(name)
-    mask = _mask(weight.shape[0]) if name in ("bias-mask-scale", "kv-3d") else None
-    leaves = _leaves(name)
+    weight = _weight(name).to(device)
+    mask = _mask(weight.shape[0]).to(device) if name in ("bias-mask-scale", "kv-3d") else None
+    leaves = {n: x.detach().to(device).requires_grad_() for n, x in _leaves(name).items()}
     loss, out, lse = f(leaves, weight, mask)
     grads = torch.autograd.grad(loss, list(leaves.values()))
     torch._dynamo.reset()
@@ -152,6 +149,20 @@ def test_compiled_forward_backward_equals_eager(name):
     torch.testing.assert_close(clse, lse, rtol=1e-5, atol=1e-6)
     for n, a, b in zip(leaves, cgrads, grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"gradient of {n}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.* is deprecated:DeprecationWarning")  # torch internals
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_compiled_forward_backward_equals_eager(name):
+    """inductor, fullgraph: the compiled loss, out, lse and every leaf's gradient equal eager's."""
+    _compiled_equals_eager(name, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_gpu_compiled_forward_backward_equals_eager(name):
+    """The same on CUDA tensors: the fused kernels' outputs and gradients, compiled and eager."""
+    _compiled_equals_eager(name, torch.device("cuda"))
 
 
 def _train(model, steps, device, seed=0):
