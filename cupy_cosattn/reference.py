@@ -1,4 +1,4 @@
-"""The NumPy float64 reference backend (DESIGN.md section 1, written plainly).
+"""The NumPy float64 reference backend (docs/design.md section 1, written plainly).
 
 Dense and vectorized: every (query, key) score of a call is materialized, so this is for testing and
 small problems, not for speed. Inputs are the canonical views of problem.py (q (B, H, Nq, D); k, v
