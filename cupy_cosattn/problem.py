@@ -230,8 +230,8 @@ def canonicalize(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=Fals
     Shapes accepted (docs/design.md section 1): q (B, H, Nq, D) or merged (BH, Nq, D); k, v (B, Hk, Nk, D),
     or (B, Nk, D) with a 4-D q (one shared kv head), or (BH, Nk, D) with a 3-D q.
     dtypes: float16, bfloat16, float32 and float64 (float64 runs only on the reference backend, see
-    `check_kernel_dtype`). Empty lengths are allowed: Nq = 0 gives empty outputs; Nk = 0 leaves every query without a
-    visible key, so its output row is 0 (and its lse is -inf).
+    `check_kernel_dtype`). Empty lengths are allowed: Nq = 0 gives empty outputs; Nk = 0 leaves every
+    query without a visible key, so its output row is 0 (and its lse is -inf).
     """
     _check_array("q", q, (3, 4))
     _check_array("k", k, (3, 4))
