@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from cupy_cosattn import api, emulator, launch, problem, reference
-from cupy_cosattn import launch_backward as LB
+from cupy_cosattn.launch import backward as LB
+from cupy_cosattn.launch import limits, registry
 from cupy_cosattn.problem import BFLOAT16
 
 import kernel_cases
@@ -215,7 +216,7 @@ def skipped_tile_keys(dtype: str, D: int) -> int:
     every kernel: the forward's (fwd_block_n on the emulated device), bwd_dkdv's key block and
     bwd_dq's key tile. All are powers of two, so the largest is a multiple of the others."""
     bn = launch.fwd_block_n(dtype, launch.head_dim_pad(D), launch.EMULATED_DEVICE.smem_optin)
-    dp = LB.head_dim_pad(D)
+    dp = LB.bwd_head_dim_pad(D)
     return max(bn, LB.kv_config(dtype, dp).rows, LB.q_config(dtype, dp).tile)
 
 
@@ -307,7 +308,7 @@ def test_query_head_splits(monkeypatch):
 
 def test_grid_yz_limit_loops(monkeypatch):
     """B*H beyond the grid's y extent: every backward kernel loops over its y work items."""
-    monkeypatch.setattr(launch, "GRID_YZ_LIMIT", 2)
+    monkeypatch.setattr(limits, "GRID_YZ_LIMIT", 2)
     for det in (False, True):
         args, kw, dout = make_case(7 + det, B=3, H=3, Hk=1, Nq=20, Nk=70, D=32, dtype="float32", mask="random",
                                    bias="head", deterministic=det)
@@ -368,7 +369,7 @@ SM86 = launch.DeviceCaps((8, 6), launch.SMEM_OPTIN_BY_ARCH["sm_86"], 84)
 def test_small_variants_are_registered_where_a_device_picks_them():
     """Every (dtype, DP) fits a 99 KB device with the variant choose_small picks, and the registry holds
     every variant some architecture of SMEM_OPTIN_BY_ARCH picks (and no small one that none does)."""
-    names = {s.name for s in LB.kernel_specs()}
+    names = {s.name for s in registry.backward_kernel_specs()}
     picked = set()
     for dt in launch.DTYPE_NAMES:
         for dp in LB.HEAD_DIM_PADS:
@@ -395,8 +396,8 @@ def test_small_shared_memory_device_runs_small_backward_tiles(monkeypatch, dtype
     """On a 99 KB device (sm_86) the backward picks the small variant of each kernel whose default
     tiles do not fit, and every gradient still meets the contract, in both modes, with a bias and a
     mask."""
-    monkeypatch.setattr(launch, "EMULATED_DEVICE", SM86)
-    dp = LB.head_dim_pad(D)
+    monkeypatch.setattr(limits, "EMULATED_DEVICE", SM86)
+    dp = LB.bwd_head_dim_pad(D)
     kv_s, q_s = LB.choose_small(dtype, dp, SM86.smem_optin)
     assert kv_s
     kernels = []
@@ -434,7 +435,7 @@ def test_tile_configs_fit():
             for c in (LB.kv_config(dt, dp), LB.q_config(dt, dp)):
                 assert c.dc % 16 == 0 and c.dc * c.n_chunks == dp
                 assert c.smem <= launch.SMEM_OPTIN_LIMIT, (dt, dp, c)
-    assert [LB.head_dim_pad(d) for d in (1, 8, 16, 33, 128, 129, 200, 256)] == [16, 16, 16, 48, 128, 160, 224, 256]
+    assert [LB.bwd_head_dim_pad(d) for d in (1, 8, 16, 33, 128, 129, 200, 256)] == [16, 16, 16, 48, 128, 160, 224, 256]
 
 
 # ---------------------------------------------------------------------------------------------------

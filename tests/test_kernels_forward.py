@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from cupy_cosattn import api, launch, problem, reference
+from cupy_cosattn.launch import limits
 from cupy_cosattn.problem import BFLOAT16
 from kernel_cases import DTYPES, F16, F32, make_case, rel_err  # noqa: F401
 
@@ -131,7 +132,7 @@ def test_forward_configs(name, dtype):
 
 def test_grid_yz_limit_loops(monkeypatch):
     """B*H beyond the grid's y extent: the kernel loops over (batch, head) by gridDim.y."""
-    monkeypatch.setattr(launch, "GRID_YZ_LIMIT", 2)
+    monkeypatch.setattr(limits, "GRID_YZ_LIMIT", 2)
     args, kw = make_case(7, B=3, H=3, Hk=1, Nq=20, Nk=70, D=32, dtype="float32", mask="random", bias="head")
     check_forward(args, kw)
 
@@ -259,7 +260,7 @@ SM86 = launch.DeviceCaps((8, 6), launch.SMEM_OPTIN_BY_ARCH["sm_86"], 84)  # RTX 
 def test_small_shared_memory_device_gets_smaller_key_tiles(monkeypatch, dtype, D):
     """On a 99 KB device the forward halves its key tile where the sm_80 tile does not fit, and the
     smaller instantiation is as accurate."""
-    monkeypatch.setattr(launch, "EMULATED_DEVICE", SM86)
+    monkeypatch.setattr(limits, "EMULATED_DEVICE", SM86)
     dp = launch.head_dim_pad(D)
     bn = launch.fwd_block_n(dtype, dp, SM86.smem_optin)
     assert bn < launch.fwd_block_n(dtype, dp) and launch.fwd_smem_bytes(dtype, dp, bn) <= SM86.smem_optin
@@ -273,7 +274,7 @@ def test_small_shared_memory_device_gets_smaller_key_tiles(monkeypatch, dtype, D
 
 
 def test_tiles_that_do_not_fit_the_device_raise_before_any_launch(monkeypatch):
-    monkeypatch.setattr(launch, "EMULATED_DEVICE", SM86)
+    monkeypatch.setattr(limits, "EMULATED_DEVICE", SM86)
     launches = []
     monkeypatch.setattr(launch.Backend, "launch", lambda self, *a, **k: launches.append(a))
     args, kw = make_case(3, Nq=8, D=256, dtype="float32")
@@ -282,7 +283,7 @@ def test_tiles_that_do_not_fit_the_device_raise_before_any_launch(monkeypatch):
         api.forward(*args, backend="emulator", **kw)
     # The backward has a small-shared-memory variant that fits every head dim in 99 KB; on a device
     # with 48 KB per block even that does not fit bf16 D=192 (53120 bytes).
-    monkeypatch.setattr(launch, "EMULATED_DEVICE", launch.DeviceCaps((8, 6), 48 * 1024, 84))
+    monkeypatch.setattr(limits, "EMULATED_DEVICE", launch.DeviceCaps((8, 6), 48 * 1024, 84))
     args, kw = make_case(3, Nq=8, D=192, dtype="bfloat16")
     out, lse = api.forward(*args, backend="reference", **kw)
     with pytest.raises(ValueError, match=r"backward kernels for head dim D=192 in bfloat16 needs \d+ bytes of shared "
@@ -292,7 +293,7 @@ def test_tiles_that_do_not_fit_the_device_raise_before_any_launch(monkeypatch):
 
 
 def test_pre_ampere_device_raises(monkeypatch):
-    monkeypatch.setattr(launch, "EMULATED_DEVICE", launch.DeviceCaps((7, 5), 64 * 1024, 40))
+    monkeypatch.setattr(limits, "EMULATED_DEVICE", launch.DeviceCaps((7, 5), 64 * 1024, 40))
     args, kw = make_case(3, Nq=8, D=64)
     with pytest.raises(RuntimeError, match=r"compute capability >= 8.0.*this device has 7.5"):
         api.forward(*args, backend="emulator", **kw)
@@ -400,7 +401,7 @@ def test_forward_configs_gpu(name, dtype):
 
 @pytest.mark.gpu
 def test_grid_yz_limit_loops_gpu(monkeypatch):
-    monkeypatch.setattr(launch, "GRID_YZ_LIMIT", 2)
+    monkeypatch.setattr(limits, "GRID_YZ_LIMIT", 2)
     args, kw = make_case(7, B=3, H=3, Hk=1, Nq=20, Nk=70, D=32, dtype="float32", mask="random", bias="head")
     check_forward(args, kw, backend="cuda")
 

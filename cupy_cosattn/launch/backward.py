@@ -28,145 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import launch as L
-from .problem import BFLOAT16, Inputs, Problem
-
-SOURCE = "backward.cu"
-PREP_THREADS = 128  # backward.cu PREP_WARPS * 32
-PREP_ROWS = 32  # rows per bwd_prep block (PREP_WARPS * PREP_ROWS_PER_WARP)
-NQ_PAD = 128  # lse2 / D rows are padded to a multiple of this (every query tile size divides it)
-
-# Split the query heads of a kv head over several blocks (partial dK/dV summed afterwards) when the
-# dK/dV grid would otherwise fill fewer than WAVES waves of the device's SMs (one block per SM).
-WAVES = 2
-TARGET_BLOCKS = None  # a fixed block target instead of WAVES x SMs (tests)
-
-_PTR = np.uint64
-BWD_PARAMS = np.dtype(
-    [(f, _PTR) for f in ("q", "k", "v", "o", "dout", "lse", "lse2", "dvec", "scale", "mask", "tile_any", "bias",
-                         "dbias", "dq", "dk", "dv")]
-    + [(f"{t}_s{d}", np.int64) for t in ("q", "k", "v", "o", "do") for d in ("b", "h", "n")]
-    + [("lse_sb", np.int64), ("lse_sh", np.int64)]
-    + [(f"dq_s{d}", np.int64) for d in ("b", "h", "n")]
-    + [(f"dkv_s{d}", np.int64) for d in ("b", "h", "n")]
-    + [("bias_sb", np.int64), ("bias_sh", np.int64), ("bias_sq", np.int64)]
-    + [("dbias_sb", np.int64), ("dbias_sh", np.int64), ("dbias_sq", np.int64)]
-    + [("mask_sb", np.int64), ("tile_any_sb", np.int64), ("n_y", np.int64)]
-    + [(f, np.int32) for f in ("B", "H", "Hk", "Nq", "Nk", "D", "nq_pad", "causal", "bias_f32", "dbias_mode",
-                               "dbias_f32", "dq_atomic", "dk_f32", "dv_f32", "nsplit", "heads_per_split",
-                               "n_chunks")],
-    align=True,
-)
-
-DBIAS_NONE, DBIAS_STORE, DBIAS_ATOMIC = 0, 1, 2
-
-
-def head_dim_pad(D: int) -> int:
-    """The backward kernels' template head dim for a problem of head dim D: the storage dim rounded
-    up to 16 (to 32 above 128, so that the two head-dim chunks of a block are whole mma tiles)."""
-    ds = L.storage_dim(D)
-    return max(16, L.round_up(ds, 16)) if ds <= 128 else L.round_up(ds, 32)
-
-
-HEAD_DIM_PADS = tuple(range(16, 129, 16)) + (160, 192, 224, 256)
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    threads: int
-    rows: int  # keys per block (dkdv) / queries per block (dq)
-    tile: int  # streamed tile: queries (dkdv) / keys (dq)
-    dc: int  # head-dim columns accumulated per block
-    n_chunks: int
-    smem: int
-
-
-DQ_F32_MAX_COLS = 112  # backward.cu DQ_F32_MAX_COLS
-
-
-def chunk_cols(dp: int, limit: int) -> int:
-    """backward.cu chunk_cols: the widest multiple of 16 dividing dp and at most limit."""
-    c = min(limit, dp) // 16 * 16
-    while dp % c:
-        c -= 16
-    return c
-
-
-def _common(dtype_name: str, dp: int, small: bool):
-    f32 = dtype_name == "float32"
-    size = 4 if f32 else 2
-    sk = dp + (4 if f32 else 8)
-    nw = 2 if (f32 and dp > 128) else 4
-    if small:
-        nw //= 2
-    return f32, size, sk, nw
-
-
-def kv_config(dtype_name: str, dp: int, small: bool = False) -> TileConfig:
-    """bwd_dkdv tiles (backward.cu KVTraits<T, DP, SMALL>). The small variant has half the warps and a
-    16-row query tile; with one warp (fp32 above DP = 128) it has no dS^T tile of its own (DS_IN_DO:
-    dS^T is staged in the current dO stage)."""
-    f32, size, sk, nw = _common(dtype_name, dp, small)
-    bc = 16 * nw
-    br = 16 if (f32 or small) else (64 if dp <= 64 else 32)
-    dc = chunk_cols(dp, 128)
-    ds_tile = 0 if (small and nw == 1) else bc * (br + 8)
-    smem = size * (2 * bc * sk + 4 * br * sk + ds_tile) + 4 * 4 * br + 4 * bc
-    return TileConfig(32 * nw, bc, br, dc, dp // dc, smem)
-
-
-def q_config(dtype_name: str, dp: int, small: bool = False) -> TileConfig:
-    """bwd_dq tiles (backward.cu QTraits<T, DP, SMALL>). The small variant has half the warps and a
-    16-row key tile."""
-    f32, size, sk, nw = _common(dtype_name, dp, small)
-    br = 16 * nw
-    bc = 16 if (f32 or small) else (64 if dp <= 64 else 32)
-    dc = chunk_cols(dp, DQ_F32_MAX_COLS if f32 else 128)
-    smem = size * (2 * br * sk + 4 * bc * sk) + 4 * 2 * bc
-    return TileConfig(32 * nw, br, bc, dc, dp // dc, smem)
-
-
-def choose_small(dtype_name: str, dp: int, smem_limit: int) -> tuple:
-    """(bwd_dkdv small, bwd_dq small): each kernel takes its small variant only where its default
-    tiles exceed the device's shared memory per block `smem_limit` (run_backward's check_smem then
-    raises if even the small one does not fit)."""
-    return (kv_config(dtype_name, dp).smem > smem_limit, q_config(dtype_name, dp).smem > smem_limit)
-
-
-def _name(kind: str, dtype_name: str, dp: int, small: bool = False) -> str:
-    """NVRTC name expression; the default variant keeps its two-argument name (SMALL defaults to false)."""
-    return f"ca::bwd::bwd_{kind}<{L.CTYPES[dtype_name]}, {dp}{', true' if small else ''}>"
-
-
-def _names(dtype_name: str, dp: int, kv_small: bool = False, q_small: bool = False) -> dict:
-    return {"prep": _name("prep", dtype_name, dp), "dkdv": _name("dkdv", dtype_name, dp, kv_small),
-            "dq": _name("dq", dtype_name, dp, q_small), "info": _name("info", dtype_name, dp)}
-
-
-def kernel_specs() -> list:
-    """Every backward instantiation (for launch.kernel_registry and python -m cupy_cosattn.resources):
-    the default variants, and the small ones that some architecture of launch.SMEM_OPTIN_BY_ARCH
-    picks (with their bwd_info). The kernels of one (dtype, head-dim pad) form one module."""
-    specs = []
-    for dt in L.DTYPE_NAMES:
-        for dp in HEAD_DIM_PADS:
-            n = _names(dt, dp)
-            kv, q = kv_config(dt, dp), q_config(dt, dp)
-            specs += [L.KernelSpec(SOURCE, n["prep"], PREP_THREADS), L.KernelSpec(SOURCE, n["dkdv"], kv.threads, kv.smem),
-                      L.KernelSpec(SOURCE, n["dq"], q.threads, q.smem), L.KernelSpec(SOURCE, n["info"], 32)]
-            picks = {choose_small(dt, dp, lim) for lim in L.SMEM_OPTIN_BY_ARCH.values()}
-            kv_s = any(p[0] for p in picks)
-            q_s = any(p[1] for p in picks)
-            if kv_s:
-                c = kv_config(dt, dp, True)
-                specs.append(L.KernelSpec(SOURCE, _name("dkdv", dt, dp, True), c.threads, c.smem))
-            if q_s:
-                c = q_config(dt, dp, True)
-                specs.append(L.KernelSpec(SOURCE, _name("dq", dt, dp, True), c.threads, c.smem))
-            if kv_s or q_s:
-                specs.append(L.KernelSpec(SOURCE, _name("info", dt, dp, True), 32))
-    return specs
-
+from . import arrays, limits as L
+from ..problem import Inputs, Problem
+from .arrays import cast
+from .params import BWD_PARAMS, DBIAS_ATOMIC, DBIAS_NONE, DBIAS_STORE, make_record
+from .registry import _name, _names
+from .tiles import *  # noqa: F401,F403
 
 def _kernel(be, name: str, smem: int = 0):
     return be.kernel(SOURCE, name, smem)
@@ -180,17 +47,6 @@ def tile_info(be, dtype_name: str, dp: int, small: bool = False) -> tuple:
     host = out.get() if be.name == "cuda" else np.array(out)
     return tuple(int(x) for x in host)
 
-
-def choose_nsplit(prob: Problem, n_x_blocks: int, sm_count: int = 132) -> int:
-    """Query-head splits per kv head: the smallest divisor of H / Hk that gives the dK/dV grid at
-    least WAVES x sm_count blocks (TARGET_BLOCKS when set; 1 when the grid is big enough unsplit)."""
-    target = TARGET_BLOCKS or WAVES * sm_count
-    qpk = prob.q_per_kv
-    base = n_x_blocks * prob.B * prob.Hk
-    for s in range(1, qpk + 1):
-        if qpk % s == 0 and (base * s >= target or s == qpk):
-            return s
-    return qpk
 
 
 def _host(be, x):
@@ -211,7 +67,7 @@ def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse, need_dscale: bo
     xp = be.xp
     B, H, Hk, Nq, Nk, D = prob.B, prob.H, prob.Hk, prob.Nq, prob.Nk, prob.D
     dt = prob.dtype_name
-    dp = head_dim_pad(D)
+    dp = bwd_head_dim_pad(D)
     kv_small, q_small = choose_small(dt, dp, caps.smem_optin)
     names = _names(dt, dp, kv_small, q_small)
     kv, qc = kv_config(dt, dp, kv_small), q_config(dt, dp, q_small)
@@ -284,18 +140,18 @@ def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse, need_dscale: bo
     lim = L.GRID_YZ_LIMIT
 
     # 1. D and lse2.
-    rec = L.make_record(BWD_PARAMS, n_y=B * H, n_chunks=1, **common)
+    rec = make_record(BWD_PARAMS, n_y=B * H, n_chunks=1, **common)
     be.launch(_kernel(be, names["prep"]), (nq_pad // PREP_ROWS, min(B * H, lim), 1), (PREP_THREADS, 1, 1), rec)
 
     # 2. dK, dV (+ dS -> dbias, + dQ atomics in fast mode).
     ny = B * Hk * nsplit
-    rec = L.make_record(BWD_PARAMS, n_y=ny, n_chunks=kv.n_chunks, **common)
+    rec = make_record(BWD_PARAMS, n_y=ny, n_chunks=kv.n_chunks, **common)
     be.launch(_kernel(be, names["dkdv"], kv.smem), (n_kt * kv.n_chunks, min(ny, lim), 1), (kv.threads, 1, 1), rec,
               kv.smem)
 
     # 3. Deterministic dQ.
     if prob.deterministic:
-        rec = L.make_record(BWD_PARAMS, n_y=B * H, n_chunks=qc.n_chunks, **common)
+        rec = make_record(BWD_PARAMS, n_y=B * H, n_chunks=qc.n_chunks, **common)
         be.launch(_kernel(be, names["dq"], qc.smem), (L.cdiv(Nq, qc.rows) * qc.n_chunks, min(B * H, lim), 1),
                   (qc.threads, 1, 1), rec, qc.smem)
 
@@ -337,19 +193,3 @@ def _finish(be, x, D: int, dtype) -> object:
     return be.to_host_into(y if y.shape[-1] == D else y[..., :D], None)
 
 
-def cast(xp, x, dtype):
-    """x converted to `dtype` (round to nearest even). Conversions to and from bfloat16 go through
-    the bit patterns with integer arithmetic, which CuPy can run (it has no bfloat16 arithmetic);
-    NumPy takes the same path, so the emulator tests cover it."""
-    dtype = np.dtype(dtype)
-    src = np.dtype(x.dtype)
-    if src == dtype:
-        return x
-    if dtype == BFLOAT16:
-        u = xp.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-        u = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
-        return u.astype(np.uint16).view(BFLOAT16)
-    if src == BFLOAT16:
-        f = (xp.ascontiguousarray(x).view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
-        return f if dtype == np.float32 else f.astype(dtype)
-    return x.astype(dtype)
