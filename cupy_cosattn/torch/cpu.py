@@ -85,14 +85,9 @@ class Canon:
         s = s.reshape(B, H, C, kend)
         if self.bias is not None:
             s = s + self.bias[:, :, i0:i1, :kend]
-        vis = None
-        if p.causal:
-            rows = torch.arange(i0, i1, device=s.device).unsqueeze(1)
-            cols = torch.arange(kend, device=s.device).unsqueeze(0)
-            vis = (cols <= rows + (p.Nk - p.Nq)).view(1, 1, C, kend)
-        if self.mask is not None:
-            m = self.mask[:, :kend].view(B, 1, 1, kend)
-            vis = m if vis is None else vis & m
+        rows = torch.arange(i0, i1, device=s.device).unsqueeze(1)
+        cols = torch.arange(kend, device=s.device).unsqueeze(0)
+        vis = _problem.visible(p, rows, cols, None if self.mask is None else self.mask[:, :kend])
         if vis is not None:
             s = s.masked_fill(~vis, float("-inf"))
         return s
@@ -144,7 +139,7 @@ def cpu_backward(prob, shapes, dout, q, k, v, mask, bias, scale_t, scale):
         dkh[:, :, :kend] += (dSg.transpose(-1, -2) @ c.grouped(c.qs[:, :, i0:i1])).sum(2)
         dscale += (g * c.qh[:, :, i0:i1]).sum(dim=(0, 2, 3))  # Σ dS_ij ⟨q̂_i, k̂_j⟩
         if dbias is not None:
-            axes = tuple(ax for ax in (0, 1) if c.bias.shape[ax] == 1)
+            axes = prob.bias_sum_axes
             dbias[:, :, i0:i1, :kend] = dS.sum(dim=axes, keepdim=True) if axes else dS
     if prob.l2norm_qk:
         dq = grouped_l2norm_backward(c.qh, c.qn, dqh, prob.groups)
