@@ -1,9 +1,6 @@
-"""Backward launch: the three kernels of cuda_src/backward.cu and the post-passes around them.
+"""The backward on any device: the three kernels of cuda_src/backward.cu and the post-passes around them.
 
-``run_backward(backend, prob, inp, dout, out, lse)`` is what ``launch.Backend.backward`` calls, for the
-"cuda" backend (CuPy arrays) and the "emulator" backend (NumPy arrays) alike:
-
-1. the norm pre-pass (``Backend.prepare_qkv``): qhat, khat (or q, k when ``l2norm_qk=False``), v;
+1. the norm pre-pass (``staging.stage``): qhat, khat (or q, k when ``l2norm_qk=False``), v;
 2. ``bwd_prep``: per query row D_i = sum(dO * O) and lse2 = lse * log2(e) (+inf for empty rows);
 3. ``bwd_dkdv``: dK-hat, dV per key tile in registers (GQA heads summed in the block), dS -> dbias,
    and in the default (fast) mode dQ-hat by fp32 atomicAdd;
@@ -16,144 +13,123 @@
    everything else is queued (the call's only device-to-host copy, so the host never waits for the
    GPU between launches).
 
-Everything the kernels need is in one ``BwdParams`` struct (cuda_src/backward.cu), mirrored here by
-``BWD_PARAMS``. Tile sizes are the kernels' ``KVTraits`` / ``QTraits``, mirrored by :func:`kv_config`
-and :func:`q_config` (tests compare the two through the ``bwd_info`` kernel). Each kernel has a default
-and a small-shared-memory variant (template argument ``SMALL``: half the warps, a 16-row streamed
-tile); :func:`choose_small` takes the default where it fits the device's shared memory per block.
+Every kernel reads one ``BwdParams`` record (params.BWD_PARAMS); the kernels, tiles and grids are
+``dispatch.select``'s.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 
-from . import arrays, limits as L
 from ..problem import Inputs, Problem
 from .arrays import cast
+from .devices import Device
+from .dispatch import DKDV, DQ, NORM_BWD_K, NORM_BWD_Q, PREP, KernelChoice, select
+from .limits import check_smem, check_supported
+from .norm import l2norm_backward
 from .params import BWD_PARAMS, DBIAS_ATOMIC, DBIAS_NONE, DBIAS_STORE, make_record
-from .registry import _name, _names
-from .tiles import *  # noqa: F401,F403
+from .registry import BACKWARD_SOURCE, KernelSpec, bwd_name
+from .staging import Staged, attn_fields, deliver, padded, stage
+from .tiles import INFO_THREADS, nq_padded
 
-def _kernel(be, name: str, smem: int = 0):
-    return be.kernel(SOURCE, name, smem)
+F32 = np.dtype(np.float32)
 
 
-def tile_info(be, dtype_name: str, dp: int, small: bool = False) -> tuple:
+def tile_info(dev: Device, dtype_name: str, dp: int, small: bool = False) -> tuple[int, ...]:
     """The 12 ints bwd_info<T, DP, SMALL> writes: (dkdv threads, BC, BR, DC, chunks, smem, dq threads,
     BR, BC, DC, chunks, smem), as compiled."""
-    out = be.zeros((12,), np.int32)
-    be.launch(_kernel(be, _name("info", dtype_name, dp, small)), (1, 1, 1), (32, 1, 1), out)
-    host = out.get() if be.name == "cuda" else np.array(out)
-    return tuple(int(x) for x in host)
+    out = dev.zeros((12,), np.int32)
+    info = KernelChoice(KernelSpec(BACKWARD_SOURCE, bwd_name("info", dtype_name, dp, small), INFO_THREADS), (1, 1, 1))
+    dev.launch(info, out)
+    return tuple(int(x) for x in dev.to_host(out))
 
 
+@dataclass
+class _DBias:
+    """Where bwd_dkdv puts dS for the bias gradient."""
 
-def _host(be, x):
-    return x.get() if be.name == "cuda" else np.asarray(x)
+    mode: int = DBIAS_NONE
+    f32: bool = False
+    buf: Any = None
+    strides: tuple[int, int, int] = (0, 0, 0)
 
 
-def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse, need_dscale: bool = True):
-    """Gradients of one canonical problem on kernel backend `be` (a launch.Backend): (dq (B, H, Nq, D),
-    dk (B, Hk, Nk, D), dv, dbias (inp.bias.shape, bias dtype) | None, dscale float64 NumPy (H,)).
+def _dbias_target(dev: Device, prob: Problem, bias_f32: bool) -> _DBias:
+    """dbias is written in place for a bias of the full (B, H, Nq, Nk) size; a broadcast bias gets dS
+    summed over its broadcast dims, from a full fp32 buffer (deterministic) or by fp32 atomics (fast
+    mode)."""
+    if not prob.has_bias:
+        return _DBias()
+    B, H, Nq, Nk = prob.B, prob.H, prob.Nq, prob.Nk
+    full = (H * Nq * Nk, Nq * Nk, Nk)
+    if prob.bias_dense:
+        return _DBias(DBIAS_STORE, bias_f32, dev.zeros((B, H, Nq, Nk), F32 if bias_f32 else prob.dtype), full)
+    if prob.deterministic:
+        return _DBias(DBIAS_STORE, True, dev.zeros((B, H, Nq, Nk), F32), full)
+    Bb, Hb = prob.bias_shape[:2]
+    return _DBias(DBIAS_ATOMIC, True, dev.zeros((Bb, Hb, Nq, Nk), F32),
+                  (Hb * Nq * Nk if Bb > 1 else 0, Nq * Nk if Hb > 1 else 0, Nk))
+
+
+def _finish(dev: Device, x: Any, D: int, dtype: np.dtype) -> Any:
+    """x[..., :D] as a new contiguous array of `dtype` (of the device's array library)."""
+    y = cast(dev.xp, x, dtype)
+    return deliver(dev, y if y.shape[-1] == D else y[..., :D], None)
+
+
+def run_backward(dev: Device, prob: Problem, inp: Inputs, dout: Any, out: Any, lse: Any,
+                 need_dscale: bool = True) -> tuple[Any, Any, Any, Optional[Any], Optional[np.ndarray]]:
+    """Gradients of one canonical problem on `dev`: (dq (B, H, Nq, D), dk (B, Hk, Nk, D), dv,
+    dbias (inp.bias.shape, bias dtype) | None, dscale float64 NumPy (H,)).
 
     dscale is reduced after every kernel is queued; its host copy is the call's only device-to-host
     transfer (on the CUDA path the only point where the host waits for the GPU). With
     ``need_dscale=False`` it is not computed at all and None is returned in its place (no reduction,
     no copy, no wait): for callers whose scale is a constant (a float scale in torch)."""
-    L.check_supported(prob)
-    caps = be.device_caps()
+    check_supported(prob)
+    caps = dev.capabilities()
     caps.check()
-    xp = be.xp
+    prep, dkdv, dqk = (select(prob, caps, kind) for kind in (PREP, DKDV, DQ))
+    check_smem("the backward kernels", prob, max(dkdv.smem, dqk.smem), caps)
+    xp = dev.xp
     B, H, Hk, Nq, Nk, D = prob.B, prob.H, prob.Hk, prob.Nq, prob.Nk, prob.D
-    dt = prob.dtype_name
-    dp = bwd_head_dim_pad(D)
-    kv_small, q_small = choose_small(dt, dp, caps.smem_optin)
-    names = _names(dt, dp, kv_small, q_small)
-    kv, qc = kv_config(dt, dp, kv_small), q_config(dt, dp, q_small)
-    L.check_smem("the backward kernels", prob, max(kv.smem, qc.smem), caps)
-    f32 = np.float32
 
-    qhat, khat, v = be.prepare_qkv(prob, inp)
-    Ds = int(qhat.shape[-1])
-    dO = be.padded(dout, Ds)
-    O = be.padded(out, Ds)
-    lse_d = be.to_device(lse.astype(f32, copy=False) if lse.dtype != f32 else lse)
-    scale = be.device_scale(inp.scale)
-    mask = be.device_mask(inp.mask)
     # bwd_dq skips the key tiles (of its own size) whose keys are all masked; bwd_dkdv finds its own.
-    tiles = be.tile_any(inp.mask, qc.tile) if prob.deterministic else None
-    bias, (bsb, bsh, bsq), bias_f32 = be.device_bias(inp.bias, prob)
+    st: Staged = stage(dev, prob, inp, caps, tile=dqk.tile if prob.deterministic else 0)
+    Ds = st.cols
+    dO = padded(dev, dout, Ds)
+    out_d = padded(dev, out, Ds)
+    lse_d = dev.to_device(lse.astype(F32, copy=False) if lse.dtype != F32 else lse)
 
-    nq_pad = L.round_up(Nq, NQ_PAD)
-    lse2 = be.empty((B * H, nq_pad), f32)
-    dvec = be.empty((B * H, nq_pad), f32)
-    dq = be.empty((B, H, Nq, Ds), f32) if prob.deterministic else be.zeros((B, H, Nq, Ds), f32)
+    nq_pad = nq_padded(Nq)
+    lse2 = dev.empty((B * H, nq_pad), F32)
+    dvec = dev.empty((B * H, nq_pad), F32)
+    dq = dev.empty((B, H, Nq, Ds), F32) if prob.deterministic else dev.zeros((B, H, Nq, Ds), F32)
 
-    n_kt = L.cdiv(Nk, kv.rows)
-    nsplit = choose_nsplit(prob, n_kt * kv.n_chunks, caps.sm_count)
-    hps = prob.q_per_kv // nsplit
+    nsplit = dkdv.nsplit
     dk_f32 = nsplit > 1 or prob.l2norm_qk
     dv_f32 = nsplit > 1
-    dk = be.empty((B, Hk * nsplit, Nk, Ds), f32 if dk_f32 else prob.dtype)
-    dv = be.empty((B, Hk * nsplit, Nk, Ds), f32 if dv_f32 else prob.dtype)
+    dk = dev.empty((B, Hk * nsplit, Nk, Ds), F32 if dk_f32 else prob.dtype)
+    dv = dev.empty((B, Hk * nsplit, Nk, Ds), F32 if dv_f32 else prob.dtype)
+    db = _dbias_target(dev, prob, st.bias_f32)
 
-    # dbias: written in place for a full (B, H, Nq, Nk) bias; a broadcast bias gets dS summed over its
-    # broadcast dims, from a full fp32 buffer (deterministic) or by fp32 atomics (fast mode).
-    dbias_mode, dbias_f32, dbias_buf, dbs = DBIAS_NONE, 0, None, (0, 0, 0)
-    full_bias = inp.bias is not None and tuple(inp.bias.shape) == (B, H, Nq, Nk)
-    if inp.bias is not None:
-        if full_bias:
-            dbias_mode, dbias_f32 = DBIAS_STORE, int(bias_f32)
-            dbias_buf = be.zeros((B, H, Nq, Nk), f32 if bias_f32 else prob.dtype)
-            dbs = (H * Nq * Nk, Nq * Nk, Nk)
-        elif prob.deterministic:
-            dbias_mode, dbias_f32 = DBIAS_STORE, 1
-            dbias_buf = be.zeros((B, H, Nq, Nk), f32)
-            dbs = (H * Nq * Nk, Nq * Nk, Nk)
-        else:
-            dbias_mode, dbias_f32 = DBIAS_ATOMIC, 1
-            Bb, Hb = int(inp.bias.shape[0]), int(inp.bias.shape[1])
-            dbias_buf = be.zeros((Bb, Hb, Nq, Nk), f32)
-            dbs = (Hb * Nq * Nk if Bb > 1 else 0, Nq * Nk if Hb > 1 else 0, Nk)
-
-    common = dict(
-        q=be.ptr(qhat), k=be.ptr(khat), v=be.ptr(v), o=be.ptr(O), dout=be.ptr(dO), lse=be.ptr(lse_d),
-        lse2=be.ptr(lse2), dvec=be.ptr(dvec), scale=be.ptr(scale), mask=be.ptr(mask), tile_any=be.ptr(tiles),
-        bias=be.ptr(bias),
-        dbias=be.ptr(dbias_buf), dq=be.ptr(dq), dk=be.ptr(dk), dv=be.ptr(dv),
-        q_sb=H * Nq * Ds, q_sh=Nq * Ds, q_sn=Ds,
-        k_sb=Hk * Nk * Ds, k_sh=Nk * Ds, k_sn=Ds,
-        v_sb=Hk * Nk * Ds, v_sh=Nk * Ds, v_sn=Ds,
-        o_sb=H * Nq * Ds, o_sh=Nq * Ds, o_sn=Ds,
+    fields = dict(
+        attn_fields(dev, prob, st, out_d, lse_d),
+        dout=dev.ptr(dO), lse2=dev.ptr(lse2), dvec=dev.ptr(dvec), dbias=dev.ptr(db.buf), dq=dev.ptr(dq),
+        dk=dev.ptr(dk), dv=dev.ptr(dv),
         do_sb=H * Nq * Ds, do_sh=Nq * Ds, do_sn=Ds,
-        lse_sb=H * Nq, lse_sh=Nq,
         dq_sb=H * Nq * Ds, dq_sh=Nq * Ds, dq_sn=Ds,
         dkv_sb=Hk * nsplit * Nk * Ds, dkv_sh=Nk * Ds, dkv_sn=Ds,
-        bias_sb=bsb, bias_sh=bsh, bias_sq=bsq,
-        dbias_sb=dbs[0], dbias_sh=dbs[1], dbias_sq=dbs[2],
-        mask_sb=Nk if mask is not None else 0, tile_any_sb=L.cdiv(Nk, qc.tile) if tiles is not None else 0,
-        B=B, H=H, Hk=Hk, Nq=Nq, Nk=Nk, D=Ds, nq_pad=nq_pad, causal=int(prob.causal), bias_f32=int(bias_f32),
-        dbias_mode=dbias_mode, dbias_f32=dbias_f32, dq_atomic=int(not prob.deterministic),
-        dk_f32=int(dk_f32), dv_f32=int(dv_f32), nsplit=nsplit, heads_per_split=hps,
+        dbias_sb=db.strides[0], dbias_sh=db.strides[1], dbias_sq=db.strides[2],
+        nq_pad=nq_pad, dbias_mode=db.mode, dbias_f32=int(db.f32), dq_atomic=int(not prob.deterministic),
+        dk_f32=int(dk_f32), dv_f32=int(dv_f32), nsplit=nsplit, heads_per_split=prob.q_per_kv // nsplit,
     )
-    lim = L.GRID_YZ_LIMIT
 
-    # 1. D and lse2.
-    rec = make_record(BWD_PARAMS, n_y=B * H, n_chunks=1, **common)
-    be.launch(_kernel(be, names["prep"]), (nq_pad // PREP_ROWS, min(B * H, lim), 1), (PREP_THREADS, 1, 1), rec)
-
-    # 2. dK, dV (+ dS -> dbias, + dQ atomics in fast mode).
-    ny = B * Hk * nsplit
-    rec = make_record(BWD_PARAMS, n_y=ny, n_chunks=kv.n_chunks, **common)
-    be.launch(_kernel(be, names["dkdv"], kv.smem), (n_kt * kv.n_chunks, min(ny, lim), 1), (kv.threads, 1, 1), rec,
-              kv.smem)
-
-    # 3. Deterministic dQ.
-    if prob.deterministic:
-        rec = make_record(BWD_PARAMS, n_y=B * H, n_chunks=qc.n_chunks, **common)
-        be.launch(_kernel(be, names["dq"], qc.smem), (L.cdiv(Nq, qc.rows) * qc.n_chunks, min(B * H, lim), 1),
-                  (qc.threads, 1, 1), rec, qc.smem)
+    # 1. D and lse2. 2. dK, dV (+ dS -> dbias, + dQ atomics in fast mode). 3. Deterministic dQ.
+    for choice in (prep, dkdv) + ((dqk,) if prob.deterministic else ()):
+        dev.launch(choice, make_record(BWD_PARAMS, **fields, n_y=choice.n_y, n_chunks=choice.n_chunks))
 
     # 4. Post-passes (fixed reduction orders throughout).
     if nsplit > 1:
@@ -161,35 +137,26 @@ def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse, need_dscale: bo
         dv = dv.reshape(B, Hk, nsplit, Nk, Ds).sum(axis=2)
 
     if prob.l2norm_qk:
-        dq_out = be.l2norm_backward(be.to_device(inp.q), dq, prob.groups)
-        dk_out = be.l2norm_backward(be.to_device(inp.k), be.to_device(dk), prob.groups)
+        dq_out = l2norm_backward(dev, dev.to_device(inp.q), dq, prob.groups, choice=select(prob, caps, NORM_BWD_Q))
+        dk_out = l2norm_backward(dev, dev.to_device(inp.k), dev.to_device(dk), prob.groups,
+                                 choice=select(prob, caps, NORM_BWD_K))
     else:
-        dq_out = _finish(be, dq, D, prob.dtype)
-        dk_out = _finish(be, dk, D, prob.dtype)
-    dv_out = _finish(be, dv, D, prob.dtype)
+        dq_out = _finish(dev, dq, D, prob.dtype)
+        dk_out = _finish(dev, dk, D, prob.dtype)
+    dv_out = _finish(dev, dv, D, prob.dtype)
 
     dbias = None
-    if inp.bias is not None:
-        if dbias_mode == DBIAS_STORE and not full_bias:
-            axes = tuple(i for i, n in enumerate(inp.bias.shape[:2]) if n == 1)
-            dbias_buf = dbias_buf.sum(axis=axes, keepdims=True)
-        dbias = _finish(be, dbias_buf, Nk, np.dtype(inp.bias.dtype))
+    if prob.has_bias:
+        buf = db.buf
+        if db.mode == DBIAS_STORE and not prob.bias_dense:
+            buf = buf.sum(axis=prob.bias_sum_axes, keepdims=True)
+        dbias = _finish(dev, buf, Nk, np.dtype(inp.bias.dtype))
 
     # 5. dscale last: its reduction is queued behind everything above, and the copy to the host (a
     # stream sync on the CUDA path) waits for work that is already queued instead of stalling the
     # launches. Skipped entirely (None) when the caller does not need it.
     dscale = None
     if need_dscale:
-        dscale = xp.sum(cast(xp, qhat, f32) * dq, axis=(0, 2, 3), dtype=np.float64)
-        dscale = _host(be, dscale) / np.asarray(inp.scale, dtype=np.float64)
-
-    _keep_alive = (qhat, khat, v, dO, O, lse_d, scale, mask, tiles, bias)  # noqa: F841
+        dscale = xp.sum(cast(xp, st.q, F32) * dq, axis=(0, 2, 3), dtype=np.float64)
+        dscale = dev.to_host(dscale) / np.asarray(inp.scale, dtype=np.float64)
     return dq_out, dk_out, dv_out, dbias, dscale
-
-
-def _finish(be, x, D: int, dtype) -> object:
-    """x[..., :D] as a new contiguous array of `dtype` (of this backend's array library)."""
-    y = cast(be.xp, x, dtype)
-    return be.to_host_into(y if y.shape[-1] == D else y[..., :D], None)
-
-

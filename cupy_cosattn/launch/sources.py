@@ -1,14 +1,14 @@
-"""Kernel sources with the project headers inlined, and the compile options."""
+"""Kernel sources: the text of a cuda_src/ file with its project headers inlined, and the compile options.
+
+Project headers (common.cuh, params.cuh) are inlined so that the module cache keys (CuPy hashes the
+source text, not the files it includes) change whenever a header does; the emulator shim (emu/...)
+stays an include, found through -I.
+"""
 from __future__ import annotations
 
 import re
 
 from .. import _paths
-
-# ---------------------------------------------------------------------------------------------------
-# Sources. Project headers (common.cuh, params.cuh) are inlined so that the module cache keys (CuPy
-# hashes the source text, not the files it includes) change whenever a header does; the emulator shim
-# (emu/...) stays an include, found through -I.
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 
@@ -20,7 +20,7 @@ def load_source(name: str) -> str:
     def expand(fname: str) -> str:
         text = _paths.read_source(fname)
 
-        def repl(m):
+        def repl(m: re.Match) -> str:
             inc = m.group(1)
             if inc.startswith("emu/") or not (_paths.CUDA_SRC / inc).exists():
                 return m.group(0)
@@ -35,8 +35,6 @@ def load_source(name: str) -> str:
     return expand(name)
 
 
-def compile_options() -> tuple:
+def compile_options() -> tuple[str, ...]:
     """NVRTC / emulator compile options shared by every module."""
     return ("-std=c++17", f"-I{_paths.CUDA_SRC}")
-
-

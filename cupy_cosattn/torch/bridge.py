@@ -17,9 +17,10 @@ import torch
 from torch import Tensor
 
 from .. import api as _api
-from .. import launch as _launch
 from .. import problem as _problem
+from ..launch.arrays import copy_into
 from .outputs import empty_grad, user_dscale
+
 
 class _TorchMemory:
     """A CuPy allocator whose blocks are torch.empty uint8 tensors (torch's caching allocator); each
@@ -157,11 +158,11 @@ def kernel_forward(bridge, prob, shapes, q, k, v, mask, bias, scale_t, scale):
     with bridge.context(q.device):
         inp = kernel_inputs(bridge, prob, shapes, q, k, v, mask, bias, scale_t, scale)
         out_a, lse_a = bridge.to_array(out, canon), bridge.to_array(lse, canon[:-1])
-        o, l = _api.forward_canonical(prob, inp, bridge.backend, out=out_a, lse=lse_a)
+        o, ls = _api.forward_canonical(prob, inp, bridge.backend, out=out_a, lse=lse_a)
         if bridge.ptr(o) != bridge.ptr(out_a):  # a backend that did not write in place
-            _launch.copy_into(out_a, o)
-        if bridge.ptr(l) != bridge.ptr(lse_a):
-            _launch.copy_into(lse_a, l)
+            copy_into(out_a, o)
+        if bridge.ptr(ls) != bridge.ptr(lse_a):
+            copy_into(lse_a, ls)
     return out, lse
 
 

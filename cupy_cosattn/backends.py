@@ -1,0 +1,69 @@
+"""Backend names: which ones exist, which array library each runs on, and what implements each.
+
+This is the one place that maps a backend name to an implementation (and so to a device adapter of
+the launch layer); everything below it receives an object, never a name.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+import numpy as np
+
+from .problem import Inputs, Problem
+
+BACKENDS = ("auto", "cuda", "emulator", "reference")
+_RUNS_ON = {"cuda": "cupy", "emulator": "numpy", "reference": "numpy"}  # backend -> its array library
+_AUTO = {"cupy": "cuda", "numpy": "reference"}  # array library -> the backend "auto" picks
+_LIBRARY_NAMES = {"cupy": "CuPy", "numpy": "NumPy"}
+_HINTS = {"cuda": " (use backend='emulator' to run the same kernels on the CPU)"}
+
+
+def resolve_backend(backend: Any, lib: str) -> str:
+    """The concrete backend for arrays of library `lib` ('numpy' or 'cupy'); raises ValueError for an
+    unknown name and TypeError for a backend that does not run `lib` arrays."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    name = _AUTO[lib] if backend == "auto" else backend
+    if _RUNS_ON[name] != lib:
+        raise TypeError(f"backend={name!r} runs on {_LIBRARY_NAMES[_RUNS_ON[name]]} arrays, got {lib} arrays"
+                        f"{_HINTS.get(name, '')}")
+    return name
+
+
+class ReferenceBackend:
+    """The float64 NumPy reference (cupy_cosattn.reference) behind the kernel backends' interface."""
+
+    def forward(self, prob: Problem, inp: Inputs, out: Optional[Any] = None,
+                lse: Optional[Any] = None) -> tuple[Any, Any]:
+        from . import reference
+
+        return reference.forward(prob, inp, out=out, lse=lse)
+
+    def backward(self, prob: Problem, inp: Inputs, dout: Any, out: Any, lse: Any,
+                 need_dscale: bool = True) -> tuple[Any, Any, Any, Optional[Any], np.ndarray]:
+        """The reference computes dscale whether or not it is needed (it has no copy to save)."""
+        from . import reference
+
+        return reference.backward(prob, inp, dout, out, lse)
+
+
+def _cuda() -> Any:
+    from .launch import CudaDevice, KernelBackend
+
+    return KernelBackend(CudaDevice())
+
+
+def _emulator() -> Any:
+    from .launch import EmulatedDevice, KernelBackend
+
+    return KernelBackend(EmulatedDevice())
+
+
+_IMPLEMENTATIONS: dict[str, Callable[[], Any]] = {"reference": ReferenceBackend, "cuda": _cuda, "emulator": _emulator}
+
+
+def backend_impl(name: str) -> Any:
+    """The implementation of concrete backend `name` (imported lazily: CuPy only for 'cuda'), with
+    ``forward(prob, inp, out=None, lse=None)`` and ``backward(prob, inp, dout, out, lse, need_dscale=True)``."""
+    return _IMPLEMENTATIONS[name]()
