@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import threading
 import weakref
 from pathlib import Path
@@ -316,7 +315,8 @@ def _runtime():
         lib.caemu_alloc.restype = ctypes.c_void_p
         lib.caemu_free.argtypes = [ctypes.c_void_p]
         lib.caemu_free.restype = None
-        lib.caemu_check_canaries.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
+        lib.caemu_check_canaries.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64),
+                                             ctypes.c_int]
         lib.caemu_check_canaries.restype = ctypes.c_int
         lib.caemu_configure(_env_stack())
         _runtime_lib = lib
@@ -415,7 +415,8 @@ def device_ptr(a) -> int:
     """Address of a device array's first element, as the kernels see it (for pointer fields of a
     params struct)."""
     if not isinstance(a, np.ndarray):
-        raise TypeError(f"device_ptr expects a NumPy array from emulator.device_empty/to_device, got {type(a).__name__}")
+        raise TypeError(f"device_ptr expects a NumPy array from emulator.device_empty/to_device, "
+                        f"got {type(a).__name__}")
     if _guarded_owner(a) is None:
         raise TypeError("device_ptr: the array is not a device array; make one with emulator.to_device(a) "
                         "(plain NumPy memory has no guard pages, so out-of-bounds accesses would go unnoticed)")

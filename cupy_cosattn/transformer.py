@@ -19,7 +19,7 @@ made correct and complete:
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from .torch import cosine_sim_attention
 
 __all__ = ["CosineSimCausalTransformer", "Attention", "FeedForward", "top_k_filter"]
 
-KVCache = List[Tuple[Tensor, Tensor]]
+KVCache = list[tuple[Tensor, Tensor]]
 
 
 def top_k_filter(logits: Tensor, thres: float = 0.9) -> Tensor:
@@ -83,10 +83,10 @@ class Attention(nn.Module):
         self.log_scale = nn.Parameter(torch.full((heads,), math.log(scale))) if learned_scale else None
 
     @property
-    def scale(self):
+    def scale(self) -> Tensor:
         return self.fixed_scale if self.log_scale is None else self.log_scale.exp()
 
-    def forward(self, x: Tensor, cache: Optional[Tuple[Tensor, Tensor]] = None):
+    def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x (B, N, dim) -> (B, N, dim), plus the (k, v) cache extended by these N positions."""
         B, N, _ = x.shape
         q = self.to_q(x).view(B, N, self.heads, self.dim_head).transpose(1, 2)
@@ -148,7 +148,7 @@ class CosineSimCausalTransformer(nn.Module):
         nn.init.xavier_normal_(self.to_logits.weight, gain=1.0)
 
     def forward(self, tokens: Tensor, *, return_loss: bool = False, cache: Optional[KVCache] = None,
-                return_cache: bool = False):
+                return_cache: bool = False) -> Tensor | tuple[Tensor, KVCache]:
         """Logits (B, N, num_tokens) for tokens (B, N); with `cache` (from a previous call with
         return_cache=True) the tokens continue that sequence. return_loss: next-token cross-entropy."""
         if return_loss:

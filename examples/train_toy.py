@@ -11,8 +11,8 @@ sorted by path, so every run sees the same data), split 90 % / 10 % into train a
 model is byte-level: its tokens, the "characters" it predicts, are the 256 byte values, so losses are
 reported in bits per byte. The script shows a progress bar, prints the validation loss in bits/byte
 every --val-every steps, prints a generated sample at the end and writes loss.png (the curves) and
-checkpoint.pt into --out. On a GPU the model runs the fused CUDA kernels under bfloat16 (or float16) autocast; on the CPU
-it runs the torch implementation of the same op in float32.
+checkpoint.pt into --out. On a GPU the model runs the fused CUDA kernels under bfloat16 (or float16)
+autocast; on the CPU it runs the torch implementation of the same op in float32.
 
 Training stops at --steps or after --time-limit seconds of training, whichever comes first, so a
 default run stays within about three minutes on a 2-core machine.
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 try:  # running from a checkout without `pip install -e .`
     import cupy_cosattn  # noqa: F401
@@ -52,14 +51,16 @@ def parse_args(argv=None):
     p.add_argument("--attn", choices=("cosine", "softmax"), default="cosine")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default=None, help="output directory (default: runs/toy-<timestamp>)")
-    p.add_argument("--resume", default=None, metavar="PATH", help="checkpoint file (or a directory holding checkpoint.pt)")
+    p.add_argument("--resume", default=None, metavar="PATH",
+                   help="checkpoint file (or a directory holding checkpoint.pt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warmup, then cosine decay)")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--heads", type=int, default=4, help="attention heads (head dim = dim / heads)")
     p.add_argument("--val-every", type=int, default=50, help="validate every this many steps")
-    p.add_argument("--time-limit", type=float, default=150.0, help="stop training after this many seconds (0: no limit)")
+    p.add_argument("--time-limit", type=float, default=150.0,
+                   help="stop training after this many seconds (0: no limit)")
     p.add_argument("--data-mb", type=float, default=4.0, help="megabytes of standard-library source to read")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast dtype; auto = bf16 (fp16 without bf16 support) on a GPU, fp32 on the CPU")
@@ -163,15 +164,15 @@ def save_plot(path: Path, history: dict, title: str):
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if history["train"]:
-        s, l = zip(*history["train"])
-        ax.plot(s, l, lw=0.8, alpha=0.6, label="train")
-        w = min(20, len(l))
+        s, loss = zip(*history["train"])
+        ax.plot(s, loss, lw=0.8, alpha=0.6, label="train")
+        w = min(20, len(loss))
         if w > 1:
-            smooth = [sum(l[max(0, i - w + 1):i + 1]) / (i - max(0, i - w + 1) + 1) for i in range(len(l))]
+            smooth = [sum(loss[max(0, i - w + 1):i + 1]) / (i - max(0, i - w + 1) + 1) for i in range(len(loss))]
             ax.plot(s, smooth, lw=1.6, label=f"train ({w}-step mean)")
     if history["val"]:
-        s, l = zip(*history["val"])
-        ax.plot(s, l, "o-", lw=1.6, label="validation")
+        s, loss = zip(*history["val"])
+        ax.plot(s, loss, "o-", lw=1.6, label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (bits per byte)")
     ax.set_title(title)
@@ -226,7 +227,8 @@ def main(argv=None):
         history, start = ckpt["history"], ckpt["step"]
     raw_model = model
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     amp_dtype = autocast_dtype(args.precision, device)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext

@@ -12,6 +12,7 @@ from . import ops  # noqa: F401  (registers the custom ops this module calls thr
 from .backends import check_backend
 from .checks import check
 
+
 def _autocast(x: Optional[Tensor], dtype: Optional[torch.dtype], keep_float32: bool = False):
     """x cast to the autocast dtype (float32/16 tensors only, as autocast does; a float32 bias may stay)."""
     if x is None or dtype is None or not x.is_floating_point() or x.dtype in (dtype, torch.float64):

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+
 def empty_grad(q):
     return q.new_empty((0,), dtype=torch.float32)
 
