@@ -26,6 +26,7 @@ import subprocess
 import threading
 import weakref
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 
@@ -121,7 +122,7 @@ def _env_placement():
 _state = {"interleave": _env_interleave(), "workers": _env_workers(), "placement": _env_placement()}
 
 
-def set_interleave(seed):
+def set_interleave(seed: Optional[int]) -> None:
     """Turn the interleaving mode on with an integer seed, or off with None.
 
     On, every scheduling point (barrier, warp collective, atomic, cp.async issue) picks the next
@@ -136,7 +137,7 @@ def set_interleave(seed):
         _state["interleave"] = int(seed) & 0xFFFFFFFFFFFFFFFF
 
 
-def get_interleave():
+def get_interleave() -> Optional[int]:
     """The current interleave seed, or None when the mode is off."""
     return _state["interleave"]
 
@@ -152,12 +153,12 @@ def _temporarily(key: str, setter, value):
         _state[key] = old
 
 
-def interleave(seed):
+def interleave(seed: Optional[int]) -> contextlib.AbstractContextManager:
     """Context manager: set_interleave(seed) inside the block, restored after."""
     return _temporarily("interleave", set_interleave, seed)
 
 
-def set_placement(mode):
+def set_placement(mode: str) -> None:
     """Where new device arrays sit between their two guard regions (PROT_NONE pages, so that a kernel
     touching them faults), for out-of-bounds reads to be caught on either side:
 
@@ -181,23 +182,23 @@ def set_placement(mode):
     _state["placement"] = _check_placement(mode, "set_placement")
 
 
-def get_placement():
+def get_placement() -> str:
     """The placement new device arrays get: "end", "start", "alternate" or "exact"."""
     return _state["placement"]
 
 
-def placement(mode):
+def placement(mode: str) -> contextlib.AbstractContextManager:
     """Context manager: set_placement(mode) inside the block, restored after."""
     return _temporarily("placement", set_placement, mode)
 
 
-def set_num_workers(n):
+def set_num_workers(n: int) -> None:
     """Number of OS threads blocks are spread over (default min(2, cpu count), or
     CUPY_COSATTN_EMU_THREADS). With one worker, float atomics accumulate in a fixed order."""
     _state["workers"] = max(1, int(n))
 
 
-def get_num_workers():
+def get_num_workers() -> int:
     return _state["workers"]
 
 
@@ -361,7 +362,7 @@ def _dtype_name(dt):
     return str(np.dtype(dt))
 
 
-def device_empty(shape, dtype=np.float32):
+def device_empty(shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
     """An uninitialized "device" array: a NumPy array over a guarded allocation (PROT_NONE pages on
     both sides, the data flush against one of them as set_placement says, canaries in the slack).
     Out-of-bounds kernel accesses fault or hit a canary and raise EmulatorError."""
@@ -378,14 +379,14 @@ def device_empty(shape, dtype=np.float32):
     return arr
 
 
-def device_zeros(shape, dtype=np.float32):
+def device_zeros(shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
     """device_empty, filled with zeros."""
     a = device_empty(shape, dtype)
     a.view(np.uint8).reshape(-1)[:] = 0
     return a
 
 
-def to_device(a, dtype=None):
+def to_device(a: Any, dtype: Any = None) -> np.ndarray:
     """A guarded copy of `a` (C-contiguous)."""
     a = np.asarray(a, dtype=dtype)
     d = device_empty(a.shape, a.dtype)
@@ -394,7 +395,7 @@ def to_device(a, dtype=None):
     return d
 
 
-def to_host(a):
+def to_host(a: np.ndarray) -> np.ndarray:
     """A plain NumPy copy of a device array."""
     return np.array(a, copy=True)
 
@@ -406,12 +407,12 @@ def _guarded_owner(a):
     return b if isinstance(b, _GuardedBuffer) else None
 
 
-def is_device_array(a):
+def is_device_array(a: Any) -> bool:
     """True for NumPy arrays over a guarded allocation (device_empty / device_zeros / to_device)."""
     return isinstance(a, np.ndarray) and _guarded_owner(a) is not None
 
 
-def device_ptr(a) -> int:
+def device_ptr(a: np.ndarray) -> int:
     """Address of a device array's first element, as the kernels see it (for pointer fields of a
     params struct)."""
     if not isinstance(a, np.ndarray):
@@ -597,7 +598,8 @@ class RawKernel:
     """One kernel of an emulated module; call it like cupy.RawKernel:
     ``kernel(grid, block, args, shared_mem=0)``."""
 
-    def __init__(self, module, name, entry, arginfo, tls_probe=None):
+    def __init__(self, module: RawModule, name: str, entry: int, arginfo: list[tuple[int, int, bool]],
+                 tls_probe: Optional[int] = None) -> None:
         self._module = module  # keep the library loaded
         self._tls_probe = tls_probe
         self.name = name
@@ -607,15 +609,16 @@ class RawKernel:
         self.preferred_shared_memory_carveout = -1
 
     @property
-    def num_args(self):
+    def num_args(self) -> int:
         return len(self._arginfo)
 
     @property
-    def attributes(self):
+    def attributes(self) -> dict[str, int]:
         return {"max_dynamic_shared_size_bytes": self.max_dynamic_shared_size_bytes, "num_regs": 0,
                 "local_size_bytes": 0, "shared_size_bytes": 0, "max_threads_per_block": 1024}
 
-    def __call__(self, grid, block, args, shared_mem=0, stream=None, enable_cooperative_groups=False):
+    def __call__(self, grid: Any, block: Any, args: tuple, shared_mem: int = 0, stream: Any = None,
+                 enable_cooperative_groups: bool = False) -> None:
         launch(self, grid, block, args, shared_mem=shared_mem)
 
 
@@ -666,7 +669,7 @@ def _arg_bytes(kname, i, a, info, temps):
     return data
 
 
-def launch(kernel, grid, block, args, shared_mem=0):
+def launch(kernel: RawKernel, grid: Any, block: Any, args: tuple, shared_mem: int = 0) -> None:
     """Run `kernel` (a RawKernel of an emulated module) on the CPU. Same as calling the kernel."""
     lib = _runtime()
     kname = kernel.name
@@ -719,8 +722,9 @@ class RawModule:
     (g++ -O2 -std=c++17 -DCA_EMULATOR, with cuda_src/ and emu/shim.h) on the first get_function, and
     cached on disk (see cache_dir()). -I / -D / -U options are honoured, NVRTC-only options ignored."""
 
-    def __init__(self, code=None, path=None, options=(), backend="nvrtc", translate_cucomplex=False, *,
-                 enable_cooperative_groups=False, name_expressions=None, jitify=False):
+    def __init__(self, code: Optional[str] = None, path: Optional[str] = None, options: tuple = (),
+                 backend: str = "nvrtc", translate_cucomplex: bool = False, *, enable_cooperative_groups: bool = False,
+                 name_expressions: Optional[tuple] = None, jitify: bool = False) -> None:
         if code is None:
             if path is None:
                 raise TypeError("RawModule needs code= or path=")
@@ -791,10 +795,10 @@ class RawModule:
             except OSError:
                 pass
 
-    def compile(self, log_stream=None):
+    def compile(self, log_stream: Any = None) -> None:
         self._build()
 
-    def get_function(self, name):
+    def get_function(self, name: str) -> RawKernel:
         """The kernel named `name`: a name expression given to the constructor (exactly, or up to
         whitespace), or the name of a non-template __global__ function."""
         if name in self._kernels:

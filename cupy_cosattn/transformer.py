@@ -56,7 +56,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 class FeedForward(nn.Sequential):
-    def __init__(self, dim: int, mult: float = 4.0):
+    def __init__(self, dim: int, mult: float = 4.0) -> None:
         hidden = int(dim * mult)
         super().__init__(nn.Linear(dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, dim, bias=False))
 
@@ -65,7 +65,7 @@ class Attention(nn.Module):
     """Causal multi-head (or grouped-query) self-attention with an optional KV cache."""
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, kv_heads: Optional[int] = None,
-                 attn: str = "cosine", scale: float = 8.0, learned_scale: bool = False, l2norm_groups: int = 1):
+                 attn: str = "cosine", scale: float = 8.0, learned_scale: bool = False, l2norm_groups: int = 1) -> None:
         super().__init__()
         if attn not in ("cosine", "softmax"):
             raise ValueError(f"attn must be 'cosine' or 'softmax', got {attn!r}")
@@ -113,7 +113,7 @@ class CosineSimCausalTransformer(nn.Module):
     def __init__(self, *, num_tokens: int, dim: int, max_seq_len: int, depth: int, heads: int = 8,
                  dim_head: int = 64, kv_heads: Optional[int] = None, attn: str = "cosine", attn_scale: float = 8.0,
                  learned_scale: bool = False, attn_l2norm_groups: int = 1, pre_norm: bool = False,
-                 ff_mult: float = 4.0):
+                 ff_mult: float = 4.0) -> None:
         super().__init__()
         self.num_tokens, self.max_seq_len, self.depth, self.pre_norm = num_tokens, max_seq_len, depth, pre_norm
         self.token_emb = nn.Embedding(num_tokens, dim)

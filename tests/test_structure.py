@@ -1,6 +1,6 @@
 """The package's structure: every module imports, the imports between its modules form no cycle (lazy
-imports inside functions included), and backend names are branched on only where they are mapped to
-an implementation.
+imports inside functions included), backend names are branched on only where they are mapped to an
+implementation, and every public function has type hints.
 """
 from __future__ import annotations
 
@@ -123,3 +123,32 @@ def test_the_backend_name_check_finds_branches(tmp_path):
                    'if dev.type == "cuda":\n    pass\n')
     assert len(backend_name_branches(src)) == 2
     assert backend_name_branches(MODULES["cupy_cosattn.backends"])
+
+
+def _unhinted(tree: ast.AST) -> list[str]:
+    """Public functions and methods (of public classes) with an argument or the return unannotated."""
+    out = []
+
+    def walk(node: ast.AST, owner: str) -> None:
+        for ch in ast.iter_child_nodes(node):
+            if isinstance(ch, ast.ClassDef) and not ch.name.startswith("_"):
+                walk(ch, f"{owner}{ch.name}.")
+            elif isinstance(ch, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                dunder = ch.name.startswith("__") and ch.name.endswith("__")
+                if ch.name.startswith("_") and not dunder:
+                    continue
+                args = ch.args.posonlyargs + ch.args.args + ch.args.kwonlyargs
+                missing = [a.arg for a in args if a.annotation is None and a.arg not in ("self", "cls")]
+                missing += ["return"] if ch.returns is None else []
+                if missing:
+                    out.append(f"{owner}{ch.name}: {missing}")
+
+    walk(tree, "")
+    return out
+
+
+def test_public_functions_have_type_hints():
+    bad = {name: _unhinted(ast.parse(path.read_text())) for name, path in MODULES.items()}
+    assert {n: b for n, b in bad.items() if b} == {}
+    assert _unhinted(ast.parse("def f(x, y: int) -> int: ...\nclass C:\n    def g(self): ...\n")) == \
+        ["f: ['x']", "C.g: ['return']"]

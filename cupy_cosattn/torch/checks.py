@@ -7,6 +7,7 @@ flags), which keeps the check off the hot path of a training loop.
 from __future__ import annotations
 
 import functools
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -45,8 +46,9 @@ def _stand_in(shape, dtype):
     return np.lib.stride_tricks.as_strided(base, shape=tuple(shape), strides=(0,) * len(shape), writeable=False)
 
 
-def check_signature(q_sig, k_sig, v_sig, mask_sig, bias_sig, scale_sig, attn_bias_batch_dim, groups, causal,
-                     l2norm_qk, deterministic, cpu, arg_types=None):
+def check_signature(q_sig: tuple, k_sig: tuple, v_sig: tuple, mask_sig: Optional[tuple], bias_sig: Optional[tuple],
+                    scale_sig: Any, attn_bias_batch_dim: bool, groups: int, causal: bool, l2norm_qk: bool,
+                    deterministic: bool, cpu: bool, arg_types: Optional[tuple] = None) -> tuple[_problem.Problem, dict]:
     """(Problem, canonical shapes {q, k, v, bias}) for tensor signatures; raises like canonicalize.
     `arg_types` only keys the cache (so causal=1 is not served the answer cached for causal=True)."""
     def arr(name, sig):
@@ -76,7 +78,9 @@ def _sig(x):
     return None if x is None else (tuple(int(s) for s in x.shape), x.dtype)
 
 
-def check(q, k, v, mask, attn_bias, scale, attn_bias_batch_dim, groups, causal, l2norm_qk, deterministic):
+def check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], attn_bias: Optional[Tensor], scale: Any,
+          attn_bias_batch_dim: bool, groups: int, causal: bool, l2norm_qk: bool,
+          deterministic: bool) -> tuple[_problem.Problem, dict]:
     """Check every argument (tensors or fake tensors); returns (Problem, canonical shapes)."""
     named = (("q", q), ("k", k), ("v", v), ("mask", mask), ("attn_bias", attn_bias))
     for name, t in named:

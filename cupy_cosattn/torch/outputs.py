@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 
-def empty_grad(q):
+def empty_grad(q: Tensor) -> Tensor:
     return q.new_empty((0,), dtype=torch.float32)
 
 
