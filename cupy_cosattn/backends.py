@@ -17,6 +17,9 @@ _RUNS_ON = {"cuda": "cupy", "emulator": "numpy", "reference": "numpy"}  # backen
 _AUTO = {"cupy": "cuda", "numpy": "reference"}  # array library -> the backend "auto" picks
 _LIBRARY_NAMES = {"cupy": "CuPy", "numpy": "NumPy"}
 _HINTS = {"cuda": " (use backend='emulator' to run the same kernels on the CPU)"}
+# Whether the backward takes each row's softmax from the given lse (the kernels), rather than
+# recomputing it from the keys it is given (the reference): ring attention needs the former.
+_BACKWARD_USES_LSE = {"cuda": True, "emulator": True, "reference": False}
 
 
 def resolve_backend(backend: Any, lib: str) -> str:
@@ -29,6 +32,12 @@ def resolve_backend(backend: Any, lib: str) -> str:
         raise TypeError(f"backend={name!r} runs on {_LIBRARY_NAMES[_RUNS_ON[name]]} arrays, got {lib} arrays"
                         f"{_HINTS.get(name, '')}")
     return name
+
+
+def backward_uses_lse(name: str) -> bool:
+    """Whether backend `name`'s backward reads the forward's lse (so a partial key set gives the partial
+    gradient of the whole row's softmax)."""
+    return _BACKWARD_USES_LSE[name]
 
 
 class ReferenceBackend:

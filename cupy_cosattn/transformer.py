@@ -14,11 +14,16 @@ made correct and complete:
 - optional grouped-query attention (``kv_heads`` dividing ``heads``);
 - :meth:`CosineSimCausalTransformer.generate` with top-k filtering, temperature (0 = greedy) and a KV
   cache: each new token is one query against the cached keys (the op's bottom-right causal alignment
-  makes that query see every cached key), so cached and uncached generation compute the same thing.
+  makes that query see every cached key), so cached and uncached generation compute the same thing;
+- context parallelism: ``forward(tokens, positions=..., attention_fn=...)`` runs the model on one shard
+  of a sequence, with the shard's global positions and an attention function that sees the whole
+  sequence, e.g. :func:`cupy_cosattn.torch.ring.ring_cosine_sim_attention` bound to a process group
+  (examples/train_toy.py ``--context-parallel``; docs/ring.md).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -86,8 +91,12 @@ class Attention(nn.Module):
     def scale(self) -> Tensor:
         return self.fixed_scale if self.log_scale is None else self.log_scale.exp()
 
-    def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x (B, N, dim) -> (B, N, dim), plus the (k, v) cache extended by these N positions."""
+    def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None,
+                attention_fn: Optional[Callable[..., Tensor]] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x (B, N, dim) -> (B, N, dim), plus the (k, v) cache extended by these N positions.
+
+        attention_fn (cosine attention only): called as attention_fn(q, k, v, causal=True, scale=...,
+        groups=...) in place of cosine_sim_attention, e.g. ring attention over a sharded sequence."""
         B, N, _ = x.shape
         q = self.to_q(x).view(B, N, self.heads, self.dim_head).transpose(1, 2)
         k = self.to_k(x).view(B, N, self.kv_heads, self.dim_head).transpose(1, 2)
@@ -95,8 +104,11 @@ class Attention(nn.Module):
         if cache is not None:
             k = torch.cat((cache[0], k), dim=2)
             v = torch.cat((cache[1], v), dim=2)
+        if attention_fn is not None and self.attn != "cosine":
+            raise ValueError(f"attention_fn replaces cosine attention; this layer uses attn={self.attn!r}")
         if self.attn == "cosine":
-            o = cosine_sim_attention(q, k, v, causal=True, scale=self.scale, groups=self.l2norm_groups)
+            attend = cosine_sim_attention if attention_fn is None else attention_fn
+            o = attend(q, k, v, causal=True, scale=self.scale, groups=self.l2norm_groups)
         else:
             o = softmax_attention(q, k, v)
         o = o.transpose(1, 2).reshape(B, N, self.heads * self.dim_head)
@@ -148,26 +160,38 @@ class CosineSimCausalTransformer(nn.Module):
         nn.init.xavier_normal_(self.to_logits.weight, gain=1.0)
 
     def forward(self, tokens: Tensor, *, return_loss: bool = False, cache: Optional[KVCache] = None,
-                return_cache: bool = False) -> Tensor | tuple[Tensor, KVCache]:
+                return_cache: bool = False, positions: Optional[Tensor] = None,
+                attention_fn: Optional[Callable[..., Tensor]] = None) -> Tensor | tuple[Tensor, KVCache]:
         """Logits (B, N, num_tokens) for tokens (B, N); with `cache` (from a previous call with
-        return_cache=True) the tokens continue that sequence. return_loss: next-token cross-entropy."""
+        return_cache=True) the tokens continue that sequence. return_loss: next-token cross-entropy.
+
+        Context parallelism: `positions` (N,) int64 are the positions of `tokens` in the whole sequence
+        (default: consecutive, after the cache) and `attention_fn` replaces each layer's attention
+        (see `Attention.forward`)."""
+        n_given = tokens.shape[1]
         if return_loss:
             tokens, labels = tokens[:, :-1], tokens[:, 1:]
         offset = 0 if cache is None else cache[0][0].shape[2]
         N = tokens.shape[1]
         if offset + N > self.max_seq_len:
             raise ValueError(f"sequence of {offset + N} positions exceeds max_seq_len={self.max_seq_len}")
-        pos = torch.arange(offset, offset + N, device=tokens.device)
+        if positions is None:
+            pos = torch.arange(offset, offset + N, device=tokens.device)
+        else:
+            if positions.shape != (n_given,) or int(positions.max()) >= self.max_seq_len:
+                raise ValueError(f"positions must be ({n_given},) indices below max_seq_len={self.max_seq_len}, "
+                                 f"got shape {tuple(positions.shape)}")
+            pos = positions[:N]  # with return_loss the last token is only a label
         x = self.token_emb(tokens) + self.pos_emb(pos)
         new_cache: KVCache = []
         for i, layer in enumerate(self.layers):
             c = None if cache is None else cache[i]
             if self.pre_norm:
-                y, kv = layer["attn"](layer["attn_norm"](x), c)
+                y, kv = layer["attn"](layer["attn_norm"](x), c, attention_fn)
                 x = x + y
                 x = x + layer["ff"](layer["ff_norm"](x))
             else:
-                y, kv = layer["attn"](x, c)
+                y, kv = layer["attn"](x, c, attention_fn)
                 x = layer["attn_norm"](x * self.alpha + y)
                 x = layer["ff_norm"](x * self.alpha + layer["ff"](x))
             new_cache.append(kv)

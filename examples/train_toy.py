@@ -4,6 +4,7 @@
     python examples/train_toy.py                        # CPU: about 2-3 minutes, then exits
     python examples/train_toy.py --attn softmax         # the regular-attention baseline
     torchrun --nproc_per_node=2 examples/train_toy.py   # DDP (gloo on the CPU, nccl on GPUs)
+    torchrun --nproc_per_node=2 examples/train_toy.py --context-parallel 2   # each sequence over 2 ranks
     python examples/train_toy.py --resume runs/toy-.../checkpoint.pt --steps 600
 
 The text is read at run time from the .py files of this interpreter's standard library (a few MB,
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 try:  # running from a checkout without `pip install -e .`
     import cupy_cosattn  # noqa: F401
@@ -65,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast dtype; auto = bf16 (fp16 without bf16 support) on a GPU, fp32 on the CPU")
     p.add_argument("--sample-len", type=int, default=256, help="bytes to generate at the end")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="shard each sequence over N ranks (ring attention; under torchrun, N divides the world)")
     return p.parse_args(argv)
 
 
@@ -183,6 +187,57 @@ def save_plot(path: Path, history: dict, title: str):
     plt.close(fig)
 
 
+# ----------------------------------------------------------------- context parallelism (--context-parallel N)
+
+class ContextParallelLoss(torch.nn.Module):
+    """The training loss of `model` with each sequence sharded over the ranks of a context-parallel group.
+
+    All ranks of the group train on the group leader's batch: each embeds its zigzag shard of the
+    positions (and labels), the layers' attention runs as ring attention over the group, and each rank's
+    loss is the mean over its own tokens. The returned value is the group's mean loss (what a single
+    process computes for the whole sequence), its gradient that of the rank's own mean: DDP's average
+    over the ranks then gives the gradient of the mean loss over every token of every group."""
+
+    def __init__(self, model, group, leader: int, size: int, rank_in_group: int):
+        super().__init__()
+        from functools import partial
+
+        from cupy_cosattn.torch.ring import ring_cosine_sim_attention
+
+        self.model, self.group, self.leader, self.size, self.rank = model, group, leader, size, rank_in_group
+        self.attend = partial(ring_cosine_sim_attention, group=group, layout="zigzag")
+
+    def forward(self, x: torch.Tensor, return_loss: bool = True) -> torch.Tensor:
+        from cupy_cosattn.torch.ring import shard_indices
+
+        x = x.contiguous()
+        dist.broadcast(x, src=self.leader, group=self.group)
+        inputs, labels = x[:, :-1], x[:, 1:]
+        pos = shard_indices(inputs.shape[1], self.size, self.rank, "zigzag", device=x.device)
+        logits = self.model(inputs.index_select(1, pos), positions=pos, attention_fn=self.attend)
+        local = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.index_select(1, pos).reshape(-1))
+        mean = local.detach().clone()
+        dist.all_reduce(mean, group=self.group)
+        return local + (mean / self.size - local).detach()
+
+
+def context_parallel(model, args, rank: int, world: int, device) -> ContextParallelLoss:
+    """--context-parallel N: consecutive groups of N ranks each share one sequence (DDP spans them all)."""
+    n = args.context_parallel
+    if world % n:
+        raise SystemExit(f"--context-parallel {n} must divide the number of processes ({world})")
+    if args.seq_len % (2 * n):
+        raise SystemExit(f"--seq-len {args.seq_len} must be a multiple of 2 x --context-parallel = {2 * n} "
+                         f"(the zigzag layout cuts each sequence into {2 * n} equal chunks)")
+    if args.attn != "cosine":
+        raise SystemExit("--context-parallel runs cosine attention (ring_cosine_sim_attention)")
+    groups = [dist.new_group(list(range(g, g + n))) for g in range(0, world, n)]  # every rank creates every group
+    first = rank - rank % n
+    return ContextParallelLoss(model, groups[rank // n], first, n, rank - first)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.device)
@@ -229,6 +284,8 @@ def main(argv=None):
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if args.context_parallel > 1:
+        model = context_parallel(model, args, rank, world, device)
 
     amp_dtype = autocast_dtype(args.precision, device)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext

@@ -16,11 +16,14 @@ this package does not import CuPy.
 
 Modules: ``checks`` (argument checks), ``cpu`` (the torch CPU implementation), ``bridge`` (tensors <->
 kernel-backend arrays), ``backends`` (which implementation runs a call), ``ops`` (the custom ops and
-autograd), ``functional`` (the public functions).
+autograd), ``functional`` (the public functions), ``ring`` (ring attention over torch.distributed: context
+parallelism, docs/ring.md).
 """
+from . import ring
 from .backends import BACKENDS, CPU_BACKENDS, cpu_backend, get_cpu_backend, set_cpu_backend
 from .functional import cosine_sim_attention, forward
 from .ops import OP_BACKWARD, OP_FORWARD
+from .ring import ring_cosine_sim_attention
 
 __all__ = ["cosine_sim_attention", "forward", "OP_FORWARD", "OP_BACKWARD", "BACKENDS", "CPU_BACKENDS",
-           "get_cpu_backend", "set_cpu_backend", "cpu_backend"]
+           "get_cpu_backend", "set_cpu_backend", "cpu_backend", "ring", "ring_cosine_sim_attention"]
