@@ -298,6 +298,7 @@ try:
     import numpy as np, torch
     import cupy_cosattn.torch as cat
     from test_torch import make_case, run_both, rel, backend_vs_default
+    from cupy_cosattn.tolerances import GRAD, OUT
     for name in ("head-bias-per-head-scale", "merged-bias-mask-causal"):
         q, k, v, mask, bias, scale, kw = make_case(name, torch.float16)
         if isinstance(scale, torch.Tensor):
