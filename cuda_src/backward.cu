@@ -25,6 +25,13 @@
 // dqhat = scale_h dS khat, sum_ij dS_ij <qhat_i, khat_j> = sum_i <qhat_i, dqhat_i> / scale_h, which
 // the launch layer reduces from the fp32 dqhat in a fixed order.
 //
+// Non-finite values (docs/kernels.md "Non-finite values"): a row poisoned in the forward has lse = NaN,
+// so lse2 and with it P and dS are NaN on exactly its visible pairs. Invisible pairs (P = 0) must add
+// exactly 0 everywhere, so every other factor they meet is finite: the launch layer's pre-pass zeroes
+// the non-finite elements of qhat, khat and v (norm.cu NORM_ZERO_NONFINITE: the row operands of
+// dK = dS^T Qhat, dQ = dS Khat and dP = dO V^T), and bwd_prep stores D = 0 for a row whose D is not
+// finite (a poisoned row, whose dS is NaN through P anyway). No select in the main loops.
+//
 // Matrix products use the warp-level primitives of common.cuh: mma.m16n8k16 with ldmatrix for
 // fp16/bf16, and 3xTF32 m16n8k8 for fp32 (x = big + small, d += a_s b_b + a_b b_s + a_b b_b), whose
 // operands are loaded with scalar shared-memory reads.
@@ -344,7 +351,9 @@ __global__ void __launch_bounds__(32 * PREP_WARPS) bwd_prep(const BwdParams p) {
         }
         dsum = warp_sum(dsum);
         const float l = p.lse[b * p.lse_sb + h * p.lse_sh + i];
-        l2 = l < -3.0e38f ? pos_inf() : l * LOG2E;  // lse = -inf: no visible key
+        l2 = l < -3.0e38f ? pos_inf() : l * LOG2E;  // lse = -inf: no visible key; NaN: poisoned row
+        // A poisoned row's O is NaN; its D must not be, or 0 * (dP - D) would reach its invisible pairs.
+        if (!(fabsf(dsum) <= 3.402823466e38f)) dsum = 0.f;
       }
       if (lane == 0) {
         p.lse2[y * p.nq_pad + i] = l2;

@@ -29,7 +29,7 @@ struct NormParams {
   int D;
   int groups;
   int xhat_cols;       // fwd: columns written per xhat row (>= D; the padding is zero-filled)
-  int pad_;
+  int mode;            // fwd: NORM_COPY | NORM_ZERO_NONFINITE bits (norm.cu); 0 = normalize
 };
 
 // Fused forward. Canonical layout (cupy_cosattn/problem.py): q (B, H, Nq, D), k/v (B, Hk, Nk, D),

@@ -276,9 +276,11 @@ _PTR = np.uint64
 NORM_PARAMS = np.dtype(
     [("x", _PTR), ("xhat", _PTR), ("rnorm", _PTR), ("dxhat", _PTR), ("dx", _PTR), ("rows", np.int64),
      ("x_stride", np.int64), ("xhat_stride", np.int64), ("dxhat_stride", np.int64), ("dx_stride", np.int64),
-     ("D", np.int32), ("groups", np.int32), ("xhat_cols", np.int32), ("pad_", np.int32)],
+     ("D", np.int32), ("groups", np.int32), ("xhat_cols", np.int32), ("mode", np.int32)],
     align=True,
 )
+NORM_MODE_ZERO_NONFINITE = 1  # norm.cu NORM_ZERO_NONFINITE: non-finite chunks (elements with COPY) -> 0
+NORM_MODE_COPY = 2  # norm.cu NORM_COPY: copy the rows (zero-padded) instead of normalizing them
 
 FWD_PARAMS = np.dtype(
     [("q", _PTR), ("k", _PTR), ("v", _PTR), ("o", _PTR), ("lse", _PTR), ("scale", _PTR), ("mask", _PTR),
@@ -432,12 +434,12 @@ class Backend:
         kern(grid, tuple(int(b) for b in block), (record,), shared_mem=int(shared_mem))
 
     # -- passes ---------------------------------------------------------------------------------
-    def l2norm(self, x, groups: int, cols: Optional[int] = None, want_rnorm: bool = False):
+    def l2norm(self, x, groups: int, cols: Optional[int] = None, want_rnorm: bool = False, mode: int = 0):
         """Grouped l2 norm pre-pass (norm.cu l2norm_fwd) of a contiguous device array x (..., D).
 
         Returns (xhat, rnorm): xhat (..., cols) in x's dtype, columns past D zero (cols defaults to
         storage_dim(D)); rnorm (..., groups) float32 = 1/max(||chunk||, eps), or None unless
-        want_rnorm."""
+        want_rnorm. `mode`: NORM_MODE_* bits (NORM_MODE_COPY: xhat is a padded copy of x)."""
         D = int(x.shape[-1])
         cols = storage_dim(D) if cols is None else int(cols)
         lead = tuple(x.shape[:-1])
@@ -450,7 +452,7 @@ class Backend:
         if rows:
             rec = make_record(NORM_PARAMS, x=self.ptr(x), xhat=self.ptr(xhat), rnorm=self.ptr(rnorm), dxhat=0, dx=0,
                               rows=rows, x_stride=D, xhat_stride=cols, dxhat_stride=0, dx_stride=0, D=D,
-                              groups=groups, xhat_cols=cols)
+                              groups=groups, xhat_cols=cols, mode=mode)
             self._launch_rows(norm_fwd_name(dt), rows, rec)
         return xhat, rnorm
 
@@ -468,7 +470,7 @@ class Backend:
         if rows:
             rec = make_record(NORM_PARAMS, x=self.ptr(x), xhat=0, rnorm=0, dxhat=self.ptr(dxhat), dx=self.ptr(dx),
                               rows=rows, x_stride=D, xhat_stride=0, dxhat_stride=int(dxhat.shape[-1]), dx_stride=D,
-                              D=D, groups=groups, xhat_cols=0)
+                              D=D, groups=groups, xhat_cols=0, mode=0)
             self._launch_rows(norm_bwd_name(_dtype_name(x.dtype), _dtype_name(dxhat.dtype)), rows, rec)
         return dx
 
@@ -477,16 +479,24 @@ class Backend:
         blocks = min(cdiv(rows, NORM_ROWS_PER_BLOCK), GRID_X_LIMIT)
         self.launch(kern, (blocks, 1, 1), (NORM_THREADS, 1, 1), rec)
 
-    def prepare_qkv(self, prob: Problem, inp: Inputs):
+    def prepare_qkv(self, prob: Problem, inp: Inputs, zero_nonfinite: bool = False):
         """(qhat, khat, v) as contiguous device arrays with rows of storage_dim(D) elements: the norm
-        pre-pass output when prob.l2norm_qk, else (zero-padded) copies of q and k."""
+        pre-pass output when prob.l2norm_qk, else (zero-padded) copies of q and k. zero_nonfinite (the
+        backward's operands): what is not finite in qhat, khat and v becomes 0, by the norm kernel
+        (NORM_MODE_ZERO_NONFINITE; v and, without l2norm_qk, q and k are copied by it)."""
         Ds = storage_dim(prob.D)
-        if prob.l2norm_qk:
-            qhat, _ = self.l2norm(self.to_device(inp.q), prob.groups, Ds)
-            khat, _ = self.l2norm(self.to_device(inp.k), prob.groups, Ds)
+        zero = NORM_MODE_ZERO_NONFINITE if zero_nonfinite else 0
+        if prob.l2norm_qk or zero_nonfinite:
+            mode = zero | (0 if prob.l2norm_qk else NORM_MODE_COPY)
+            qhat, _ = self.l2norm(self.to_device(inp.q), prob.groups, Ds, mode=mode)
+            khat, _ = self.l2norm(self.to_device(inp.k), prob.groups, Ds, mode=mode)
         else:
             qhat, khat = self.padded(inp.q, Ds), self.padded(inp.k, Ds)
-        return qhat, khat, self.padded(inp.v, Ds)
+        if zero_nonfinite:
+            v, _ = self.l2norm(self.to_device(inp.v), 1, Ds, mode=zero | NORM_MODE_COPY)
+        else:
+            v = self.padded(inp.v, Ds)
+        return qhat, khat, v
 
     def padded(self, x, cols: int):
         """Contiguous device copy of x (..., D) with rows zero-padded to `cols` elements."""

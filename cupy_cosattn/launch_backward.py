@@ -3,7 +3,8 @@
 ``run_backward(backend, prob, inp, dout, out, lse)`` is what ``launch.Backend.backward`` calls, for the
 "cuda" backend (CuPy arrays) and the "emulator" backend (NumPy arrays) alike:
 
-1. the norm pre-pass (``Backend.prepare_qkv``): qhat, khat (or q, k when ``l2norm_qk=False``), v;
+1. the norm pre-pass (``Backend.prepare_qkv``, non-finite elements zeroed): qhat, khat (or q, k when
+   ``l2norm_qk=False``), v;
 2. ``bwd_prep``: per query row D_i = sum(dO * O) and lse2 = lse * log2(e) (+inf for empty rows);
 3. ``bwd_dkdv``: dK-hat, dV per key tile in registers (GQA heads summed in the block), dS -> dbias,
    and in the default (fast) mode dQ-hat by fp32 atomicAdd;
@@ -218,7 +219,9 @@ def run_backward(be, prob: Problem, inp: Inputs, dout, out, lse, need_dscale: bo
     L.check_smem("the backward kernels", prob, max(kv.smem, qc.smem), caps)
     f32 = np.float32
 
-    qhat, khat, v = be.prepare_qkv(prob, inp)
+    # qhat, khat, v with non-finite elements zeroed: a pair that is not visible (P = 0) must add exactly 0
+    # to dP = dO·Vᵀ, dQ = dS·K̂, dK = dSᵀ·Q̂ and dscale (a poisoned row is NaN already through its lse).
+    qhat, khat, v = be.prepare_qkv(prob, inp, zero_nonfinite=True)
     Ds = int(qhat.shape[-1])
     dO = be.padded(dout, Ds)
     O = be.padded(out, Ds)
