@@ -118,3 +118,37 @@ def test_float16_range_factor_changes_midstream():
     do = dout.astype(F16).astype(np.float64)
     sds = 8.0 * np.abs(c["p"] * (do @ np.swapaxes(c["v_x"], -1, -2) - np.sum(do * c["o"], -1, keepdims=True)))
     assert np.max(sds[:, :, :64, 16:]) < 32768 < np.max(sds[:, :, 64:, :]) / 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_float16_large_values_on_cuda(deterministic):
+    """GPU twin: the reported case and the mid-stream case on the CUDA kernels."""
+    import cupy
+
+    import cupy_cosattn as ca
+
+    rng = np.random.default_rng(0)
+    cases = []
+    q = rng.standard_normal((1, 1, 16, 64)).astype(F16)
+    k = rng.standard_normal((1, 1, 2, 64)).astype(F16)
+    v = signed_uniform(rng, (1, 1, 2, 64), 1000, 2000).astype(F16)
+    cases.append(([q, k, v], rng.standard_normal(q.shape).astype(F16)))
+    q = (rng.standard_normal((1, 2, 128, 64)) * 300).astype(F16)
+    k = (rng.standard_normal((1, 1, 128, 64)) * 300).astype(F16)
+    v = (rng.standard_normal((1, 1, 128, 64)) * np.where(np.arange(128) < 16, 3000.0, 300.0)[:, None]).astype(F16)
+    cases.append(([q, k, v], (rng.standard_normal(q.shape) * np.where(np.arange(128) < 64, 1, 8)[:, None]).astype(F16)))
+    for args, dout in cases:
+        ref = run_numpy("reference", args, {}, dout)
+        dq, dk, dv = (cupy.asnumpy(x) for x in run_cuda(ca, cupy, args, dout, deterministic))
+        for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
+            g = g.astype(np.float64)
+            assert np.all(np.isfinite(g)), name
+            err = np.linalg.norm(g - ref[name]) / np.linalg.norm(ref[name])
+            assert err <= 1e-2, (name, err)
+
+
+def run_cuda(ca, cupy, args, dout, deterministic):
+    q, k, v = (cupy.asarray(a) for a in args)
+    out, lse = ca.forward(q, k, v, backend="cuda")
+    return ca.backward(cupy.asarray(dout), q, k, v, out, lse, backend="cuda", deterministic=deterministic)[:3]
