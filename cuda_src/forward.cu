@@ -20,7 +20,7 @@
 //
 // Tensor cores: fp16/bf16 use mma.m16n8k16 with ldmatrix fragment loads (Q stays in registers when
 // the head dim allows); fp32 uses 3xTF32 m16n8k8 (x = big + small, big*big + big*small + small*big)
-// with scalar fragment loads, which keeps fp32 accuracy (DESIGN.md: real fp32, not tf32).
+// with scalar fragment loads, which keeps fp32 accuracy (docs/design.md: real fp32, not tf32).
 //
 // Non-finite values (docs/kernels.md "Non-finite values"): a NaN or Inf on a visible pair poisons its
 // row (O and lse NaN); a pair that is not visible never contributes, even when its key's V row holds a
