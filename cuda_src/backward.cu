@@ -41,7 +41,7 @@
 // Matrix products use the warp-level primitives of common.cuh: mma.m16n8k16 with ldmatrix for
 // fp16/bf16, and 3xTF32 m16n8k8 for fp32 (x = big + small, d += a_s b_b + a_b b_s + a_b b_b), whose
 // operands are loaded with scalar shared-memory reads.
-#include "common.cuh"
+#include "tiles.cuh"
 #include "params.cuh"
 
 namespace ca {
@@ -437,6 +437,7 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
   const int j0 = (blockIdx.x / p.n_chunks) * BC;
   const int c0 = chunk * DC;
   const int off = p.Nk - p.Nq;
+  const int cdiff = p.causal ? off : 0x7fffffff;  // tiles.cuh visible(): key - row <= cdiff
   const int qpk = p.H / p.Hk;
   const int nqt = (p.Nq + BR - 1) / BR;
 
@@ -526,7 +527,7 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int col = n * 8 + 2 * t + (e & 1);
-          const bool vis = key_ok[e >> 1] && (!p.causal || key[e >> 1] <= i0 + col + off);
+          const bool vis = visible(key[e >> 1], i0 + col, cdiff, key_ok[e >> 1]);
           const float x = fmaf(acc_s[n][e], sl2, bias2[n][e] - cL[col]);
           acc_s[n][e] = vis ? exp2_fast(x) : 0.f;  // x = -inf (lse2 = +inf) gives exactly 0
         }
@@ -663,6 +664,7 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
   const int i0 = (blockIdx.x / p.n_chunks) * BR;
   const int c0 = chunk * DC;
   const int off = p.Nk - p.Nq;
+  const int cdiff = p.causal ? off : 0x7fffffff;  // tiles.cuh visible(): key - row <= cdiff
   const int qpk = p.H / p.Hk;
 
   for (int64_t y = blockIdx.y; y < p.n_y; y += gridDim.y) {
@@ -754,7 +756,7 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int col = n * 8 + 2 * t + (e & 1), r = e >> 1;
-          const bool vis = cOk[col] && (!p.causal || j0 + col <= row[r] + off);
+          const bool vis = visible(j0 + col, row[r], cdiff, cOk[col] != 0);
           const float x = fmaf(acc_s[n][e], sl2, bias2[n][e] - lse2[r]);
           acc_s[n][e] = vis ? exp2_fast(x) : 0.f;
         }

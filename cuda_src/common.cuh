@@ -121,6 +121,17 @@ CA_DEVICE float bits_as_float(uint32_t u) {
 #endif
 }
 
+// The bit pattern of an fp32.
+CA_DEVICE uint32_t float_bits(float x) {
+#ifdef CA_EMULATOR
+  uint32_t u;
+  __builtin_memcpy(&u, &x, 4);
+  return u;
+#else
+  return __float_as_uint(x);
+#endif
+}
+
 CA_DEVICE float neg_inf() { return bits_as_float(0xff800000u); }
 CA_DEVICE float pos_inf() { return bits_as_float(0x7f800000u); }
 
@@ -231,6 +242,68 @@ CA_DEVICE void ldmatrix_x4_trans(uint32_t* r, const void* row) {
 #endif
 }
 
+// Shared-memory addresses as values: the 32-bit shared-window address on the GPU (taken once per
+// buffer with cvta; a constant offset then folds into the instruction's immediate), the host pointer
+// in the emulator. Both take byte offsets with +.
+#ifdef CA_EMULATOR
+typedef unsigned char* saddr_t;
+CA_DEVICE saddr_t smem_addr(const void* p) { return static_cast<unsigned char*>(const_cast<void*>(p)); }
+#else
+typedef uint32_t saddr_t;
+CA_DEVICE saddr_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+#endif
+
+CA_DEVICE void ldsm_x4(uint32_t* r, saddr_t row) {
+#ifdef CA_EMULATOR
+  emu::ldmatrix(r, 4, false, row);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(row));
+#endif
+}
+CA_DEVICE void ldsm_x4_trans(uint32_t* r, saddr_t row) {
+#ifdef CA_EMULATOR
+  emu::ldmatrix(r, 4, true, row);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(row));
+#endif
+}
+// One fp32 from shared memory.
+CA_DEVICE float lds_f32(saddr_t a) {
+#ifdef CA_EMULATOR
+  return *reinterpret_cast<const float*>(a);
+#else
+  float f;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(f) : "r"(a));
+  return f;
+#endif
+}
+
+// x, as a value the compiler cannot see through: what is derived from it is computed where this is
+// called (e.g. a kernel's epilogue), not kept in registers from an earlier, equal computation.
+CA_DEVICE int64_t reread(int64_t x) {
+#ifdef CA_EMULATOR
+  return x;
+#else
+  int64_t r;
+  asm volatile("mov.b64 %0, %1;" : "=l"(r) : "l"(x));
+  return r;
+#endif
+}
+
+// threadIdx.x, read anew: what is derived from it after a main loop is computed there instead of
+// being kept in registers through the loop (the compiler would otherwise keep the values computed before).
+CA_DEVICE int tid_reread() {
+#ifdef CA_EMULATOR
+  return (int)threadIdx.x;
+#else
+  int r;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(r));
+  return r;
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tensor-core products, accumulating in place: d += a * b (fp32 accumulators).
 CA_DEVICE void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, half_t) {
@@ -262,11 +335,18 @@ CA_DEVICE void mma_m16n8k8_tf32(float* d, const uint32_t* a, const uint32_t* b) 
 }
 
 // fp32 accuracy on tf32 tensor cores (3xTF32): each operand x is split into big = tf32(x) and
-// small = tf32(x - big); big*big + big*small + small*big recovers ~fp32 accuracy (the dropped
-// small*small term is ~2^-22 relative). Smaller products are accumulated first.
+// small = x - big (exact in fp32); big*big + big*small + small*big recovers ~fp32 accuracy (the
+// dropped small*small term is ~2^-22 relative). Smaller products are accumulated first.
+// The split is integer arithmetic on the bit pattern, 4 instructions instead of two cvt.rna.tf32
+// (about 6 each): big = round-then-mask, adding half a tf32 ulp to the magnitude's bits and
+// clearing the 13 low bits (round to nearest, ties away: cvt.rna for every finite x; an x that
+// rounds past the largest tf32 becomes Inf, as with cvt.rna). small keeps its top 11 significant
+// bits by masking (|small| <= 2^-11 |x|, so what the mask drops is below 2^-21 |x|). A NaN x gives a
+// NaN small whatever big becomes (small = x - big, then masked: a quiet NaN keeps its quiet bit), so
+// a NaN operand still makes the product NaN; Inf gives big = Inf and small = NaN, as before.
 CA_DEVICE void split_tf32(float x, uint32_t& big, uint32_t& small) {
-  big = to_tf32(x);
-  small = to_tf32(x - bits_as_float(big));
+  big = (float_bits(x) + 0x1000u) & 0xffffe000u;
+  small = float_bits(x - bits_as_float(big)) & 0xffffe000u;
 }
 CA_DEVICE void mma_3xtf32(float* d, const uint32_t* a_big, const uint32_t* a_small, const uint32_t* b_big,
                           const uint32_t* b_small) {
@@ -285,6 +365,14 @@ CA_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes =
 #else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                :: "r"(smem_u32(smem_dst)), "l"(gmem_src), "r"(src_bytes));
+#endif
+}
+// The same copy to a shared address value (saddr_t).
+CA_DEVICE void cp_async_16_s(saddr_t smem_dst, const void* gmem_src, int src_bytes) {
+#ifdef CA_EMULATOR
+  emu::cp_async(smem_dst, gmem_src, 16, src_bytes);
+#else
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_dst), "l"(gmem_src), "r"(src_bytes));
 #endif
 }
 CA_DEVICE void cp_async_commit() {

@@ -42,8 +42,14 @@ def test_forward_variant_follows_the_logit_bound():
     prob = _problem("float16", 64)
     fixed = dispatch.select(prob, caps, dispatch.FORWARD, scale=np.full(4, 8.0))
     running = dispatch.select(prob, caps, dispatch.FORWARD, scale=np.full(4, 16.0))  # bound 16 > 10
-    assert fixed.spec.name.endswith("false>") and running.spec.name.endswith("true>")
+    biased = dispatch.select(dataclasses.replace(prob, bias_layout=problem.BIAS_PER_HEAD), caps, dispatch.FORWARD,
+                             scale=np.full(4, 8.0))
+    assert fixed.spec.name.endswith(f", {tiles.FWD_FIXED}>")
+    assert running.spec.name.endswith(f", {tiles.FWD_RUNNING_MAX}>")
+    assert biased.spec.name.endswith(f", {tiles.FWD_BIAS}>")
     assert fixed.tile == running.tile == tiles.fwd_block_n("float16", 64, caps.smem_optin)
+    assert biased.tile == tiles.fwd_block_n("float16", 64, caps.smem_optin, tiles.FWD_BIAS)
+    assert fixed.grid[0] == -(-prob.Nq // tiles.fwd_tile("float16", 64, caps.smem_optin).bm)
     with pytest.raises(TypeError, match="scale"):
         dispatch.select(prob, caps, dispatch.FORWARD)
     with pytest.raises(ValueError, match="kernel kind"):

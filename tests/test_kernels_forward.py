@@ -233,22 +233,46 @@ def test_make_record_checks_fields():
 
 
 def test_registry_covers_launches():
-    """Every forward instantiation the launch layer can pick is in the registry (so resources.py
-    compiles it), grouped fixed-offset + running-max per (dtype, head dim)."""
+    """Every forward instantiation the launch layer can pick (each mode's tile on every architecture's
+    shared memory) is in the registry (so resources.py compiles it), grouped per (dtype, head dim)."""
     names = {s.name for s in registry.kernel_registry()}
     for dt in limits.KERNEL_DTYPES:
         for D in (8, 16, 24, 40, 64, 96, 128, 200, 256):
             dp = tiles.fwd_head_dim_pad(D)
-            for rm in (False, True):
-                assert registry.fwd_name(dt, dp, tiles.fwd_block_n(dt, dp), rm) in names
-            assert tiles.fwd_smem_bytes(dt, dp, tiles.fwd_block_n(dt, dp)) <= limits.SMEM_OPTIN_LIMIT
-            for limit in limits.SMEM_OPTIN_BY_ARCH.values():  # the tiles each architecture picks
-                bn = tiles.fwd_block_n(dt, dp, limit)
-                if tiles.fwd_smem_bytes(dt, dp, bn) <= limit:
-                    assert {registry.fwd_name(dt, dp, bn, rm) for rm in (False, True)} <= names
+            for mode in tiles.FWD_MODES:
+                tile = tiles.fwd_tile(dt, dp, mode=mode)
+                assert registry.fwd_name(dt, dp, tile, mode) in names
+                assert tiles.fwd_smem_bytes(dt, dp, tile) <= limits.SMEM_OPTIN_LIMIT
+                for limit in limits.SMEM_OPTIN_BY_ARCH.values():  # the tiles each architecture picks
+                    t = tiles.fwd_tile(dt, dp, limit, mode)
+                    if tiles.fwd_smem_bytes(dt, dp, t) <= limit:
+                        assert registry.fwd_name(dt, dp, t, mode) in names
         assert registry.norm_fwd_name(dt) in names
-    n = registry.fwd_name("float16", 64, 64, False)
-    assert registry.module_members("forward.cu", n) == tuple(sorted((n, registry.fwd_name("float16", 64, 64, True))))
+    mode_names = {registry.fwd_name("float16", 64, tiles.fwd_tile("float16", 64, mode=m), m) for m in tiles.FWD_MODES}
+    for n in mode_names:
+        members = registry.module_members("forward.cu", n)
+        assert mode_names <= set(members)
+        assert all(m.startswith("ca::fwd::attn_fwd<ca::half_t, 64, ") for m in members)
+
+
+def test_forward_tiles():
+    """16-bit head dims up to 128 run 32 query rows per warp (128 per block) and fit two blocks on an
+    SM of an A100 (164 KB) with K/V double-buffered where that fits and single-buffered (staggered
+    loads) where it does not; the bias kernel and larger head dims run 64 rows."""
+    sm80 = limits.SMEM_OPTIN_BY_ARCH["sm_80"]
+    for dt in ("float16", "bfloat16"):
+        for dp in (16, 64, 96, 128):
+            for mode in (tiles.FWD_FIXED, tiles.FWD_RUNNING_MAX):
+                t = tiles.fwd_tile(dt, dp, sm80, mode)
+                assert t.bm == 128 and t.bn == (64 if dp <= 64 else 32)
+                assert 2 * (tiles.fwd_smem_bytes(dt, dp, t) + 1024) <= sm80 + 1024, (dt, dp, t)
+            assert tiles.fwd_tile(dt, dp, sm80, tiles.FWD_BIAS).bm == 64
+        assert tiles.fwd_tile(dt, 256, sm80).bm == 64
+    # single buffers where double ones would leave one block per SM (sm_80 DP = 256, sm_86 DP = 64)
+    assert tiles.fwd_tile("float16", 256, sm80).kv_bufs == 1
+    assert tiles.fwd_tile("float16", 256, limits.SMEM_OPTIN_BY_ARCH["sm_90"]).kv_bufs == 2
+    assert tiles.fwd_tile("float16", 64, limits.SMEM_OPTIN_BY_ARCH["sm_86"]).kv_bufs == 1
+    assert tiles.fwd_tile("float32", 64, sm80) == tiles.FwdTile(64, 32, 2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,30 +281,32 @@ def test_registry_covers_launches():
 SM86 = limits.DeviceCaps((8, 6), limits.SMEM_OPTIN_BY_ARCH["sm_86"], 84)  # RTX 30xx: 99 KB per block
 
 
-@pytest.mark.parametrize("dtype,D", [("float16", 256), ("bfloat16", 250), ("float32", 128)])
-def test_small_shared_memory_device_gets_smaller_key_tiles(monkeypatch, dtype, D):
-    """On a 99 KB device the forward halves its key tile where the sm_80 tile does not fit, and the
-    smaller instantiation is as accurate."""
+@pytest.mark.parametrize("dtype,D", [("float16", 64), ("bfloat16", 60), ("float32", 250)])
+def test_small_shared_memory_device_gets_smaller_tiles(monkeypatch, dtype, D):
+    """On a 99 KB device the forward takes smaller tiles (single K/V buffers, fewer keys) where the
+    sm_80 tile does not fit, and the smaller instantiation is as accurate."""
     monkeypatch.setattr(limits, "EMULATED_DEVICE", SM86)
     dp = tiles.fwd_head_dim_pad(D)
-    bn = tiles.fwd_block_n(dtype, dp, SM86.smem_optin)
-    assert bn < tiles.fwd_block_n(dtype, dp) and tiles.fwd_smem_bytes(dtype, dp, bn) <= SM86.smem_optin
+    tile = tiles.fwd_tile(dtype, dp, SM86.smem_optin)
+    assert tiles.fwd_smem_bytes(dtype, dp, tile) < tiles.fwd_smem_bytes(dtype, dp, tiles.fwd_tile(dtype, dp))
+    assert tiles.fwd_smem_bytes(dtype, dp, tile) <= SM86.smem_optin
     used = []
     real_kernel = devices.Device.kernel
     monkeypatch.setattr(devices.Device, "kernel",
                         lambda self, spec: (used.append(spec.name), real_kernel(self, spec))[1])
     args, kw = make_case(11, Nq=40, Nk=70, D=D, dtype=dtype, causal=True)
     check_forward(args, kw)
-    assert registry.fwd_name(dtype, dp, bn, False) in used
+    assert registry.fwd_name(dtype, dp, tile, tiles.FWD_FIXED) in used
 
 
 def test_tiles_that_do_not_fit_the_device_raise_before_any_launch(monkeypatch):
-    monkeypatch.setattr(limits, "EMULATED_DEVICE", SM86)
+    # The smallest fp32 D=256 forward tile (64 rows, 16 keys, single K/V buffers) needs 99872 bytes.
+    monkeypatch.setattr(limits, "EMULATED_DEVICE", limits.DeviceCaps((8, 6), 96 * 1024, 84))
     launches = []
     monkeypatch.setattr(devices.Device, "launch", lambda self, *a, **k: launches.append(a))
     args, kw = make_case(3, Nq=8, D=256, dtype="float32")
     with pytest.raises(ValueError, match=r"forward kernel for head dim D=256 in float32 needs \d+ bytes of shared "
-                                         r"memory per block; this device allows 101376"):
+                                         r"memory per block; this device allows 98304"):
         api.forward(*args, backend="emulator", **kw)
     # The backward has a small-shared-memory variant that fits every head dim in 99 KB; on a device
     # with 48 KB per block even that does not fit bf16 D=192 (53120 bytes).

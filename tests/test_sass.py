@@ -560,23 +560,24 @@ def test_forward_kernel_counts_match_its_tile_shape(fwd_rows):
     (row,) = fwd_rows
     assert row.error is None, row.error
     dp, threads = 64, tiles.FWD_THREADS
-    bn = tiles.fwd_block_n("float16", dp, limits.SMEM_OPTIN_BY_ARCH["sm_80"])
-    assert row.inst.name == registry.fwd_name("float16", dp, bn, False)
-    rows_per_warp = tiles.FWD_BLOCK_M // (threads // 32)
-    assert rows_per_warp == 16  # one m16 tile per warp
+    tile = tiles.fwd_tile("float16", dp, limits.SMEM_OPTIN_BY_ARCH["sm_80"])
+    assert row.inst.name == registry.fwd_name("float16", dp, tile, tiles.FWD_FIXED)
+    bn, mt = tile.bn, tile.bm // (threads // 32) // 16
+    assert mt == 2  # two m16 row tiles per warp: each K/V fragment feeds 4 mma
     c = row.cost
     # S = Q K^T: (BN / 8) n-tiles x (DP / 16) k-steps; O += P V: (DP / 8) x (BN / 16); the row sums: one
-    # mma per 16-key k-step against an all-ones operand.
-    assert c.tensor == (bn // 8) * (dp // 16) + (dp // 8) * (bn // 16) + bn // 16 == 68
-    # ldmatrix.x4 of K (two 8-key tiles per 16 dims) and of V^T (two 8-dim tiles per 16 keys)
-    assert c.classes["ldsm"] == 2 * (dp // 16) * (bn // 16)
-    # one ex2 per score: 16 rows x BN keys over 32 lanes
-    assert c.classes["mufu"] == 16 * bn // 32
+    # mma per 16-key k-step against an all-ones operand; all per row tile.
+    assert c.tensor == mt * ((bn // 8) * (dp // 16) + (dp // 8) * (bn // 16) + bn // 16) == 136
+    # ldmatrix.x4 of K (two 8-key tiles per 16 dims) and of V^T (two 8-dim tiles per 16 keys), shared by
+    # the row tiles; Q's A fragments re-read per k-step and row tile
+    assert c.classes["ldsm"] == 2 * (dp // 16) * (bn // 16) + mt * (dp // 16)
+    # one ex2 per score: 32 rows x BN keys over 32 lanes
+    assert c.classes["mufu"] == 16 * mt * bn // 32
     # the next tile's K and V, 16-byte cp.async chunks spread over the block's threads
     assert c.opcodes["LDGSTS"] == c.live_global == 2 * bn * dp * 2 // 16 // threads
     assert not c.loops and not c.calls
-    assert row.regs > 0 and row.spills == (0, 0) and row.blocks >= 1
-    assert row.model.tensor == pytest.approx(4 * 68 * 2048 / 256 / 4)
+    assert row.regs > 0 and row.spills == (0, 0) and row.blocks >= 2
+    assert row.model.tensor == pytest.approx(4 * 136 * 2048 / 256 / 4)
 
 
 def test_main_prints_the_tables(monkeypatch, capsys, fwd_rows):
@@ -586,7 +587,7 @@ def test_main_prints_the_tables(monkeypatch, capsys, fwd_rows):
     monkeypatch.setattr(sass, "find_nvdisasm", lambda: "nvdisasm")
     assert sass.main(["--arch", "sm_80", "--kernels", "^fwd fp16 D=64$", "--markdown"]) == 0
     out = capsys.readouterr().out
-    assert "| fwd fp16 D=64 | sm_80 |" in out and "| 68 |" in out
+    assert "| fwd fp16 D=64 | sm_80 |" in out and "| 136 |" in out
     assert resources.main(["--sass", "--arch", "sm_80", "--match", "^fwd fp16 D=64$"]) == 0
     assert "fwd fp16 D=64" in capsys.readouterr().out
 

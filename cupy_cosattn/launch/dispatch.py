@@ -7,7 +7,7 @@
 kind                  kernel
 ====================  =======================================================================
 ``NORM_Q``/``NORM_K`` norm.cu l2norm_fwd over the rows of q / k (the l2norm_qk pre-pass)
-``FORWARD``           forward.cu attn_fwd (fixed offset or running max: needs the scale vector)
+``FORWARD``           forward.cu attn_fwd (its tile and mode: needs the scale vector)
 ``PREP``              backward.cu bwd_prep
 ``DKDV``              backward.cu bwd_dkdv (with its query-head split ``nsplit``)
 ``DQ``                backward.cu bwd_dq (``deterministic=True``)
@@ -38,7 +38,6 @@ from .registry import (
     norm_fwd_name,
 )
 from .tiles import (
-    FWD_BLOCK_M,
     FWD_THREADS,
     NORM_ROWS_PER_BLOCK,
     NORM_THREADS,
@@ -47,10 +46,10 @@ from .tiles import (
     bwd_head_dim_pad,
     choose_nsplit,
     choose_small,
-    fixed_offset_ok,
-    fwd_block_n,
     fwd_head_dim_pad,
+    fwd_mode,
     fwd_smem_bytes,
+    fwd_tile,
     kv_config,
     nq_padded,
     q_config,
@@ -107,10 +106,10 @@ def select(prob: Problem, caps: DeviceCaps, kind: str, scale: Optional[np.ndarra
         if scale is None:
             raise TypeError("select(..., FORWARD) needs the scale vector")
         dp = fwd_head_dim_pad(prob.D)
-        bn = fwd_block_n(dt, dp, caps.smem_optin)
-        spec = KernelSpec(FORWARD_SOURCE, fwd_name(dt, dp, bn, not fixed_offset_ok(prob, scale)), FWD_THREADS,
-                          fwd_smem_bytes(dt, dp, bn))
-        return KernelChoice(spec, (cdiv(Nq, FWD_BLOCK_M), _grid_y(B * H), 1), tile=bn, n_y=B * H)
+        mode = fwd_mode(prob, scale)
+        ft = fwd_tile(dt, dp, caps.smem_optin, mode)
+        spec = KernelSpec(FORWARD_SOURCE, fwd_name(dt, dp, ft, mode), FWD_THREADS, fwd_smem_bytes(dt, dp, ft))
+        return KernelChoice(spec, (cdiv(Nq, ft.bm), _grid_y(B * H), 1), tile=ft.bn, n_y=B * H)
     dp = bwd_head_dim_pad(prob.D)
     kv_small, q_small = choose_small(dt, dp, caps.smem_optin)
     if kind == PREP:

@@ -14,14 +14,16 @@ from typing import Optional
 
 from .limits import CTYPES, KERNEL_DTYPES, MAX_HEAD_DIM, SMEM_OPTIN_BY_ARCH
 from .tiles import (
+    FWD_MODES,
     FWD_THREADS,
     HEAD_DIM_PADS,
     INFO_THREADS,
     NORM_THREADS,
     PREP_THREADS,
+    FwdTile,
     choose_small,
-    fwd_block_n,
     fwd_smem_bytes,
+    fwd_tile,
     kv_config,
     q_config,
 )
@@ -49,8 +51,9 @@ class KernelSpec:
 # Name expressions.
 
 
-def fwd_name(dtype_name: str, dp: int, bn: int, running_max: bool) -> str:
-    return f"ca::fwd::attn_fwd<{CTYPES[dtype_name]}, {dp}, {bn}, {'true' if running_max else 'false'}>"
+def fwd_name(dtype_name: str, dp: int, tile: FwdTile, mode: int) -> str:
+    """attn_fwd of `tile` and `mode` (launch.tiles FWD_FIXED, FWD_RUNNING_MAX, FWD_BIAS)."""
+    return f"ca::fwd::attn_fwd<{CTYPES[dtype_name]}, {dp}, {tile.bm}, {tile.bn}, {tile.kv_bufs}, {mode}>"
 
 
 def norm_fwd_name(dtype_name: str) -> str:
@@ -73,17 +76,17 @@ def bwd_name(kind: str, dtype_name: str, dp: int, small: bool = False) -> str:
 
 
 def forward_kernel_specs() -> list[KernelSpec]:
-    """Both forward instantiations (fixed offset, running max) of every key tile some architecture
-    of SMEM_OPTIN_BY_ARCH picks, for every dtype and padded head dim."""
+    """The forward instantiation of every mode (fixed offset, running max, running max with a bias)
+    and tile that some architecture of SMEM_OPTIN_BY_ARCH picks, for every dtype and padded head dim."""
     specs = []
     for dt in KERNEL_DTYPES:
         for dp in range(16, MAX_HEAD_DIM + 1, 16):
-            bns = {fwd_block_n(dt, dp, lim) for lim in SMEM_OPTIN_BY_ARCH.values()
-                   if fwd_smem_bytes(dt, dp, fwd_block_n(dt, dp, lim)) <= lim}
-            for bn in sorted(bns, reverse=True):
-                for rm in (False, True):
-                    specs.append(KernelSpec(FORWARD_SOURCE, fwd_name(dt, dp, bn, rm), FWD_THREADS,
-                                            fwd_smem_bytes(dt, dp, bn)))
+            for mode in FWD_MODES:
+                picked = {fwd_tile(dt, dp, lim, mode) for lim in SMEM_OPTIN_BY_ARCH.values()
+                          if fwd_smem_bytes(dt, dp, fwd_tile(dt, dp, lim, mode)) <= lim}
+                for tile in sorted(picked, key=lambda t: (t.bm, t.bn, t.kv_bufs), reverse=True):
+                    specs.append(KernelSpec(FORWARD_SOURCE, fwd_name(dt, dp, tile, mode), FWD_THREADS,
+                                            fwd_smem_bytes(dt, dp, tile)))
     return specs
 
 

@@ -1,7 +1,7 @@
 """Tile shapes of the kernels, as pure arithmetic on (dtype, padded head dim, device limits).
 
-Forward (cuda_src/forward.cu): BLOCK_M query rows per block, a key tile of :func:`fwd_block_n` keys,
-shared memory :func:`fwd_smem_bytes`. Backward (cuda_src/backward.cu): the ``KVTraits`` / ``QTraits``
+Forward (cuda_src/forward.cu): the tile shape :func:`fwd_tile` (query rows per block, keys per tile,
+K/V buffers), shared memory :func:`fwd_smem_bytes`. Backward (cuda_src/backward.cu): the ``KVTraits`` / ``QTraits``
 of bwd_dkdv and bwd_dq, mirrored by :func:`kv_config` and :func:`q_config` (tests compare the two
 through the ``bwd_info`` kernel); each has a default and a small-shared-memory variant (template
 argument ``SMALL``: half the warps, a 16-row streamed tile), and :func:`choose_small` takes the default
@@ -25,8 +25,13 @@ NORM_ROWS_PER_BLOCK = 4
 # ---------------------------------------------------------------------------------------------------
 # Forward.
 
-FWD_BLOCK_M = 64  # query rows per block (forward.cu BLOCK_M)
-FWD_THREADS = 128  # 4 warps
+FWD_THREADS = 128  # forward.cu THREADS: 4 warps
+SMEM_RESERVED_PER_BLOCK = 1024  # shared memory the hardware reserves per resident block (sm_80, sm_90)
+FWD_MIN_BLOCKS_PER_SM = 2  # K/V double-buffering is taken only where this many blocks still fit
+# attn_fwd's MODE (forward.cu): the fixed offset, the running max without a bias, the running max with a
+# bias (the bias's loads take the registers that the others spend on 32 rows per warp).
+FWD_FIXED, FWD_RUNNING_MAX, FWD_BIAS = 0, 1, 2
+FWD_MODES = (FWD_FIXED, FWD_RUNNING_MAX, FWD_BIAS)
 
 # Fixed-offset path (forward.cu Headroom): usable when q, k are normalized here, there is no bias,
 # and every head's logit bound scale_h * groups is at most this (so exp(s - offset) stays in the
@@ -34,35 +39,85 @@ FWD_THREADS = 128  # 4 warps
 FIXED_OFFSET_MAX_BOUND = {"float16": 10.0, "bfloat16": 40.0, "float32": 40.0}
 
 
+@dataclass(frozen=True)
+class FwdTile:
+    """attn_fwd's tile shape (its template arguments BM, BN, KV_BUFS): `bm` query rows per block (4
+    warps of bm / 4 rows), `bn` keys per K/V tile, `kv_bufs` buffers each of K and V (2: the next tile
+    prefetched whole; 1: V and the next K loads staggered against the two halves of the tile's work)."""
+
+    bm: int
+    bn: int
+    kv_bufs: int
+
+
 def fwd_head_dim_pad(D: int) -> int:
     """The forward kernel's template head dim: the storage dim (D rounded up to 16)."""
     return storage_dim(D)
 
 
-def fwd_smem_bytes(dtype_name: str, dp: int, bn: int) -> int:
-    """Dynamic shared memory of attn_fwd (forward.cu Smem::BYTES): Q, 2 x K, 2 x V (rows padded by
-    one 16-byte chunk) and 2 x BN mask bytes."""
+def fwd_smem_bytes(dtype_name: str, dp: int, tile: FwdTile) -> int:
+    """Dynamic shared memory of attn_fwd (forward.cu Layout::BYTES): Q (bm rows), kv_bufs x (K, V) of
+    bn rows (rows padded by one 16-byte chunk) and 2 x bn mask bytes."""
     size = ITEMSIZE[dtype_name]
-    row = dp + 16 // size
-    return (FWD_BLOCK_M + 4 * bn) * row * size + 2 * bn
+    pitch = (dp + 16 // size) * size
+    return (tile.bm + 2 * tile.kv_bufs * tile.bn) * pitch + 2 * tile.bn
 
 
-def fwd_block_n(dtype_name: str, dp: int, smem_limit: int = SMEM_OPTIN_LIMIT) -> int:
-    """Keys per K/V tile: as many as registers allow (see docs/kernels.md), halved (down to 16) while
-    the tiles exceed the device's shared memory per block `smem_limit`."""
+def fwd_tile(dtype_name: str, dp: int, smem_limit: int = SMEM_OPTIN_LIMIT, mode: int = FWD_FIXED) -> FwdTile:
+    """The forward's tile for `mode` on a device with `smem_limit` bytes of shared memory per block
+    (opt-in; an SM has that plus the 1 KB reserved per block).
+
+    Rows: 128 per block (32 per warp: each K/V fragment feeds 4 mma) for 16-bit types up to DP = 128
+    without a bias, else 64 (the O accumulators of 32 rows x DP > 128, or the bias loads, do not fit in
+    registers besides; fp32 keeps 3 fragments per operand). Keys: with 128 rows 64 up to DP = 64 and
+    32 up to DP = 128 (the scores of 32 rows x 64 keys besides O of DP = 128 would spill); with 64 rows
+    32, and 16 above DP = 128 for fp32 and the bias kernel. Buffers: K/V
+    double-buffered where FWD_MIN_BLOCKS_PER_SM blocks still fit on an SM, else single buffers with
+    staggered loads where those fit; where neither gives that many blocks, the largest tile that fits
+    one block (halving the keys, then the rows, down to 16 keys and 64 rows)."""
     if dtype_name == "float32":
-        bn = 32 if dp <= 128 else 16
+        bm, bn = 64, (32 if dp <= 128 else 16)
+    elif dp > 128:
+        bm, bn = 64, (16 if mode == FWD_BIAS else 32)
+    elif mode == FWD_BIAS:
+        bm, bn = 64, 32
     else:
-        bn = 64 if dp <= 128 else 32
-    while bn > 16 and fwd_smem_bytes(dtype_name, dp, bn) > smem_limit:
-        bn //= 2
-    return bn
+        bm, bn = 128, (64 if dp <= 64 else 32)
+    per_sm = smem_limit + SMEM_RESERVED_PER_BLOCK
+    for bufs in (2, 1):
+        tile = FwdTile(bm, bn, bufs)
+        if FWD_MIN_BLOCKS_PER_SM * (fwd_smem_bytes(dtype_name, dp, tile) + SMEM_RESERVED_PER_BLOCK) <= per_sm:
+            return tile
+    while True:
+        for bufs in (2, 1):
+            tile = FwdTile(bm, bn, bufs)
+            if fwd_smem_bytes(dtype_name, dp, tile) <= smem_limit:
+                return tile
+        if bn > 16:
+            bn //= 2
+        elif bm > 64:
+            bm, bn = 64, 16
+        else:
+            return tile  # too large for this device: the runner's check_smem raises
+
+
+def fwd_block_n(dtype_name: str, dp: int, smem_limit: int = SMEM_OPTIN_LIMIT, mode: int = FWD_FIXED) -> int:
+    """Keys per K/V tile of the forward (:func:`fwd_tile`): the unit of its tile_any flags."""
+    return fwd_tile(dtype_name, dp, smem_limit, mode).bn
 
 
 def fixed_offset_ok(prob: Problem, scale: np.ndarray) -> bool:
     """Whether the fixed-offset instantiation (no running max) is correct for this problem."""
     bound = float(np.max(scale)) * prob.groups  # |logit| <= scale_h * groups
     return bool(prob.fixed_offset_safe and bound <= FIXED_OFFSET_MAX_BOUND[prob.dtype_name])
+
+
+def fwd_mode(prob: Problem, scale: np.ndarray) -> int:
+    """attn_fwd's MODE for this problem: the fixed offset where it is correct, else the running max
+    (with the bias, when there is one)."""
+    if fixed_offset_ok(prob, scale):
+        return FWD_FIXED
+    return FWD_BIAS if prob.has_bias else FWD_RUNNING_MAX
 
 
 # ---------------------------------------------------------------------------------------------------
