@@ -415,7 +415,9 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
       float s[MT][BN / 8][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) fill_zero(s[mt]);
-#pragma unroll
+      // (fp32 above DP = 128: a rolled k-loop, or ptxas hoists the fragment loads of all k-steps and
+      // spills beside O's DP / 2 accumulators)
+#pragma unroll (F32 && DP > 128 ? 1 : DP / 8)
       for (int kk = 0; kk < (F32 ? DP / 8 : DP / 16); ++kk) {
         if constexpr (F32) {
           mma_abt_step_f32<BN, PITCH>(s[0], sQa + 32 * kk, sKb + 32 * kk);

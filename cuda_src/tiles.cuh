@@ -69,14 +69,28 @@ struct TileCopy {
         s += RSTEP * src_pitch;
       }
     } else {
+      // The thread's chunk moves NT chunks on per pass: NT / CPR rows and NT % CPR columns, plus a row
+      // when the column wraps. Pointers are advanced, not recomputed (a recomputed offset per pass
+      // would be a loop invariant the compiler keeps in registers across the caller's loop).
+      int r = tid / CPR, c = tid % CPR;
+      const char* s = src + r * src_pitch + c * 16;
+      saddr_t d = dst + r * DST_PITCH + c * 16;
 #pragma unroll
       for (int it = 0; it < PASSES; ++it) {
-        const int i = it * NT + tid;
-        if (TOTAL % NT == 0 || i < TOTAL) {
-          const int r = i / CPR, c = i % CPR;
+        if (TOTAL % NT == 0 || r < ROWS) {
           bool inside = FULL || r < rows_left;
           if constexpr (MASKED) inside = inside && row_ok[r < rows_left ? r : 0] != 0;
-          cp_async_16_s(dst + r * DST_PITCH + c * 16, inside ? src + r * src_pitch + c * 16 : src, inside ? 16 : 0);
+          cp_async_16_s(d, inside ? s : src, inside ? 16 : 0);
+        }
+        r += NT / CPR;
+        c += NT % CPR;
+        s += (NT / CPR) * src_pitch + (NT % CPR) * 16;
+        d += (NT / CPR) * DST_PITCH + (NT % CPR) * 16;
+        if (c >= CPR) {
+          c -= CPR;
+          r += 1;
+          s += src_pitch - CPR * 16;
+          d += DST_PITCH - CPR * 16;
         }
       }
     }

@@ -478,14 +478,16 @@ class Instantiation:
     params: bytes
 
 
-def _choice(kind: str, dtype: str, D: int, arch: str, scale: float = 8.0) -> _dispatch.KernelChoice:
-    """What the dispatch (launch.select) picks for the representative problem on `arch`; SassError
-    when that instantiation is missing from the registry."""
+def _choice(kind: str, dtype: str, D: int, arch: str, scale: float = 8.0, bias: bool = False) -> _dispatch.KernelChoice:
+    """What the dispatch (launch.select) picks for the representative problem (with a full bias when
+    `bias`) on `arch`; SassError when that instantiation is missing from the registry."""
     import numpy as np
+
+    from .problem import BIAS_FULL, BIAS_NONE
 
     caps = DeviceCaps((int(arch[3]), int(arch[4])), SMEM_OPTIN_BY_ARCH[arch.rstrip("a")], _SM_COUNT)
     prob = Problem(B=REP_B, H=REP_H, Hk=REP_H, Nq=REP_N, Nk=REP_N, D=D, dtype=_dtype(dtype),
-                   deterministic=kind == _dispatch.DQ)
+                   deterministic=kind == _dispatch.DQ, bias_layout=BIAS_FULL if bias else BIAS_NONE)
     choice = _dispatch.select(prob, caps, kind, scale=np.full((REP_H,), scale))
     spec = choice.spec
     if (spec.source, spec.name) not in {(s.source, s.name) for s in _registry.kernel_registry()}:
@@ -506,15 +508,18 @@ def _ptrs(names: tuple, null: tuple = ()) -> dict:
     return {n: 0 if n in null else _FAKE_PTR + (i << 32) for i, n in enumerate(names)}
 
 
-def _fwd(dtype: str, D: int, arch: str, running_max: bool) -> Instantiation:
-    choice = _choice(_dispatch.FORWARD, dtype, D, arch, _RUNNING_MAX_SCALE if running_max else 8.0)
+def _fwd(dtype: str, D: int, arch: str, running_max: bool, bias: bool = False) -> Instantiation:
+    """The forward: fixed offset, running max (a scale beyond the fixed-offset bound), or with a full
+    fp16/bf16/fp32 bias of q's dtype (`bias`, the running max with a bias)."""
+    choice = _choice(_dispatch.FORWARD, dtype, D, arch, _RUNNING_MAX_SCALE if running_max else 8.0, bias)
     spec, dp, bn = choice.spec, _dp_of(choice), choice.tile
     B, H, N = REP_B, REP_H, REP_N
     rec = _params.make_record(
         _params.FWD_PARAMS, **_ptrs(("q", "k", "v", "o", "lse", "scale", "mask", "tile_any", "bias"),
-                                    null=("mask", "tile_any", "bias")),
+                                    null=("mask", "tile_any") + (() if bias else ("bias",))),
         **{f"{t}_s{d}": s for t in "qkvo" for d, s in zip("bhn", (H * N * dp, N * dp, dp))},
-        lse_sb=H * N, lse_sh=N, bias_sb=0, bias_sh=0, bias_sq=0, mask_sb=0, tile_any_sb=0,
+        lse_sb=H * N, lse_sh=N, bias_sb=H * N * N if bias else 0, bias_sh=N * N if bias else 0,
+        bias_sq=N if bias else 0, mask_sb=0, tile_any_sb=0,
         B=B, H=H, Hk=H, Nq=N, Nk=N, D=dp, causal=0, bias_f32=0, n_key_tiles=cdiv(N, bn), groups=1)
     return Instantiation(spec.source, spec.name, spec.threads, spec.smem, rec.tobytes())
 
@@ -559,10 +564,12 @@ def _compile_options() -> tuple:
 KINDS: dict = {
     "fwd": lambda dt, D, arch: _fwd(dt, D, arch, running_max=False),
     "fwd_rm": lambda dt, D, arch: _fwd(dt, D, arch, running_max=True),
+    "fwd_bias": lambda dt, D, arch: _fwd(dt, D, arch, running_max=True, bias=True),
     "bwd_dkdv": lambda dt, D, arch: _bwd("dkdv", dt, D, arch),
     "bwd_dq": lambda dt, D, arch: _bwd("dq", dt, D, arch),
 }
-KIND_LABELS = {"fwd": "forward, fixed offset", "fwd_rm": "forward, running max", "bwd_dkdv": "bwd_dkdv (fast mode)",
+KIND_LABELS = {"fwd": "forward, fixed offset", "fwd_rm": "forward, running max",
+               "fwd_bias": "forward, running max with a bias", "bwd_dkdv": "bwd_dkdv (fast mode)",
                "bwd_dq": "bwd_dq (deterministic mode)"}
 DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
@@ -583,7 +590,7 @@ class Profiled:
         return KINDS[self.kind](self.dtype, self.head_dim, arch)
 
 
-PROFILED_KERNELS = tuple(Profiled(k, dt, d) for k in ("fwd", "fwd_rm", "bwd_dkdv", "bwd_dq")
+PROFILED_KERNELS = tuple(Profiled(k, dt, d) for k in ("fwd", "fwd_rm", "fwd_bias", "bwd_dkdv", "bwd_dq")
                          for dt in ("float16", "bfloat16", "float32") for d in (64, 128))
 
 

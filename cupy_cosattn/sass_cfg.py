@@ -667,7 +667,7 @@ def _setp(ev: _Eval, ins: Instr, ops: list, st: dict) -> Optional[tuple]:
     bop = next((p for p in parts if p in ("AND", "OR", "XOR")), None)
     if pc is not None and ((bop == "AND" and pc == 0) or (bop == "OR" and pc == 1)):
         return pc, pc  # the combining predicate decides both results
-    if None in (a, b, pc):
+    if None in (a, b) or (pc is None and bop not in ("AND", "OR")):
         return None
     unsigned = "U32" in parts
     x, y = _as32(a, unsigned), _as32(b, unsigned)
@@ -689,6 +689,12 @@ def _setp(ev: _Eval, ins: Instr, ops: list, st: dict) -> Optional[tuple]:
         r = int(_CMP[parts[1]](x, y))
     if bop is None:
         return None
+    if pc is None:
+        # the comparison alone decides a result it dominates (OR with 1, AND with 0); the other stays
+        # unknown (None: dropped from the state)
+        dom = 1 if bop == "OR" else 0
+        first, second = (dom if r == dom else None), (dom if 1 - r == dom else None)
+        return (first, second) if (first, second) != (None, None) else None
     comb = {"AND": lambda u, v: u & v, "OR": lambda u, v: u | v, "XOR": lambda u, v: u ^ v}[bop]
     return comb(r, pc), comb(1 - r, pc)
 
@@ -710,7 +716,7 @@ def _transfer(ev: _Eval, ins: Instr, st: dict, kills: dict) -> None:
         st.pop(d, None)
     if results:
         for k, v in results.items():
-            if k not in ("RZ", "URZ", "PT", "UPT"):
+            if k not in ("RZ", "URZ", "PT", "UPT") and v is not None:
                 st[k] = v
 
 

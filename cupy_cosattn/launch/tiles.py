@@ -84,12 +84,15 @@ def fwd_tile(dtype_name: str, dp: int, smem_limit: int = SMEM_OPTIN_LIMIT, mode:
     else:
         bm, bn = 128, (64 if dp <= 64 else 32)
     per_sm = smem_limit + SMEM_RESERVED_PER_BLOCK
-    for bufs in (2, 1):
+    # fp32 above DP = 192: O takes DP / 2 registers, and the single-buffered loop's state besides
+    # spills; those head dims run double-buffered only
+    buf_choices = (2,) if dtype_name == "float32" and dp > 192 else (2, 1)
+    for bufs in buf_choices:
         tile = FwdTile(bm, bn, bufs)
         if FWD_MIN_BLOCKS_PER_SM * (fwd_smem_bytes(dtype_name, dp, tile) + SMEM_RESERVED_PER_BLOCK) <= per_sm:
             return tile
     while True:
-        for bufs in (2, 1):
+        for bufs in buf_choices:
             tile = FwdTile(bm, bn, bufs)
             if fwd_smem_bytes(dtype_name, dp, tile) <= smem_limit:
                 return tile
