@@ -61,7 +61,6 @@ template <typename T> struct is_f32 { static constexpr bool value = false; };
 template <> struct is_f32<float> { static constexpr bool value = true; };
 template <typename T> struct is_half { static constexpr bool value = false; };
 template <> struct is_half<half_t> { static constexpr bool value = true; };
-template <bool B> struct Flag { static constexpr bool value = B; };
 
 // Fixed-offset headroom: with b = scale_h groups the logit bound, P = exp(s - (b - HEADROOM)) lies in
 // [exp(HEADROOM - 2b), exp(HEADROOM)]. For fp16, P is rounded to fp16 before P V, so the range is moved
