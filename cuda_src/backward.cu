@@ -382,8 +382,9 @@ constexpr int PREP_WARPS = 4;
 constexpr int PREP_ROWS_PER_WARP = 8;
 constexpr int PREP_ROWS = PREP_WARPS * PREP_ROWS_PER_WARP;  // rows per block; divides nq_pad
 
-template <typename T, int D_PAD>
-__global__ void __launch_bounds__(32 * PREP_WARPS) bwd_prep(const BwdParams p) {
+template <typename T, int D_PAD, bool VARLEN = false>
+__global__ void __launch_bounds__(32 * PREP_WARPS) bwd_prep(const BwdParams params) {
+  const BwdParams& p = SeqView<VARLEN>::template of<T>(params, (int)(blockIdx.y / params.H));  // params.cuh
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t y = blockIdx.y; y < p.n_y; y += gridDim.y) {
     const int b = (int)(y / p.H), h = (int)(y % p.H);
@@ -414,8 +415,8 @@ __global__ void __launch_bounds__(32 * PREP_WARPS) bwd_prep(const BwdParams p) {
 
 // =============================================================================================
 // bwd_dkdv: see the file comment. Grid: x = key tile * n_chunks + chunk, y = (b, hk, split).
-template <typename T, int D_PAD, bool SMALL = false>
-__global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkdv(const BwdParams p) {
+template <typename T, int D_PAD, bool SMALL = false, bool VARLEN = false>
+__global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkdv(const BwdParams params) {
   typedef KVTraits<T, D_PAD, SMALL> C;
   typedef Mma<T> M;
   constexpr int BC = C::BC, BR = C::BR, DC = C::DC, SK = C::SK, SDS = C::SDS, NTH = C::THREADS;
@@ -433,8 +434,10 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
   int* sOk = reinterpret_cast<int*>(sDv + 2 * BR);        // [BC] key visible (in range and unmasked)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const BwdParams& p = SeqView<VARLEN>::template of<T>(params, (int)(blockIdx.y / ((int64_t)params.nsplit * params.Hk)));
   const int chunk = blockIdx.x % p.n_chunks;
   const int j0 = (blockIdx.x / p.n_chunks) * BC;
+  if (VARLEN && j0 >= p.Nk) return;  // a key tile past its sequence's end
   const int c0 = chunk * DC;
   const int off = p.Nk - p.Nq;
   const int qpk = p.H / p.Hk;
@@ -644,8 +647,8 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
 // 16 query rows and keeps their dQ columns [c0, c0 + DC) in registers; key tiles stream through
 // double-buffered shared memory, skipping those beyond the causal bound and those whose keys are all
 // masked (tile_any, as in the forward). Every dq element is written exactly once: no atomics.
-template <typename T, int D_PAD, bool SMALL = false>
-__global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(const BwdParams p) {
+template <typename T, int D_PAD, bool SMALL = false, bool VARLEN = false>
+__global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(const BwdParams params) {
   typedef QTraits<T, D_PAD, SMALL> C;
   constexpr int BR = C::BR, BC = C::BC, DC = C::DC, SK = C::SK, NTH = C::THREADS;
   constexpr int NT = BC / 8;   // n8 tiles of a 16 x BC slab of S
@@ -659,8 +662,10 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
   int* sOk = reinterpret_cast<int*>(sV + 2 * BC * SK);  // [2][BC]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const BwdParams& p = SeqView<VARLEN>::template of<T>(params, (int)(blockIdx.y / params.H));  // params.cuh
   const int chunk = blockIdx.x % p.n_chunks;
   const int i0 = (blockIdx.x / p.n_chunks) * BR;
+  if (VARLEN && i0 >= p.Nq) return;  // a query tile past its sequence's end
   const int c0 = chunk * DC;
   const int off = p.Nk - p.Nq;
   const int qpk = p.H / p.Hk;

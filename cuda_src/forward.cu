@@ -258,8 +258,8 @@ CA_DEVICE float quiet_nan() { return bits_as_float(0x7fffffffu); }
 // ---------------------------------------------------------------------------------------------
 // The kernel. Grid: x = query tile (reversed under causal so the longest tiles start first),
 // y = (batch, head), looping by gridDim.y when B*H exceeds the grid's y limit.
-template <typename T, int DP, int BN, bool RUNNING_MAX>
-__global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
+template <typename T, int DP, int BN, bool RUNNING_MAX, bool VARLEN = false>
+__global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
   static_assert(DP % 16 == 0 && DP >= 16 && DP <= 256, "head dim padded to a multiple of 16, at most 256");
   static_assert(BN % 16 == 0 && BN <= THREADS, "key tile of whole 16-key k-steps, one mask byte per thread");
   constexpr bool F32 = is_f32<T>::value;
@@ -276,8 +276,10 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
   const int g = lane / 4, t = lane % 4;  // accumulator rows g and g+8, columns 2t and 2t+1
   T* const sQw = sQ + 16 * warp * L::ROW;  // this warp's 16 query rows
 
+  const FwdParams& p = SeqView<VARLEN>::template of<T>(params, (int)(blockIdx.y / params.H));  // params.cuh
   const int qtile = p.causal ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x;
   const int64_t m0 = (int64_t)qtile * BLOCK_M;
+  if (VARLEN && m0 >= p.Nq) return;  // a tile past its sequence's end
   const int64_t diag = (int64_t)p.Nk - p.Nq;  // causal: key j visible to query i iff j <= i + diag
   const int64_t wrow0 = m0 + 16 * warp;       // first query row of this warp
 

@@ -44,6 +44,8 @@ struct AttnParams {
   const unsigned char* tile_any;  // (B, tile_any_sb): any key of (b, key tile) unmasked, for the key
                                   // tile of the kernel that reads it; null = every tile may be visible
   const void* bias;               // (Bb, Hb, Nq, Nk), dtype T or float32 (bias_f32); null = no bias
+  const int* cu_seqlens_q;        // (B + 1,) packed batch: sequence b holds query rows cu[b] .. cu[b+1]
+  const int* cu_seqlens_k;        // (B + 1,) and key rows cu_k[b] .. cu_k[b+1]; null when dense (SeqView)
   int64_t q_sb, q_sh, q_sn;       // element strides of q over (b, h, row)
   int64_t k_sb, k_sh, k_sn;
   int64_t v_sb, v_sh, v_sn;
@@ -53,7 +55,7 @@ struct AttnParams {
   int64_t mask_sb;
   int64_t tile_any_sb;            // row length of tile_any (0 without it)
   int B, H, Hk, Nq, Nk, D;        // D: the padded row length DP (kernels read whole rows)
-  int causal;                     // key j visible to query i iff j <= i + (Nk - Nq)
+  int causal;                     // key j visible to query i iff j <= i + (Nk - Nq) (per sequence)
   int bias_f32;                   // the bias is float32 (else dtype T)
 };
 
@@ -86,6 +88,71 @@ struct BwdParams : AttnParams {
   int nsplit;                     // query-head splits per kv head
   int heads_per_split;            // query heads one bwd_dkdv block loops over: (H / Hk) / nsplit
   int n_chunks;                   // head-dim chunks (= D_PAD / DC of the launched kernel)
+};
+
+// ---------------------------------------------------------------------------------------------
+// Packed variable-length batches (cu_seqlens). A varlen problem is laid out as q, o (total_q, H, DP),
+// k, v (total_k, Hk, DP), lse (H, total_q); the launch layer sets B = number of sequences, Nq / Nk =
+// the longest sequence (the grid), batch strides 0, and launches grid y = exactly the (batch, head)
+// work items, so a block serves one sequence. The kernels' VARLEN instantiations take their record
+// through SeqView<true>::of once at their start, which turns it into sequence b's own dense problem:
+// pointers moved to its first row, Nq / Nk its lengths (so the causal diagonal Nk - Nq is bottom-right
+// per sequence); a block whose tile starts past its sequence's end returns at once. The loops are
+// unchanged, and SeqView<false> hands the record itself to the dense instantiations (no extra
+// registers: the moved pointers and lengths live in registers, which the fp32 kernels do not have).
+struct SeqBounds {
+  int64_t q_base, k_base;  // first query / key row of the sequence in the packed tensors
+  int nq, nk;              // its lengths
+};
+
+CA_DEVICE SeqBounds seq_bounds(const AttnParams& p, int b) {
+  const int q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+  return SeqBounds{q0, k0, p.cu_seqlens_q[b + 1] - q0, p.cu_seqlens_k[b + 1] - k0};
+}
+
+template <typename E>
+CA_DEVICE E* rows_at(E* x, int64_t row, int64_t stride, int elem_bytes) {
+  return (E*)((const char*)x + row * stride * elem_bytes);
+}
+
+// The AttnParams part of sequence b's view.
+template <typename T>
+CA_DEVICE SeqBounds seq_view_attn(AttnParams& p, int b) {
+  const SeqBounds s = seq_bounds(p, b);
+  const int e = (int)sizeof(T);
+  p.q = rows_at(p.q, s.q_base, p.q_sn, e);
+  p.o = rows_at(p.o, s.q_base, p.o_sn, e);
+  p.k = rows_at(p.k, s.k_base, p.k_sn, e);
+  p.v = rows_at(p.v, s.k_base, p.v_sn, e);
+  p.lse = rows_at(p.lse, s.q_base, 1, 4);
+  p.Nq = s.nq;
+  p.Nk = s.nk;
+  return s;
+}
+
+template <typename T>
+CA_DEVICE FwdParams seq_view(FwdParams p, int b) {
+  seq_view_attn<T>(p, b);
+  return p;
+}
+
+// The backward's rows: dout and dq like q, dk and dv like k. lse2 and dvec stay (B H, nq_pad).
+template <typename T>
+CA_DEVICE BwdParams seq_view(BwdParams p, int b) {
+  const SeqBounds s = seq_view_attn<T>(p, b);
+  p.dout = rows_at(p.dout, s.q_base, p.do_sn, (int)sizeof(T));
+  p.dq = rows_at(p.dq, s.q_base, p.dq_sn, 4);
+  p.dk = rows_at(p.dk, s.k_base, p.dkv_sn, p.dk_f32 ? 4 : (int)sizeof(T));
+  p.dv = rows_at(p.dv, s.k_base, p.dkv_sn, p.dv_f32 ? 4 : (int)sizeof(T));
+  return p;
+}
+
+// SeqView<VARLEN>::of<T>(params, b): the record a kernel works on (bind it to a const reference).
+template <bool VARLEN> struct SeqView {
+  template <typename T, typename P> static CA_DEVICE const P& of(const P& p, int) { return p; }
+};
+template <> struct SeqView<true> {
+  template <typename T, typename P> static CA_DEVICE P of(const P& p, int b) { return seq_view<T>(p, b); }
 };
 
 }  // namespace ca

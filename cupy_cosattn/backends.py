@@ -54,6 +54,10 @@ class ReferenceBackend:
 
     def forward(self, prob: Problem, inp: Inputs, out: Optional[Any] = None,
                 lse: Optional[Any] = None) -> tuple[Any, Any]:
+        if prob.varlen:
+            from .varlen import VarlenReference
+
+            return VarlenReference.forward(prob, inp, out=out, lse=lse)
         from . import reference
 
         return reference.forward(prob, inp, out=out, lse=lse)
@@ -61,6 +65,10 @@ class ReferenceBackend:
     def backward(self, prob: Problem, inp: Inputs, dout: Any, out: Any, lse: Any,
                  need_dscale: bool = True) -> tuple[Any, Any, Any, Optional[Any], np.ndarray]:
         """The reference computes dscale whether or not it is needed (it has no copy to save)."""
+        if prob.varlen:
+            from .varlen import VarlenReference
+
+            return VarlenReference.backward(prob, inp, dout)
         from . import reference
 
         return reference.backward(prob, inp, dout, out, lse)

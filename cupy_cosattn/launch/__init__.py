@@ -23,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..problem import Inputs, Problem
+from . import packed
 from .backward import run_backward
 from .devices import CudaDevice, Device, EmulatedDevice
 from .dispatch import KernelChoice, select
@@ -43,10 +44,15 @@ class KernelBackend:
 
     def forward(self, prob: Problem, inp: Inputs, out: Optional[Any] = None,
                 lse: Optional[Any] = None) -> tuple[Any, Any]:
-        """(out (B, H, Nq, D), lse (B, H, Nq) float32): :func:`run_forward`."""
+        """(out (B, H, Nq, D), lse (B, H, Nq) float32): :func:`run_forward`; a packed batch's out
+        (total_q, H, D) and lse (total_q, H) (``packed``)."""
+        if prob.varlen and not packed.in_kernel(prob):
+            return packed.forward_by_sequence(run_forward, self.device, prob, inp, out=out, lse=lse)
         return run_forward(self.device, prob, inp, out=out, lse=lse)
 
     def backward(self, prob: Problem, inp: Inputs, dout: Any, out: Any, lse: Any,
                  need_dscale: bool = True) -> tuple[Any, Any, Any, Optional[Any], Optional[np.ndarray]]:
         """(dq, dk, dv, dbias | None, dscale float64 (H,) | None): :func:`run_backward`."""
+        if prob.varlen and not packed.in_kernel(prob):
+            return packed.backward_by_sequence(run_backward, self.device, prob, inp, dout, out, lse, need_dscale)
         return run_backward(self.device, prob, inp, dout, out, lse, need_dscale=need_dscale)

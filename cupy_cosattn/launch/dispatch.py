@@ -14,7 +14,9 @@ kind                  kernel
 ``NORM_BWD_Q``/``_K`` norm.cu l2norm_bwd of the fp32 dq-hat / dk-hat
 ====================  =======================================================================
 
-It never raises: whether the choice fits the device is checked by the runner (``check_smem``), so
+A packed batch (``prob.varlen``) gets the VARLEN instantiations (registry.VARLEN_DTYPES; the launch
+layer runs other dtypes' packed batches one sequence at a time, launch/packed.py). It never raises:
+whether the choice fits the device is checked by the runner (``check_smem``), so
 that a forward and a backward report their own kernels.
 """
 from __future__ import annotations
@@ -100,32 +102,32 @@ def select(prob: Problem, caps: DeviceCaps, kind: str, scale: Optional[np.ndarra
     dt = prob.dtype_name
     B, H, Hk, Nq, Nk = prob.B, prob.H, prob.Hk, prob.Nq, prob.Nk
     if kind in (NORM_Q, NORM_BWD_Q):
-        return norm_choice(dt, B * H * Nq, "float32" if kind == NORM_BWD_Q else None)
+        return norm_choice(dt, prob.q_rows, "float32" if kind == NORM_BWD_Q else None)
     if kind in (NORM_K, NORM_BWD_K):
-        return norm_choice(dt, B * Hk * Nk, "float32" if kind == NORM_BWD_K else None)
+        return norm_choice(dt, prob.k_rows, "float32" if kind == NORM_BWD_K else None)
     if kind == FORWARD:
         if scale is None:
             raise TypeError("select(..., FORWARD) needs the scale vector")
         dp = fwd_head_dim_pad(prob.D)
         bn = fwd_block_n(dt, dp, caps.smem_optin)
-        spec = KernelSpec(FORWARD_SOURCE, fwd_name(dt, dp, bn, not fixed_offset_ok(prob, scale)), FWD_THREADS,
-                          fwd_smem_bytes(dt, dp, bn))
+        spec = KernelSpec(FORWARD_SOURCE, fwd_name(dt, dp, bn, not fixed_offset_ok(prob, scale), prob.varlen),
+                          FWD_THREADS, fwd_smem_bytes(dt, dp, bn))
         return KernelChoice(spec, (cdiv(Nq, FWD_BLOCK_M), _grid_y(B * H), 1), tile=bn, n_y=B * H)
     dp = bwd_head_dim_pad(prob.D)
     kv_small, q_small = choose_small(dt, dp, caps.smem_optin)
     if kind == PREP:
-        spec = KernelSpec(BACKWARD_SOURCE, bwd_name("prep", dt, dp), PREP_THREADS)
+        spec = KernelSpec(BACKWARD_SOURCE, bwd_name("prep", dt, dp, varlen=prob.varlen), PREP_THREADS)
         return KernelChoice(spec, (nq_padded(Nq) // PREP_ROWS, _grid_y(B * H), 1), n_y=B * H)
     if kind == DKDV:
         kv = kv_config(dt, dp, kv_small)
         n_x = cdiv(Nk, kv.rows) * kv.n_chunks
         nsplit = choose_nsplit(prob, n_x, caps.sm_count)
-        spec = KernelSpec(BACKWARD_SOURCE, bwd_name("dkdv", dt, dp, kv_small), kv.threads, kv.smem)
+        spec = KernelSpec(BACKWARD_SOURCE, bwd_name("dkdv", dt, dp, kv_small, prob.varlen), kv.threads, kv.smem)
         return KernelChoice(spec, (n_x, _grid_y(B * Hk * nsplit), 1), n_y=B * Hk * nsplit, n_chunks=kv.n_chunks,
                             nsplit=nsplit)
     if kind == DQ:
         qc = q_config(dt, dp, q_small)
-        spec = KernelSpec(BACKWARD_SOURCE, bwd_name("dq", dt, dp, q_small), qc.threads, qc.smem)
+        spec = KernelSpec(BACKWARD_SOURCE, bwd_name("dq", dt, dp, q_small, prob.varlen), qc.threads, qc.smem)
         return KernelChoice(spec, (cdiv(Nq, qc.rows) * qc.n_chunks, _grid_y(B * H), 1), tile=qc.tile, n_y=B * H,
                             n_chunks=qc.n_chunks)
     raise ValueError(f"kernel kind must be one of {KINDS}, got {kind!r}")

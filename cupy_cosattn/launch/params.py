@@ -38,8 +38,10 @@ STRUCTS: dict[str, Struct] = {
     "NormParams": Struct(None, _of(PTR, "x", "xhat", "rnorm", "dxhat", "dx")
                          + _of(I64, "rows", "x_stride", "xhat_stride", "dxhat_stride", "dx_stride")
                          + _of(I32, "D", "groups", "xhat_cols", "mode")),
-    # What the forward and the backward kernels both read: q, k, v, o, lse, scale, mask, bias.
-    "AttnParams": Struct(None, _of(PTR, "q", "k", "v", "o", "lse", "scale", "mask", "tile_any", "bias")
+    # What the forward and the backward kernels both read: q, k, v, o, lse, scale, mask, bias, and the
+    # sequence offsets of a packed (varlen) batch.
+    "AttnParams": Struct(None, _of(PTR, "q", "k", "v", "o", "lse", "scale", "mask", "tile_any", "bias",
+                                                "cu_seqlens_q", "cu_seqlens_k")
                          + _of(I64, *_strides("q", "k", "v", "o"), "lse_sb", "lse_sh", "bias_sb", "bias_sh",
                                "bias_sq", "mask_sb", "tile_any_sb")
                          + _of(I32, "B", "H", "Hk", "Nq", "Nk", "D", "causal", "bias_f32")),

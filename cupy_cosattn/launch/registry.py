@@ -27,6 +27,10 @@ from .tiles import (
 )
 
 FORWARD_SOURCE, NORM_SOURCE, BACKWARD_SOURCE = "forward.cu", "norm.cu", "backward.cu"
+# Dtypes whose kernels have packed-batch (VARLEN) instantiations (cuda_src/params.cuh SeqView): the
+# moved pointers and lengths need registers that the float32 kernels do not have (they would spill),
+# so a float32 packed batch runs the dense kernels once per sequence (launch/packed.py).
+VARLEN_DTYPES = ("float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -49,8 +53,10 @@ class KernelSpec:
 # Name expressions.
 
 
-def fwd_name(dtype_name: str, dp: int, bn: int, running_max: bool) -> str:
-    return f"ca::fwd::attn_fwd<{CTYPES[dtype_name]}, {dp}, {bn}, {'true' if running_max else 'false'}>"
+def fwd_name(dtype_name: str, dp: int, bn: int, running_max: bool, varlen: bool = False) -> str:
+    """attn_fwd's name expression; the packed-batch (VARLEN) instantiation spells its fifth argument."""
+    tail = ", true" if varlen else ""
+    return f"ca::fwd::attn_fwd<{CTYPES[dtype_name]}, {dp}, {bn}, {'true' if running_max else 'false'}{tail}>"
 
 
 def norm_fwd_name(dtype_name: str) -> str:
@@ -62,10 +68,27 @@ def norm_bwd_name(dtype_name: str, grad_dtype_name: str) -> str:
     return f"ca::norm::l2norm_bwd<{CTYPES[dtype_name]}, {CTYPES[grad_dtype_name]}>"
 
 
-def bwd_name(kind: str, dtype_name: str, dp: int, small: bool = False) -> str:
+def bwd_name(kind: str, dtype_name: str, dp: int, small: bool = False, varlen: bool = False) -> str:
     """Name expression of backward kernel `kind` ("prep", "dkdv", "dq", "info"); the default variant
-    keeps its two-argument name (SMALL defaults to false)."""
-    return f"ca::bwd::bwd_{kind}<{CTYPES[dtype_name]}, {dp}{', true' if small else ''}>"
+    keeps its two-argument name (SMALL and VARLEN default to false). bwd_prep's third argument is
+    VARLEN; bwd_dkdv's and bwd_dq's are SMALL, VARLEN."""
+    if varlen:
+        tail = ", true" if kind == "prep" else f", {'true' if small else 'false'}, true"
+    else:
+        tail = ", true" if small else ""
+    return f"ca::bwd::bwd_{kind}<{CTYPES[dtype_name]}, {dp}{tail}>"
+
+
+def is_varlen_name(source: str, name: str) -> bool:
+    """Whether a name expression is a packed-batch (VARLEN) instantiation."""
+    m = _TEMPLATE_ARGS.search(name)
+    args = [a.strip() for a in m.group(1).split(",")] if m else []
+    if source == FORWARD_SOURCE:
+        return len(args) == 5 and args[4] == "true"
+    if source == BACKWARD_SOURCE:
+        want = 3 if "bwd_prep<" in name else 4
+        return len(args) == want and args[-1] == "true" and "bwd_info<" not in name
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -82,8 +105,9 @@ def forward_kernel_specs() -> list[KernelSpec]:
                    if fwd_smem_bytes(dt, dp, fwd_block_n(dt, dp, lim)) <= lim}
             for bn in sorted(bns, reverse=True):
                 for rm in (False, True):
-                    specs.append(KernelSpec(FORWARD_SOURCE, fwd_name(dt, dp, bn, rm), FWD_THREADS,
-                                            fwd_smem_bytes(dt, dp, bn)))
+                    for varlen in (False, True) if dt in VARLEN_DTYPES else (False,):
+                        specs.append(KernelSpec(FORWARD_SOURCE, fwd_name(dt, dp, bn, rm, varlen), FWD_THREADS,
+                                                fwd_smem_bytes(dt, dp, bn)))
     return specs
 
 
@@ -104,19 +128,22 @@ def backward_kernel_specs() -> list[KernelSpec]:
     for dt in KERNEL_DTYPES:
         for dp in HEAD_DIM_PADS:
             kv, q = kv_config(dt, dp), q_config(dt, dp)
-            specs += [KernelSpec(BACKWARD_SOURCE, bwd_name("prep", dt, dp), PREP_THREADS),
-                      KernelSpec(BACKWARD_SOURCE, bwd_name("dkdv", dt, dp), kv.threads, kv.smem),
-                      KernelSpec(BACKWARD_SOURCE, bwd_name("dq", dt, dp), q.threads, q.smem),
-                      KernelSpec(BACKWARD_SOURCE, bwd_name("info", dt, dp), INFO_THREADS)]
+            varlens = (False, True) if dt in VARLEN_DTYPES else (False,)
+            for vl in varlens:
+                specs += [KernelSpec(BACKWARD_SOURCE, bwd_name("prep", dt, dp, varlen=vl), PREP_THREADS),
+                          KernelSpec(BACKWARD_SOURCE, bwd_name("dkdv", dt, dp, varlen=vl), kv.threads, kv.smem),
+                          KernelSpec(BACKWARD_SOURCE, bwd_name("dq", dt, dp, varlen=vl), q.threads, q.smem)]
+            specs.append(KernelSpec(BACKWARD_SOURCE, bwd_name("info", dt, dp), INFO_THREADS))
             picks = {choose_small(dt, dp, lim) for lim in SMEM_OPTIN_BY_ARCH.values()}
             kv_s = any(p[0] for p in picks)
             q_s = any(p[1] for p in picks)
-            if kv_s:
-                c = kv_config(dt, dp, True)
-                specs.append(KernelSpec(BACKWARD_SOURCE, bwd_name("dkdv", dt, dp, True), c.threads, c.smem))
-            if q_s:
-                c = q_config(dt, dp, True)
-                specs.append(KernelSpec(BACKWARD_SOURCE, bwd_name("dq", dt, dp, True), c.threads, c.smem))
+            for vl in varlens:
+                if kv_s:
+                    c = kv_config(dt, dp, True)
+                    specs.append(KernelSpec(BACKWARD_SOURCE, bwd_name("dkdv", dt, dp, True, vl), c.threads, c.smem))
+                if q_s:
+                    c = q_config(dt, dp, True)
+                    specs.append(KernelSpec(BACKWARD_SOURCE, bwd_name("dq", dt, dp, True, vl), c.threads, c.smem))
             if kv_s or q_s:
                 specs.append(KernelSpec(BACKWARD_SOURCE, bwd_name("info", dt, dp, True), INFO_THREADS))
     return specs
@@ -137,7 +164,8 @@ def module_group(source: str, name: str) -> tuple:
     kernels of one (dtype, D). Small enough to compile fast, few enough modules for the emulator."""
     m = _TEMPLATE_ARGS.search(name)
     args = [a.strip() for a in m.group(1).split(",")] if m else []
-    return (source,) + tuple(args[:2] if source != NORM_SOURCE else args[:1])
+    varlen = ("varlen",) if is_varlen_name(source, name) else ()  # compiled apart: dense modules stay as they are
+    return (source,) + tuple(args[:2] if source != NORM_SOURCE else args[:1]) + varlen
 
 
 @functools.lru_cache(maxsize=1)
