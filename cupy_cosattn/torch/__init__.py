@@ -2,6 +2,7 @@
 
     import cupy_cosattn.torch as cat
     out = cat.cosine_sim_attention(q, k, v, causal=True)      # same keywords as the NumPy API
+    out = cat.varlen_cosine_sim_attention(q, k, v, cu_seqlens_q, cu_seqlens_k)   # packed batches
 
 Two custom ops do the work (``torch.ops.cupy_cosattn.attn_fwd`` / ``attn_bwd``; ``ops``), so
 ``torch.compile(fullgraph=True)`` sees one opaque node per call and no graph break.
@@ -25,7 +26,9 @@ from .compat import flash_cosine_sim_attention, l2norm_tensors, plain_cosine_sim
 from .functional import cosine_sim_attention, forward
 from .ops import OP_BACKWARD, OP_FORWARD
 from .ring import ring_cosine_sim_attention
+from .varlen import OP_VARLEN_BACKWARD, OP_VARLEN_FORWARD, varlen_cosine_sim_attention, varlen_forward
 
 __all__ = ["cosine_sim_attention", "forward", "OP_FORWARD", "OP_BACKWARD", "BACKENDS", "CPU_BACKENDS",
            "get_cpu_backend", "set_cpu_backend", "cpu_backend", "ring", "ring_cosine_sim_attention",
-           "flash_cosine_sim_attention", "plain_cosine_sim_attention", "l2norm_tensors"]
+           "flash_cosine_sim_attention", "plain_cosine_sim_attention", "l2norm_tensors",
+           "varlen_cosine_sim_attention", "varlen_forward", "OP_VARLEN_FORWARD", "OP_VARLEN_BACKWARD"]
