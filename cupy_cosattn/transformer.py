@@ -22,7 +22,11 @@ made correct and complete:
 - context parallelism: ``forward(tokens, positions=..., attention_fn=...)`` runs the model on one shard
   of a sequence, with the shard's global positions and an attention function that sees the whole
   sequence, e.g. :func:`cupy_cosattn.torch.ring.ring_cosine_sim_attention` bound to a process group
-  (examples/train_toy.py ``--context-parallel``; docs/ring.md).
+  (examples/train_toy.py ``--context-parallel``; docs/ring.md);
+- packed documents: ``forward(tokens (1, total), cu_seqlens=...)`` runs several documents of different
+  lengths as one row without padding: positions restart at 0 in every document, attention is
+  :func:`cupy_cosattn.torch.varlen_cosine_sim_attention` (no token sees another document), and the
+  loss predicts each token from its own document only (examples/train_toy.py ``--pack``).
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .torch import cosine_sim_attention, plain_cosine_sim_attention
+from .torch import cosine_sim_attention, plain_cosine_sim_attention, varlen_cosine_sim_attention
 
 __all__ = ["CosineSimCausalTransformer", "Attention", "FeedForward", "top_k_filter"]
 
@@ -48,6 +52,8 @@ POST_NORM_EMB_STD = 1e-5
 PRE_NORM_EMB_STD = 0.02
 # Keywords the attention layer itself passes; the model's extra keywords may not override them.
 _LAYER_KEYWORDS = ("q", "k", "v", "causal", "scale", "groups")
+# The model's extra attention keywords that the packed-document attention takes too.
+_VARLEN_KEYWORDS = ("l2norm_qk", "deterministic", "backend")
 
 
 def cosine_attention_function(use_cuda_kernel: Optional[bool] = None, **kwargs: Any) -> Callable[..., Tensor]:
@@ -73,6 +79,30 @@ def top_k_filter(logits: Tensor, thres: float = 0.9) -> Tensor:
     k = max(1, math.ceil((1.0 - thres) * logits.shape[-1]))
     val, ind = torch.topk(logits, k, dim=-1)
     return torch.full_like(logits, float("-inf")).scatter_(-1, ind, val)
+
+
+def packed_softmax_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """Causal softmax attention within each packed document: q (T, H, D), k, v (T, Hk, D) -> (T, H, D)."""
+    T = q.shape[0]
+    doc = document_index(cu_seqlens, T)
+    i = torch.arange(T, device=q.device)
+    allowed = (doc.unsqueeze(1) == doc.unsqueeze(0)) & (i.unsqueeze(0) <= i.unsqueeze(1))
+    return softmax_attention_masked(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                    v.transpose(0, 1).unsqueeze(0), allowed)[0].transpose(0, 1)
+
+
+def softmax_attention_masked(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    H, Hk = q.shape[1], k.shape[1]
+    if Hk != H:
+        k = k.repeat_interleave(H // Hk, dim=1)
+        v = v.repeat_interleave(H // Hk, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+def document_index(cu_seqlens: Tensor, total: int) -> Tensor:
+    """(total,) the document of every packed position (cu_seqlens int32 (docs + 1,))."""
+    pos = torch.arange(total, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].to(torch.int64), pos, right=True)
 
 
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -102,9 +132,11 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, kv_heads: Optional[int] = None,
                  attn: str = "cosine", scale: float = 8.0, learned_scale: bool = False, l2norm_groups: int = 1,
-                 attend: Optional[Callable[..., Tensor]] = None) -> None:
+                 attend: Optional[Callable[..., Tensor]] = None,
+                 varlen_attend: Optional[Callable[..., Tensor]] = None) -> None:
         """attend: the cosine attention function (default :func:`cupy_cosattn.torch.cosine_sim_attention`;
-        see `cosine_attention_function`)."""
+        see `cosine_attention_function`); varlen_attend: that of packed documents (default
+        :func:`cupy_cosattn.torch.varlen_cosine_sim_attention`)."""
         super().__init__()
         if attn not in ("cosine", "softmax"):
             raise ValueError(f"attn must be 'cosine' or 'softmax', got {attn!r}")
@@ -114,6 +146,7 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
         self.attn, self.l2norm_groups = attn, l2norm_groups
         self.attend = cosine_sim_attention if attend is None else attend
+        self.varlen_attend = varlen_cosine_sim_attention if varlen_attend is None else varlen_attend
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
         self.to_k = nn.Linear(dim, kv_heads * dim_head, bias=False)
         self.to_v = nn.Linear(dim, kv_heads * dim_head, bias=False)
@@ -127,11 +160,16 @@ class Attention(nn.Module):
         return self.fixed_scale if self.log_scale is None else self.log_scale.exp()
 
     def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None,
-                attention_fn: Optional[Callable[..., Tensor]] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                attention_fn: Optional[Callable[..., Tensor]] = None,
+                cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x (B, N, dim) -> (B, N, dim), plus the (k, v) cache extended by these N positions.
 
         attention_fn (cosine attention only): called as attention_fn(q, k, v, causal=True, scale=...,
-        groups=...) in place of cosine_sim_attention, e.g. ring attention over a sharded sequence."""
+        groups=...) in place of cosine_sim_attention, e.g. ring attention over a sharded sequence.
+        cu_seqlens: x (1, T, dim) holds packed documents (int32 (docs + 1,) offsets); each attends
+        causally within itself (no cache, no attention_fn)."""
+        if cu_seqlens is not None:
+            return self._forward_packed(x, cu_seqlens)
         B, N, _ = x.shape
         q = self.to_q(x).view(B, N, self.heads, self.dim_head).transpose(1, 2)
         k = self.to_k(x).view(B, N, self.kv_heads, self.dim_head).transpose(1, 2)
@@ -148,6 +186,18 @@ class Attention(nn.Module):
             o = softmax_attention(q, k, v)
         o = o.transpose(1, 2).reshape(B, N, self.heads * self.dim_head)
         return self.to_out(o), (k, v)
+
+    def _forward_packed(self, x: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        T = x.shape[1]
+        q = self.to_q(x[0]).view(T, self.heads, self.dim_head)
+        k = self.to_k(x[0]).view(T, self.kv_heads, self.dim_head)
+        v = self.to_v(x[0]).view(T, self.kv_heads, self.dim_head)
+        if self.attn == "cosine":
+            o = self.varlen_attend(q, k, v, cu_seqlens, cu_seqlens, causal=True, scale=self.scale,
+                                   groups=self.l2norm_groups)
+        else:
+            o = packed_softmax_attention(q, k, v, cu_seqlens)
+        return self.to_out(o.reshape(1, T, self.heads * self.dim_head)), (k, v)
 
 
 class CosineSimCausalTransformer(nn.Module):
@@ -175,6 +225,8 @@ class CosineSimCausalTransformer(nn.Module):
         if non_cosine_sim_attn:
             attn = "softmax"
         attend = cosine_attention_function(use_cuda_kernel, **kwargs)
+        varlen_kw = {name: value for name, value in kwargs.items() if name in _VARLEN_KEYWORDS}
+        varlen_attend = functools.partial(varlen_cosine_sim_attention, **varlen_kw)
         self.num_tokens, self.max_seq_len, self.depth, self.pre_norm = num_tokens, max_seq_len, depth, pre_norm
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.pos_emb = nn.Embedding(max_seq_len, dim)
@@ -185,7 +237,8 @@ class CosineSimCausalTransformer(nn.Module):
         for _ in range(depth):
             self.layers.append(nn.ModuleDict(dict(
                 attn=Attention(dim, heads=heads, dim_head=dim_head, kv_heads=kv_heads, attn=attn, scale=attn_scale,
-                               learned_scale=learned_scale, l2norm_groups=attn_l2norm_groups, attend=attend),
+                               learned_scale=learned_scale, l2norm_groups=attn_l2norm_groups, attend=attend,
+                               varlen_attend=varlen_attend),
                 attn_norm=nn.LayerNorm(dim),
                 ff=FeedForward(dim, ff_mult),
                 ff_norm=nn.LayerNorm(dim),
@@ -210,13 +263,21 @@ class CosineSimCausalTransformer(nn.Module):
 
     def forward(self, tokens: Tensor, *, return_loss: bool = False, cache: Optional[KVCache] = None,
                 return_cache: bool = False, positions: Optional[Tensor] = None,
-                attention_fn: Optional[Callable[..., Tensor]] = None) -> Tensor | tuple[Tensor, KVCache]:
+                attention_fn: Optional[Callable[..., Tensor]] = None,
+                cu_seqlens: Optional[Tensor] = None) -> Tensor | tuple[Tensor, KVCache]:
         """Logits (B, N, num_tokens) for tokens (B, N); with `cache` (from a previous call with
         return_cache=True) the tokens continue that sequence. return_loss: next-token cross-entropy.
 
         Context parallelism: `positions` (N,) int64 are the positions of `tokens` in the whole sequence
         (default: consecutive, after the cache) and `attention_fn` replaces each layer's attention
-        (see `Attention.forward`)."""
+        (see `Attention.forward`).
+
+        Packed documents: `cu_seqlens` int32 (docs + 1,) splits tokens (1, T) into documents of
+        different lengths (each at most max_seq_len); positions restart per document, no position
+        attends across a boundary, and return_loss averages over the tokens that have a successor in
+        their own document (logits (1, T, num_tokens) otherwise)."""
+        if cu_seqlens is not None:
+            return self._forward_packed(tokens, cu_seqlens, return_loss)
         n_given = tokens.shape[1]
         if return_loss:
             tokens, labels = tokens[:, :-1], tokens[:, 1:]
@@ -248,6 +309,41 @@ class CosineSimCausalTransformer(nn.Module):
         if return_loss:
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
         return (logits, new_cache) if return_cache else logits
+
+    def _forward_packed(self, tokens: Tensor, cu_seqlens: Tensor, return_loss: bool) -> Tensor:
+        if tokens.dim() != 2 or tokens.shape[0] != 1:
+            raise ValueError(f"packed tokens must have shape (1, total), got {tuple(tokens.shape)}")
+        T = tokens.shape[1]
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+            raise ValueError(f"cu_seqlens must be an int32 tensor of shape (docs + 1,), got {cu_seqlens.dtype} "
+                             f"{tuple(cu_seqlens.shape)}")
+        if not torch.compiler.is_compiling():  # values: eager only (a traced tensor has none)
+            lengths = torch.diff(cu_seqlens)
+            if int(cu_seqlens[-1]) != T:
+                raise ValueError(f"cu_seqlens[-1] = {int(cu_seqlens[-1])} must be the number of tokens {T}")
+            if lengths.numel() and int(lengths.max()) > self.max_seq_len:
+                raise ValueError(f"a document of {int(lengths.max())} tokens exceeds max_seq_len={self.max_seq_len}")
+        doc = document_index(cu_seqlens, T)
+        pos = torch.arange(T, device=tokens.device) - cu_seqlens.to(torch.int64)[doc]
+        x = self.token_emb(tokens) + self.pos_emb(pos)
+        for layer in self.layers:
+            if self.pre_norm:
+                y, _ = layer["attn"](layer["attn_norm"](x), cu_seqlens=cu_seqlens)
+                x = x + y
+                x = x + layer["ff"](layer["ff_norm"](x))
+            else:
+                y, _ = layer["attn"](x, cu_seqlens=cu_seqlens)
+                x = layer["attn_norm"](x * self.alpha + y)
+                x = layer["ff_norm"](x * self.alpha + layer["ff"](x))
+        logits = self.to_logits(self.final_norm(x))
+        if not return_loss:
+            return logits
+        # the target of position i is token i + 1 of the same document; a document's last token has none
+        labels = torch.roll(tokens[0], -1)
+        ends = cu_seqlens[1:].to(torch.int64)  # one past each document's last token
+        last = torch.isin(torch.arange(T, device=tokens.device) + 1, ends)
+        labels = labels.masked_fill(last, -100)
+        return F.cross_entropy(logits[0].float(), labels, ignore_index=-100)
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
