@@ -478,14 +478,17 @@ class Instantiation:
     params: bytes
 
 
-def _choice(kind: str, dtype: str, D: int, arch: str, scale: float = 8.0) -> _dispatch.KernelChoice:
-    """What the dispatch (launch.select) picks for the representative problem on `arch`; SassError
-    when that instantiation is missing from the registry."""
+def _choice(kind: str, dtype: str, D: int, arch: str, scale: float = 8.0,
+            varlen: bool = False) -> _dispatch.KernelChoice:
+    """What the dispatch (launch.select) picks for the representative problem on `arch` (as a packed
+    batch of REP_B sequences of REP_N with `varlen`); SassError when that instantiation is missing
+    from the registry."""
     import numpy as np
 
     caps = DeviceCaps((int(arch[3]), int(arch[4])), SMEM_OPTIN_BY_ARCH[arch.rstrip("a")], _SM_COUNT)
     prob = Problem(B=REP_B, H=REP_H, Hk=REP_H, Nq=REP_N, Nk=REP_N, D=D, dtype=_dtype(dtype),
-                   deterministic=kind == _dispatch.DQ)
+                   deterministic=kind == _dispatch.DQ, varlen=varlen, total_q=REP_B * REP_N if varlen else 0,
+                   total_k=REP_B * REP_N if varlen else 0)
     choice = _dispatch.select(prob, caps, kind, scale=np.full((REP_H,), scale))
     spec = choice.spec
     if (spec.source, spec.name) not in {(s.source, s.name) for s in _registry.kernel_registry()}:
@@ -506,16 +509,28 @@ def _ptrs(names: tuple, null: tuple = ()) -> dict:
     return {n: 0 if n in null else _FAKE_PTR + (i << 32) for i, n in enumerate(names)}
 
 
-def _fwd(dtype: str, D: int, arch: str, running_max: bool) -> Instantiation:
-    choice = _choice(_dispatch.FORWARD, dtype, D, arch, _RUNNING_MAX_SCALE if running_max else 8.0)
+def _strides(tensors: tuple, dp: int, varlen: bool) -> dict:
+    """(batch, head, row) strides of rows of dp elements: (B, H, N, dp), or packed (B N, H, dp)."""
+    H, N = REP_H, REP_N
+    s = (0, dp, H * dp) if varlen else (H * N * dp, N * dp, dp)
+    return {f"{t}_s{d}": x for t in tensors for d, x in zip("bhn", s)}
+
+
+def _seqlens(varlen: bool) -> tuple:
+    """The cu_seqlens pointer fields: fake addresses of a packed batch, else null."""
+    return () if varlen else ("cu_seqlens_q", "cu_seqlens_k")
+
+
+def _fwd(dtype: str, D: int, arch: str, running_max: bool, varlen: bool = False) -> Instantiation:
+    choice = _choice(_dispatch.FORWARD, dtype, D, arch, _RUNNING_MAX_SCALE if running_max else 8.0, varlen)
     spec, dp, bn = choice.spec, _dp_of(choice), choice.tile
     B, H, N = REP_B, REP_H, REP_N
     rec = _params.make_record(
-        _params.FWD_PARAMS, **_ptrs(("q", "k", "v", "o", "lse", "scale", "mask", "tile_any", "bias"),
-                                    null=("mask", "tile_any", "bias")),
-        **{f"{t}_s{d}": s for t in "qkvo" for d, s in zip("bhn", (H * N * dp, N * dp, dp))},
-        lse_sb=H * N, lse_sh=N, bias_sb=0, bias_sh=0, bias_sq=0, mask_sb=0, tile_any_sb=0,
-        B=B, H=H, Hk=H, Nq=N, Nk=N, D=dp, causal=0, bias_f32=0, n_key_tiles=cdiv(N, bn), groups=1)
+        _params.FWD_PARAMS, **_ptrs(("q", "k", "v", "o", "lse", "scale", "mask", "tile_any", "bias", "cu_seqlens_q",
+                                     "cu_seqlens_k"), null=("mask", "tile_any", "bias") + _seqlens(varlen)),
+        **_strides(("q", "k", "v", "o"), dp, varlen),
+        lse_sb=0 if varlen else H * N, lse_sh=B * N if varlen else N, bias_sb=0, bias_sh=0, bias_sq=0, mask_sb=0,
+        tile_any_sb=0, B=B, H=H, Hk=H, Nq=N, Nk=N, D=dp, causal=0, bias_f32=0, n_key_tiles=cdiv(N, bn), groups=1)
     return Instantiation(spec.source, spec.name, spec.threads, spec.smem, rec.tobytes())
 
 
@@ -524,17 +539,18 @@ def _dp_of(choice: _dispatch.KernelChoice) -> int:
     return int(choice.spec.name.split("<", 1)[1].rstrip(">").split(",")[1])
 
 
-def _bwd(kind: str, dtype: str, D: int, arch: str) -> Instantiation:
+def _bwd(kind: str, dtype: str, D: int, arch: str, varlen: bool = False) -> Instantiation:
     """bwd_dkdv in the default (fast) mode, bwd_dq in deterministic mode (the only one it runs in)."""
-    choice = _choice(_dispatch.DKDV if kind == "dkdv" else _dispatch.DQ, dtype, D, arch)
+    choice = _choice(_dispatch.DKDV if kind == "dkdv" else _dispatch.DQ, dtype, D, arch, varlen=varlen)
     spec, dp = choice.spec, _dp_of(choice)
     B, H, N = REP_B, REP_H, REP_N
-    strides = {f"{t}_s{d}": s for t in ("q", "k", "v", "o", "do", "dq", "dkv")
-               for d, s in zip("bhn", (H * N * dp, N * dp, dp))}
+    strides = _strides(("q", "k", "v", "o", "do", "dq", "dkv"), dp, varlen)
     rec = _params.make_record(
         _params.BWD_PARAMS, **_ptrs(("q", "k", "v", "o", "dout", "lse", "lse2", "dvec", "scale", "mask", "tile_any",
-                                     "bias", "dbias", "dq", "dk", "dv"), null=("mask", "tile_any", "bias", "dbias")),
-        **strides, lse_sb=H * N, lse_sh=N, bias_sb=0, bias_sh=0, bias_sq=0, dbias_sb=0, dbias_sh=0, dbias_sq=0,
+                                     "bias", "dbias", "dq", "dk", "dv", "cu_seqlens_q", "cu_seqlens_k"),
+                                    null=("mask", "tile_any", "bias", "dbias") + _seqlens(varlen)),
+        **strides, lse_sb=0 if varlen else H * N, lse_sh=B * N if varlen else N, bias_sb=0, bias_sh=0, bias_sq=0,
+        dbias_sb=0, dbias_sh=0, dbias_sq=0,
         mask_sb=0, tile_any_sb=0, n_y=B * H, B=B, H=H, Hk=H, Nq=N, Nk=N, D=dp, nq_pad=nq_padded(N), causal=0,
         bias_f32=0, dbias_mode=_params.DBIAS_NONE, dbias_f32=0, dq_atomic=int(kind == "dkdv"), dk_f32=1, dv_f32=0,
         nsplit=choice.nsplit, heads_per_split=H // choice.nsplit if kind == "dkdv" else 1,
@@ -561,9 +577,15 @@ KINDS: dict = {
     "fwd_rm": lambda dt, D, arch: _fwd(dt, D, arch, running_max=True),
     "bwd_dkdv": lambda dt, D, arch: _bwd("dkdv", dt, D, arch),
     "bwd_dq": lambda dt, D, arch: _bwd("dq", dt, D, arch),
+    # packed batches (cu_seqlens): the VARLEN instantiations, 16-bit dtypes only (registry.VARLEN_DTYPES)
+    "fwd_varlen": lambda dt, D, arch: _fwd(dt, D, arch, running_max=False, varlen=True),
+    "bwd_dkdv_varlen": lambda dt, D, arch: _bwd("dkdv", dt, D, arch, varlen=True),
+    "bwd_dq_varlen": lambda dt, D, arch: _bwd("dq", dt, D, arch, varlen=True),
 }
 KIND_LABELS = {"fwd": "forward, fixed offset", "fwd_rm": "forward, running max", "bwd_dkdv": "bwd_dkdv (fast mode)",
-               "bwd_dq": "bwd_dq (deterministic mode)"}
+               "bwd_dq": "bwd_dq (deterministic mode)", "fwd_varlen": "forward, fixed offset, packed batch",
+               "bwd_dkdv_varlen": "bwd_dkdv (fast mode), packed batch",
+               "bwd_dq_varlen": "bwd_dq (deterministic mode), packed batch"}
 DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
@@ -583,8 +605,10 @@ class Profiled:
         return KINDS[self.kind](self.dtype, self.head_dim, arch)
 
 
-PROFILED_KERNELS = tuple(Profiled(k, dt, d) for k in ("fwd", "fwd_rm", "bwd_dkdv", "bwd_dq")
-                         for dt in ("float16", "bfloat16", "float32") for d in (64, 128))
+PROFILED_KERNELS = (tuple(Profiled(k, dt, d) for k in ("fwd", "fwd_rm", "bwd_dkdv", "bwd_dq")
+                          for dt in ("float16", "bfloat16", "float32") for d in (64, 128))
+                    + tuple(Profiled(k, dt, d) for k in ("fwd_varlen", "bwd_dkdv_varlen", "bwd_dq_varlen")
+                            for dt in ("float16", "bfloat16") for d in (64, 128)))
 
 
 def constant_bank(arch: str, params: bytes, threads: int) -> dict:
