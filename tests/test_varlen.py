@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import cupy_cosattn as ca
-from cupy_cosattn import emulator, problem, reference, tolerances
-from cupy_cosattn.launch import devices, limits
+from cupy_cosattn import emulator, problem, reference, tolerances, varlen
+from cupy_cosattn.launch import devices, limits, tiles
 
 from kernel_cases import DTYPES, rel_err
 from planting import plant
@@ -209,6 +209,18 @@ def test_batches_beyond_the_grid_limit_split_into_launches(monkeypatch):
     split = varlen_run(*case, deterministic=True)["raw"]
     for a, b in zip(whole, split):
         assert np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+
+
+def test_query_head_splits(monkeypatch):
+    """GQA 3:1 with the query heads of a kv head split over 3 bwd_dkdv blocks (the partial dK, dV of a
+    packed batch summed by the launch layer), both backward modes."""
+    monkeypatch.setattr(tiles, "TARGET_BLOCKS", 10**9)
+    case = make(13, H=6, Hk=2, dtype="bfloat16")
+    prob, _ = varlen.canonicalize_varlen(*case[:5], **case[5])
+    assert tiles.choose_nsplit(prob, 1) == 3
+    ref = dense_per_sequence(*case)
+    for det in (False, True):
+        assert_matches(varlen_run(*case, deterministic=det), ref, "bfloat16")
 
 
 def test_empty_batches():
