@@ -322,6 +322,12 @@ PROLOGUE_FAULTS = {
     # the backward's dk rows placed at the query sequence's start
     "dk_base_from_q": ("backward.cu", "p.dk = rows_at(p.dk, s.k_base, p.dkv_sn, p.dk_f32 ? 4 : (int)sizeof(T));",
                        "p.dk = rows_at(p.dk, s.q_base, p.dkv_sn, p.dk_f32 ? 4 : (int)sizeof(T));"),
+    # lse written at the key sequence's rows
+    "lse_base_from_k": ("forward.cu", "p.lse = rows_at(p.lse, s.q_base, 1, 4);",
+                        "p.lse = rows_at(p.lse, s.k_base, 1, 4);"),
+    # bwd_dkdv's sequence taken from blockIdx.y as if its work items were per query head
+    "dkdv_sequence_index": ("backward.cu", "(int)(blockIdx.y / ((int64_t)params.nsplit * params.Hk))",
+                            "(int)(blockIdx.y / ((int64_t)params.nsplit * params.H))"),
     # dout read at the key sequence's rows
     "dout_base_from_k": ("backward.cu", "p.dout = rows_at(p.dout, s.q_base, p.do_sn, (int)sizeof(T));",
                          "p.dout = rows_at(p.dout, s.k_base, p.do_sn, (int)sizeof(T));"),
