@@ -152,7 +152,14 @@ template <bool VARLEN> struct SeqView {
   template <typename T, typename P> static CA_DEVICE const P& of(const P& p, int) { return p; }
 };
 template <> struct SeqView<true> {
-  template <typename T, typename P> static CA_DEVICE P of(const P& p, int b) { return seq_view<T>(p, b); }
+  // The view lives in shared memory: the loops re-read its fields after their barriers instead of
+  // holding the moved pointers and lengths in registers (which the fused kernels do not have spare).
+  template <typename T, typename P> static CA_DEVICE const P& of(const P& p, int b) {
+    __shared__ P view;
+    if (threadIdx.x == 0) view = seq_view<T>(p, b);
+    __syncthreads();
+    return view;
+  }
 };
 
 }  // namespace ca
