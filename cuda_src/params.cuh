@@ -131,20 +131,18 @@ CA_DEVICE SeqBounds seq_view_attn(AttnParams& p, int b) {
 }
 
 template <typename T>
-CA_DEVICE FwdParams seq_view(FwdParams p, int b) {
+CA_DEVICE void seq_view(FwdParams& p, int b) {
   seq_view_attn<T>(p, b);
-  return p;
 }
 
 // The backward's rows: dout and dq like q, dk and dv like k. lse2 and dvec stay (B H, nq_pad).
 template <typename T>
-CA_DEVICE BwdParams seq_view(BwdParams p, int b) {
+CA_DEVICE void seq_view(BwdParams& p, int b) {
   const SeqBounds s = seq_view_attn<T>(p, b);
   p.dout = rows_at(p.dout, s.q_base, p.do_sn, (int)sizeof(T));
   p.dq = rows_at(p.dq, s.q_base, p.dq_sn, 4);
   p.dk = rows_at(p.dk, s.k_base, p.dkv_sn, p.dk_f32 ? 4 : (int)sizeof(T));
   p.dv = rows_at(p.dv, s.k_base, p.dkv_sn, p.dv_f32 ? 4 : (int)sizeof(T));
-  return p;
 }
 
 // SeqView<VARLEN>::of<T>(params, b): the record a kernel works on (bind it to a const reference).
@@ -156,7 +154,10 @@ template <> struct SeqView<true> {
   // holding the moved pointers and lengths in registers (which the fused kernels do not have spare).
   template <typename T, typename P> static CA_DEVICE const P& of(const P& p, int b) {
     __shared__ P view;
-    if (threadIdx.x == 0) view = seq_view<T>(p, b);
+    if (threadIdx.x == 0) {
+      view = p;
+      seq_view<T>(view, b);  // in place: no copy of the record through local memory
+    }
     __syncthreads();
     return view;
   }
