@@ -155,8 +155,13 @@ template <> struct SeqView<true> {
   template <typename T, typename P> static CA_DEVICE const P& of(const P& p, int b) {
     __shared__ P view;
     if (threadIdx.x == 0) {
-      view = p;
-      seq_view<T>(view, b);  // in place: no copy of the record through local memory
+      // word by word in a rolled loop, then moved in place: a struct assignment or a by-value view
+      // is staged through local memory in some kernels (NVRTC 12.9 reports it as a spill)
+      const unsigned* src = reinterpret_cast<const unsigned*>(&p);
+      unsigned* dst = reinterpret_cast<unsigned*>(&view);
+#pragma unroll 1
+      for (int i = 0; i < (int)(sizeof(P) / 4); ++i) dst[i] = src[i];
+      seq_view<T>(view, b);
     }
     __syncthreads();
     return view;
