@@ -10,7 +10,9 @@ arrays with a faithful model of the warp-level execution.
 `RawModule` mirrors ``cupy.RawModule``; NumPy arrays stand for device pointers and NumPy scalars
 (including structured ``np.void`` scalars, passed by value as their raw bytes) for by-value arguments.
 See docs/emulator.md for what is modelled (every thread a fiber, real barriers, warp collectives from
-the PTX fragment tables, cp.async landing at the wait, guarded memory) and what is not.
+the PTX fragment tables, cp.async landing at the wait, guarded and garbage-filled memory, a watchdog
+for threads that spin without progress, an instrumented mode that finds races between blocks) and
+what is not.
 
 This module never imports CuPy.
 """
@@ -48,8 +50,17 @@ __all__ = [
     "set_placement",
     "get_placement",
     "placement",
+    "set_fill",
+    "get_fill",
+    "fill",
     "set_num_workers",
     "get_num_workers",
+    "set_watchdog",
+    "get_watchdog",
+    "watchdog",
+    "set_race_check",
+    "get_race_check",
+    "race_check",
     "cache_dir",
 ]
 
@@ -119,7 +130,61 @@ def _env_placement():
     return _check_placement(v, "CUPY_COSATTN_EMU_PLACE") if v else "alternate"
 
 
-_state = {"interleave": _env_interleave(), "workers": _env_workers(), "placement": _env_placement()}
+# Fresh device arrays hold this byte everywhere (see set_fill); None leaves them as the OS maps them.
+_FILL_DEFAULT = 0xFF
+
+
+def _check_fill(value, what):
+    if value is None or value is False:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) <= 255:
+        raise ValueError(f"{what}: expected a byte value 0..255 or None (off), got {value!r}")
+    return int(value)
+
+
+def _env_fill():
+    v = os.environ.get("CUPY_COSATTN_EMU_FILL", "").strip().lower()
+    if not v:
+        return _FILL_DEFAULT
+    if v in ("off", "none", "no", "false"):
+        return None
+    try:
+        return _check_fill(int(v, 0), "CUPY_COSATTN_EMU_FILL")
+    except ValueError:
+        raise ValueError(f"CUPY_COSATTN_EMU_FILL: expected a byte value 0..255 (e.g. 0xff) or off, got {v!r}") from None
+
+
+_WATCHDOG_DEFAULT = 10.0  # seconds without progress before a launch is reported as hung
+
+
+def _check_watchdog(seconds, what):
+    if seconds is None or seconds is False:
+        return None
+    try:
+        v = float(seconds)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected a number of seconds > 0 or None (off), got {seconds!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise ValueError(f"{what}: expected a number of seconds > 0 or None (off), got {seconds!r}")
+    return v
+
+
+def _env_watchdog():
+    v = os.environ.get("CUPY_COSATTN_EMU_WATCHDOG", "").strip().lower()
+    if not v:
+        return _WATCHDOG_DEFAULT
+    if v in ("off", "none", "no", "false", "0"):
+        return None
+    return _check_watchdog(v, "CUPY_COSATTN_EMU_WATCHDOG")
+
+
+def _env_race():
+    v = os.environ.get("CUPY_COSATTN_EMU_RACE", "").strip().lower()
+    return v not in ("", "0", "off", "no", "false", "none")
+
+
+_state = {"interleave": _env_interleave(), "workers": _env_workers(), "placement": _env_placement(),
+          "fill": _env_fill(), "watchdog": _env_watchdog(), "race": _env_race()}
 
 
 def set_interleave(seed):
@@ -178,6 +243,10 @@ def set_placement(mode):
     data hold canaries, checked after every launch. The environment variable
     CUPY_COSATTN_EMU_PLACE=end|start|alternate|exact sets the initial value. Arrays already
     allocated keep their placement.
+
+    Dynamic shared memory follows the same setting at every launch, with ``"alternate"`` by the
+    parity of the block index plus a launch counter: against its start guard (``smem[-1]`` faults)
+    or its end guard, with canaries in the slack checked when each block is done.
     """
     _state["placement"] = _check_placement(mode, "set_placement")
 
@@ -190,6 +259,80 @@ def get_placement():
 def placement(mode):
     """Context manager: set_placement(mode) inside the block, restored after."""
     return _temporarily("placement", set_placement, mode)
+
+
+def set_fill(value):
+    """What fresh device arrays (device_empty, and so every buffer the launch layer allocates without
+    initializing it) hold: every byte set to `value` (0..255), or None to leave them as the OS maps
+    them, all zeros.
+
+    The default, 0xFF, is a NaN in float32, float16 and bfloat16 (and -1 in every signed integer
+    type): on a GPU ``cupy.empty`` hands out recycled pool memory, so a kernel that fails to write
+    part of its output (padding columns, say) must not pass because fresh memory happens to be zero.
+    The environment variable CUPY_COSATTN_EMU_FILL=<byte, e.g. 0xff>|off sets the initial value.
+    device_zeros and to_device are not affected (they write every byte).
+    """
+    _state["fill"] = _check_fill(value, "set_fill")
+
+
+def get_fill():
+    """The byte fresh device arrays are filled with, or None when the fill is off."""
+    return _state["fill"]
+
+
+def fill(value):
+    """Context manager: set_fill(value) inside the block, restored after."""
+    return _temporarily("fill", set_fill, value)
+
+
+def set_watchdog(seconds):
+    """Report a launch as hung when none of its threads made progress for `seconds` (None: off).
+
+    Progress is a barrier or warp collective completing, copies landing at a cp.async wait, a thread
+    exiting, or any change in shared or global memory. Threads of a block switch only at scheduling
+    points, so the watchdog also preempts a thread that runs long without one (after about 0.1 s), so
+    that a spin-wait on a flag another thread sets (legal on Volta and later) makes progress; one
+    that no thread ever sets raises EmulatorError after the bound, naming the spinning threads and
+    their call sites (the function, its offsets in the module and the source lines). Off, the
+    preemption is off too, and such a launch hangs. Default 10 s; the environment variable
+    CUPY_COSATTN_EMU_WATCHDOG=<seconds>|off sets the initial value.
+    """
+    _state["watchdog"] = _check_watchdog(seconds, "set_watchdog")
+
+
+def get_watchdog():
+    """The watchdog's bound in seconds, or None when it is off."""
+    return _state["watchdog"]
+
+
+def watchdog(seconds):
+    """Context manager: set_watchdog(seconds) inside the block, restored after."""
+    return _temporarily("watchdog", set_watchdog, seconds)
+
+
+def set_race_check(on):
+    """Turn the detection of races between blocks in global memory on or off (default off).
+
+    On, kernels run from a build instrumented by the compiler (g++ -fsanitize=thread, with the
+    emulator's own handlers instead of ThreadSanitizer's run-time library): every plain load and
+    store to a device array is recorded per byte with the block that made it, and a launch in which
+    one block writes a byte that another block reads or writes raises EmulatorError naming the
+    kernel, both blocks and threads, and the buffer and byte offset. Atomics are exempt (as are
+    accesses by threads of the same block, ordered by barriers). Blocks run on one worker thread.
+    Slow: an instrumented build of each module (once, cached) and a call per memory access; use it
+    on small problems. The environment variable CUPY_COSATTN_EMU_RACE=1 sets the initial value.
+    """
+    _state["race"] = bool(on)
+
+
+def get_race_check():
+    """Whether race detection is on."""
+    return _state["race"]
+
+
+def race_check(on=True):
+    """Context manager: set_race_check(on) inside the block, restored after."""
+    return _temporarily("race", set_race_check, on)
 
 
 def set_num_workers(n):
@@ -234,7 +377,7 @@ def _compiler_id():
 def _shim_digest():
     h = hashlib.sha256()
     for p in sorted(_EMU_DIR.iterdir()):
-        if p.is_file() and p.suffix in (".h", ".cpp", ".hpp"):
+        if p.is_file() and p.suffix in (".h", ".cpp", ".hpp", ".inc"):
             h.update(p.name.encode())
             h.update(p.read_bytes())
     return h.hexdigest()
@@ -318,6 +461,8 @@ def _runtime():
         lib.caemu_free.restype = None
         lib.caemu_check_canaries.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
         lib.caemu_check_canaries.restype = ctypes.c_int
+        lib.caemu_set_option.argtypes = [ctypes.c_int, ctypes.c_longlong]
+        lib.caemu_set_option.restype = None
         lib.caemu_configure(_env_stack())
         _runtime_lib = lib
         return lib
@@ -364,7 +509,17 @@ def _dtype_name(dt):
 def device_empty(shape, dtype=np.float32):
     """An uninitialized "device" array: a NumPy array over a guarded allocation (PROT_NONE pages on
     both sides, the data flush against one of them as set_placement says, canaries in the slack).
-    Out-of-bounds kernel accesses fault or hit a canary and raise EmulatorError."""
+    Out-of-bounds kernel accesses fault or hit a canary and raise EmulatorError. Every byte holds the
+    garbage of set_fill (0xFF by default: NaN as any float type)."""
+    arr = _device_alloc(shape, dtype)
+    value = _state["fill"]
+    if value is not None and arr.size:
+        np.asarray(_guarded_owner(arr)).fill(value)  # the allocation's bytes (uint8)
+    return arr
+
+
+def _device_alloc(shape, dtype):
+    """A device array straight from the allocator: all zeros (fresh anonymous pages)."""
     dtype = np.dtype(dtype)
     shape = (shape,) if np.isscalar(shape) else tuple(int(s) for s in shape)
     n = 1
@@ -380,15 +535,13 @@ def device_empty(shape, dtype=np.float32):
 
 def device_zeros(shape, dtype=np.float32):
     """device_empty, filled with zeros."""
-    a = device_empty(shape, dtype)
-    a.view(np.uint8).reshape(-1)[:] = 0
-    return a
+    return _device_alloc(shape, dtype)  # fresh anonymous pages are zero
 
 
 def to_device(a, dtype=None):
     """A guarded copy of `a` (C-contiguous)."""
     a = np.asarray(a, dtype=dtype)
-    d = device_empty(a.shape, a.dtype)
+    d = _device_alloc(a.shape, a.dtype)  # every byte is copied: no fill needed
     if a.size:
         np.copyto(d, a, casting="no")
     return d
@@ -430,6 +583,8 @@ def _describe_alloc(aid, offset):
     itemsize = np.dtype(dt).itemsize if dt else 1
     where = "before its start" if offset < 0 else "past its end" if offset >= nbytes else "inside"
     elem = f", element {offset // itemsize}" if itemsize > 1 else ""
+    if 0 <= offset < nbytes and len(shape) > 1:
+        elem += f" {tuple(int(i) for i in np.unravel_index(offset // itemsize, shape))}"
     return (f"buffer of shape {shape} dtype {dt} ({nbytes} bytes, placement {place}) at byte offset "
             f"{offset}{elem} ({where})")
 
@@ -587,6 +742,12 @@ def _translate_options(options):
     return flags, incdirs
 
 
+# Race mode: gcc's ThreadSanitizer pass (function entry/exit hooks off: only memory accesses), linked
+# without libtsan; calls of memcpy / memset / memmove go to the runtime's __wrap_ versions.
+_RACE_CFLAGS = ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0"]
+_RACE_LDFLAGS = ["-Wl,--wrap=memcpy,--wrap=memset,--wrap=memmove"]
+
+
 def _extra_cflags():
     v = os.environ.get("CUPY_COSATTN_EMU_CFLAGS", "").split()
     return v
@@ -665,6 +826,48 @@ def _arg_bytes(kname, i, a, info, temps):
     return data
 
 
+# caemu_set_option keys (runtime.cpp).
+_OPT_SMEM_PLACEMENT, _OPT_WATCHDOG_MS, _OPT_RACE = 1, 2, 3
+
+_CODE_ADDRS = re.compile(r"\[(/[^\[\],]+?)\+(0x[0-9a-f]+(?:, \+0x[0-9a-f]+)*)\]")
+
+
+def _source_line(path, line):
+    try:
+        with open(path, errors="replace") as f:
+            for i, text in enumerate(f, 1):
+                if i == line:
+                    text = " ".join(text.split())
+                    return text if len(text) <= 100 else text[:97] + "..."
+    except OSError:
+        pass
+    return ""
+
+
+def _resolve_code_addresses(msg):
+    """Append the source lines (addr2line) to each "[library+0xoff, +0xoff, ...]" of a runtime message,
+    when the library has line information; unchanged otherwise."""
+    def lines(m):
+        offs = [o.strip().lstrip("+") for o in m.group(2).split(",")]
+        try:
+            out = subprocess.run(["addr2line", "-e", m.group(1)] + offs, capture_output=True, text=True,
+                                 timeout=30).stdout.splitlines()
+        except (OSError, subprocess.SubprocessError):
+            return m.group(0)
+        found = []
+        for loc in out:
+            loc = loc.split(" (discriminator")[0].strip()
+            path, _, num = loc.rpartition(":")
+            if not path or path.startswith("??") or not num.isdigit():
+                continue
+            text = _source_line(path, int(num))
+            item = f"{os.path.basename(path)}:{num}" + (f": `{text}`" if text else "")
+            if item not in found:
+                found.append(item)
+        return f"{m.group(0)} ({'; '.join(found)})" if found else m.group(0)
+    return _CODE_ADDRS.sub(lines, msg)
+
+
 def launch(kernel, grid, block, args, shared_mem=0):
     """Run `kernel` (a RawKernel of an emulated module) on the CPU. Same as calling the kernel."""
     lib = _runtime()
@@ -693,13 +896,24 @@ def launch(kernel, grid, block, args, shared_mem=0):
         bv = (ctypes.c_uint * 3)(*b)
         res = _Result()
         seed = _state["interleave"]
-        code = lib.caemu_launch(kernel._entry, kname.encode(), gv, bv, argv, shared_mem, _state["workers"],
-                                0 if seed is None else 1, 0 if seed is None else seed, kernel._tls_probe,
+        race = _state["race"]
+        entry, probe = kernel._module._race_entry(kname) if race else (kernel._entry, kernel._tls_probe)
+        wd = _state["watchdog"]
+        lib.caemu_set_option(_OPT_SMEM_PLACEMENT, _PLACEMENTS[_state["placement"]])
+        lib.caemu_set_option(_OPT_WATCHDOG_MS, 0 if wd is None else max(1, int(wd * 1000)))
+        lib.caemu_set_option(_OPT_RACE, int(race))
+        code = lib.caemu_launch(entry, kname.encode(), gv, bv, argv, shared_mem, _state["workers"],
+                                0 if seed is None else 1, 0 if seed is None else seed, probe,
                                 ctypes.byref(res))
         if code:
             msg = res.msg.decode(errors="replace")
             if code == 2 and res.alloc_id >= 0:
                 msg += ": out of bounds of " + _describe_alloc(res.alloc_id, res.offset)
+            elif code == 3:
+                msg = re.sub(r"\{alloc (-?\d+) (-?\d+)\}",
+                             lambda m: "in " + _describe_alloc(int(m.group(1)), int(m.group(2))), msg)
+            if "watchdog:" in msg:
+                msg = _resolve_code_addresses(msg)
             try:
                 _check_canaries(kname)  # re-arm, so the next launch starts clean
             except EmulatorError as e:
@@ -727,12 +941,15 @@ class RawModule:
         self.code = code
         self.options = tuple(options or ())
         self.name_expressions = tuple(name_expressions or ())
-        self._lib = None
+        self._libs = {}  # variant ("plain" | "race") -> loaded library
         self._kernels = {}
+        self._race_entries = {}
 
-    def _build(self):
-        if self._lib is not None:
-            return self._lib
+    def _build(self, race: bool = False):
+        """The module's library: plain, or instrumented for race detection (see set_race_check)."""
+        variant = "race" if race else "plain"
+        if variant in self._libs:
+            return self._libs[variant]
         _runtime()
         flags, incdirs = _translate_options(self.options)
         extra = _extra_cflags()
@@ -741,13 +958,15 @@ class RawModule:
         entries = [(e, e) for e in exprs]
         known = {e for e in exprs}
         entries_auto = entries + [(short, q) for q, short in auto if short not in known and q not in known]
-        base = [_cxx(), "-O2", "-std=c++17", "-fPIC", "-shared", "-fno-strict-aliasing", "-fstack-clash-protection",
-                "-Wno-unknown-pragmas",
+        # -g1: line tables, so that the watchdog can name the source lines of its call sites
+        base = [_cxx(), "-O2", "-g1", "-std=c++17", "-fPIC", "-shared", "-fno-strict-aliasing",
+                "-fstack-clash-protection", "-Wno-unknown-pragmas",
                 # cuda_src/emu/ first: its cuda_fp16.h / cuda_bf16.h stand in for CUDA's
                 "-DCA_EMULATOR", f"-I{_EMU_DIR}", f"-I{CUDA_SRC}"] + flags + extra + ["-include", str(_SHIM)]
         digest = hashlib.sha256()
         for part in (_ABI, _compiler_id(), "\0".join(base), _shim_digest(),
-                     _headers_digest([CUDA_SRC] + incdirs), self.code, "\0".join(exprs)):
+                     _headers_digest([CUDA_SRC] + incdirs), self.code, "\0".join(exprs), variant,
+                     "file-prefix-map"):
             digest.update(part.encode())
             digest.update(b"\1")
         key = digest.hexdigest()[:32]
@@ -759,13 +978,13 @@ class RawModule:
                 if not out.exists():
                     src = d / f"mod-{key}.cpp"
                     try:
-                        self._write_and_compile(src, out, base, entries_auto)
+                        self._write_and_compile(src, out, base, entries_auto, race)
                     except EmulatorError:
                         if len(entries_auto) == len(entries):
                             raise
                         # A name found by the source scan did not work as an expression (an overload,
                         # say): build with the name expressions only.
-                        self._write_and_compile(src, out, base, entries)
+                        self._write_and_compile(src, out, base, entries, race)
                 lib = ctypes.CDLL(str(out))
                 lib.caemu_module_count.restype = ctypes.c_int
                 lib.caemu_module_name.restype = ctypes.c_char_p
@@ -775,15 +994,29 @@ class RawModule:
                 lib.caemu_module_args.restype = ctypes.c_int
                 lib.caemu_module_args.argtypes = [ctypes.c_int, ctypes.POINTER(_ArgInfo), ctypes.c_int]
                 _modules[key] = lib
-        self._lib = lib
+        self._libs[variant] = lib
         return lib
 
-    def _write_and_compile(self, src, out, base, entries):
+    def _write_and_compile(self, src, out, base, entries, race=False):
         text = self.code + "\n" + _wrappers(entries)
         tmp_src = src.with_name(f"{src.name}.{os.getpid()}.{threading.get_ident()}.cpp")
         tmp_src.write_text(text)
         try:
-            _compile(base + [str(tmp_src), "-o", "@OUT@"], out, "an emulated module")
+            # line information names the source by the name it keeps after the build
+            base = base + [f"-ffile-prefix-map={tmp_src}={src}"]
+            if not race:
+                _compile(base + [str(tmp_src), "-o", "@OUT@"], out, "an emulated module")
+            else:
+                # The compiler's ThreadSanitizer instrumentation without its run-time library: the
+                # calls it inserts (and memcpy / memset / memmove, wrapped at link time) go to the
+                # emulator runtime's race detector (cuda_src/emu/race.inc).
+                obj = out.with_name(out.name + ".o")
+                _compile(base + _RACE_CFLAGS + ["-c", str(tmp_src), "-o", "@OUT@"], obj, "an instrumented module")
+                try:
+                    _compile([_cxx(), "-shared", str(obj), "-o", "@OUT@"] + _RACE_LDFLAGS, out,
+                             "an instrumented module")
+                finally:
+                    obj.unlink(missing_ok=True)
         finally:
             try:
                 os.replace(tmp_src, src)  # keep the generated source beside the build, for debugging
@@ -793,12 +1026,17 @@ class RawModule:
     def compile(self, log_stream=None):
         self._build()
 
-    def get_function(self, name):
-        """The kernel named `name`: a name expression given to the constructor (exactly, or up to
-        whitespace), or the name of a non-template __global__ function."""
-        if name in self._kernels:
-            return self._kernels[name]
-        lib = self._build()
+    def _race_entry(self, name):
+        """(entry, TLS probe) of kernel `name` in the instrumented build."""
+        got = self._race_entries.get(name)
+        if got is None:
+            lib = self._build(race=True)
+            idx = self._kernel_index(lib, name)
+            probe = ctypes.cast(lib.caemu_module_tls_probe, ctypes.c_void_p).value
+            got = self._race_entries[name] = (lib.caemu_module_entry(idx), probe)
+        return got
+
+    def _kernel_index(self, lib, name):
         table = {}
         for i in range(lib.caemu_module_count()):
             table[lib.caemu_module_name(i).decode()] = i
@@ -809,6 +1047,15 @@ class RawModule:
         if idx is None:
             raise EmulatorError(f"no kernel named {name!r} in the module (known: {sorted(table)}); template "
                                 "kernels must be listed in name_expressions")
+        return idx
+
+    def get_function(self, name):
+        """The kernel named `name`: a name expression given to the constructor (exactly, or up to
+        whitespace), or the name of a non-template __global__ function."""
+        if name in self._kernels:
+            return self._kernels[name]
+        lib = self._build()
+        idx = self._kernel_index(lib, name)
         infos = (_ArgInfo * 64)()
         n = lib.caemu_module_args(idx, infos, 64)
         arginfo = [(infos[i].size, infos[i].align, infos[i].is_pointer) for i in range(min(n, 64))]
