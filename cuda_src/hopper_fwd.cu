@@ -55,6 +55,7 @@ constexpr int WG_ROWS = 64;                        // query rows of one consumer
 constexpr int BLOCK_M = CONSUMERS * WG_ROWS;       // query rows per block
 constexpr int BLOCK_N = 128;                       // keys per K/V tile (the S wgmma's N)
 constexpr int THREADS = WG * (1 + CONSUMERS);
+constexpr int RELEASERS = 4 * CONSUMERS;          // consumer warps: each releases a K / V stage
 constexpr int SPAN = 64;                           // 16-bit elements in one 128-byte swizzled row
 constexpr uint32_t PRODUCER_REGS = 40;             // 128 x 40 + 256 x 232 <= 65536 registers
 constexpr uint32_t CONSUMER_REGS = 232;
@@ -87,14 +88,16 @@ struct Smem {
 
 // The mbarriers. Stage s of K: full_k[s] completes when the tile has landed (and its mask bytes are
 // in), empty_k[s] when both consumers are done with it; likewise V, whose landed_v[s] completes when
-// the TMA load has landed and the fix-up warp may start (only used with a fix-up).
+// the TMA load has landed and the fix-up warp may start (only used with a fix-up). A stage is released
+// per consumer warp (lane 0, after __syncwarp): its wgmma operands are read by the warpgroup as a
+// whole, but its mask bytes and flags by every thread on its own.
 struct Barriers {
   uint64_t* full_q;   // count 1 (+ Q_BYTES)
   uint64_t* empty_q;  // count CONSUMERS: the Q / staging buffer is free again
   uint64_t* full_k;   // [STAGES] count 1 (+ 32 mask-warp lanes with a mask) (+ KV_BYTES)
-  uint64_t* empty_k;  // [STAGES] count CONSUMERS
+  uint64_t* empty_k;  // [STAGES] count RELEASERS
   uint64_t* full_v;   // [STAGES] count 1 (+ KV_BYTES), or 32 fix-up lanes with a fix-up
-  uint64_t* empty_v;  // [STAGES] count CONSUMERS
+  uint64_t* empty_v;  // [STAGES] count RELEASERS
   uint64_t* landed_v; // [STAGES] count 1 (+ KV_BYTES), fix-up only
 };
 
@@ -308,6 +311,13 @@ CA_DEVICE void issue_pv(float (&o)[DP / 2], const uint32_t (&pa)[BLOCK_N / 16][4
   }
 }
 
+// A consumer warp is done with a stage: every lane has read what it reads there (its wgmmas have
+// completed, as this lane's wgmma_wait shows for the warpgroup; its mask / flag bytes it read itself).
+CA_DEVICE void release(uint64_t* empty, int lane) {
+  __syncwarp();
+  if (lane == 0) mbar_arrive(empty);
+}
+
 template <int R>
 CA_DEVICE void fence_regs(float (&x)[R]) {
   fence_operand(x);
@@ -491,11 +501,11 @@ CA_DEVICE void consume(const Args& a, Work& w, unsigned char* smem, const Barrie
       if (w.crosses_diagonal(j)) mbar_wait(&bar.full_v[s], ring.phase);
       softmax<T, DP, RUNNING_MAX>(r, w, j, wrow0, g, t, smem + L::MASK + s * BLOCK_N, smem + L::FLAG + s * BLOCK_N,
                                   scale_log2, offset_log2, bias);
-      if (tid == 0) mbar_arrive(&bar.empty_k[s]);  // K_j and its mask bytes are no longer read
+      release(&bar.empty_k[s], lane);  // K_j and its mask bytes are no longer read by this warp
       if (prev_stage >= 0) {
         wgmma_wait<0>();
         fence_regs(r.o);
-        if (tid == 0) mbar_arrive(&bar.empty_v[prev_stage]);
+        release(&bar.empty_v[prev_stage], lane);  // and V_{j-1}, its flags
       }
       fence_regs(r.pa);
       pack_p<T, DP>(r);  // the A registers of P_{j-1} V_{j-1} are free again
@@ -514,7 +524,7 @@ CA_DEVICE void consume(const Args& a, Work& w, unsigned char* smem, const Barrie
       named_barrier_arrive(other_turn, 2 * WG);
       wgmma_wait<0>();
       fence_regs(r.o);
-      if (tid == 0) mbar_arrive(&bar.empty_v[prev_stage]);
+      release(&bar.empty_v[prev_stage], lane);
     }
     if (c == 0) named_barrier_sync(BAR_TURN, 2 * WG);  // consumer 1's last hand-off
 
@@ -575,9 +585,9 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd_sm90(const __grid_constan
     mbar_init(bar.empty_q, CONSUMERS);
     for (int s = 0; s < L::STAGES; ++s) {
       mbar_init(&bar.full_k[s], with_mask ? 1 + 32 : 1);
-      mbar_init(&bar.empty_k[s], CONSUMERS);
+      mbar_init(&bar.empty_k[s], RELEASERS);
       mbar_init(&bar.full_v[s], w.fixup() ? 32 : 1);
-      mbar_init(&bar.empty_v[s], CONSUMERS);
+      mbar_init(&bar.empty_v[s], RELEASERS);
       mbar_init(&bar.landed_v[s], 1);
     }
   }

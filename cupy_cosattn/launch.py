@@ -21,7 +21,9 @@ cupy_cosattn.resources`` compiles exactly that list with NVRTC.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -62,8 +64,48 @@ class DeviceCaps:
                                f"cp.async, bf16/tf32 tensor cores); this device has {cc}. Use backend='reference'")
 
 
-# The emulator runs the kernels as on an A100 (sm_80, 108 SMs); tests replace it to mimic other GPUs.
-EMULATED_DEVICE = DeviceCaps((8, 0), SMEM_OPTIN_BY_ARCH["sm_80"], 108)
+# The devices the emulator can present itself as (what the launch layer then picks kernels for): an
+# A100 (sm_80, the default), consumer Ampere / Ada, and an H100 (sm_90a: its Hopper kernels run too).
+EMULATED_DEVICES = {
+    "sm_80": DeviceCaps((8, 0), SMEM_OPTIN_BY_ARCH["sm_80"], 108),
+    "sm_86": DeviceCaps((8, 6), SMEM_OPTIN_BY_ARCH["sm_86"], 84),
+    "sm_89": DeviceCaps((8, 9), SMEM_OPTIN_BY_ARCH["sm_89"], 128),
+    "sm_90a": DeviceCaps((9, 0), SMEM_OPTIN_BY_ARCH["sm_90"], 132),
+}
+EMU_ARCH_ENV = "CUPY_COSATTN_EMU_ARCH"
+
+
+def _emulated_from_env() -> DeviceCaps:
+    arch = os.environ.get(EMU_ARCH_ENV, "").strip() or "sm_80"
+    if arch not in EMULATED_DEVICES:
+        raise ValueError(f"{EMU_ARCH_ENV}={arch!r}: expected one of {', '.join(EMULATED_DEVICES)}")
+    return EMULATED_DEVICES[arch]
+
+
+# The device the emulator presents itself as: CUPY_COSATTN_EMU_ARCH (default sm_80), set_emulated_arch()
+# or emulated_arch(); tests also replace it to mimic other GPUs.
+EMULATED_DEVICE = _emulated_from_env()
+
+
+def set_emulated_arch(arch: str) -> None:
+    """Make the emulator present itself as a device of `arch` (a key of EMULATED_DEVICES): "sm_90a"
+    runs the Hopper kernels on the CPU."""
+    global EMULATED_DEVICE
+    if arch not in EMULATED_DEVICES:
+        raise ValueError(f"arch: {arch!r}, expected one of {', '.join(EMULATED_DEVICES)}")
+    EMULATED_DEVICE = EMULATED_DEVICES[arch]
+
+
+@contextlib.contextmanager
+def emulated_arch(arch: str):
+    """set_emulated_arch(arch) for the duration of a with-block."""
+    global EMULATED_DEVICE
+    before = EMULATED_DEVICE
+    set_emulated_arch(arch)
+    try:
+        yield
+    finally:
+        EMULATED_DEVICE = before
 
 FWD_BLOCK_M = 64  # query rows per block (forward.cu BLOCK_M)
 FWD_THREADS = 128  # 4 warps
@@ -147,6 +189,7 @@ class KernelSpec:
     name: str
     threads: int
     smem: int = 0
+    arch: Optional[str] = None  # the NVRTC target it needs (e.g. "sm_90a"); None: any of the portable ones
 
     @property
     def group(self) -> tuple:
@@ -189,11 +232,19 @@ def norm_kernel_specs() -> list:
     return specs
 
 
+def sm90_kernel_specs(sm90) -> list:
+    """The Hopper forward (launch_sm90): both variants of each 16-bit dtype and padded head dim."""
+    return [KernelSpec(sm90.SOURCE, sm90.kernel_name(dt, dp, rm), sm90.THREADS, sm90.smem_bytes(dp), sm90.ARCH)
+            for dt in sm90.DTYPES for dp in sm90.HEAD_DIM_PADS for rm in (False, True)]
+
+
 def kernel_registry() -> list:
     """Every (source, name expression) the package can launch, with block size and dynamic shared
     memory. Backward kernels come from ``launch_backward.kernel_specs()`` when that module defines it
     (a list of :class:`KernelSpec`)."""
-    specs = norm_kernel_specs() + forward_kernel_specs()
+    from . import launch_sm90
+
+    specs = norm_kernel_specs() + forward_kernel_specs() + sm90_kernel_specs(launch_sm90)
     try:
         from . import launch_backward
     except ImportError:
@@ -393,13 +444,15 @@ class Backend:
         return int(self._emu.device_ptr(arr))
 
     # -- kernels --------------------------------------------------------------------------------
-    def kernel(self, source: str, name: str, smem: int = 0):
+    def kernel(self, source: str, name: str, smem: int = 0, arch: Optional[str] = None):
         """The compiled kernel `name` (an NVRTC name expression) of cuda_src/`source`.
 
         Modules are cached per (backend, source, options, name expressions); the kernels compiled
         together are those of :func:`module_group`. `smem`: dynamic shared memory the launch will
-        request; above 48 KB the kernel's opt-in attribute is raised (cuda)."""
-        options = compile_options()
+        request; above 48 KB the kernel's opt-in attribute is raised (cuda). `arch`: the kernel's
+        NVRTC target (KernelSpec.arch), passed as -arch (CuPy appends the device's -arch=sm_XX after
+        it; NVRTC keeps the arch-specific sm_90a; the emulator ignores the option)."""
+        options = compile_options() + ((f"-arch={arch}",) if arch else ())
         names = module_members(source, name)
         # per device on the GPU: compiled functions and their shared-memory opt-in are per device
         device = int(self.xp.cuda.Device().id) if self.name == "cuda" else None
@@ -542,6 +595,10 @@ class Backend:
         B, H, Nq, Nk, D = prob.B, prob.H, prob.Nq, prob.Nk, prob.D
         dt = prob.dtype_name
         dp = head_dim_pad(D)
+        from . import launch_sm90
+
+        if launch_sm90.fallback_reason(dt, D, dp, B * H, caps.compute_capability, caps.smem_optin) is None:
+            return launch_sm90.run_forward(self, prob, inp, out=out, lse=lse)
         bn = fwd_block_n(dt, dp, caps.smem_optin)
         smem = fwd_smem_bytes(dt, dp, bn)
         check_smem("the forward kernel", prob, smem, caps)
