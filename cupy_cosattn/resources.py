@@ -1,6 +1,6 @@
 """Compile every registered kernel instantiation with NVRTC and report its resources (no GPU needed).
 
-    python -m cupy_cosattn.resources [--arch sm_80 sm_90] [--match REGEX] [--jobs N]
+    python -m cupy_cosattn.resources [--arch sm_80 sm_90] [--match REGEX] [--jobs N] [--sass]
 
 For each kernel of ``launch.kernel_registry()`` (grouped into modules exactly as the launch layer
 compiles them) and each architecture, NVRTC (CuPy's binding of the pip-wheel library) compiles with
@@ -9,6 +9,10 @@ compiles them) and each architecture, NVRTC (CuPy's binding of the pip-wheel lib
 A kernel that needs an arch-specific target (KernelSpec.arch, e.g. the sm_90a Hopper forward) is
 compiled for that target whenever its base architecture (sm_90) or the target itself is asked for,
 e.g. ``--arch sm_90a``.
+
+With --sass it runs the static SASS profiler instead (``python -m cupy_cosattn.sass``: main-loop
+instruction counts and a throughput model; --match then selects its kernels by label, e.g.
+'fwd fp16 D=64').
 
 Exit status 1 on any compile error, any spill, any stack frame (local memory: a register array
 indexed at run time, or an ABI call), shared memory above the architecture's per-block limit, or a
@@ -152,7 +156,13 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"], help="target architectures (default: sm_80 sm_90)")
     ap.add_argument("--match", default=None, help="only kernels whose name expression matches this regex")
     ap.add_argument("--jobs", type=int, default=2, help="parallel NVRTC processes (default 2)")
+    ap.add_argument("--sass", action="store_true", help="run the static SASS profiler (cupy_cosattn.sass) instead")
     args = ap.parse_args(argv)
+    if args.sass:
+        from . import sass
+
+        sel = ["--kernels", args.match] if args.match else []
+        return sass.main(["--arch", *args.arch, "--jobs", str(args.jobs)] + sel)
     try:
         from cupy.cuda import nvrtc  # noqa: F401
     except Exception as e:  # noqa: BLE001

@@ -1465,3 +1465,21 @@ def test_gpu_tma_wgmma_gemm_64x64():
     c = cp.zeros((64, 64), np.float32)
     gmod.get_function("t_gemm64")((1,), (128,), (ta, tb, c), shared_mem=1024 + 16384)
     np.testing.assert_allclose(c.get(), A.astype(np.float64) @ B.astype(np.float64).T, rtol=1e-4, atol=1e-4)
+
+
+def test_emu_tma_stores_of_two_blocks_to_one_box_are_a_race(mod):
+    """The race mode sees the global writes of TMA stores (performed by the runtime, not by
+    instrumented kernel code): two blocks storing the same box race; one block alone does not."""
+    box = (16, 32)
+    Bx = np.arange(512, dtype=np.float32).reshape(box).astype(BF16)
+    dG = emu.device_zeros(box, BF16)
+    tm = tensormap.from_array(dG, box, swizzle=64, target="emulator")
+    img, _ = tma_image(Bx, box, (0, 0), (1, 1), DYN_BASE + 1024, 64)
+    k = mod.get_function("t_tma_store<2>")
+    args = (tm, emu.to_device(np.zeros(2, np.int32)), emu.to_device(img), np.uint32(1024), np.uint32(len(img)),
+            np.int32(1))
+    with emu.race_check():
+        k((1,), (128,), args, shared_mem=1024 + len(img))
+        np.testing.assert_array_equal(emu.to_host(dG), Bx)
+        with pytest.raises(emu.EmulatorError, match="data race in global memory between blocks"):
+            k((2,), (128,), args, shared_mem=1024 + len(img))

@@ -202,6 +202,7 @@ void wake(Block* B, int linear) {
   if (g->state == F_HOPPER) {
     g->state = F_READY;
     rq_push(B, linear);
+    note_progress(g->w);  // a completed phase or named barrier is progress for the watchdog
   }
 }
 
@@ -634,6 +635,7 @@ void perform_store(HopBlock& h, TmaStore& op) {
     if (!in) return;
     uint32_t a = op.src + (uint32_t)off;
     if (bits) a = swz(a, bits);
+    race_access((const void*)ga, eb, true);
     memcpy((void*)ga, &h.shadow[a - kDynSmemBase], eb);
   });
   op.executed = true;
@@ -1218,6 +1220,7 @@ void caemu_tma_load(void* dst, const void* tmap, uint64_t* bar, int rank, const 
   unsigned char* out = op.data.data();
   uint32_t eb = m.elem_bytes;
   for_box(m, b, coords, [&](uint64_t off, bool in, uint64_t ga) {
+    if (in) race_access((const void*)ga, eb, false);  // the race mode sees the bulk copy's reads
     memcpy(out + off, in ? (const void*)ga : (const void*)fill, eb);
   });
   op.countdown = choose_countdown(B);
