@@ -311,6 +311,14 @@ CA_DEVICE void issue_pv(float (&o)[DP / 2], const uint32_t (&pa)[BLOCK_N / 16][4
   }
 }
 
+// x, as a value the compiler cannot derive from anything (no instruction on the GPU).
+CA_DEVICE int opaque(int x) {
+#ifndef CA_EMULATOR
+  asm volatile("" : "+r"(x));
+#endif
+  return x;
+}
+
 // A consumer warp is done with a stage: every lane has read what it reads there (its wgmmas have
 // completed, as this lane's wgmma_wait shows for the warpgroup; its mask / flag bytes it read itself).
 CA_DEVICE void release(uint64_t* empty, int lane) {
@@ -350,43 +358,27 @@ CA_DEVICE uint32_t prefix_bits(int limit, int t) {
   return n >= 32 ? 0xffffffffu : (1u << n) - 1u;
 }
 
-// The exponentials of tile j, in place in r.s: P = exp2(x - off) on visible pairs, 0 elsewhere
-// (selected, never multiplied: an invisible key's score may be NaN).
-template <typename T, int DP, bool RUNNING_MAX>
-CA_DEVICE void softmax(ConsumerRegs<T, DP>& r, const Work& w, int j, int64_t wrow0, int g, int t,
-                       const unsigned char* sMask, const unsigned char* sFlag, float scale_log2, float offset_log2,
-                       const char* bias) {
-  const FwdParams& p = w.p;
-  const int64_t key0 = (int64_t)j * BLOCK_N;
-  // Visibility of row rr = g + 8h of the warp (h = (i>>1)&1): keys kr < keys_left, causal
-  // key0 + kr <= wrow0 + rr + diag (kr < rr + cdiff + 1), and unmasked: a prefix of the row's bits
-  // and the mask bits. Computed only where the tile needs it (warp-uniform): a tile past Nk, a mask,
-  // a tile crossing this warp's causal diagonal, or a scrubbed tile (flags).
-  const int keys_left = w.keys_left(j);
-  const int64_t cdiff64 = wrow0 + w.diag - key0;
-  const int cdiff = p.causal ? (int)(cdiff64 < -BLOCK_N ? -BLOCK_N : (cdiff64 > BLOCK_N ? BLOCK_N : cdiff64)) : BLOCK_N;
-  const bool scrubbed = w.crosses_diagonal(j);
-  const bool check = keys_left < BLOCK_N || p.mask != nullptr || cdiff < BLOCK_N - 1 || scrubbed;
-  uint32_t vis[2] = {0xffffffffu, 0xffffffffu};
-  uint32_t bad = 0;  // keys whose V row held a NaN or Inf (scrubbed tiles): a visible one poisons P
-  if (check) {
-    const uint32_t mbits = p.mask != nullptr ? column_bits(sMask, t) : 0xffffffffu;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int causal_limit = g + 8 * h + cdiff + 1;
-      vis[h] = mbits & prefix_bits(causal_limit < keys_left ? causal_limit : keys_left, t);
-    }
-    if (scrubbed) bad = column_bits(sFlag, t);
-  }
-  auto bit = [](uint32_t word, int i) { return (word >> (2 * (i >> 2) + (i & 1))) & 1u; };
+// Where the running-max variant's logits get their bias from: none, a bias of dtype T, or float32.
+enum class Bias { NONE, SAME, F32 };
 
+// The exponentials proper, in place in r.s. CHECK: select by the visibility bits vis[h] (and poison
+// the pairs in `bad`); without it (a full tile nobody has to mask) every pair is visible. brow[h]:
+// the bias of row h at the tile's first key (rows past Nq read the last row's: never stored), for
+// BIAS != NONE.
+template <typename T, int DP, bool RUNNING_MAX, bool CHECK, Bias BIAS>
+CA_DEVICE void exponentials(ConsumerRegs<T, DP>& r, const uint32_t (&vis)[2], uint32_t bad, const char* const (&brow)[2],
+                            int keys_left, int t, float scale_log2, float offset_log2) {
+  auto bit = [](uint32_t word, int i) { return (word >> (2 * (i >> 2) + (i & 1))) & 1u; };
   if constexpr (!RUNNING_MAX) {
     // Fixed offset: exp2(scale_h s log2e - off log2e) <= exp(Headroom) by construction.
 #pragma unroll
     for (int i = 0; i < BLOCK_N / 2; ++i) {
       float x = r.s[i] * scale_log2 - offset_log2;
-      x = bit(bad, i) ? quiet_nan() : x;
-      const float pe = exp2_fast(bit(vis[(i >> 1) & 1], i) ? x : neg_inf());  // exp2(-inf) = 0
+      if constexpr (CHECK) {
+        x = bit(bad, i) ? quiet_nan() : x;
+        x = bit(vis[(i >> 1) & 1], i) ? x : neg_inf();  // exp2(-inf) = 0
+      }
+      const float pe = exp2_fast(x);
       r.lsum[(i >> 1) & 1] += pe;
       r.s[i] = pe;
     }
@@ -396,16 +388,17 @@ CA_DEVICE void softmax(ConsumerRegs<T, DP>& r, const Work& w, int j, int64_t wro
 #pragma unroll
     for (int i = 0; i < BLOCK_N / 2; ++i) {
       float x = r.s[i] * scale_log2;
-      if (bias != nullptr) {
-        // rows past Nq are computed but never stored: clamp them onto a real bias row
-        const int64_t row = wrow0 + g + 8 * ((i >> 1) & 1);
-        const char* brow = bias + (row < p.Nq ? row : p.Nq - 1) * p.bias_sq * (p.bias_f32 ? 4 : (int)sizeof(T));
-        const int kr = 8 * (i >> 2) + 2 * t + (i & 1);
-        // a key past Nk has no bias element: read the row's first instead (the pair is invisible)
-        x += load_f32_or<T>(brow, key0 + (kr < keys_left ? kr : 0), p.bias_f32) * LOG2E;
+      if constexpr (BIAS != Bias::NONE) {
+        int kr = 8 * (i >> 2) + 2 * t + (i & 1);
+        if constexpr (CHECK) kr = kr < keys_left ? kr : 0;  // a key past Nk has no bias (the pair is invisible)
+        const char* const b = brow[(i >> 1) & 1];
+        x += (BIAS == Bias::F32 ? reinterpret_cast<const float*>(b)[kr] : to_float(reinterpret_cast<const T*>(b)[kr])) *
+             LOG2E;
       }
-      x = bit(bad, i) ? quiet_nan() : x;
-      x = bit(vis[(i >> 1) & 1], i) ? x : neg_inf();
+      if constexpr (CHECK) {
+        x = bit(bad, i) ? quiet_nan() : x;
+        x = bit(vis[(i >> 1) & 1], i) ? x : neg_inf();
+      }
       r.s[i] = x;
       tile_max[(i >> 1) & 1] = fmaxf(tile_max[(i >> 1) & 1], x);
     }
@@ -426,6 +419,62 @@ CA_DEVICE void softmax(ConsumerRegs<T, DP>& r, const Work& w, int j, int64_t wro
       r.s[i] = pe;
     }
   }
+}
+
+// exponentials<..., CHECK, BIAS> for the bias this problem has (uniform: one instantiation runs).
+template <typename T, int DP, bool RUNNING_MAX, bool CHECK>
+CA_DEVICE void exponentials_for(ConsumerRegs<T, DP>& r, const uint32_t (&vis)[2], uint32_t bad, const FwdParams& p,
+                                const char* bias, int64_t wrow0, int64_t key0, int keys_left, int g, int t,
+                                float scale_log2, float offset_log2) {
+  const char* brow[2] = {nullptr, nullptr};
+  if (RUNNING_MAX && bias != nullptr) {
+    const int esize = p.bias_f32 ? 4 : (int)sizeof(T);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = wrow0 + g + 8 * h;
+      brow[h] = bias + ((row < p.Nq ? row : p.Nq - 1) * p.bias_sq + key0) * esize;
+    }
+  }
+  if (!RUNNING_MAX || bias == nullptr)
+    exponentials<T, DP, RUNNING_MAX, CHECK, Bias::NONE>(r, vis, bad, brow, keys_left, t, scale_log2, offset_log2);
+  else if (p.bias_f32)
+    exponentials<T, DP, RUNNING_MAX, CHECK, Bias::F32>(r, vis, bad, brow, keys_left, t, scale_log2, offset_log2);
+  else
+    exponentials<T, DP, RUNNING_MAX, CHECK, Bias::SAME>(r, vis, bad, brow, keys_left, t, scale_log2, offset_log2);
+}
+
+// The exponentials of tile j, in place in r.s: P = exp2(x - off) on visible pairs, 0 elsewhere
+// (selected, never multiplied: an invisible key's score may be NaN).
+template <typename T, int DP, bool RUNNING_MAX>
+CA_DEVICE void softmax(ConsumerRegs<T, DP>& r, const Work& w, int j, int64_t wrow0, int g, int t,
+                       const unsigned char* sMask, const unsigned char* sFlag, float scale_log2, float offset_log2,
+                       const char* bias) {
+  const FwdParams& p = w.p;
+  const int64_t key0 = (int64_t)j * BLOCK_N;
+  // Visibility of row rr = g + 8h of the warp (h = (i>>1)&1): keys kr < keys_left, causal
+  // key0 + kr <= wrow0 + rr + diag (kr < rr + cdiff + 1), and unmasked: a prefix of the row's bits
+  // and the mask bits. Computed only where the tile needs it (warp-uniform): a tile past Nk, a mask,
+  // a tile crossing this warp's causal diagonal, or a scrubbed tile (flags).
+  const int keys_left = w.keys_left(j);
+  const int64_t cdiff64 = wrow0 + w.diag - key0;
+  const int cdiff = p.causal ? (int)(cdiff64 < -BLOCK_N ? -BLOCK_N : (cdiff64 > BLOCK_N ? BLOCK_N : cdiff64)) : BLOCK_N;
+  const bool scrubbed = w.crosses_diagonal(j);
+  uint32_t vis[2] = {0xffffffffu, 0xffffffffu};
+  uint32_t bad = 0;  // keys whose V row held a NaN or Inf (scrubbed tiles): a visible one poisons P
+  if (keys_left == BLOCK_N && p.mask == nullptr && cdiff >= BLOCK_N - 1 && !scrubbed) {
+    exponentials_for<T, DP, RUNNING_MAX, false>(r, vis, bad, p, bias, wrow0, key0, keys_left, g, t, scale_log2,
+                                                offset_log2);
+    return;
+  }
+  const uint32_t mbits = p.mask != nullptr ? column_bits(sMask, t) : 0xffffffffu;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int causal_limit = g + 8 * h + cdiff + 1;
+    vis[h] = mbits & prefix_bits(causal_limit < keys_left ? causal_limit : keys_left, t);
+  }
+  if (scrubbed) bad = column_bits(sFlag, t);
+  exponentials_for<T, DP, RUNNING_MAX, true>(r, vis, bad, p, bias, wrow0, key0, keys_left, g, t, scale_log2,
+                                             offset_log2);
 }
 
 // O *= alpha (running max): the rescale of the previous tile's statistics, applied while O is not in
@@ -472,59 +521,65 @@ CA_DEVICE void consume(const Args& a, Work& w, unsigned char* smem, const Barrie
     mbar_wait(bar.full_q, q_round & 1);  // also before the epilogue reuses the buffer: the load has landed
     if (c == 1) named_barrier_arrive(BAR_TURN, 2 * WG);  // consumer 0 issues first
 
-    // Slot per visited tile j: issue S_j (and P_{j-1} V_{j-1}), hand the tensor cores to the other
-    // consumer, then the exponentials of S_j while the products run.
-    int prev_stage = -1;
+    // Slots, software-pipelined over the visited key tiles: a slot issues S_j = Qhat Khat_j^T (when
+    // there is a tile j left) and P_{j-1} V_{j-1} (when there is a previous tile), hands the tensor
+    // cores to the other consumer, then computes the exponentials of S_j while the products run. The
+    // first slot has no P V, the last one no S.
+    int j = w.next_tile(0);
+    int prev = -1;  // ring stage of the previous tile (its V and P), -1: none
     uint32_t prev_phase = 0;
-    for (int j = w.next_tile(0); j < w.n_tiles; j = w.next_tile(j + 1), ring.advance()) {
-      const int s = ring.stage;
-      const unsigned char* const sK = smem + L::K + s * L::KV_BYTES;
-      mbar_wait(&bar.full_k[s], ring.phase);
-      if (prev_stage >= 0) mbar_wait(&bar.full_v[prev_stage], prev_phase);
-      rescale_o<T, DP, RUNNING_MAX>(r);
-      named_barrier_sync(my_turn, 2 * WG);
-      fence_regs(r.o);
-      fence_regs(r.s);
-      fence_regs(r.pa);
-      wgmma_fence();
-      issue_scores<T, DP>(r.s, sQc, sK);
-      wgmma_commit();
-      if (prev_stage >= 0) {
-        issue_pv<T, DP>(r.o, r.pa, smem + L::V + prev_stage * L::KV_BYTES);
+    while (j < w.n_tiles || prev >= 0) {
+      const bool has_pv = prev >= 0;
+      if (has_pv) mbar_wait(&bar.full_v[prev], prev_phase);
+      if (j < w.n_tiles) {
+        const int s = ring.stage;
+        mbar_wait(&bar.full_k[s], ring.phase);
+        rescale_o<T, DP, RUNNING_MAX>(r);
+        named_barrier_sync(my_turn, 2 * WG);
+        fence_regs(r.o);
+        fence_regs(r.s);
+        fence_regs(r.pa);
+        wgmma_fence();
+        issue_scores<T, DP>(r.s, sQc, smem + L::K + s * L::KV_BYTES);
         wgmma_commit();
-      }
-      named_barrier_arrive(other_turn, 2 * WG);
-      if (prev_stage >= 0) wgmma_wait<1>();  // S_j is complete; P_{j-1} V_{j-1} may still run
-      else wgmma_wait<0>();
-      fence_regs(r.s);
-      // the fix-up's flags (and the mask bytes) of this tile are published by full_v / full_k
-      if (w.crosses_diagonal(j)) mbar_wait(&bar.full_v[s], ring.phase);
-      softmax<T, DP, RUNNING_MAX>(r, w, j, wrow0, g, t, smem + L::MASK + s * BLOCK_N, smem + L::FLAG + s * BLOCK_N,
-                                  scale_log2, offset_log2, bias);
-      release(&bar.empty_k[s], lane);  // K_j and its mask bytes are no longer read by this warp
-      if (prev_stage >= 0) {
+        if (has_pv) {
+          issue_pv<T, DP>(r.o, r.pa, smem + L::V + prev * L::KV_BYTES);
+          wgmma_commit();
+        }
+        named_barrier_arrive(other_turn, 2 * WG);
+        if (has_pv) wgmma_wait<1>();  // S_j is complete; P_{j-1} V_{j-1} may still run
+        else wgmma_wait<0>();
+        fence_regs(r.s);
+        // the fix-up's flags of this tile are published by full_v (its mask bytes by full_k)
+        if (w.crosses_diagonal(j)) mbar_wait(&bar.full_v[s], ring.phase);
+        softmax<T, DP, RUNNING_MAX>(r, w, j, wrow0, g, t, smem + L::MASK + s * BLOCK_N, smem + L::FLAG + s * BLOCK_N,
+                                    scale_log2, offset_log2, bias);
+        release(&bar.empty_k[s], lane);  // K_j and its mask bytes are no longer read by this warp
+        if (has_pv) {
+          wgmma_wait<0>();
+          fence_regs(r.o);
+          release(&bar.empty_v[prev], lane);  // nor V_{j-1} and its flags
+        }
+        fence_regs(r.pa);
+        pack_p<T, DP>(r);  // the A registers of P_{j-1} V_{j-1} are free again
+        prev = s;
+        prev_phase = ring.phase;
+        j = w.next_tile(j + 1);
+        ring.advance();
+      } else {  // the last slot: P V of the last tile
+        rescale_o<T, DP, RUNNING_MAX>(r);
+        named_barrier_sync(my_turn, 2 * WG);
+        fence_regs(r.o);
+        fence_regs(r.pa);
+        wgmma_fence();
+        issue_pv<T, DP>(r.o, r.pa, smem + L::V + prev * L::KV_BYTES);
+        wgmma_commit();
+        named_barrier_arrive(other_turn, 2 * WG);
         wgmma_wait<0>();
         fence_regs(r.o);
-        release(&bar.empty_v[prev_stage], lane);  // and V_{j-1}, its flags
+        release(&bar.empty_v[prev], lane);
+        prev = -1;
       }
-      fence_regs(r.pa);
-      pack_p<T, DP>(r);  // the A registers of P_{j-1} V_{j-1} are free again
-      prev_stage = s;
-      prev_phase = ring.phase;
-    }
-    if (prev_stage >= 0) {  // the last tile's P V
-      mbar_wait(&bar.full_v[prev_stage], prev_phase);
-      rescale_o<T, DP, RUNNING_MAX>(r);
-      named_barrier_sync(my_turn, 2 * WG);
-      fence_regs(r.o);
-      fence_regs(r.pa);
-      wgmma_fence();
-      issue_pv<T, DP>(r.o, r.pa, smem + L::V + prev_stage * L::KV_BYTES);
-      wgmma_commit();
-      named_barrier_arrive(other_turn, 2 * WG);
-      wgmma_wait<0>();
-      fence_regs(r.o);
-      release(&bar.empty_v[prev_stage], lane);
     }
     if (c == 0) named_barrier_sync(BAR_TURN, 2 * WG);  // consumer 1's last hand-off
 
@@ -545,13 +600,18 @@ CA_DEVICE void consume(const Args& a, Work& w, unsigned char* smem, const Barrie
         if (l != 0.f) lse = (RUNNING_MAX ? r.row_m[h] * LN2 + logf(l) : logf(l) + offset) + poison;
         p.lse[w.b * p.lse_sb + w.h * p.lse_sh + row] = lse;
       }
+      // Register i holds dims d = 8m + 2t, d + 1 (m = i >> 2) of row rr = 16 warp + g + 8h: byte
+      // 2(d % 64) = 16(m % 8) + 4t of the row's 128-byte line in column block m / 8. The 128B swizzle
+      // (sQc is 1024-byte aligned) XORs the 16-byte chunk index with rr % 8 = g. The lane coordinates
+      // are re-read opaquely so that these addresses are computed here, not hoisted out of the loop
+      // over (batch, head) into registers live across the main loop.
+      const int ge = opaque(g), rr = 16 * warp + ge + 8 * h;
+      unsigned char* const line = sQc + rr * 128 + 4 * opaque(t);
 #pragma unroll
       for (int i = 2 * h; i < DP / 2; i += 4) {
-        const int d = 8 * (i >> 2) + 2 * t;       // dims d, d + 1
-        const int rr = 16 * warp + g + 8 * h;     // row within the warpgroup
-        uint32_t off = (d / SPAN) * L::Q_CB + rr * 128 + (d % SPAN) * 2;
-        off ^= ((off >> 7) & 7) << 4;             // the 128B swizzle (sQc is 1024-byte aligned)
-        *reinterpret_cast<uint32_t*>(sQc + off) = pack2<T>(r.o[i] * inv + poison, r.o[i + 1] * inv + poison);
+        const int m = i >> 2;
+        *reinterpret_cast<uint32_t*>(line + (m / 8) * L::Q_CB + 16 * ((m % 8) ^ ge)) =
+            pack2<T>(r.o[i] * inv + poison, r.o[i + 1] * inv + poison);
       }
     }
     fence_proxy_async_shared();  // the staged tile is read by the TMA store (the async proxy)

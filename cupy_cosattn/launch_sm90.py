@@ -27,6 +27,7 @@ BLOCK_M = 128  # query rows per block (2 consumer warpgroups x 64)
 BLOCK_N = 128  # keys per K/V tile (and per tile_any flag)
 WG_ROWS = 64  # query rows per consumer warpgroup (one TMA store box)
 THREADS = 384  # 3 warpgroups
+CONSUMER_WARPS = 8  # the warps of the 2 consumer warpgroups: they run the main loop over key tiles
 SPAN = 64  # 16-bit elements of one 128-byte swizzled row: the boxes' inner dimension
 SWIZZLE = 128
 ALIGN_SLACK = 1024  # the kernel aligns its shared memory to 1024 bytes (the 128B swizzle's repeat)

@@ -434,6 +434,7 @@ def model(arch: str, cost: Cost, warps: int) -> Model:
 
 from . import launch as _launch  # noqa: E402  (kept next to the code that uses it)
 from . import launch_backward as _launch_bwd  # noqa: E402
+from . import launch_sm90 as _launch_sm90  # noqa: E402
 
 # The representative problem: no mask, no bias, not causal, q and k normalized here (so the forward
 # takes the fixed-offset path unless the kind asks for the running max), long sequences (every tile
@@ -452,6 +453,7 @@ class Instantiation:
     threads: int
     smem: int
     params: bytes
+    loop_warps: int = 0  # warps that run the main loop (warp-specialized kernels); 0: all of the block's
 
 
 def _registered(source: str, name: str) -> "_launch.KernelSpec":
@@ -479,6 +481,28 @@ def _fwd(dtype: str, D: int, arch: str, running_max: bool) -> Instantiation:
         lse_sb=H * N, lse_sh=N, bias_sb=0, bias_sh=0, bias_sq=0, mask_sb=0, tile_any_sb=0,
         B=B, H=H, Hk=H, Nq=N, Nk=N, D=dp, causal=0, bias_f32=0, n_key_tiles=_launch.cdiv(N, bn), groups=1)
     return Instantiation(spec.source, spec.name, spec.threads, spec.smem, rec.tobytes())
+
+
+def _fwd_sm90(dtype: str, D: int, arch: str, running_max: bool) -> Optional[Instantiation]:
+    """The Hopper forward (sm_90a only; None elsewhere): its argument is the tensor maps (opaque to the
+    profile) and the forward's record; only its consumer warps run the main loop."""
+    S = _launch_sm90
+    dp = _launch.head_dim_pad(D)
+    if arch != S.ARCH or S.fallback_reason(dtype, D, dp, REP_B * REP_H, S.COMPUTE_CAPABILITY,
+                                           _launch.SMEM_OPTIN_BY_ARCH["sm_90"]) is not None:
+        return None
+    spec = _registered(S.SOURCE, S.kernel_name(dtype, dp, running_max))
+    B, H, N = REP_B, REP_H, REP_N
+    rec = _launch.make_record(
+        _launch.FWD_PARAMS, **_ptrs(("q", "k", "v", "o", "lse", "scale", "mask", "tile_any", "bias"),
+                                    null=("mask", "tile_any", "bias")),
+        **{f"{t}_s{d}": s for t in "qkvo" for d, s in zip("bhn", (H * N * dp, N * dp, dp))},
+        lse_sb=H * N, lse_sh=N, bias_sb=0, bias_sh=0, bias_sq=0, mask_sb=0, tile_any_sb=0,
+        B=B, H=H, Hk=H, Nq=N, Nk=N, D=dp, causal=0, bias_f32=0, n_key_tiles=_launch.cdiv(N, S.BLOCK_N), groups=1)
+    layout = S.args_dtype(_launch.FWD_PARAMS)
+    head = layout.fields["p"][1]  # the four tensor maps: zero bytes here
+    params = (bytes(head) + rec.tobytes()).ljust(layout.itemsize, b"\0")
+    return Instantiation(spec.source, spec.name, spec.threads, spec.smem, params, loop_warps=S.CONSUMER_WARPS)
 
 
 def _bwd(kind: str, dtype: str, D: int, arch: str) -> Instantiation:
@@ -525,9 +549,12 @@ KINDS: dict = {
     "fwd_rm": lambda dt, D, arch: _fwd(dt, D, arch, running_max=True),
     "bwd_dkdv": lambda dt, D, arch: _bwd("dkdv", dt, D, arch),
     "bwd_dq": lambda dt, D, arch: _bwd("dq", dt, D, arch),
+    "fwd_sm90": lambda dt, D, arch: _fwd_sm90(dt, D, arch, running_max=False),
+    "fwd_sm90_rm": lambda dt, D, arch: _fwd_sm90(dt, D, arch, running_max=True),
 }
 KIND_LABELS = {"fwd": "forward, fixed offset", "fwd_rm": "forward, running max", "bwd_dkdv": "bwd_dkdv (fast mode)",
-               "bwd_dq": "bwd_dq (deterministic mode)"}
+               "bwd_dq": "bwd_dq (deterministic mode)", "fwd_sm90": "Hopper forward (hopper_fwd.cu), fixed offset",
+               "fwd_sm90_rm": "Hopper forward, running max"}
 DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
@@ -543,12 +570,15 @@ class Profiled:
     def label(self) -> str:
         return f"{self.kind} {DTYPE_SHORT[self.dtype]} D={self.head_dim}"
 
-    def resolve(self, arch: str) -> Instantiation:
+    def resolve(self, arch: str) -> Optional[Instantiation]:
+        """The instantiation on `arch`, or None where this kind does not exist (sm_90a-only kernels)."""
         return KINDS[self.kind](self.dtype, self.head_dim, arch)
 
 
-PROFILED_KERNELS = tuple(Profiled(k, dt, d) for k in ("fwd", "fwd_rm", "bwd_dkdv", "bwd_dq")
-                         for dt in ("float16", "bfloat16", "float32") for d in (64, 128))
+PROFILED_KERNELS = (tuple(Profiled(k, dt, d) for k in ("fwd", "fwd_rm", "bwd_dkdv", "bwd_dq")
+                          for dt in ("float16", "bfloat16", "float32") for d in (64, 128))
+                    + tuple(Profiled(k, dt, d) for k in ("fwd_sm90", "fwd_sm90_rm") for dt in ("float16", "bfloat16")
+                            for d in (64, 128)))
 
 
 def constant_bank(arch: str, params: bytes, threads: int) -> dict:
@@ -702,12 +732,15 @@ def profile(archs: list, kernels: Optional[list] = None, jobs: int = 2) -> list:
     for p in kernels:
         for arch in archs:
             row = Row(p, arch)
-            rows.append(row)
             try:
                 row.inst = p.resolve(arch)
             except Exception as e:  # noqa: BLE001 - reported in the row
                 row.error = f"{type(e).__name__}: {e}"
+                rows.append(row)
                 continue
+            if row.inst is None:  # no such kernel on this architecture
+                continue
+            rows.append(row)
             key = (row.inst.source, _module_group(row.inst.source, row.inst.name), arch)
             groups.setdefault(key, set()).add(row.inst.name)
     results = {}
@@ -743,7 +776,7 @@ def _fill(row: Row, res: dict) -> None:
     row.regs, row.smem_static, row.spills = pt["regs"], pt["smem"], (pt["spill_st"], pt["spill_ld"])
     row.blocks, row.limiter = blocks_per_sm(row.arch, row.regs, row.inst.threads, row.smem_static + row.inst.smem)
     row.analysis = analyze(funcs[low], constant_bank(row.arch, row.inst.params, row.inst.threads))
-    row.model = model(row.arch, row.cost, -(-row.inst.threads // 32))
+    row.model = model(row.arch, row.cost, row.inst.loop_warps or -(-row.inst.threads // 32))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -208,22 +208,22 @@ def test_causally_invisible_nonfinite_keys_poison_only_the_rows_that_see_them(dt
 # interleavings.
 
 PLANTS = {  # name: [(text of the source, its replacement), ...]
-    "consumer_skips_full_k_wait": [("      mbar_wait(&bar.full_k[s], ring.phase);\n", "")],
+    "consumer_skips_full_k_wait": [("        mbar_wait(&bar.full_k[s], ring.phase);\n", "")],
     "producer_skips_empty_k_wait": [("      mbar_wait(&bar.empty_k[s], ring.phase ^ 1);\n      mbar_arrive_expect_tx",
                                      "      mbar_arrive_expect_tx")],
     "producer_skips_empty_v_wait": [("      mbar_wait(&bar.empty_v[s], ring.phase ^ 1);\n", "")],
     "softmax_reads_s_before_wgmma_wait": [
-        ("      if (prev_stage >= 0) wgmma_wait<1>();  // S_j is complete; P_{j-1} V_{j-1} may still run\n"
-         "      else wgmma_wait<0>();\n", "")],
-    "p_packed_before_pv_wait": [("      if (prev_stage >= 0) {\n        wgmma_wait<0>();",
-                                 "      pack_p<T, DP>(r);\n      if (prev_stage >= 0) {\n        wgmma_wait<0>();")],
-    "ping_pong_hand_off_missing": [("      named_barrier_arrive(other_turn, 2 * WG);\n      if (prev_stage >= 0) wgmma_wait<1>();",
-                                    "      if (prev_stage >= 0) wgmma_wait<1>();")],
+        ("        if (has_pv) wgmma_wait<1>();  // S_j is complete; P_{j-1} V_{j-1} may still run\n"
+         "        else wgmma_wait<0>();\n", "")],
+    "p_packed_before_pv_wait": [("        if (has_pv) {\n          wgmma_wait<0>();",
+                                 "        pack_p<T, DP>(r);\n        if (has_pv) {\n          wgmma_wait<0>();")],
+    "ping_pong_hand_off_missing": [("        named_barrier_arrive(other_turn, 2 * WG);\n        if (has_pv) wgmma_wait<1>();",
+                                    "        if (has_pv) wgmma_wait<1>();")],
     "fixup_without_proxy_fence": [("      fence_proxy_async_shared();  // the zeroed elements are read by wgmma (the async proxy)\n",
                                    "")],
     # K (and its mask bytes) released by one thread per warpgroup, as if only wgmma operands lived there
     "mask_bytes_released_by_one_thread": [
-        ("      release(&bar.empty_k[s], lane);", "      if (tid == 0) mbar_arrive(&bar.empty_k[s]);"),
+        ("        release(&bar.empty_k[s], lane);", "        if (tid == 0) mbar_arrive(&bar.empty_k[s]);"),
         ("      mbar_init(&bar.empty_k[s], RELEASERS);", "      mbar_init(&bar.empty_k[s], CONSUMERS);")],
 }
 
@@ -404,3 +404,37 @@ def test_sm90a_kernel_compiles_with_cupys_trailing_arch_option():
     name = launch_sm90.kernel_name("bfloat16", 64, False)
     rows, log = _compile(nvrtc, [name], "sm_90a")
     assert rows[name]["spill_st"] == 0 and rows[name]["stack"] == 0 and "setmaxnreg" not in log
+
+
+# ---------------------------------------------------------------------------------------------------
+# The static SASS profiler (cupy_cosattn.sass) on the Hopper forward: its main loop is the consumers'
+# slot loop, with HGMMA.
+
+def test_profiler_knows_the_hopper_forward_only_on_sm90a():
+    from cupy_cosattn import sass
+
+    kernels = sass.select("fwd_sm90")
+    assert {k.kind for k in kernels} == {"fwd_sm90", "fwd_sm90_rm"} and len(kernels) == 8
+    assert sass.profile(["sm_80", "sm_90"], kernels) == []  # no rows (and nothing compiled) elsewhere
+    inst = kernels[0].resolve("sm_90a")
+    assert inst.threads == launch_sm90.THREADS and inst.loop_warps == launch_sm90.CONSUMER_WARPS
+    assert len(inst.params) == launch_sm90.args_dtype(launch.FWD_PARAMS).itemsize
+
+
+def test_profiler_reports_hgmma_for_the_hopper_forward():
+    from cupy_cosattn import sass
+
+    if sass.find_nvdisasm() is None:
+        if os.environ.get("CUPY_COSATTN_REQUIRE_NVRTC", "") not in ("", "0"):
+            pytest.fail("nvdisasm not found")
+        pytest.skip("nvdisasm not found (pip install nvidia-cuda-nvdisasm)")
+    _nvrtc()
+    (row,) = sass.profile(["sm_90a"], sass.select("^fwd_sm90 fp16 D=64$"))
+    assert row.error is None, row.error
+    c, dp = row.cost, 64
+    # one slot: S = Q K^T, DP / 16 wgmma of n128; O += P V, BLOCK_N / 16 wgmma of n64
+    assert c.opcodes["HGMMA"] == c.tensor == dp // 16 + launch_sm90.BLOCK_N // 16
+    assert c.tensor_fma == {("HGMMA", "f16"): (64 * 128 * dp + 64 * dp * 128) // 4}  # per warp: a quarter
+    assert c.classes["mufu"] == 64 * launch_sm90.BLOCK_N // 128  # one ex2 per score, 64 rows x 128 keys / 128
+    assert c.classes["ldsm"] == 0 and row.spills == (0, 0)
+    assert row.model.tensor_share >= 0.7, row.model  # the issue's target, in the profiler's model
