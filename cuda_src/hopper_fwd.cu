@@ -12,10 +12,10 @@
 //     warp 2   with a mask or causal: the V fix-up (below) between the load landing and full_v
 //   warpgroups 1 and 2, the consumers (setmaxnreg up to CONSUMER_REGS), 64 query rows each
 //     per key tile j, in one "slot":  S_j = Qhat Khat_j^T (wgmma, Q and K from shared memory, both
-//     K-major) and O += P_{j-1} V_{j-1} (wgmma, P from registers, V MN-major) are issued together,
-//     then, while they run, P_j = exp2(scale_h S_j log2e - offset) is computed in registers as the
-//     previous tile's products complete. Ping-pong: the two consumers take turns issuing (named
-//     barriers BAR_TURN + c), so one's exponentials overlap the other's tensor-core work.
+//     K-major) and O += P_{j-1} V_{j-1} (wgmma, P from registers, V MN-major) are issued together;
+//     once S_j is complete, P_j = exp2(scale_h S_j log2e - offset) is computed in registers while
+//     P_{j-1} V_{j-1} still runs. Ping-pong: the two consumers take turns issuing (named barriers
+//     BAR_TURN + c), so one's exponentials overlap the other's tensor-core work.
 //   epilogue   O / l (rounded to T) staged in the consumer's rows of the Q buffer, one TMA store per
 //              64-column block (rows past Nq are not written: out-of-bound box elements), lse per row.
 //
@@ -40,7 +40,7 @@ namespace fwd90 {
 
 // The kernel's one argument: the tensor maps of q, k, v, out (cupy_cosattn.tensormap; 4-D (DP, N,
 // heads, B) views of the canonical arrays, 128B swizzle, boxes of 64 columns) and the forward's
-// parameters. Mirrored by launch_sm90.SM90_FWD_ARGS.
+// parameters. Mirrored by launch_sm90.args_dtype.
 struct Args {
   sm90::TensorMap tq;  // box (64, BLOCK_M, 1, 1)
   sm90::TensorMap tk;  // box (64, BLOCK_N, 1, 1)
@@ -69,7 +69,9 @@ enum ProducerWarp { TMA_WARP = 0, MASK_WARP = 1, FIXUP_WARP = 2 };
 // with keys as K, the MN-major one (V).
 template <int DP>
 struct Smem {
-  static constexpr int STAGES = DP <= 64 ? 3 : 2;  // what 227 KB hold next to Q
+  // K/V ring depth: 2 at DP = 128 (FlashAttention-3's choice for this tile; K and V are released
+  // separately, so a load has about a slot to land), 3 at DP = 64
+  static constexpr int STAGES = DP <= 64 ? 3 : 2;
   static constexpr int CB = DP / SPAN;             // column blocks per tile
   static constexpr uint32_t Q_CB = BLOCK_M * 128;  // bytes of one column block
   static constexpr uint32_t KV_CB = BLOCK_N * 128;
