@@ -55,7 +55,7 @@ constexpr int WG_ROWS = 64;                        // query rows of one consumer
 constexpr int BLOCK_M = CONSUMERS * WG_ROWS;       // query rows per block
 constexpr int BLOCK_N = 128;                       // keys per K/V tile (the S wgmma's N)
 constexpr int THREADS = WG * (1 + CONSUMERS);
-constexpr int RELEASERS = 4 * CONSUMERS;          // consumer warps: each releases a K / V stage
+constexpr int RELEASERS = WG * CONSUMERS;         // consumer threads: each releases a K / V stage
 constexpr int SPAN = 64;                           // 16-bit elements in one 128-byte swizzled row
 constexpr uint32_t PRODUCER_REGS = 40;             // 128 x 40 + 256 x 232 <= 65536 registers
 constexpr uint32_t CONSUMER_REGS = 232;
@@ -90,9 +90,10 @@ struct Smem {
 
 // The mbarriers. Stage s of K: full_k[s] completes when the tile has landed (and its mask bytes are
 // in), empty_k[s] when both consumers are done with it; likewise V, whose landed_v[s] completes when
-// the TMA load has landed and the fix-up warp may start (only used with a fix-up). A stage is released
-// per consumer warp (lane 0, after __syncwarp): its wgmma operands are read by the warpgroup as a
-// whole, but its mask bytes and flags by every thread on its own.
+// the TMA load has landed and the fix-up warp may start (only used with a fix-up). Every consumer
+// thread releases a stage after its own reads: the wgmma operands are read by the warpgroup as a
+// whole, but the mask bytes and flags by each thread on its own (and a release by one lane would be
+// a divergent branch while wgmmas are in flight, which makes ptxas serialize them).
 struct Barriers {
   uint64_t* full_q;   // count 1 (+ Q_BYTES)
   uint64_t* empty_q;  // count CONSUMERS: the Q / staging buffer is free again
@@ -321,12 +322,9 @@ CA_DEVICE int opaque(int x) {
   return x;
 }
 
-// A consumer warp is done with a stage: every lane has read what it reads there (its wgmmas have
-// completed, as this lane's wgmma_wait shows for the warpgroup; its mask / flag bytes it read itself).
-CA_DEVICE void release(uint64_t* empty, int lane) {
-  __syncwarp();
-  if (lane == 0) mbar_arrive(empty);
-}
+// This consumer thread is done with a stage: its wgmmas reading it have completed (its wgmma_wait
+// shows that for the warpgroup) and it has read its mask / flag bytes.
+CA_DEVICE void release(uint64_t* empty) { mbar_arrive(empty); }
 
 template <int R>
 CA_DEVICE void fence_regs(float (&x)[R]) {
@@ -523,18 +521,26 @@ CA_DEVICE void consume(const Args& a, Work& w, unsigned char* smem, const Barrie
     mbar_wait(bar.full_q, q_round & 1);  // also before the epilogue reuses the buffer: the load has landed
     if (c == 1) named_barrier_arrive(BAR_TURN, 2 * WG);  // consumer 0 issues first
 
-    // Slots, software-pipelined over the visited key tiles: a slot issues S_j = Qhat Khat_j^T (when
-    // there is a tile j left) and P_{j-1} V_{j-1} (when there is a previous tile), hands the tensor
-    // cores to the other consumer, then computes the exponentials of S_j while the products run. The
-    // first slot has no P V, the last one no S.
+    // Slots, software-pipelined over the visited key tiles: a slot issues S_j = Qhat Khat_j^T and
+    // P_{j-1} V_{j-1}, hands the tensor cores to the other consumer, then computes the exponentials
+    // of S_j while P_{j-1} V_{j-1} runs. The first slot has no P V, the last one no S. The three kinds
+    // are separate branches, each with its own fixed sequence of commits and waits: ptxas keeps the
+    // wgmmas asynchronous only when it can match every wait to its commits.
+    auto exponentials_of = [&](int j, int s, uint32_t phase) {
+      fence_regs(r.s);
+      // the fix-up's flags of this tile are published by full_v (its mask bytes by full_k)
+      if (w.crosses_diagonal(j)) mbar_wait(&bar.full_v[s], phase);
+      softmax<T, DP, RUNNING_MAX>(r, w, j, wrow0, g, t, smem + L::MASK + s * BLOCK_N, smem + L::FLAG + s * BLOCK_N,
+                                  scale_log2, offset_log2, bias);
+      release(&bar.empty_k[s]);  // K_j and its mask bytes are no longer read by this thread
+    };
     int j = w.next_tile(0);
     int prev = -1;  // ring stage of the previous tile (its V and P), -1: none
     uint32_t prev_phase = 0;
     while (j < w.n_tiles || prev >= 0) {
-      const bool has_pv = prev >= 0;
-      if (has_pv) mbar_wait(&bar.full_v[prev], prev_phase);
       if (j < w.n_tiles) {
         const int s = ring.stage;
+        if (prev >= 0) mbar_wait(&bar.full_v[prev], prev_phase);
         mbar_wait(&bar.full_k[s], ring.phase);
         rescale_o<T, DP, RUNNING_MAX>(r);
         named_barrier_sync(my_turn, 2 * WG);
@@ -544,23 +550,19 @@ CA_DEVICE void consume(const Args& a, Work& w, unsigned char* smem, const Barrie
         wgmma_fence();
         issue_scores<T, DP>(r.s, sQc, smem + L::K + s * L::KV_BYTES);
         wgmma_commit();
-        if (has_pv) {
+        if (prev >= 0) {  // a middle slot: S_j and P_{j-1} V_{j-1}
           issue_pv<T, DP>(r.o, r.pa, smem + L::V + prev * L::KV_BYTES);
           wgmma_commit();
-        }
-        named_barrier_arrive(other_turn, 2 * WG);
-        if (has_pv) wgmma_wait<1>();  // S_j is complete; P_{j-1} V_{j-1} may still run
-        else wgmma_wait<0>();
-        fence_regs(r.s);
-        // the fix-up's flags of this tile are published by full_v (its mask bytes by full_k)
-        if (w.crosses_diagonal(j)) mbar_wait(&bar.full_v[s], ring.phase);
-        softmax<T, DP, RUNNING_MAX>(r, w, j, wrow0, g, t, smem + L::MASK + s * BLOCK_N, smem + L::FLAG + s * BLOCK_N,
-                                    scale_log2, offset_log2, bias);
-        release(&bar.empty_k[s], lane);  // K_j and its mask bytes are no longer read by this warp
-        if (has_pv) {
+          named_barrier_arrive(other_turn, 2 * WG);
+          wgmma_wait<1>();  // S_j is complete; P_{j-1} V_{j-1} may still run
+          exponentials_of(j, s, ring.phase);
           wgmma_wait<0>();
           fence_regs(r.o);
-          release(&bar.empty_v[prev], lane);  // nor V_{j-1} and its flags
+          release(&bar.empty_v[prev]);  // nor V_{j-1} and its flags
+        } else {  // the first slot: S_0 only
+          named_barrier_arrive(other_turn, 2 * WG);
+          wgmma_wait<0>();
+          exponentials_of(j, s, ring.phase);
         }
         fence_regs(r.pa);
         pack_p<T, DP>(r);  // the A registers of P_{j-1} V_{j-1} are free again
@@ -569,6 +571,7 @@ CA_DEVICE void consume(const Args& a, Work& w, unsigned char* smem, const Barrie
         j = w.next_tile(j + 1);
         ring.advance();
       } else {  // the last slot: P V of the last tile
+        mbar_wait(&bar.full_v[prev], prev_phase);
         rescale_o<T, DP, RUNNING_MAX>(r);
         named_barrier_sync(my_turn, 2 * WG);
         fence_regs(r.o);
@@ -579,7 +582,7 @@ CA_DEVICE void consume(const Args& a, Work& w, unsigned char* smem, const Barrie
         named_barrier_arrive(other_turn, 2 * WG);
         wgmma_wait<0>();
         fence_regs(r.o);
-        release(&bar.empty_v[prev], lane);
+        release(&bar.empty_v[prev]);
         prev = -1;
       }
     }

@@ -213,17 +213,17 @@ PLANTS = {  # name: [(text of the source, its replacement), ...]
                                      "      mbar_arrive_expect_tx")],
     "producer_skips_empty_v_wait": [("      mbar_wait(&bar.empty_v[s], ring.phase ^ 1);\n", "")],
     "softmax_reads_s_before_wgmma_wait": [
-        ("        if (has_pv) wgmma_wait<1>();  // S_j is complete; P_{j-1} V_{j-1} may still run\n"
-         "        else wgmma_wait<0>();\n", "")],
-    "p_packed_before_pv_wait": [("        if (has_pv) {\n          wgmma_wait<0>();",
-                                 "        pack_p<T, DP>(r);\n        if (has_pv) {\n          wgmma_wait<0>();")],
-    "ping_pong_hand_off_missing": [("        named_barrier_arrive(other_turn, 2 * WG);\n        if (has_pv) wgmma_wait<1>();",
-                                    "        if (has_pv) wgmma_wait<1>();")],
+        ("          wgmma_wait<1>();  // S_j is complete; P_{j-1} V_{j-1} may still run\n", "")],
+    "p_packed_before_pv_wait": [("          exponentials_of(j, s, ring.phase);\n          wgmma_wait<0>();",
+                                 "          exponentials_of(j, s, ring.phase);\n          pack_p<T, DP>(r);\n"
+                                 "          wgmma_wait<0>();")],
+    "ping_pong_hand_off_missing": [("          named_barrier_arrive(other_turn, 2 * WG);\n          wgmma_wait<1>();",
+                                    "          wgmma_wait<1>();")],
     "fixup_without_proxy_fence": [("      fence_proxy_async_shared();  // the zeroed elements are read by wgmma (the async proxy)\n",
                                    "")],
     # K (and its mask bytes) released by one thread per warpgroup, as if only wgmma operands lived there
     "mask_bytes_released_by_one_thread": [
-        ("        release(&bar.empty_k[s], lane);", "        if (tid == 0) mbar_arrive(&bar.empty_k[s]);"),
+        ("      release(&bar.empty_k[s]);", "      if (threadIdx.x % WG == 0) mbar_arrive(&bar.empty_k[s]);"),
         ("      mbar_init(&bar.empty_k[s], RELEASERS);", "      mbar_init(&bar.empty_k[s], CONSUMERS);")],
 }
 
@@ -266,11 +266,20 @@ def _outcomes(name, source, seeds=(None, 1, 2, 3, 4, 5)):
     return outcomes
 
 
+# A read of accumulators before their wgmma.wait is stale whenever the emulator writes the result back
+# at the wait: always in the deterministic order, by chance under interleavings (it may also write it
+# back at once). Every other plant is a race or a protocol error, caught under most interleavings.
+STALE_READS = {"softmax_reads_s_before_wgmma_wait"}
+
+
 @pytest.mark.parametrize("name", sorted(PLANTS))
 def test_planted_fault_is_caught(name):
     outcomes = _outcomes(name, _planted(name))
     caught = sum(not o.startswith("correct") for o in outcomes)
-    assert caught >= 3, f"{name}: caught under only {caught} of 6 orders: {outcomes}"
+    if name in STALE_READS:
+        assert not outcomes[0].startswith("correct"), f"{name}: not caught in the deterministic order: {outcomes}"
+    else:
+        assert caught >= 3, f"{name}: caught under only {caught} of 6 orders: {outcomes}"
 
 
 def test_unplanted_source_passes_the_plant_cases():
@@ -351,8 +360,7 @@ extern "C" __global__ void sizes(unsigned long long* out) {
 
 # ---------------------------------------------------------------------------------------------------
 # NVRTC: the registry's sm_90a kernels compile without spills or stack, setmaxnreg is honoured (no
-# "setmaxnreg ignored" warning), and the other architectures compile the source with the Hopper
-# kernel guarded out.
+# "setmaxnreg ignored" warning), and ptxas keeps the wgmmas asynchronous (no serialization).
 
 def _nvrtc():
     try:
@@ -395,6 +403,7 @@ def test_sm90a_kernels_compile_without_spills():
     for n, r in rows.items():
         assert r["spill_st"] == 0 and r["spill_ld"] == 0 and r["stack"] == 0, (n, r)
     assert not re.search(r"setmaxnreg", log, re.I), log
+    assert "serialized" not in log, log  # ptxas keeps every wgmma asynchronous
 
 
 def test_sm90a_kernel_compiles_with_cupys_trailing_arch_option():
@@ -404,6 +413,9 @@ def test_sm90a_kernel_compiles_with_cupys_trailing_arch_option():
     name = launch_sm90.kernel_name("bfloat16", 64, False)
     rows, log = _compile(nvrtc, [name], "sm_90a")
     assert rows[name]["spill_st"] == 0 and rows[name]["stack"] == 0 and "setmaxnreg" not in log
+    # ptxas serializes wgmmas (C7520 "wgmma.mma_async instructions are serialized") when it cannot
+    # match waits to commits or finds divergent code while they are in flight
+    assert "serialized" not in log, log
 
 
 # ---------------------------------------------------------------------------------------------------
