@@ -655,6 +655,7 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd_sm90(const __grid_constan
       mbar_init(&bar.empty_v[s], RELEASERS);
       mbar_init(&bar.landed_v[s], 1);
     }
+    fence_proxy_async_shared();  // the initialized mbarriers are visible to the TMA (the async proxy)
   }
   __syncthreads();
 
