@@ -1,4 +1,4 @@
-"""Public functions: forward, backward, cosine_sim_attention (DESIGN.md section 2).
+"""Public functions: forward, backward, cosine_sim_attention (docs/design.md section 2).
 
 Each call checks its arguments once (problem.canonicalize), picks a backend, runs it on the canonical
 4-D views and reshapes the results back to the caller's layout. Backends implement
@@ -22,8 +22,8 @@ BACKENDS = ("auto", "cuda", "emulator", "reference")
 
 def resolve_backend(backend, lib: str) -> str:
     """The concrete backend for arrays of library `lib` ('numpy' or 'cupy')."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {_problem._quote(backend)}")
     if backend == "auto":
         return "cuda" if lib == "cupy" else "reference"
     if backend == "cuda" and lib != "cupy":
@@ -59,8 +59,15 @@ def _empty_forward(prob: Problem, inp: Inputs, xp):
     return out, lse
 
 
+def check_backend_dtype(prob: Problem, backend: str) -> None:
+    """Raise TypeError when `backend` cannot run prob's dtype (float64 runs on the reference only)."""
+    if backend != "reference":
+        _problem.check_kernel_dtype(prob.dtype, backend)
+
+
 def forward_canonical(prob: Problem, inp: Inputs, backend: str, out=None, lse=None):
     """Run a checked problem on backend `backend`; `out`/`lse` optionally preallocated (canonical shapes)."""
+    check_backend_dtype(prob, backend)
     xp = _xp(array_library(inp.q))
     if prob.Nq == 0 or prob.Nk == 0:
         o, l = _empty_forward(prob, inp, xp)
@@ -78,6 +85,7 @@ def backward_canonical(prob: Problem, inp: Inputs, dout, out, lse, backend: str,
     """Gradients of a checked problem (canonical shapes in and out; see the module docstring).
     need_dscale=False lets the kernel backends skip dscale (returned as None), which on the GPU also
     skips the backward's only device-to-host copy; the reference computes it regardless."""
+    check_backend_dtype(prob, backend)
     xp = _xp(array_library(inp.q))
     if prob.Nq == 0 or prob.Nk == 0:
         dq = xp.zeros(inp.q.shape, dtype=prob.dtype)
@@ -96,6 +104,8 @@ def forward(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=False, sc
     """Cosine-sim attention forward pass.
 
     q: (B, H, Nq, D) or merged (BH, Nq, D); k, v: (B, Hk, Nk, D), (B, Nk, D) or merged (BH, Nk, D).
+    dtypes float16, bfloat16, float32; float64 too on backend "reference" (and "auto" with NumPy
+    arrays, which is the reference), which computes in float64 whatever the input.
     Returns (out, lse): out has q's shape and dtype; lse (q.shape[:-1], float32) is the log-sum-exp
     of each row's visible logits (-inf for a row with no visible key), which `backward` needs.
     """

@@ -1,5 +1,5 @@
 """The launch layer: one parameter struct per kernel family, grid/block/shared-memory choice, and the
-two kernel backends behind one small interface (DESIGN.md section 3).
+two kernel backends behind one small interface (docs/design.md section 3).
 
 ``Backend("cuda")`` runs the kernels of cuda_src/ through ``cupy.RawModule`` on CuPy arrays;
 ``Backend("emulator")`` runs the *same* sources, launched by the *same* code below, on the CPU through

@@ -19,6 +19,7 @@ kv head (Hk = 1).
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -31,10 +32,16 @@ try:  # bfloat16 for NumPy arrays (a runtime dependency, but keep the import fai
 except ImportError:  # pragma: no cover
     BFLOAT16 = None
 
+# The dtypes the kernels take (backends "cuda" and "emulator").
 SUPPORTED_DTYPES = tuple(d for d in (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32)) if d is not None)
 DTYPE_NAMES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}
 if BFLOAT16 is not None:
     DTYPE_NAMES[BFLOAT16] = "bfloat16"
+FLOAT64 = np.dtype(np.float64)
+# canonicalize also accepts float64, which only the reference backend (it computes in float64 anyway)
+# runs: NumPy's default dtype, so np.random.randn input works with backend "reference" / "auto".
+ACCEPTED_DTYPES = SUPPORTED_DTYPES + (FLOAT64,)
+FLOAT64_NOTE = "and float64 on the reference backend"  # the tail of the unsupported-dtype message
 
 DEFAULT_SCALE = 8.0
 NORM_EPS = 1e-12  # each l2-normalized chunk is x / max(||x||, NORM_EPS)
@@ -66,7 +73,7 @@ class Problem:
 
     @property
     def dtype_name(self) -> str:
-        return DTYPE_NAMES[self.dtype]
+        return DTYPE_NAMES.get(self.dtype, self.dtype.name)
 
     @property
     def has_bias(self) -> bool:
@@ -79,7 +86,7 @@ class Problem:
 
     @property
     def fixed_offset_safe(self) -> bool:
-        """exp(s - scale) cannot overflow: q, k normalized here and no bias (DESIGN.md section 1)."""
+        """exp(s - scale) cannot overflow: q, k normalized here and no bias (docs/design.md section 1)."""
         return self.l2norm_qk and not self.has_bias
 
 
@@ -107,10 +114,32 @@ def array_library(x) -> str:
     return ""
 
 
+QUOTE_LIMIT = 80  # at most this many characters of any value quoted in an error message
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 2
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdict = 6
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = QUOTE_LIMIT
+
+
+def _quote(x, limit: int = QUOTE_LIMIT) -> str:
+    """A repr of x for an error message, at most `limit` characters: containers are elided by reprlib
+    and the rest is cut, so that a huge value never makes a huge message."""
+    try:
+        r = _REPR.repr(x)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the error being reported
+        r = f"<{type(x).__name__} object>"
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
 def _describe(x) -> str:
+    """What x is, briefly: an array by library, shape and dtype; a container by type and length (and
+    its first elements); anything else by type and a capped repr."""
     if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return f"{array_library(x) or type(x).__name__} array of shape {tuple(x.shape)} and dtype {x.dtype}"
-    return f"{type(x).__name__} {x!r}"
+        return f"{array_library(x) or type(x).__name__} array of shape {_quote(tuple(x.shape))} and dtype {x.dtype}"
+    if isinstance(x, (list, tuple, dict, set, frozenset)):
+        return f"{type(x).__name__} of len {len(x)}: {_quote(x)}"
+    return f"{type(x).__name__} {_quote(x)}"
 
 
 def _device_of(x):
@@ -136,10 +165,19 @@ def _check_array(name: str, x, ndims, lib: Optional[str] = None):
 
 
 def _check_dtype(name: str, x):
-    if np.dtype(x.dtype) not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{name} has dtype {x.dtype}; supported are float16, bfloat16 (ml_dtypes.bfloat16 for NumPy) and float32"
-        )
+    if np.dtype(x.dtype) not in ACCEPTED_DTYPES:
+        raise TypeError(f"{name} has dtype {x.dtype}; supported are float16, bfloat16 (ml_dtypes.bfloat16 for NumPy) "
+                        f"and float32, {FLOAT64_NOTE}")
+
+
+FLOAT64_HINT = "backend='reference' (NumPy arrays) takes float64 and computes in float64"
+
+
+def check_kernel_dtype(dtype, backend: str, hint: str = FLOAT64_HINT) -> None:
+    """Raise TypeError unless the kernel backend `backend` ("cuda", "emulator") takes q's `dtype`."""
+    if np.dtype(dtype) not in SUPPORTED_DTYPES:
+        raise TypeError(f"q, k and v have dtype {dtype}, which backend={backend!r} does not take: its kernels take "
+                        f"float16, bfloat16 and float32; {hint}")
 
 
 def _check_flag(name: str, value):
@@ -181,7 +219,7 @@ def _scale_vector(scale, H: int, merged: bool):
         raise TypeError(f"scale must hold real numbers, got dtype {host.dtype}")
     host = host.astype(np.float64)
     if not np.all(np.isfinite(host)) or not np.all(host > 0):
-        raise ValueError(f"scale must be finite and > 0 for every head, got {host.tolist()}")
+        raise ValueError(f"scale must be finite and > 0 for every head, got {_quote(host.tolist())}")
     return True, host
 
 
@@ -189,10 +227,11 @@ def canonicalize(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=Fals
                  groups=1, causal=False, l2norm_qk=True, deterministic=False):
     """Check every argument and return (Problem, Inputs). Raises ValueError/TypeError before any work.
 
-    Shapes accepted (DESIGN.md section 1): q (B, H, Nq, D) or merged (BH, Nq, D); k, v (B, Hk, Nk, D),
+    Shapes accepted (docs/design.md section 1): q (B, H, Nq, D) or merged (BH, Nq, D); k, v (B, Hk, Nk, D),
     or (B, Nk, D) with a 4-D q (one shared kv head), or (BH, Nk, D) with a 3-D q.
-    Empty lengths are allowed: Nq = 0 gives empty outputs; Nk = 0 leaves every query without a
-    visible key, so its output row is 0 (and its lse is -inf).
+    dtypes: float16, bfloat16, float32 and float64 (float64 runs only on the reference backend, see
+    `check_kernel_dtype`). Empty lengths are allowed: Nq = 0 gives empty outputs; Nk = 0 leaves every
+    query without a visible key, so its output row is 0 (and its lse is -inf).
     """
     _check_array("q", q, (3, 4))
     _check_array("k", k, (3, 4))

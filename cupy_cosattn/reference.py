@@ -1,4 +1,4 @@
-"""The NumPy float64 reference backend (DESIGN.md section 1, written plainly).
+"""The NumPy float64 reference backend (docs/design.md section 1, written plainly).
 
 Dense and vectorized: every (query, key) score of a call is materialized, so this is for testing and
 small problems, not for speed. Inputs are the canonical views of problem.py (q (B, H, Nq, D); k, v
@@ -24,9 +24,9 @@ D_i = ⟨dO_i, O_i⟩) instead of trusting the passed ``out``/``lse``: those com
 input dtype / float32, and the reference should be the exact gradient of the exact forward. It only
 checks their shapes.
 
-Private allowance (for tests only, not reachable through the public API, which rejects float64):
-the functions accept any floating dtype, so a test may pass float64 canonical arrays together with
-``dataclasses.replace(prob, dtype=np.float64)`` and get float64 results.
+float64 input (accepted by the public API on this backend only) gives float64 results: the float64
+computation, unrounded. The functions accept any floating dtype, so a test may also pass float64
+canonical arrays together with ``dataclasses.replace(prob, dtype=np.float64)``.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ instruction counts and a throughput model; --match then selects its kernels by l
 
 Exit status 1 on any compile error, any spill, any stack frame (local memory: a register array
 indexed at run time, or an ABI call), shared memory above the architecture's per-block limit, or a
---match that selects no kernel; 0 otherwise. This is the CI gate of DESIGN.md section 4 item 2.
+--match that selects no kernel; 0 otherwise. This is the CI gate of docs/design.md section 4 item 2.
 """
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32
 SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 # FLOPs of a pass, in units of the forward's 4*B*H*Nq*Nk*D (two matmuls, 2 FLOPs per multiply-add).
 PASS_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
-# Accepted forward error vs the float64 reference, ||o - ref|| / ||ref|| (DESIGN.md's output tolerances,
+# Accepted forward error vs the float64 reference, ||o - ref|| / ||ref|| (docs/design.md's output tolerances,
 # doubled for the rounding of the pre-normalized inputs that every implementation sees).
 CHECK_TOL = {"float16": 6e-3, "bfloat16": 4e-2, "float32": 2e-5}
 

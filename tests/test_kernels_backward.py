@@ -2,7 +2,7 @@
 public API, against the float64 reference (cupy_cosattn.reference.backward64), on the CPU emulator
 and, marked ``gpu``, on CuPy.
 
-Accuracy (DESIGN.md section 2), as ||x - ref|| / ||ref|| for dq, dk, dv and dbias: 1e-4 (fp32),
+Accuracy (docs/design.md section 2), as ||x - ref|| / ||ref|| for dq, dk, dv and dbias: 1e-4 (fp32),
 1e-2 (fp16), 5e-2 (bf16); no NaN/Inf; rows and keys nothing sees get exactly zero gradient.
 dscale_h = sum_bij dS_bhij <qhat_i, khat_j> is an ill-conditioned sum (its terms cancel: sum_j dS_ij
 = 0 for every row; |sum| is often 1/100 to 1/1000 of sum |terms|), and the kernels' inputs carry

@@ -1,7 +1,7 @@
 """The fused forward kernels (cuda_src/forward.cu, norm.cu) through the shared launch layer, against
 the float64 reference (cupy_cosattn.reference), on the CPU emulator and, marked ``gpu``, on CuPy.
 
-Accuracy (DESIGN.md section 2): ||out - ref|| / ||ref|| <= 1e-5 (fp32), 3e-3 (fp16), 2e-2 (bf16); no
+Accuracy (docs/design.md section 2): ||out - ref|| / ||ref|| <= 1e-5 (fp32), 3e-3 (fp16), 2e-2 (bf16); no
 NaN/Inf; rows without a visible key are 0 with lse = -inf.
 """
 from __future__ import annotations

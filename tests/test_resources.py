@@ -1,4 +1,4 @@
-"""The NVRTC gate (DESIGN.md section 4 item 2): every registered kernel instantiation compiles for
+"""The NVRTC gate (docs/design.md section 4 item 2): every registered kernel instantiation compiles for
 sm_80 and sm_90 without spills and within the shared-memory limit. Needs CuPy's NVRTC binding and
 the NVRTC library (pip: cupy-cuda12x, nvidia-cuda-nvrtc-cu12), not a GPU."""
 from __future__ import annotations

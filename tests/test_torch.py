@@ -137,7 +137,10 @@ def test_lse_matches_reference():
     np.testing.assert_allclose(lse.numpy()[fin], rl[fin], rtol=1e-5, atol=1e-5)
 
 
-def test_gradcheck_float64_bias_per_head_scale_causal_mask():
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_gradcheck_float64_bias_per_head_scale_causal_mask(backend):
+    """float64 CPU tensors run on the torch implementation and on the reference (both compute in
+    float64), so gradcheck holds on both."""
     g = torch.Generator().manual_seed(0)
     kw = dict(dtype=torch.float64, requires_grad=True)
     q = torch.randn(2, 4, 5, 8, generator=g, **{"dtype": torch.float64}).requires_grad_()
@@ -149,8 +152,9 @@ def test_gradcheck_float64_bias_per_head_scale_causal_mask():
 
     def f(q, k, v, bias, scale):
         return cat.cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, attn_bias_batch_dim=True, scale=scale,
-                                        causal=True, groups=2)
+                                        causal=True, groups=2, backend=backend)
 
+    assert f(q, k, v, bias, scale).dtype == torch.float64
     assert torch.autograd.gradcheck(f, (q, k, v, bias, scale), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
@@ -331,9 +335,11 @@ def test_cpu_backend_setting():
     with pytest.raises(ValueError, match="cpu backend"):
         cat.set_cpu_backend("cuda")
     q = torch.randn(1, 1, 2, 8, dtype=torch.float64)
-    with cat.cpu_backend("reference"):
-        with pytest.raises(TypeError, match="float64"):
+    with cat.cpu_backend("emulator"):
+        with pytest.raises(TypeError, match="dtype float64, which backend='emulator' does not take"):
             cat.cosine_sim_attention(q, q, q)
+    with cat.cpu_backend("reference"):  # float64 in, float64 out
+        assert cat.cosine_sim_attention(q, q, q).dtype == torch.float64
     assert cat.get_cpu_backend() == "torch"
 
 
@@ -353,11 +359,12 @@ def test_backend_keyword_on_cpu_matches_default(backend):
 
 
 def test_backend_keyword_overrides_cpu_backend_setting():
-    q = torch.randn(1, 2, 4, 8, dtype=torch.float64)  # float64: only the torch implementation takes it
-    with cat.cpu_backend("reference"):
+    q = torch.randn(1, 2, 4, 8, dtype=torch.float64)  # float64: the emulator refuses it
+    with cat.cpu_backend("emulator"):
         with pytest.raises(TypeError, match="float64"):
             cat.cosine_sim_attention(q, q, q)  # auto: the process-wide setting
         cat.cosine_sim_attention(q, q, q, backend="torch")  # the keyword wins
+        cat.cosine_sim_attention(q, q, q, backend="reference")
 
 
 @pytest.mark.parametrize("bad", ["CUDA", "numpy", "", None, 1, ("cuda",)])
@@ -533,6 +540,89 @@ def test_torch_specific_errors():
         cat.cosine_sim_attention(q.long(), q.long(), q.long())  # the CPU message mentions float64
 
 
+@pytest.mark.parametrize("what", ["q", "k", "mask", "attn_bias", "scale", "groups", "causal", "backend",
+                                  "set_cpu_backend"])
+def test_huge_values_make_short_messages(what):
+    """A list of 100k elements (or a 100k-character string) in any argument: a message under 300
+    characters that names the argument."""
+    huge = [0.5] * 100_000
+    q = torch.zeros(1, 2, 3, 8)
+    args, kw = dict(q=q, k=q, v=q), {}
+    if what in ("q", "k"):
+        args[what] = huge
+    elif what == "backend":
+        kw["backend"] = "c" * 100_000
+    else:
+        kw[what] = huge
+    with pytest.raises((TypeError, ValueError)) as info:
+        if what == "set_cpu_backend":
+            cat.set_cpu_backend("c" * 100_000)
+        else:
+            cat.cosine_sim_attention(args["q"], args["k"], args["v"], **kw)
+    msg = str(info.value)
+    assert len(msg) < 300 and (what.split("_")[0] in msg or what == "set_cpu_backend"), (len(msg), msg[:400])
+
+
+# ------------------------------------------------------------------------- scale values, every backend
+
+BAD_SCALES = {"negative": [2.0, -1.0, 3.0, 4.0], "zero": [2.0, 0.0, 3.0, 4.0], "nan": [2.0, float("nan"), 3.0, 4.0],
+              "inf": [2.0, float("inf"), 3.0, 4.0], "0-d negative": -2.0, "0-d nan": float("nan")}
+
+
+def _numpy_scale_error(values, backend):
+    q = np.random.default_rng(0).standard_normal((1, 4, 5, 8)).astype(np.float32)
+    with pytest.raises(ValueError) as info:
+        ca.forward(q, q, q, scale=np.asarray(values, dtype=np.float64), backend=backend)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_SCALES))
+def test_bad_scale_tensor_raises_the_same_error_on_every_backend(bad):
+    """A scale tensor with a value <= 0, NaN or Inf: the same ValueError from the NumPy reference and
+    emulator, and from the torch op on each CPU backend, eager and compiled, forward and backward op."""
+    values = BAD_SCALES[bad]
+    want = _numpy_scale_error(values, "reference")
+    assert want.startswith("scale must be finite and > 0")
+    assert _numpy_scale_error(values, "emulator") == want
+    q = torch.randn(1, 4, 5, 8, requires_grad=True)
+    scale = torch.tensor(values, requires_grad=True)
+    for backend in ("auto", "torch", "reference", "emulator"):
+        with pytest.raises(ValueError) as info:
+            cat.cosine_sim_attention(q, q, q, scale=scale, backend=backend)
+        assert str(info.value) == want, backend
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, s: cat.cosine_sim_attention(q, q, q, scale=s), fullgraph=True,
+                             backend="aot_eager")
+    with pytest.raises(ValueError) as info:
+        compiled(q, scale)
+    assert want in str(info.value)
+    # the backward op checks too (it may be called on its own)
+    good = torch.full_like(scale, 3.0)
+    out, lse = torch.ops.cupy_cosattn.attn_fwd(q.detach(), q.detach(), q.detach(), None, None, good.detach(), 1.0,
+                                               False, 1, False, True, False)
+    with pytest.raises(ValueError) as info:
+        torch.ops.cupy_cosattn.attn_bwd(out, q.detach(), q.detach(), q.detach(), out, lse, None, None,
+                                        scale.detach(), 1.0, False, 1, False, True, False)
+    assert str(info.value) == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bad", ["negative", "nan", "0-d negative"])
+def test_gpu_bad_scale_tensor_raises_the_same_error(bad):
+    import cupy
+
+    values = BAD_SCALES[bad]
+    want = _numpy_scale_error(values, "reference")
+    qc = cupy.asarray(np.random.default_rng(0).standard_normal((1, 4, 5, 8)).astype(np.float32))
+    with pytest.raises(ValueError) as info:
+        ca.forward(qc, qc, qc, scale=cupy.asarray(values, dtype=cupy.float64))
+    assert str(info.value) == want
+    q = torch.randn(1, 4, 5, 8, device="cuda", requires_grad=True)
+    with pytest.raises(ValueError) as info:
+        cat.cosine_sim_attention(q, q, q, scale=torch.tensor(values, device="cuda", requires_grad=True))
+    assert str(info.value) == want
+
+
 # ---------------------------------------------------------------------------------- custom op machinery
 
 def test_custom_ops_registered_and_opcheck():
@@ -654,6 +744,18 @@ def test_gpu_zero_copy_reads_and_writes_torch_memory(monkeypatch):
     assert seen["need_dscale"] == [False, False]  # a float scale: no dscale, no device-to-host copy
     assert seen["fwd_pool"] == used0 and seen["bwd_pool"] == [used0, used0]
     assert pool.used_bytes() == used0 and pool.total_bytes() == total0
+
+
+@pytest.mark.gpu
+def test_gpu_float64_is_refused_with_where_it_runs():
+    import cupy
+
+    q = torch.randn(1, 2, 5, 8, device="cuda", dtype=torch.float64)
+    with pytest.raises(TypeError, match="dtype float64, which backend='cuda' does not take.*CPU tensors"):
+        cat.cosine_sim_attention(q, q, q)
+    qc = cupy.asarray(q.cpu().numpy())
+    with pytest.raises(TypeError, match="dtype float64, which backend='cuda' does not take.*backend='reference'"):
+        ca.forward(qc, qc, qc)
 
 
 @pytest.mark.gpu

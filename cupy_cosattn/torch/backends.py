@@ -6,7 +6,9 @@ import contextlib
 import torch
 from torch import Tensor
 
+from .. import problem as _problem
 from .bridge import CupyBridge, NumpyBridge
+from .checks import FLOAT64_HINT, np_dtype
 
 CPU_BACKENDS = ("torch", "emulator", "reference")
 _cpu_backend = "torch"
@@ -23,11 +25,11 @@ def set_cpu_backend(name: str) -> str:
     "torch" (default): the chunked torch implementation (all dtypes incl. float64; fast).
     "emulator": the package's CUDA kernels run on the CPU by the emulator, through the same glue as the
     CUDA path (tensor -> array views, preallocated out/lse, gradients handed back without a copy) -- slow,
-    for testing that glue and the kernels on small problems. "reference": the float64 NumPy reference.
-    The kernel backends take float16, bfloat16 and float32 only."""
+    for testing that glue and the kernels on small problems; float16, bfloat16 and float32 only.
+    "reference": the NumPy reference, which computes in float64 (and takes float64 tensors)."""
     global _cpu_backend
     if name not in CPU_BACKENDS:
-        raise ValueError(f"cpu backend must be one of {CPU_BACKENDS}, got {name!r}")
+        raise ValueError(f"cpu backend must be one of {CPU_BACKENDS}, got {_problem._quote(name)}")
     prev, _cpu_backend = _cpu_backend, name
     return prev
 
@@ -49,7 +51,7 @@ BACKENDS = ("auto", "cuda", "torch", "emulator", "reference")
 def check_backend(backend, q: Tensor) -> None:
     """Raise ValueError, naming `backend`, for an unknown value or one that cannot run q's device."""
     if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"backend must be one of {BACKENDS}, got {_problem._quote(backend)}")
     dev = q.device.type
     if backend == "cuda" and dev != "cuda":
         raise ValueError(f"backend='cuda' runs CUDA tensors, but q is on {q.device} "
@@ -71,8 +73,8 @@ def bridge_for(q: Tensor, backend: str = "auto"):
     name = _cpu_backend if backend == "auto" else backend
     if name == "torch":
         return None
-    if q.dtype == torch.float64:
-        raise TypeError(f"float64 tensors run only on the 'torch' CPU backend, not {name!r}")
+    if name == "emulator":  # the reference takes float64 too
+        _problem.check_kernel_dtype(np_dtype("q", q.dtype), name, FLOAT64_HINT)
     if q.device.type != "cpu":
         raise ValueError(f"the {name!r} CPU backend runs CPU tensors, but q is on {q.device}")
     return NumpyBridge(name)

@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import api as _api
 from .. import launch as _launch
 from .. import problem as _problem
-from .outputs import empty_grad, user_dscale
+from .outputs import as_output, empty_grad, user_dscale
 
 class _TorchMemory:
     """A CuPy allocator whose blocks are torch.empty uint8 tensors (torch's caching allocator); each
@@ -87,7 +87,7 @@ def to_torch(a, dtype: torch.dtype, shape) -> Tensor:
         t = torch.from_dlpack(a.view(np.int16)).view(torch.bfloat16)
     else:
         t = torch.from_dlpack(a)
-    return (t if t.dtype == dtype else t.to(dtype)).reshape(shape)
+    return as_output(t, dtype, shape)  # the kernels' arrays are contiguous: no copy
 
 
 class CupyBridge:
@@ -132,7 +132,7 @@ class NumpyBridge:
             t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         else:
             t = torch.from_numpy(a)
-        return (t if t.dtype == dtype else t.to(dtype)).reshape(shape)
+        return as_output(t, dtype, shape)
 
     @staticmethod
     def ptr(a) -> int:

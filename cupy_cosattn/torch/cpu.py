@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import problem as _problem
-from .outputs import empty_grad, user_dscale
+from .outputs import as_output, empty_grad, user_dscale
 
 # Scores per block of the CPU path: a (B, H, chunk, Nk) block holds at most this many elements.
 CPU_BLOCK_ELEMS = 1 << 22
@@ -115,18 +115,18 @@ def cpu_forward(prob, shapes, q, k, v, mask, bias, scale_t, scale):
         o = c.grouped(c.probs(s)) @ c.v[:, :, :kend].unsqueeze(2)  # (B, Hk, G, C, D)
         out[:, :, i0:i1] = o.reshape(B, H, i1 - i0, D)
         lse[:, :, i0:i1] = torch.logsumexp(s, dim=-1).to(torch.float32)  # -inf for a row without a key
-    return out.to(q.dtype).reshape(q.shape), lse.reshape(q.shape[:-1])
+    return as_output(out, q.dtype, q.shape), as_output(lse, torch.float32, q.shape[:-1])
 
 
 def cpu_backward(prob, shapes, dout, q, k, v, mask, bias, scale_t, scale):
-    """Gradients by recomputing each query chunk's probabilities (DESIGN.md section 1, backward)."""
+    """Gradients by recomputing each query chunk's probabilities (docs/design.md section 1, backward)."""
     c = Canon(prob, shapes, q, k, v, mask, bias, scale_t, scale)
     B, H, Nq, D = prob.B, prob.H, prob.Nq, prob.D
     do = dout.reshape(B, H, Nq, D).to(c.cd)
-    dqh = torch.zeros_like(c.q)
-    dkh = torch.zeros_like(c.k)
-    dv = torch.zeros_like(c.v)
-    dbias = None if c.bias is None else torch.zeros_like(c.bias)
+    dqh = c.q.new_zeros(c.q.shape)  # new_zeros: contiguous, whatever the inputs' strides
+    dkh = c.k.new_zeros(c.k.shape)
+    dv = c.v.new_zeros(c.v.shape)
+    dbias = None if c.bias is None else c.bias.new_zeros(c.bias.shape)
     dscale = torch.zeros((H,), dtype=c.cd, device=q.device)
     for i0, i1, kend in c.chunks():
         if kend == 0:
@@ -151,8 +151,8 @@ def cpu_backward(prob, shapes, dout, q, k, v, mask, bias, scale_t, scale):
         dk = grouped_l2norm_backward(c.kh, c.kn, dkh, prob.groups)
     else:
         dq, dk = dqh, dkh
-    dq = dq.to(q.dtype).reshape(q.shape)
-    dk = dk.to(k.dtype).reshape(k.shape)
-    dv = dv.to(v.dtype).reshape(v.shape)
-    dbias = empty_grad(q) if bias is None else dbias.to(bias.dtype).reshape(bias.shape)
+    dq = as_output(dq, q.dtype, q.shape)
+    dk = as_output(dk, k.dtype, k.shape)
+    dv = as_output(dv, v.dtype, v.shape)
+    dbias = empty_grad(q) if bias is None else as_output(dbias, bias.dtype, bias.shape)
     return dq, dk, dv, dbias, user_dscale(dscale, scale_t, q)

@@ -51,14 +51,15 @@ def forward(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=False, sc
 def cosine_sim_attention(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=False,
                          scale=_problem.DEFAULT_SCALE, groups=1, causal=False, l2norm_qk=True, deterministic=False,
                          backend="auto"):
-    """Cosine-sim attention with autograd (DESIGN.md section 1).
+    """Cosine-sim attention with autograd (docs/design.md section 1).
 
     q: (B, H, Nq, D) or merged (BH, Nq, D); k, v: (B, Hk, Nk, D) with H % Hk == 0, (B, Nk, D) (one shared
     kv head) or, with a merged q, (BH, Nk, D). mask: bool (B, Nk) (merged: (BH, Nk)), True = may attend.
     attn_bias: (H, Nq, Nk), (B, Nq, Nk) with attn_bias_batch_dim=True, or (B, H, Nq, Nk) (merged:
     (BH, Nq, Nk)); q's dtype or float32; receives a gradient. scale: a float, or a tensor of shape (H,)
-    (or one element) that receives a gradient. groups: l2-normalize `groups` chunks of the head dim.
-    causal: bottom-right aligned (query i sees key j iff j <= i + Nk - Nq). l2norm_qk=False: q, k are
+    or () that receives a gradient; values finite and > 0 (a tensor's values are checked when the op
+    runs, eager or compiled, with the NumPy API's ValueError). groups: l2-normalize `groups` chunks of
+    the head dim. causal: bottom-right aligned (query i sees key j iff j <= i + Nk - Nq). l2norm_qk=False: q, k are
     already normalized. Rows without a visible key give 0 and contribute no gradient.
 
     backend: "auto" (default): CUDA tensors run the fused kernels, CPU tensors the torch implementation
