@@ -601,9 +601,9 @@ CA_DEVICE void consume(const Args& a, Work& w, unsigned char* smem, const Barrie
       poison = quad_sum(poison);
       const int64_t row = wrow0 + g + 8 * h;
       if (t == 0 && row < p.Nq) {
-        float lse = neg_inf();
-        if (l != 0.f) lse = (RUNNING_MAX ? r.row_m[h] * LN2 + logf(l) : logf(l) + offset) + poison;
-        p.lse[w.b * p.lse_sb + w.h * p.lse_sh + row] = lse;
+        float lse = neg_inf();  // (a NaN value row seen only through p = 0 still poisons it)
+        if (l != 0.f) lse = RUNNING_MAX ? r.row_m[h] * LN2 + logf(l) : logf(l) + offset;
+        p.lse[w.b * p.lse_sb + w.h * p.lse_sh + row] = lse + poison;
       }
       // Register i holds dims d = 8m + 2t, d + 1 (m = i >> 2) of row rr = 16 warp + g + 8h: byte
       // 2(d % 64) = 16(m % 8) + 4t of the row's 128-byte line in column block m / 8. The 128B swizzle

@@ -202,6 +202,25 @@ def test_causally_invisible_nonfinite_keys_poison_only_the_rows_that_see_them(dt
     assert np.array_equal(l1[:, :, ~seen].view(np.uint32), l2[:, :, ~seen].view(np.uint32))
 
 
+@pytest.mark.parametrize("dtype,D", [("float16", 64), ("bfloat16", 128)])
+def test_minus_inf_bias_is_a_mask(dtype, D):
+    """docs/design.md, non-finite rule 2: -inf bias columns give what masking those keys gives; a row
+    whose pairs are all -inf gives out 0 and lse -inf."""
+    args, kw = make_case(6, B=1, H=2, Nq=90, Nk=200, D=D, dtype=dtype, bias="full", bias_f32=True)
+    cols = [0, 31, 64, 127, 128, 199]
+    bias = kw["attn_bias"].copy()
+    bias[..., cols] = -np.inf
+    mask = np.ones((1, 200), bool)
+    mask[0, cols] = False
+    o_bias, l_bias, *_ = _run(args, dict(kw, attn_bias=bias), 1)
+    o_mask, l_mask, *_ = _run(args, dict(kw, mask=mask), 1)
+    assert rel_err(o_bias, o_mask) <= 2e-2 and np.allclose(l_bias, l_mask, atol=1e-2)
+    bias[0, 1, [3, 70]] = -np.inf
+    o, l, *_ = _run(args, dict(kw, attn_bias=bias), 2)
+    assert np.all(o[0, 1, [3, 70]] == 0) and np.all(np.isneginf(l[0, 1, [3, 70]]))
+    assert np.isfinite(o).all() and np.isfinite(np.delete(l[0, 1], [3, 70])).all()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Planted faults: each removes one synchronization from a scratch copy of the source. The emulator
 # must report an error or the result must change, in the deterministic order and under most
