@@ -249,7 +249,8 @@ CA_DEVICE void fix_v(const Args& a, Work& w, unsigned char* smem, const Barriers
           uint32_t bad = 0;
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
-            const uint32_t m = ((x.w[q] & EXP) == EXP ? 0x0000ffffu : 0u) | (((x.w[q] >> 16) & EXP) == EXP ? 0xffff0000u : 0u);
+            const uint32_t m =
+                ((x.w[q] & EXP) == EXP ? 0x0000ffffu : 0u) | (((x.w[q] >> 16) & EXP) == EXP ? 0xffff0000u : 0u);
             bad |= m;
             x.w[q] &= masked ? 0u : ~m;
           }
@@ -366,8 +367,8 @@ enum class Bias { NONE, SAME, F32 };
 // the bias of row h at the tile's first key (rows past Nq read the last row's: never stored), for
 // BIAS != NONE.
 template <typename T, int DP, bool RUNNING_MAX, bool CHECK, Bias BIAS>
-CA_DEVICE void exponentials(ConsumerRegs<T, DP>& r, const uint32_t (&vis)[2], uint32_t bad, const char* const (&brow)[2],
-                            int keys_left, int t, float scale_log2, float offset_log2) {
+CA_DEVICE void exponentials(ConsumerRegs<T, DP>& r, const uint32_t (&vis)[2], uint32_t bad,
+                            const char* const (&brow)[2], int keys_left, int t, float scale_log2, float offset_log2) {
   auto bit = [](uint32_t word, int i) { return (word >> (2 * (i >> 2) + (i & 1))) & 1u; };
   if constexpr (!RUNNING_MAX) {
     // Fixed offset: exp2(scale_h s log2e - off log2e) <= exp(Headroom) by construction.
@@ -506,9 +507,9 @@ CA_DEVICE void consume(const Args& a, Work& w, unsigned char* smem, const Barrie
     // every logit is at most scale_h groups (one cosine per normalized chunk): exp(s - offset) <= exp(Headroom)
     const float offset = p.scale[w.h] * p.groups - Headroom<T>::value;
     const float offset_log2 = offset * LOG2E;
+    const int bias_esize = p.bias_f32 ? 4 : (int)sizeof(T);
     const char* const bias =
-        p.bias ? static_cast<const char*>(p.bias) + (w.b * p.bias_sb + w.h * p.bias_sh) * (p.bias_f32 ? 4 : (int)sizeof(T))
-               : nullptr;
+        p.bias ? static_cast<const char*>(p.bias) + (w.b * p.bias_sb + w.h * p.bias_sh) * bias_esize : nullptr;
 #pragma unroll
     for (int i = 0; i < DP / 2; ++i) r.o[i] = 0.f;
 #pragma unroll

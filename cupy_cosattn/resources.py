@@ -102,7 +102,8 @@ def run(archs, match=None, jobs=2, out=None) -> int:
     from . import launch
 
     out = sys.stdout if out is None else out
-    specs = [s for s in launch.kernel_registry() if (match is None or re.search(match, s.name)) and spec_archs(s, archs)]
+    specs = [s for s in launch.kernel_registry()
+             if (match is None or re.search(match, s.name)) and spec_archs(s, archs)]
     if not specs:
         print(f"no registered kernel matches {match!r}", file=out, flush=True)
         return 1

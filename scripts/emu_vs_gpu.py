@@ -53,6 +53,8 @@ CONFIGS = {
     "fp16-causal-mask-gqa": ("float16", 2, 2, 1, 77, 77, 64, dict(causal=True, mask=True)),
     "bf16-bias-cross": ("bfloat16", 1, 2, 2, 40, 96, 64, dict(bias=True)),
     "fp32-perhead-scale-d128": ("float32", 1, 2, 2, 65, 65, 128, dict(per_head_scale=True)),
+    # the sm_90a forward on an H100: several 128-key tiles, the fix-up and mask warps, running max
+    "bf16-hopper-d128-causal-mask-bias": ("bfloat16", 2, 1, 1, 200, 300, 128, dict(causal=True, mask=True, bias=True)),
 }
 
 
@@ -151,6 +153,12 @@ def main(argv=None) -> int:
         props = cupy.cuda.runtime.getDeviceProperties(0)
         dev = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         print(f"emu_vs_gpu: GPU {dev}, CuPy {cupy.__version__}", flush=True)
+        if cupy.cuda.Device(0).compute_capability == "90":
+            # the emulator runs the GPU's kernels: on an H100 / H200 the sm_90a forward too
+            from cupy_cosattn import launch
+
+            launch.set_emulated_arch("sm_90a")
+            print("emu_vs_gpu: the emulator runs as sm_90a (the Hopper forward on both sides)", flush=True)
     except Exception as e:  # noqa: BLE001
         print(f"emu_vs_gpu: needs CuPy and a CUDA GPU ({type(e).__name__}: {e})", flush=True)
         return 2

@@ -27,6 +27,10 @@ SM90 = launch.EMULATED_DEVICES["sm_90a"]
 def h100(monkeypatch):
     """The emulator as an H100; yields the list of Hopper forward launches (kernel names)."""
     monkeypatch.setattr(launch, "EMULATED_DEVICE", SM90)
+    return _spy(monkeypatch)
+
+
+def _spy(monkeypatch):
     ran = []
     real = launch_sm90.run_forward
 
@@ -85,6 +89,28 @@ def test_hopper_forward_grid(h100, dtype, D):
             failures.append(f"{name}: {e}")
     assert not failures, "\n".join(failures)
     assert set(h100) == {launch_sm90.kernel_name(dtype, D, rm) for rm in (False, True)}  # both variants ran
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_hopper_forward_grid_gpu(monkeypatch, dtype, D):
+    """The same grid on an H100 / H200 through CuPy (the dispatch picks the kernel by the device)."""
+    cp = pytest.importorskip("cupy")
+    if cp.cuda.Device().compute_capability != "90":
+        pytest.skip(f"needs a compute capability 9.0 device, this one is {cp.cuda.Device().compute_capability}")
+    ran = _spy(monkeypatch)
+    failures = []
+    for name, case in GRID.items():
+        if case.get("groups", 1) > 1 and D % case["groups"]:
+            continue
+        args, kw = make_case(zlib.crc32(f"{name}{dtype}{D}".encode()), D=D, dtype=dtype, **case)
+        try:
+            check_forward(args, kw, backend="cuda")
+        except AssertionError as e:
+            failures.append(f"{name}: {e}")
+    assert not failures, "\n".join(failures)
+    assert set(ran) == {launch_sm90.kernel_name(dtype, D, rm) for rm in (False, True)}
 
 
 @pytest.mark.parametrize("dtype,D", [("float16", 56), ("bfloat16", 120)])
@@ -238,8 +264,8 @@ PLANTS = {  # name: [(text of the source, its replacement), ...]
                                  "          wgmma_wait<0>();")],
     "ping_pong_hand_off_missing": [("          named_barrier_arrive(other_turn, 2 * WG);\n          wgmma_wait<1>();",
                                     "          wgmma_wait<1>();")],
-    "fixup_without_proxy_fence": [("      fence_proxy_async_shared();  // the zeroed elements are read by wgmma (the async proxy)\n",
-                                   "")],
+    "fixup_without_proxy_fence": [
+        ("      fence_proxy_async_shared();  // the zeroed elements are read by wgmma (the async proxy)\n", "")],
     # K (and its mask bytes) released by one thread per warpgroup, as if only wgmma operands lived there
     "mask_bytes_released_by_one_thread": [
         ("      release(&bar.empty_k[s]);", "      if (threadIdx.x % WG == 0) mbar_arrive(&bar.empty_k[s]);"),
