@@ -29,7 +29,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Any, Callable, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ from .torch import cosine_sim_attention, plain_cosine_sim_attention
 
 __all__ = ["CosineSimCausalTransformer", "Attention", "FeedForward", "top_k_filter"]
 
-KVCache = List[Tuple[Tensor, Tensor]]
+KVCache = list[tuple[Tensor, Tensor]]
 
 # Embedding std of the post-norm (DeepNet) model: the original project's value.
 POST_NORM_EMB_STD = 1e-5
@@ -91,7 +92,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 class FeedForward(nn.Sequential):
-    def __init__(self, dim: int, mult: float = 4.0):
+    def __init__(self, dim: int, mult: float = 4.0) -> None:
         hidden = int(dim * mult)
         super().__init__(nn.Linear(dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, dim, bias=False))
 
@@ -101,7 +102,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, kv_heads: Optional[int] = None,
                  attn: str = "cosine", scale: float = 8.0, learned_scale: bool = False, l2norm_groups: int = 1,
-                 attend: Optional[Callable[..., Tensor]] = None):
+                 attend: Optional[Callable[..., Tensor]] = None) -> None:
         """attend: the cosine attention function (default :func:`cupy_cosattn.torch.cosine_sim_attention`;
         see `cosine_attention_function`)."""
         super().__init__()
@@ -122,11 +123,11 @@ class Attention(nn.Module):
         self.log_scale = nn.Parameter(torch.full((heads,), math.log(scale))) if learned_scale else None
 
     @property
-    def scale(self):
+    def scale(self) -> Tensor:
         return self.fixed_scale if self.log_scale is None else self.log_scale.exp()
 
-    def forward(self, x: Tensor, cache: Optional[Tuple[Tensor, Tensor]] = None,
-                attention_fn: Optional[Callable[..., Tensor]] = None):
+    def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None,
+                attention_fn: Optional[Callable[..., Tensor]] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x (B, N, dim) -> (B, N, dim), plus the (k, v) cache extended by these N positions.
 
         attention_fn (cosine attention only): called as attention_fn(q, k, v, causal=True, scale=...,
@@ -169,7 +170,7 @@ class CosineSimCausalTransformer(nn.Module):
                  dim_head: int = 64, kv_heads: Optional[int] = None, attn: str = "cosine", attn_scale: float = 8.0,
                  learned_scale: bool = False, attn_l2norm_groups: int = 1, pre_norm: bool = False,
                  ff_mult: float = 4.0, use_cuda_kernel: Optional[bool] = None, non_cosine_sim_attn: bool = False,
-                 **kwargs: Any):
+                 **kwargs: Any) -> None:
         super().__init__()
         if non_cosine_sim_attn:
             attn = "softmax"
@@ -209,7 +210,7 @@ class CosineSimCausalTransformer(nn.Module):
 
     def forward(self, tokens: Tensor, *, return_loss: bool = False, cache: Optional[KVCache] = None,
                 return_cache: bool = False, positions: Optional[Tensor] = None,
-                attention_fn: Optional[Callable[..., Tensor]] = None):
+                attention_fn: Optional[Callable[..., Tensor]] = None) -> Tensor | tuple[Tensor, KVCache]:
         """Logits (B, N, num_tokens) for tokens (B, N); with `cache` (from a previous call with
         return_cache=True) the tokens continue that sequence. return_loss: next-token cross-entropy.
 

@@ -221,14 +221,14 @@ def save_plot(path: Path, history: dict, title: str):
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if history["train"]:
-        s, l = zip(*history["train"])
-        ax.plot(s, l, lw=0.8, alpha=0.6, label="train")
-        w = min(SMOOTH_WINDOW, len(l))
+        s, loss = zip(*history["train"])
+        ax.plot(s, loss, lw=0.8, alpha=0.6, label="train")
+        w = min(SMOOTH_WINDOW, len(loss))
         if w > 1:
-            ax.plot(s[w - 1:], trailing_mean(l, w), lw=1.6, label=f"train (trailing {w}-step mean)")
+            ax.plot(s[w - 1:], trailing_mean(loss, w), lw=1.6, label=f"train (trailing {w}-step mean)")
     if history["val"]:
-        s, l = zip(*history["val"])
-        ax.plot(s, l, "o-", lw=1.6, label="validation")
+        s, loss = zip(*history["val"])
+        ax.plot(s, loss, "o-", lw=1.6, label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (bits per byte)")
     ax.set_title(title)
@@ -338,7 +338,8 @@ def main(argv=None):
         history, start = ckpt["history"], ckpt["step"]
     raw_model = model
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if args.context_parallel > 1:
         model = context_parallel(model, args, rank, world, device)
 

@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cupy_cosattn as ca  # noqa: E402
+from cupy_cosattn import tolerances  # noqa: E402
 
 try:
     import ml_dtypes
@@ -41,12 +42,12 @@ if BF16 is not None:
     DTYPES["bfloat16"] = BF16
 
 # Agreement, emulator vs GPU, relative to the norm (out and gradients in their dtype).
-AGREE_TOL = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 2e-6}
+AGREE_TOL = tolerances.AGREE
 AGREE_TOL_LSE = 1e-5  # lse is float32 in both
 AGREE_TOL_DSCALE = 1e-4  # a sum over every logit
 # docs/design.md, section 2: vs the float64 reference.
-REF_TOL_OUT = {"float16": 3e-3, "bfloat16": 2e-2, "float32": 1e-5}
-REF_TOL_GRAD = {"float16": 1e-2, "bfloat16": 5e-2, "float32": 1e-4}
+REF_TOL_OUT = tolerances.OUT
+REF_TOL_GRAD = tolerances.GRAD
 
 # name: (dtype, B, H, Hk, Nq, Nk, D, keywords). Sizes not multiples of any tile, to reach the edges.
 CONFIGS = {
@@ -155,9 +156,9 @@ def main(argv=None) -> int:
         print(f"emu_vs_gpu: GPU {dev}, CuPy {cupy.__version__}", flush=True)
         if cupy.cuda.Device(0).compute_capability == "90":
             # the emulator runs the GPU's kernels: on an H100 / H200 the sm_90a forward too
-            from cupy_cosattn import launch
+            from cupy_cosattn.launch import limits
 
-            launch.set_emulated_arch("sm_90a")
+            limits.set_emulated_arch("sm_90a")
             print("emu_vs_gpu: the emulator runs as sm_90a (the Hopper forward on both sides)", flush=True)
     except Exception as e:  # noqa: BLE001
         print(f"emu_vs_gpu: needs CuPy and a CUDA GPU ({type(e).__name__}: {e})", flush=True)

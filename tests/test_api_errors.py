@@ -503,10 +503,10 @@ def test_empty_forward_canonical_with_preallocated_outputs():
     prob, inp = canonicalize(q, k, k)
     out = np.full((1, 2, 3, D), 7.0, dtype=np.float32)
     lse = np.zeros((1, 2, 3), dtype=np.float32)
-    o, l = api.forward_canonical(prob, inp, "reference", out=out, lse=lse)
-    assert o is out and l is lse and not out.any() and np.all(np.isneginf(lse))
-    o, l = api.forward_canonical(prob, inp, "reference", out=out)
-    assert o is out and np.all(np.isneginf(l))
+    o, ls = api.forward_canonical(prob, inp, "reference", out=out, lse=lse)
+    assert o is out and ls is lse and not out.any() and np.all(np.isneginf(lse))
+    o, ls = api.forward_canonical(prob, inp, "reference", out=out)
+    assert o is out and np.all(np.isneginf(ls))
 
 
 # ---- messages stay short -------------------------------------------------------------------------

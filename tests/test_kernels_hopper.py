@@ -1,5 +1,5 @@
-"""The sm_90a forward (cuda_src/hopper_fwd.cu through cupy_cosattn.launch_sm90) on the CPU emulator
-presenting itself as an H100 (``launch.emulated_arch("sm_90a")``, or CUPY_COSATTN_EMU_ARCH=sm_90a),
+"""The sm_90a forward (cuda_src/hopper_fwd.cu; launch.sm90, picked by launch.dispatch) on the CPU emulator
+presenting itself as an H100 (``limits.emulated_arch("sm_90a")``, or CUPY_COSATTN_EMU_ARCH=sm_90a),
 against the float64 reference; planted synchronization faults; the non-finite rule; dispatch; and the
 NVRTC gate for -arch=sm_90a.
 
@@ -8,6 +8,7 @@ accuracy test also asserts that the Hopper kernel is what ran.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import zlib
@@ -15,32 +16,39 @@ import zlib
 import numpy as np
 import pytest
 
-from cupy_cosattn import api, launch, launch_sm90, problem, reference
+from cupy_cosattn import api, problem, reference, resources
 from cupy_cosattn import emulator as emu
+from cupy_cosattn.launch import devices, dispatch, forward, limits, params, registry, sm90, sources, staging, tiles
+
 from kernel_cases import make_case, rel_err
 from test_kernels_forward import check_forward
 
-SM90 = launch.EMULATED_DEVICES["sm_90a"]
+SM90 = limits.EMULATED_DEVICES["sm_90a"]
 
 
 @pytest.fixture
 def h100(monkeypatch):
     """The emulator as an H100; yields the list of Hopper forward launches (kernel names)."""
-    monkeypatch.setattr(launch, "EMULATED_DEVICE", SM90)
+    monkeypatch.setattr(limits, "EMULATED_DEVICE", SM90)
     return _spy(monkeypatch)
 
 
 def _spy(monkeypatch):
+    """The names of the Hopper kernels launched from now on (Device.launch wrapped)."""
     ran = []
-    real = launch_sm90.run_forward
+    real = devices.Device.launch
 
-    def spy(backend, prob, inp, **kw):
-        ran.append(launch_sm90.kernel_name(prob.dtype_name, launch.head_dim_pad(prob.D),
-                                           not launch.fixed_offset_ok(prob, inp.scale)))
-        return real(backend, prob, inp, **kw)
+    def spy(self, choice, arg):
+        if choice.spec.source == sm90.SOURCE:
+            ran.append(choice.spec.name)
+        return real(self, choice, arg)
 
-    monkeypatch.setattr(launch_sm90, "run_forward", spy)
+    monkeypatch.setattr(devices.Device, "launch", spy)
     return ran
+
+
+def _name(dtype, D, running_max):
+    return registry.sm90_fwd_name(dtype, tiles.fwd_head_dim_pad(D), running_max)
 
 
 def _check(h100, seed, **case):
@@ -88,7 +96,7 @@ def test_hopper_forward_grid(h100, dtype, D):
         except AssertionError as e:
             failures.append(f"{name}: {e}")
     assert not failures, "\n".join(failures)
-    assert set(h100) == {launch_sm90.kernel_name(dtype, D, rm) for rm in (False, True)}  # both variants ran
+    assert set(h100) == {_name(dtype, D, rm) for rm in (False, True)}  # both variants ran
 
 
 @pytest.mark.gpu
@@ -110,7 +118,7 @@ def test_hopper_forward_grid_gpu(monkeypatch, dtype, D):
         except AssertionError as e:
             failures.append(f"{name}: {e}")
     assert not failures, "\n".join(failures)
-    assert set(ran) == {launch_sm90.kernel_name(dtype, D, rm) for rm in (False, True)}
+    assert set(ran) == {_name(dtype, D, rm) for rm in (False, True)}
 
 
 @pytest.mark.parametrize("dtype,D", [("float16", 56), ("bfloat16", 120)])
@@ -130,14 +138,14 @@ def test_hopper_forward_skips_fully_masked_tiles(h100):
     kw["mask"] = m
     check_forward(args, kw)
     assert len(h100) == 1
-    flags = launch.Backend("emulator").tile_any(m, launch_sm90.BLOCK_N)
+    flags = staging.tile_any(devices.EmulatedDevice(), m, sm90.BLOCK_N)
     np.testing.assert_array_equal(flags, [[0, 0, 0], [0, 1, 0]])
 
 
 def test_hopper_forward_grid_y_loop(h100, monkeypatch):
     """B*H beyond the grid's y extent: every role loops over (batch, head) pairs, with the mbarrier
     phases, the Q buffer and the ping-pong carried across them."""
-    monkeypatch.setattr(launch, "GRID_YZ_LIMIT", 2)
+    monkeypatch.setattr(limits, "GRID_YZ_LIMIT", 2)
     _check(h100, 9, B=3, H=2, Hk=1, Nq=140, Nk=150, D=64, dtype="float16", causal=True, mask="random", bias="head")
 
 
@@ -146,8 +154,8 @@ def test_hopper_forward_writes_preallocated_out_and_lse(h100):
     prob, inp = problem.canonicalize(*args, **kw)
     out = np.full((prob.B, prob.H, prob.Nq, prob.D), np.nan, dtype=prob.dtype)
     lse = np.full((prob.B, prob.H, prob.Nq), np.nan, dtype=np.float32)
-    o, l = api.forward_canonical(prob, inp, "emulator", out=out, lse=lse)
-    assert o is out and l is lse and len(h100) == 1
+    o, lse_got = api.forward_canonical(prob, inp, "emulator", out=out, lse=lse)
+    assert o is out and lse_got is lse and len(h100) == 1
     ref_o, ref_l = reference.forward64(prob, inp)
     assert rel_err(out, ref_o) <= 2e-2 and np.allclose(lse, ref_l, atol=2e-2)
 
@@ -156,16 +164,26 @@ def test_hopper_forward_writes_preallocated_out_and_lse(h100):
 # Direct launches: the same staging and arguments as the launch layer, of this module's source (or a
 # planted copy of it), under a chosen emulator interleaving.
 
+@contextlib.contextmanager
+def _source(text):
+    """The launch layer compiles `text` as hopper_fwd.cu (a planted copy; fresh module caches, so that
+    neither copy's compiled module serves the other); None: the real source."""
+    if text is None:
+        yield
+        return
+    saved = devices.load_source, devices._MODULE_CACHE, devices._FUNC_CACHE
+    devices.load_source = lambda name: text if name == sm90.SOURCE else saved[0](name)
+    devices._MODULE_CACHE, devices._FUNC_CACHE = {}, {}
+    try:
+        yield
+    finally:
+        devices.load_source, devices._MODULE_CACHE, devices._FUNC_CACHE = saved
+
+
 def _run(args, kw, seed, source=None):
     prob, inp = problem.canonicalize(*args, **kw)
-    kernel = None
-    if source is not None:
-        dp = launch.head_dim_pad(prob.D)
-        name = launch_sm90.kernel_name(prob.dtype_name, dp, not launch.fixed_offset_ok(prob, inp.scale))
-        mod = emu.RawModule(code=source, options=launch.compile_options(), name_expressions=[name])
-        kernel = mod.get_function(name)
-    with launch.emulated_arch("sm_90a"), emu.interleave(seed):
-        out, lse = launch_sm90.run_forward(launch.Backend("emulator"), prob, inp, kernel=kernel)
+    with _source(source), limits.emulated_arch("sm_90a"), emu.interleave(seed):
+        out, lse = forward.run_forward(devices.EmulatedDevice(), prob, inp)
     return np.asarray(out), np.asarray(lse), prob, inp
 
 
@@ -176,9 +194,9 @@ def test_hopper_forward_is_deterministic():
                          bias="head")
     o0, l0, *_ = _run(args, kw, None)
     for seed in (1, 2, 3):
-        o, l, *_ = _run(args, kw, seed)
+        o, lse, *_ = _run(args, kw, seed)
         assert np.array_equal(o.view(np.uint16), o0.view(np.uint16)), f"seed {seed}"
-        assert np.array_equal(l.view(np.uint32), l0.view(np.uint32)), f"seed {seed}"
+        assert np.array_equal(lse.view(np.uint32), l0.view(np.uint32)), f"seed {seed}"
 
 
 def test_hopper_forward_race_check():
@@ -242,9 +260,9 @@ def test_minus_inf_bias_is_a_mask(dtype, D):
     o_mask, l_mask, *_ = _run(args, dict(kw, mask=mask), 1)
     assert rel_err(o_bias, o_mask) <= 2e-2 and np.allclose(l_bias, l_mask, atol=1e-2)
     bias[0, 1, [3, 70]] = -np.inf
-    o, l, *_ = _run(args, dict(kw, attn_bias=bias), 2)
-    assert np.all(o[0, 1, [3, 70]] == 0) and np.all(np.isneginf(l[0, 1, [3, 70]]))
-    assert np.isfinite(o).all() and np.isfinite(np.delete(l[0, 1], [3, 70])).all()
+    o, lse, *_ = _run(args, dict(kw, attn_bias=bias), 2)
+    assert np.all(o[0, 1, [3, 70]] == 0) and np.all(np.isneginf(lse[0, 1, [3, 70]]))
+    assert np.isfinite(o).all() and np.isfinite(np.delete(lse[0, 1], [3, 70])).all()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,7 +292,7 @@ PLANTS = {  # name: [(text of the source, its replacement), ...]
 
 
 def _planted(name):
-    src = launch.load_source(launch_sm90.SOURCE)
+    src = sources.load_source(sm90.SOURCE)
     for old, new in PLANTS[name]:
         assert src.count(old) == 1, f"plant {name}: the text to change is not (once) in the source: {old!r}"
         src = src.replace(old, new)
@@ -330,7 +348,7 @@ def test_planted_fault_is_caught(name):
 def test_unplanted_source_passes_the_plant_cases():
     """The plant cases pass with the real source (so a caught plant is the plant's doing)."""
     for name in ("consumer_skips_full_k_wait", "fixup_without_proxy_fence", "mask_bytes_released_by_one_thread"):
-        outcomes = _outcomes(name, launch.load_source(launch_sm90.SOURCE), seeds=(None, 1, 2))
+        outcomes = _outcomes(name, sources.load_source(sm90.SOURCE), seeds=(None, 1, 2))
         assert all(o.startswith("correct") for o in outcomes), (name, outcomes)
 
 
@@ -344,7 +362,7 @@ def test_unplanted_source_passes_the_plant_cases():
     ("float16", 256, "pads to 256"),
 ])
 def test_problems_the_hopper_forward_does_not_cover_stay_portable(h100, dtype, D, why):
-    reason = launch_sm90.fallback_reason(dtype, D, launch.head_dim_pad(D), 2, SM90.compute_capability,
+    reason = sm90.fallback_reason(dtype, D, tiles.fwd_head_dim_pad(D), 2, SM90.compute_capability,
                                          SM90.smem_optin)
     assert reason is not None and why in reason
     args, kw = make_case(1, H=2, Nq=20, Nk=30, D=D, dtype=dtype, causal=True)
@@ -354,43 +372,65 @@ def test_problems_the_hopper_forward_does_not_cover_stay_portable(h100, dtype, D
 
 def test_other_devices_keep_the_portable_forward(monkeypatch):
     ran = []
-    monkeypatch.setattr(launch_sm90, "run_forward", lambda *a, **k: ran.append(a))
-    for caps in (launch.EMULATED_DEVICES["sm_80"], launch.EMULATED_DEVICES["sm_86"],
-                 launch.DeviceCaps((10, 0), 227 * 1024, 148)):
-        monkeypatch.setattr(launch, "EMULATED_DEVICE", caps)
+    ran = _spy(monkeypatch)
+    for caps in (limits.EMULATED_DEVICES["sm_80"], limits.EMULATED_DEVICES["sm_86"],
+                 limits.DeviceCaps((10, 0), 227 * 1024, 148)):
+        monkeypatch.setattr(limits, "EMULATED_DEVICE", caps)
         args, kw = make_case(2, H=1, Nq=20, Nk=30, D=64, dtype="bfloat16")
         check_forward(args, kw)
     assert not ran
-    assert launch_sm90.fallback_reason("bfloat16", 64, 64, 2, (8, 0), 163 * 1024).startswith("compute capability")
-    assert "shared memory" in launch_sm90.fallback_reason("bfloat16", 128, 128, 2, (9, 0), 160 * 1024)
+    assert sm90.fallback_reason("bfloat16", 64, 64, 2, (8, 0), 163 * 1024).startswith("compute capability")
+    assert "shared memory" in sm90.fallback_reason("bfloat16", 128, 128, 2, (9, 0), 160 * 1024)
+    assert "B*H" in sm90.fallback_reason("float16", 64, 64, sm90.MAX_BH + 1, (9, 0), 227 * 1024)
+
+
+def test_dispatch_picks_the_hopper_forward_on_sm90_only():
+    """select(FORWARD) is hopper_forward where it covers the problem, portable_forward elsewhere; every
+    choice is a registry entry with its NVRTC target."""
+    reg = {s.name: s for s in registry.kernel_registry()}
+    for dtype, D, caps, hopper in [("float16", 64, SM90, True), ("bfloat16", 120, SM90, True),
+                                   ("float32", 64, SM90, False), ("bfloat16", 96, SM90, False),
+                                   ("float16", 64, limits.EMULATED_DEVICES["sm_80"], False)]:
+        args, kw = make_case(1, H=2, Nq=300, Nk=40, D=D, dtype=dtype)
+        prob, inp = problem.canonicalize(*args, **kw)
+        choice = dispatch.select(prob, caps, dispatch.FORWARD, scale=inp.scale)
+        assert (choice.spec.source == sm90.SOURCE) == hopper, (dtype, D, caps)
+        assert reg[choice.spec.name] == choice.spec
+        if hopper:
+            assert choice.spec.arch == "sm_90a" and choice.tile == sm90.BLOCK_N and choice.block == (384, 1, 1)
+            assert choice.grid == (3, 2, 1) and choice.smem == sm90.smem_bytes(tiles.fwd_head_dim_pad(D))
+            assert choice == dispatch.hopper_forward(prob, caps, inp.scale)
+        else:
+            assert choice.spec.arch is None and dispatch.hopper_forward(prob, caps, inp.scale) is None
+            assert choice == dispatch.portable_forward(prob, caps, inp.scale)
 
 
 def test_emulated_arch_setting():
-    before = launch.EMULATED_DEVICE
-    with launch.emulated_arch("sm_90a"):
-        assert launch.Backend("emulator").device_caps() == SM90
+    before = limits.EMULATED_DEVICE
+    with limits.emulated_arch("sm_90a"):
+        assert devices.EmulatedDevice().capabilities() == SM90
         assert SM90.compute_capability == (9, 0) and SM90.smem_optin == 227 * 1024 and SM90.sm_count == 132
-    assert launch.EMULATED_DEVICE is before
+    assert limits.EMULATED_DEVICE is before
     with pytest.raises(ValueError, match=r"arch: 'sm_70', expected one of sm_80, sm_86, sm_89, sm_90a"):
-        launch.set_emulated_arch("sm_70")
+        limits.set_emulated_arch("sm_70")
 
 
 def test_emulated_arch_environment_variable(monkeypatch):
-    monkeypatch.setenv(launch.EMU_ARCH_ENV, "sm_90a")
-    assert launch._emulated_from_env() == SM90
-    monkeypatch.setenv(launch.EMU_ARCH_ENV, "")
-    assert launch._emulated_from_env() == launch.EMULATED_DEVICES["sm_80"]
-    monkeypatch.setenv(launch.EMU_ARCH_ENV, "h100")
+    monkeypatch.setenv(limits.EMU_ARCH_ENV, "sm_90a")
+    assert limits.emulated_from_env() == SM90
+    monkeypatch.setenv(limits.EMU_ARCH_ENV, "")
+    assert limits.emulated_from_env() == limits.EMULATED_DEVICES["sm_80"]
+    monkeypatch.setenv(limits.EMU_ARCH_ENV, "h100")
     with pytest.raises(ValueError, match="CUPY_COSATTN_EMU_ARCH='h100'"):
-        launch._emulated_from_env()
+        limits.emulated_from_env()
 
 
 def test_args_record_layout():
     """hopper_fwd.cu Args: four 128-byte maps at 64-byte aligned offsets, then FwdParams; the size a
     multiple of 64 (the struct's alignment), as the C++ compiler lays it out."""
-    dt = launch_sm90.args_dtype(launch.FWD_PARAMS)
+    dt = sm90.args_dtype(params.FWD_PARAMS)
     assert [dt.fields[n][1] for n in ("tq", "tk", "tv", "to", "p")] == [0, 128, 256, 384, 512]
-    assert dt.itemsize % 64 == 0 and dt.itemsize >= 512 + launch.FWD_PARAMS.itemsize
+    assert dt.itemsize % 64 == 0 and dt.itemsize >= 512 + params.FWD_PARAMS.itemsize
     src = r'''
 #include "hopper_fwd.cu"
 extern "C" __global__ void sizes(unsigned long long* out) {
@@ -399,7 +439,7 @@ extern "C" __global__ void sizes(unsigned long long* out) {
 }
 '''
     out = emu.device_zeros(2, np.uint64)
-    emu.RawModule(code=src, options=launch.compile_options()).get_function("sizes")((1,), (1,), (out,))
+    emu.RawModule(code=src, options=sources.compile_options()).get_function("sizes")((1,), (1,), (out,))
     assert tuple(int(x) for x in out) == (dt.itemsize, 512)
 
 
@@ -420,14 +460,12 @@ def _nvrtc():
 
 
 def _compile(nvrtc, names, arch):
-    from cupy_cosattn import resources
-
-    prog = nvrtc.createProgram(launch.load_source(launch_sm90.SOURCE), launch_sm90.SOURCE, [], [])
+    prog = nvrtc.createProgram(sources.load_source(sm90.SOURCE), sm90.SOURCE, [], [])
     try:
         for n in names:
             nvrtc.addNameExpression(prog, n)
         # the options the cuda backend ends up with: ours, then CuPy's -arch of the device
-        opts = [f"-arch={arch}", "-Xptxas=-v", *launch.compile_options(), "-arch=sm_90"]
+        opts = [f"-arch={arch}", "-Xptxas=-v", *sources.compile_options(), "-arch=sm_90"]
         try:
             nvrtc.compileProgram(prog, opts)
         except Exception as e:  # noqa: BLE001
@@ -442,7 +480,7 @@ def _compile(nvrtc, names, arch):
 @pytest.mark.slow
 def test_sm90a_kernels_compile_without_spills():
     nvrtc = _nvrtc()
-    names = [s.name for s in launch.kernel_registry() if s.arch == launch_sm90.ARCH]
+    names = [s.name for s in registry.kernel_registry() if s.arch == sm90.ARCH]
     assert len(names) == 8
     rows, log = _compile(nvrtc, names, "sm_90a")
     for n, r in rows.items():
@@ -455,7 +493,7 @@ def test_sm90a_kernel_compiles_with_cupys_trailing_arch_option():
     """One instantiation (the fast CI subset of the test above), compiled with the option list the cuda
     backend produces (-arch=sm_90a first, CuPy's -arch=sm_90 last): sm_90a wins, no spills."""
     nvrtc = _nvrtc()
-    name = launch_sm90.kernel_name("bfloat16", 64, False)
+    name = _name("bfloat16", 64, False)
     rows, log = _compile(nvrtc, [name], "sm_90a")
     assert rows[name]["spill_st"] == 0 and rows[name]["stack"] == 0 and "setmaxnreg" not in log
     # ptxas serializes wgmmas (C7520 "wgmma.mma_async instructions are serialized") when it cannot
@@ -474,8 +512,8 @@ def test_profiler_knows_the_hopper_forward_only_on_sm90a():
     assert {k.kind for k in kernels} == {"fwd_sm90", "fwd_sm90_rm"} and len(kernels) == 8
     assert sass.profile(["sm_80", "sm_90"], kernels) == []  # no rows (and nothing compiled) elsewhere
     inst = kernels[0].resolve("sm_90a")
-    assert inst.threads == launch_sm90.THREADS and inst.loop_warps == launch_sm90.CONSUMER_WARPS
-    assert len(inst.params) == launch_sm90.args_dtype(launch.FWD_PARAMS).itemsize
+    assert inst.threads == sm90.THREADS and inst.loop_warps == sm90.CONSUMER_WARPS
+    assert len(inst.params) == sm90.args_dtype(params.FWD_PARAMS).itemsize
 
 
 def test_profiler_reports_hgmma_for_the_hopper_forward():
@@ -490,8 +528,8 @@ def test_profiler_reports_hgmma_for_the_hopper_forward():
     assert row.error is None, row.error
     c, dp = row.cost, 64
     # one slot: S = Q K^T, DP / 16 wgmma of n128; O += P V, BLOCK_N / 16 wgmma of n64
-    assert c.opcodes["HGMMA"] == c.tensor == dp // 16 + launch_sm90.BLOCK_N // 16
+    assert c.opcodes["HGMMA"] == c.tensor == dp // 16 + sm90.BLOCK_N // 16
     assert c.tensor_fma == {("HGMMA", "f16"): (64 * 128 * dp + 64 * dp * 128) // 4}  # per warp: a quarter
-    assert c.classes["mufu"] == 64 * launch_sm90.BLOCK_N // 128  # one ex2 per score, 64 rows x 128 keys / 128
+    assert c.classes["mufu"] == 64 * sm90.BLOCK_N // 128  # one ex2 per score, 64 rows x 128 keys / 128
     assert c.classes["ldsm"] == 0 and row.spills == (0, 0)
     assert row.model.tensor_share >= 0.7, row.model  # the issue's target, in the profiler's model

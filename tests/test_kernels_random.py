@@ -10,8 +10,9 @@ import time
 import numpy as np
 import pytest
 
-import kernel_cases
 from cupy_cosattn import api
+
+import kernel_cases
 from test_kernels_backward import check_grads
 from test_kernels_forward import check_forward
 

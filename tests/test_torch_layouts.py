@@ -148,7 +148,7 @@ def _compiled_equals_eager(name, device):
     torch.testing.assert_close(cout, out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(clse, lse, rtol=1e-5, atol=1e-6)
     for n, a, b in zip(leaves, cgrads, grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"gradient of {n}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"gradient of {n}: {m}")
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.* is deprecated:DeprecationWarning")  # torch internals
@@ -192,7 +192,7 @@ def _compiled_training_matches_eager(device):
     assert all(map(lambda x: x == x, compiled_losses))  # no NaN
     torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=2e-4, atol=2e-4)
     for (n, a), b in zip(twin.named_parameters(), model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=lambda m: f"{n} after 3 steps: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=lambda m, n=n: f"{n} after 3 steps: {m}")
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.* is deprecated:DeprecationWarning")  # torch internals

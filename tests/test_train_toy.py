@@ -112,7 +112,7 @@ def test_loss_plot_smooths_with_a_trailing_mean(toy, tmp_path, monkeypatch):
     (xs, ys), kw = next((a[:2], kw) for a, kw in lines if "mean" in kw.get("label", ""))
     w = toy.SMOOTH_WINDOW
     assert list(xs) == [s for s, _ in train][w - 1:]  # starts once a full window exists
-    assert list(ys) == pytest.approx([sum(l for _, l in train[i - w + 1:i + 1]) / w for i in range(w - 1, 40)])
+    assert list(ys) == pytest.approx([sum(x for _, x in train[i - w + 1:i + 1]) / w for i in range(w - 1, 40)])
     assert f"trailing {w}-step mean" in kw["label"]
 
 

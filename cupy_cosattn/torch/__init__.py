@@ -19,12 +19,12 @@ kernel-backend arrays), ``backends`` (which implementation runs a call), ``ops``
 autograd), ``functional`` (the public functions), ``ring`` (ring attention over torch.distributed: context
 parallelism, docs/ring.md), ``compat`` (the function names of lucidrains/flash-cosine-sim-attention).
 """
+from . import ring
 from .backends import BACKENDS, CPU_BACKENDS, cpu_backend, get_cpu_backend, set_cpu_backend
+from .compat import flash_cosine_sim_attention, l2norm_tensors, plain_cosine_sim_attention
 from .functional import cosine_sim_attention, forward
 from .ops import OP_BACKWARD, OP_FORWARD
-from . import ring
 from .ring import ring_cosine_sim_attention
-from .compat import flash_cosine_sim_attention, l2norm_tensors, plain_cosine_sim_attention
 
 __all__ = ["cosine_sim_attention", "forward", "OP_FORWARD", "OP_BACKWARD", "BACKENDS", "CPU_BACKENDS",
            "get_cpu_backend", "set_cpu_backend", "cpu_backend", "ring", "ring_cosine_sim_attention",

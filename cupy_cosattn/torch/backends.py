@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from typing import Any
 
-import torch
 from torch import Tensor
 
 from .. import problem as _problem
@@ -35,7 +36,7 @@ def set_cpu_backend(name: str) -> str:
 
 
 @contextlib.contextmanager
-def cpu_backend(name: str):
+def cpu_backend(name: str) -> Iterator[None]:
     """Context manager form of `set_cpu_backend`."""
     prev = set_cpu_backend(name)
     try:
@@ -48,7 +49,7 @@ def cpu_backend(name: str):
 BACKENDS = ("auto", "cuda", "torch", "emulator", "reference")
 
 
-def check_backend(backend, q: Tensor) -> None:
+def check_backend(backend: Any, q: Tensor) -> None:
     """Raise ValueError, naming `backend`, for an unknown value or one that cannot run q's device."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {_problem._quote(backend)}")
@@ -62,7 +63,7 @@ def check_backend(backend, q: Tensor) -> None:
         raise ValueError(f"backend={backend!r} runs CPU tensors, but q is on {q.device}")
 
 
-def bridge_for(q: Tensor, backend: str = "auto"):
+def bridge_for(q: Tensor, backend: str = "auto") -> type[CupyBridge] | NumpyBridge | None:
     """The bridge to a kernel backend for this call, or None for the torch CPU implementation.
 
     backend "auto": CUDA tensors run the fused kernels, others what `set_cpu_backend` chose ("torch" by

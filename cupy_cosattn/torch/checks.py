@@ -7,6 +7,7 @@ flags), which keeps the check off the hot path of a training loop.
 from __future__ import annotations
 
 import functools
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ _NUMPY_OF_TORCH = {
 }
 
 
-def np_dtype(name: str, dt: torch.dtype):
+def np_dtype(name: str, dt: torch.dtype) -> np.dtype:
     """The NumPy dtype that stands in for torch dtype `dt` when problem.canonicalize checks it."""
     if dt == torch.bfloat16:
         if _problem.BFLOAT16 is None:  # pragma: no cover - ml_dtypes is a dependency
@@ -44,8 +45,9 @@ def _stand_in(shape, dtype):
     return np.lib.stride_tricks.as_strided(base, shape=tuple(shape), strides=(0,) * len(shape), writeable=False)
 
 
-def check_signature(q_sig, k_sig, v_sig, mask_sig, bias_sig, scale_sig, attn_bias_batch_dim, groups, causal,
-                     l2norm_qk, deterministic, cpu, arg_types=None):
+def check_signature(q_sig: tuple, k_sig: tuple, v_sig: tuple, mask_sig: Optional[tuple], bias_sig: Optional[tuple],
+                    scale_sig: Any, attn_bias_batch_dim: bool, groups: int, causal: bool, l2norm_qk: bool,
+                    deterministic: bool, cpu: bool, arg_types: Optional[tuple] = None) -> tuple[_problem.Problem, dict]:
     """(Problem, canonical shapes {q, k, v, bias}) for tensor signatures; raises like canonicalize.
     `arg_types` only keys the cache (so causal=1 is not served the answer cached for causal=True)."""
     def arr(name, sig):
@@ -78,7 +80,9 @@ def _sig(x):
     return None if x is None else (tuple(int(s) for s in x.shape), x.dtype)
 
 
-def check(q, k, v, mask, attn_bias, scale, attn_bias_batch_dim, groups, causal, l2norm_qk, deterministic):
+def check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], attn_bias: Optional[Tensor], scale: Any,
+          attn_bias_batch_dim: bool, groups: int, causal: bool, l2norm_qk: bool,
+          deterministic: bool) -> tuple[_problem.Problem, dict]:
     """Check every argument (tensors or fake tensors); returns (Problem, canonical shapes)."""
     named = (("q", q), ("k", k), ("v", v), ("mask", mask), ("attn_bias", attn_bias))
     for name, t in named:
@@ -108,7 +112,7 @@ def check(q, k, v, mask, attn_bias, scale, attn_bias_batch_dim, groups, causal, 
     return _check_cached(*key)
 
 
-def check_scale_values(scale_t: Tensor, prob) -> None:
+def check_scale_values(scale_t: Tensor, prob: _problem.Problem) -> None:
     """Raise the NumPy API's ValueError when the scale tensor holds a value <= 0, NaN or Inf.
 
     This reads the values on the host, so it runs only inside the real implementations of the ops

@@ -13,12 +13,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-def as_output(x: Tensor, dtype: torch.dtype, shape) -> Tensor:
+
+def as_output(x: Tensor, dtype: torch.dtype, shape: tuple) -> Tensor:
     """x as a contiguous tensor of `dtype` and `shape` (at most one copy; none when x already is)."""
     return x.to(dtype=dtype, memory_format=torch.contiguous_format).reshape(shape)
 
 
-def empty_grad(q):
+def empty_grad(q: Tensor) -> Tensor:
     return q.new_empty((0,), dtype=torch.float32)
 
 
