@@ -20,6 +20,8 @@ from cupy_cosattn import api, problem, reference, resources
 from cupy_cosattn import emulator as emu
 from cupy_cosattn.launch import devices, dispatch, forward, limits, params, registry, sm90, sources, staging, tiles
 
+import test_kernels_backward as tkb
+import test_kernels_forward as tkf
 from kernel_cases import make_case, rel_err
 from test_kernels_forward import check_forward
 
@@ -119,6 +121,75 @@ def test_hopper_forward_grid_gpu(monkeypatch, dtype, D):
             failures.append(f"{name}: {e}")
     assert not failures, "\n".join(failures)
     assert set(ran) == {_name(dtype, D, rm) for rm in (False, True)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The kernel grids of test_kernels_forward.py and test_kernels_backward.py on the cases the Hopper forward
+# takes (16-bit, D = 64, 128), the gradients from the backward fed by its out and lse. The whole files
+# run with CUPY_COSATTN_EMU_ARCH=sm_90a too (docs/kernels.md); CI runs the covering subset below (every
+# flag combination of both grids: mode x bias x kv layout x backward mode, in each dtype and D once),
+# the rest is marked slow.
+
+KERNEL_GRID = [(dtype, D, N) for dtype in ("float16", "bfloat16") for D in (64, 128) for N in (63, 127)]
+CI_KERNEL_GRID = [("float16", 64, 127), ("bfloat16", 128, 63)]
+SLOW_KERNEL_GRID = [c for c in KERNEL_GRID if c not in CI_KERNEL_GRID]
+
+
+def _kernel_grids(h100, dtype, D, N):
+    tkf._grid("emulator", dtype, D, N)
+    assert len(h100) == len(tkf.GRID_FLAGS), "the Hopper forward did not run on every forward case"
+    tkb._grid("emulator", dtype, D, N, forward="emulator")
+    assert len(h100) == len(tkf.GRID_FLAGS) + len(tkb.GRID_FLAGS), "the backward was not fed by the Hopper forward"
+
+
+@pytest.mark.parametrize("dtype,D,N", CI_KERNEL_GRID)
+def test_kernel_grids_on_the_hopper_forward(h100, dtype, D, N):
+    _kernel_grids(h100, dtype, D, N)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,D,N", SLOW_KERNEL_GRID)
+def test_kernel_grids_on_the_hopper_forward_exhaustive(h100, dtype, D, N):
+    _kernel_grids(h100, dtype, D, N)
+
+
+# The backward's edge configurations that the Hopper forward takes, fed by it; in CI each in one dtype.
+HOPPER_BWD_CONFIGS = sorted(n for n, c in tkb.CONFIGS.items() if c.get("D", 64) == 64)
+CI_BWD_CONFIGS = [(n, ("float16", "bfloat16")[i % 2]) for i, n in enumerate(HOPPER_BWD_CONFIGS)]
+
+
+def _bwd_config(h100, name, dtype):
+    args, kw, dout = tkb.make_case(zlib.crc32(name.encode()), dtype=dtype, **tkb.CONFIGS[name])
+    tkb.check_grads(args, kw, dout, forward="emulator")
+    assert len(h100) == 1, "the Hopper forward did not run"
+
+
+@pytest.mark.parametrize("name,dtype", CI_BWD_CONFIGS, ids=[f"{n}-{d}" for n, d in CI_BWD_CONFIGS])
+def test_backward_configs_on_the_hopper_forward(h100, name, dtype):
+    _bwd_config(h100, name, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,dtype", [(n, d) for n in HOPPER_BWD_CONFIGS for d in ("float16", "bfloat16")
+                                        if (n, d) not in CI_BWD_CONFIGS])
+def test_backward_configs_on_the_hopper_forward_other_dtype(h100, name, dtype):
+    _bwd_config(h100, name, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_deterministic_mode_on_the_hopper_forward_is_bitwise_repeatable(h100, dtype):
+    """deterministic=True end to end on the H100 emulator: the Hopper forward and the backward fed by it,
+    under two interleavings, give bitwise equal out, lse and gradients (GQA, a broadcast bias, causal)."""
+    args, kw, dout = tkb.make_case(5, B=2, H=4, Hk=2, Nq=150, Nk=170, D=64, dtype=dtype, causal=True,
+                                   bias="head", deterministic=True)
+    runs = []
+    for seed in (1, 12345):
+        with emu.interleave(seed):
+            out, lse = api.forward(*args, backend="emulator", **kw)
+            runs.append((out, lse, *api.backward(dout, *args, out, lse, backend="emulator", **kw)))
+    assert len(h100) == 2, "the Hopper forward did not run"
+    for name, a, b in zip(("out", "lse", *tkb.GRADS), *runs):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), f"{name} differs between interleavings"
 
 
 @pytest.mark.parametrize("dtype,D", [("float16", 56), ("bfloat16", 120)])
@@ -284,6 +355,12 @@ PLANTS = {  # name: [(text of the source, its replacement), ...]
                                     "          wgmma_wait<1>();")],
     "fixup_without_proxy_fence": [
         ("      fence_proxy_async_shared();  // the zeroed elements are read by wgmma (the async proxy)\n", "")],
+    # the transaction bytes of a stage miscounted: V's phase can never complete (deadlock), K's completes
+    # while the TMA still writes (or the late bytes land on a completed phase)
+    "expect_tx_too_large_for_v": [("      mbar_arrive_expect_tx(done, L::KV_BYTES);",
+                                   "      mbar_arrive_expect_tx(done, L::KV_BYTES + L::KV_CB);")],
+    "expect_tx_too_small_for_k": [("      mbar_arrive_expect_tx(&bar.full_k[s], L::KV_BYTES);",
+                                   "      mbar_arrive_expect_tx(&bar.full_k[s], L::KV_BYTES / 2);")],
     # K (and its mask bytes) released by one thread per warpgroup, as if only wgmma operands lived there
     "mask_bytes_released_by_one_thread": [
         ("      release(&bar.empty_k[s]);", "      if (threadIdx.x % WG == 0) mbar_arrive(&bar.empty_k[s]);"),
