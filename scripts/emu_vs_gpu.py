@@ -56,6 +56,8 @@ CONFIGS = {
     "fp32-perhead-scale-d128": ("float32", 1, 2, 2, 65, 65, 128, dict(per_head_scale=True)),
     # the sm_90a forward on an H100: several 128-key tiles, the fix-up and mask warps, running max
     "bf16-hopper-d128-causal-mask-bias": ("bfloat16", 2, 1, 1, 200, 300, 128, dict(causal=True, mask=True, bias=True)),
+    # and in float16 (CuPy without bfloat16 still reaches it): GQA, a bias (running max), D = 128
+    "fp16-hopper-d128-bias-gqa": ("float16", 1, 2, 1, 130, 260, 128, dict(bias=True)),
 }
 
 
@@ -77,6 +79,16 @@ def make_inputs(name, seed=0):
     if kw.get("per_head_scale"):
         keywords["scale"] = np.linspace(6.0, 10.0, H).astype(np.float32)
     return dtype_name, (q, k, v, dout), keywords
+
+
+def forward_kernel(device, arrays, keywords):
+    """The forward kernel the launch layer picks for these inputs on `device` (a launch.devices Device):
+    on an H100 / H200 the report shows which configurations ran the sm_90a forward."""
+    from cupy_cosattn import problem
+    from cupy_cosattn.launch import dispatch
+
+    prob, inp = problem.canonicalize(*arrays[:3], **keywords)
+    return dispatch.select(prob, device.capabilities(), dispatch.FORWARD, scale=inp.scale).spec.name
 
 
 def run_backend(backend, arrays, keywords, to_device):
@@ -178,6 +190,9 @@ def main(argv=None) -> int:
         dt, B, H, Hk, Nq, Nk, D, _ = CONFIGS[name]
         print(f"[{name}] {dt} B={B} H={H} Hk={Hk} Nq={Nq} Nk={Nk} D={D} "
               f"{sorted(k for k in keywords if k not in ('scale',))}", flush=True)
+        from cupy_cosattn.launch import devices
+
+        print(f"  forward kernel: {forward_kernel(devices.CudaDevice(), arrays, keywords)}", flush=True)
         try:
             if dtype_name == "bfloat16":
                 try:
