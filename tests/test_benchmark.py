@@ -197,7 +197,8 @@ def test_report_names_the_forward_kernel_of_the_device(bench):
     assert "hopper_fwd.cu (sm_90a: TMA, wgmma) for bf16 D=64, bf16 D=128, forward.cu" in line, line
     assert "fp32" not in line and "D=96" not in line
     for cc, smem in (((8, 0), 163 * 1024), ((10, 0), 227 * 1024), ((9, 0), 100 * 1024)):
-        assert bench.cases.cosattn_forward_kernels(cases, cc, smem) == "cosattn forward: forward.cu (mma.sync) in every case"
+        line = bench.cases.cosattn_forward_kernels(cases, cc, smem)
+        assert line == "cosattn forward: forward.cu (mma.sync) in every case", (cc, smem, line)
 
 
 def test_emu_vs_gpu_and_sanitizer_name_the_forward_kernel():

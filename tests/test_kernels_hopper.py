@@ -62,7 +62,7 @@ def _check(h100, seed, **case):
 
 # ---------------------------------------------------------------------------------------------------
 # The grid: one test per (dtype, D) runs every feature on ragged lengths (not multiples of the 128-row /
-# 128-key tiles), so a failure names the case. B*H <= 2 and N <= 256 keep the emulator fast.
+# 128-key tiles), so a failure names the case. B*H <= 4 and N <= 450 keep the emulator fast.
 
 GRID = {
     "plain": dict(Nq=130, Nk=200),
@@ -74,7 +74,7 @@ GRID = {
     "bias_head": dict(H=2, Nq=90, Nk=140, bias="head"),
     "bias_batch_f32": dict(B=2, H=1, Nq=60, Nk=130, bias="batch", bias_f32=True),
     "bias_full_mask_causal": dict(B=2, H=1, Nq=129, Nk=190, bias="full", mask="random", causal=True),
-    "gqa_causal": dict(H=2, Hk=1, Nq=100, Nk=170, causal=True),
+    "gqa_causal": dict(H=4, Hk=2, Nq=100, Nk=170, causal=True),  # Hk > 1: h / (H / Hk), not h % Hk
     "groups4": dict(H=1, Nq=70, Nk=150, groups=4),
     "per_head_scale": dict(H=2, Nq=60, Nk=200, per_head_scale=True),
     "merged_3d": dict(merged=True, B=2, H=1, Nq=33, Nk=140, mask="random", bias="head"),
