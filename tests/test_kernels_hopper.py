@@ -131,7 +131,7 @@ def test_hopper_forward_grid_gpu(monkeypatch, dtype, D):
 # the rest is marked slow.
 
 KERNEL_GRID = [(dtype, D, N) for dtype in ("float16", "bfloat16") for D in (64, 128) for N in (63, 127)]
-CI_KERNEL_GRID = [("float16", 64, 127), ("bfloat16", 128, 63)]
+CI_KERNEL_GRID = [("float16", 64, 63), ("bfloat16", 128, 63)]  # N = 127 (two backward key tiles): slow
 SLOW_KERNEL_GRID = [c for c in KERNEL_GRID if c not in CI_KERNEL_GRID]
 
 
