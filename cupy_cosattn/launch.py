@@ -192,7 +192,7 @@ def norm_kernel_specs() -> list:
 def kernel_registry() -> list:
     """Every (source, name expression) the package can launch, with block size and dynamic shared
     memory. Backward kernels come from ``launch_backward.kernel_specs()`` when that module defines it
-    (a list of :class:`KernelSpec`)."""
+    (a list of :class:`KernelSpec`), the KV-cache kernels from ``launch_decode.kernel_specs()``."""
     specs = norm_kernel_specs() + forward_kernel_specs()
     try:
         from . import launch_backward
@@ -200,7 +200,9 @@ def kernel_registry() -> list:
         launch_backward = None
     if launch_backward is not None and hasattr(launch_backward, "kernel_specs"):
         specs += list(launch_backward.kernel_specs())
-    return specs
+    from . import launch_decode
+
+    return specs + launch_decode.kernel_specs()
 
 
 _TEMPLATE_ARGS = re.compile(r"<(.*)>$")

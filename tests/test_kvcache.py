@@ -1,0 +1,606 @@
+"""KV-cache attention (cupy_cosattn.kvcache_forward; cuda_src/decode.cu through launch_decode) on the CPU
+emulator and the reference backend, and, marked ``gpu``, on CuPy.
+
+Every case is built from per-sequence logical keys (cached + appended), scattered into a contiguous or
+a paged cache whose every other slot (and every unused page) holds NaN, so a kernel that reads a key
+at or past a sequence's length, or a page the block table does not map, returns NaN. The expected
+result is the dense float64 reference (reference.forward64) of each sequence over its own keys, built
+independently of kvcache.py's gather. After the call the cache must hold exactly the appended rows in
+their slots and be bitwise unchanged elsewhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+import pytest
+
+from cupy_cosattn import emulator as emu
+from cupy_cosattn import kvcache, launch, launch_decode, problem, reference
+from cupy_cosattn.kvcache import kvcache_forward
+from cupy_cosattn.problem import BFLOAT16
+from kernel_cases import DTYPES, rel_err
+
+OUT_TOL = {"float16": 3e-3, "bfloat16": 2e-2, "float32": 1e-5}
+LSE_TOL = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-6}
+
+
+@dataclasses.dataclass
+class KVCase:
+    """Arguments of one call, the per-sequence logical keys and the cache expected after it."""
+
+    args: tuple  # q, k_cache, v_cache, cache_seqlens
+    kw: dict
+    keys: list  # per sequence (Hk, L_b, D) in the dtype: cached then appended
+    vals: list
+    k_after: np.ndarray
+    v_after: np.ndarray
+    dtype: str
+
+    @property
+    def q(self):
+        return self.args[0]
+
+
+def make_kv_case(seed, *, B=2, H=8, Hk=1, Nq=1, D=64, dtype="float16", cached=(250, 37), append=True,
+                 paged=False, page_size=16, spare=20, causal=True, scale=8.0, per_head_scale=False, groups=1,
+                 l2norm_qk=True, num_splits=0, bad_table_entries=-1) -> KVCase:
+    """A random call: sequence b has cached[b] keys in the cache and, with append, Nq new ones.
+
+    The cache holds `spare` slots past the longest sequence (paged: whole pages, plus 3 pages no
+    sequence maps); every slot that is not a valid key is NaN. Block-table entries past a sequence's
+    pages are `bad_table_entries` (an index no kernel may read)."""
+    rng = np.random.default_rng(seed)
+    dt = DTYPES[dtype]
+    assert len(cached) == B
+    cached = np.asarray(cached, dtype=np.int64)
+    lengths = cached + (Nq if append else 0)
+
+    def rand(*shape):
+        x = rng.standard_normal(shape)
+        if not l2norm_qk:  # the caller's promise: q, k already normalized (groups chunks)
+            c = x.reshape(x.shape[:-1] + (groups, D // groups))
+            x = (c / np.linalg.norm(c, axis=-1, keepdims=True)).reshape(shape)
+        return x.astype(dt)
+
+    q = rand(B, H, Nq, D)
+    keys = [rand(Hk, int(L), D) for L in lengths]
+    vals = [rng.standard_normal((Hk, int(L), D)).astype(dt) for L in lengths]
+    cap = int(lengths.max()) + spare
+    if paged:
+        max_pages = -(-cap // page_size)
+        num_pages = B * max_pages + 3
+        table = np.full((B, max_pages), bad_table_entries, dtype=np.int32)
+        order = rng.permutation(num_pages)  # pages scattered; the last 3 of the order stay unmapped
+        used = [-(-int(L) // page_size) for L in lengths]
+        it = iter(order)
+        for b in range(B):
+            for j in range(used[b]):
+                table[b, j] = next(it)
+        shape = (num_pages, Hk, page_size, D)
+    else:
+        table = None
+        shape = (B, Hk, cap, D)
+
+    def scatter(seqs, n_valid):
+        c = np.full(shape, np.nan, dtype=np.float32).astype(dt)
+        for b, x in enumerate(seqs):
+            for j in range(int(n_valid[b])):
+                if paged:
+                    c[table[b, j // page_size], :, j % page_size] = x[:, j]
+                else:
+                    c[b, :, j] = x[:, j]
+        return c
+
+    k_cache, v_cache = scatter(keys, cached), scatter(vals, cached)
+    k_after, v_after = scatter(keys, lengths), scatter(vals, lengths)
+    kw = dict(causal=causal, groups=groups, l2norm_qk=l2norm_qk, num_splits=num_splits)
+    kw["scale"] = rng.uniform(0.5 * scale, 1.5 * scale, size=(H,)) if per_head_scale else scale
+    if paged:
+        kw["block_table"] = table
+    if append:
+        kw["k_new"] = np.ascontiguousarray(np.stack([k[:, -Nq:] for k in keys]) if Nq else np.zeros((B, Hk, 0, D), dt))
+        kw["v_new"] = np.ascontiguousarray(np.stack([v[:, -Nq:] for v in vals]) if Nq else np.zeros((B, Hk, 0, D), dt))
+    args = (q, k_cache, v_cache, cached.astype(np.int32))
+    return KVCase(args, kw, keys, vals, k_after, v_after, dtype)
+
+
+def expected(case: KVCase):
+    """(out, lse) float64 (B, H, Nq, D), (B, H, Nq): the dense reference of each sequence."""
+    q = case.q
+    B, H, Nq, D = q.shape
+    Hk = case.args[1].shape[1]
+    _, scale = problem._scale_vector(case.kw["scale"], H, False)
+    out = np.zeros((B, H, Nq, D))
+    lse = np.full((B, H, Nq), -np.inf)
+    for b in range(B):
+        L = case.keys[b].shape[1]
+        if L == 0 or Nq == 0:
+            continue
+        prob = problem.Problem(B=1, H=H, Hk=Hk, Nq=Nq, Nk=L, D=D, dtype=np.dtype(q.dtype),
+                               groups=case.kw["groups"], causal=case.kw["causal"], l2norm_qk=case.kw["l2norm_qk"])
+        o, l = reference.forward64(prob, problem.Inputs(q=q[b:b + 1], k=case.keys[b][None], v=case.vals[b][None],
+                                                        scale=scale))
+        out[b], lse[b] = o[0], l[0]
+    return out, lse
+
+
+def _bits(x):
+    return np.ascontiguousarray(x).view(np.uint8)
+
+
+def check_case(case: KVCase, backend="emulator", caches=None, **overrides):
+    """Run the call and assert the accuracy contract, the empty rows and the cache after the append.
+    `caches`: (k_cache, v_cache) to pass instead of the case's (e.g. emulator device arrays)."""
+    q, kc, vc, sl = case.args
+    if caches is not None:
+        kc, vc = caches
+    kw = {**case.kw, **overrides}
+    if backend == "cuda":
+        import cupy
+
+        dev = {k: (cupy.asarray(v) if isinstance(v, np.ndarray) and k != "scale" else v) for k, v in kw.items()}
+        kc_d, vc_d = cupy.asarray(kc), cupy.asarray(vc)
+        out, lse = kvcache_forward(cupy.asarray(q), kc_d, vc_d, cupy.asarray(sl), backend="cuda", **dev)
+        out, lse, kc, vc = cupy.asnumpy(out), cupy.asnumpy(lse), cupy.asnumpy(kc_d), cupy.asnumpy(vc_d)
+    else:
+        out, lse = kvcache_forward(q, kc, vc, sl, backend=backend, **kw)
+    assert out.shape == q.shape and np.dtype(out.dtype) == np.dtype(q.dtype)
+    assert lse.shape == q.shape[:-1] and lse.dtype == np.float32
+    ref_o, ref_l = expected(case)
+    o64 = np.asarray(out, dtype=np.float64)
+    assert np.isfinite(o64).all(), ("NaN/Inf in out: a key past a sequence's length or an unmapped page was read, "
+                                      "or a tile was used before it landed")
+    empty = ~np.isfinite(ref_l)
+    assert np.all(np.isneginf(lse[empty])), "rows without a visible key must have lse = -inf"
+    assert np.all(o64[empty] == 0), "rows without a visible key must be 0"
+    assert np.isfinite(lse[~empty]).all(), "NaN/Inf in lse"
+    err = rel_err(o64, ref_o)
+    assert err <= OUT_TOL[case.dtype], f"out rel err {err:.3e} > {OUT_TOL[case.dtype]:.0e}"
+    if (~empty).any():
+        bound = float(np.max(kw["scale"])) * kw["groups"]
+        lerr = np.max(np.abs(lse[~empty] - ref_l[~empty])) / max(1.0, bound)
+        assert lerr <= LSE_TOL[case.dtype], f"lse err {lerr:.3e}"
+    assert np.array_equal(_bits(kc), _bits(case.k_after)), "k_cache after the call differs from the expected append"
+    assert np.array_equal(_bits(vc), _bits(case.v_after)), "v_cache after the call differs from the expected append"
+    return err
+
+
+def plan(case: KVCase, caps=launch.EMULATED_DEVICE, **overrides):
+    q, kc, vc, sl = case.args
+    prob, inp = kvcache.check_kvcache(q, kc.copy(), vc.copy(), sl, **{**case.kw, **overrides})
+    return launch_decode.plan_kvcache(prob, inp, caps)
+
+
+BACKENDS = ["emulator", "reference"]
+
+# ---------------------------------------------------------------------------------------------------
+# Splits: every count, contiguous and paged caches (GQA 8:1 single-token decode, two very different
+# lengths: 251 keys = 4 tiles of 64, and 38).
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("splits", [1, 2, 3, "tiles", "max", 0])
+def test_num_splits(paged, splits):
+    n = {"tiles": 4, "max": kvcache.MAX_NUM_SPLITS}.get(splits, splits)
+    case = make_kv_case(1, paged=paged, num_splits=n)
+    p = plan(case)
+    assert p.wm == 1 and p.bn == 64
+    assert p.splits == (n or 2)  # auto: 2 blocks of 108 SMs' slots -> as many splits as 4 tiles allow
+    check_case(case)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_num_splits_reference(splits):
+    check_case(make_kv_case(1, paged=True, num_splits=splits), backend="reference")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Query counts and GQA ratios: both row regimes (G*Nq <= 16: warps split the keys; more: 64-row tiles,
+# several per kv head).
+
+NQ_CASES = [  # (Nq, H, Hk)
+    (1, 8, 1), (2, 8, 1), (7, 8, 2), (16, 4, 1), (64, 2, 2), (2, 4, 1), (1, 2, 2),
+]
+
+
+@pytest.mark.parametrize("Nq,H,Hk", NQ_CASES, ids=[f"nq{n}-h{h}-hk{k}" for n, h, k in NQ_CASES])
+def test_query_counts_and_gqa(Nq, H, Hk):
+    case = make_kv_case(2, Nq=Nq, H=H, Hk=Hk, cached=(120, 230 - Nq), paged=True, page_size=32, num_splits=2)
+    p = plan(case)
+    rows = (H // Hk) * Nq
+    assert p.wm == (1 if rows <= 16 else 4) and p.n_row_tiles == -(-rows // (16 * p.wm))
+    check_case(case)
+
+
+@pytest.mark.parametrize("ratio", [8, 4, 1])
+def test_gqa_ratio_contiguous(ratio):
+    check_case(make_kv_case(3, H=ratio * 2, Hk=2, Nq=3, cached=(70, 199), num_splits=3))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Appends at page boundaries: cache_seqlens = 0, 15, 16 (mod page size) and 47 (the append crosses a
+# page), for pages of 16 and 32 slots.
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+@pytest.mark.parametrize("Nq", [1, 3])
+def test_append_at_page_boundaries(page_size, Nq):
+    case = make_kv_case(4, B=4, H=4, Hk=1, Nq=Nq, cached=(2 * page_size, page_size - 1, page_size + 16, 47),
+                        paged=True, page_size=page_size, num_splits=2)
+    check_case(case)
+
+
+def test_page_size_not_a_power_of_two():
+    check_case(make_kv_case(5, B=2, H=4, Hk=1, Nq=2, cached=(95, 48), paged=True, page_size=48, num_splits=2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Very different lengths, empty sequences, no append.
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unequal_lengths_with_empty_cache(backend):
+    case = make_kv_case(6, B=4, H=2, Hk=1, Nq=4, cached=(0, 1, 290, 63), paged=True, num_splits=3)
+    check_case(case, backend=backend)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_without_append(causal):
+    # sequence 0 holds no key at all: its rows are empty; sequence 1 holds fewer keys than queries
+    case = make_kv_case(7, B=3, H=4, Hk=1, Nq=5, cached=(0, 3, 200), append=False, causal=causal, num_splits=2)
+    out_empty = expected(case)[1]
+    assert np.isneginf(out_empty[0]).all() and (np.isneginf(out_empty[1]).any() == causal)
+    check_case(case)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dtypes, causal or not, both softmax variants.
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Nq", [1, 6])
+def test_dtypes(dtype, causal, Nq):
+    case = make_kv_case(8, dtype=dtype, H=4, Hk=2, Nq=Nq, D=32, cached=(140, 77), paged=Nq > 1, causal=causal,
+                        num_splits=2)
+    assert not plan(case).running_max
+    check_case(case)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("variant", ["unnormalized", "large_scale"])
+def test_running_max(dtype, variant):
+    """l2norm_qk=False (logits unbounded) and a logit bound above the fixed offset's limit take the
+    running-max instantiation; its partials combine by the log-sum-exp rule."""
+    kw = dict(l2norm_qk=False) if variant == "unnormalized" else dict(scale=25.0 if dtype == "float16" else 45.0)
+    case = make_kv_case(9, dtype=dtype, H=4, Hk=1, Nq=2, D=48, cached=(180, 20), paged=True, num_splits=3,
+                        per_head_scale=True, **kw)
+    assert plan(case).running_max
+    check_case(case)
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_groups_and_per_head_scale(groups):
+    case = make_kv_case(10, H=8, Hk=2, Nq=1, D=64, groups=groups, per_head_scale=True, cached=(100, 33),
+                        scale=2.5, num_splits=2)
+    # fixed offset while the largest bound scale_h * groups stays within fp16's limit of 10
+    assert plan(case).running_max == (float(np.max(case.kw["scale"])) * groups > 10)
+    check_case(case)
+
+
+@pytest.mark.parametrize("D", [8, 24, 136])
+def test_head_dims(D):
+    """D not a multiple of 16 (the tiles pad to DP), and DP > 128 (Q fragments re-read per k-step)."""
+    check_case(make_kv_case(11, H=4, Hk=1, Nq=2, D=D, cached=(90, 150), paged=True, num_splits=2))
+
+
+def test_fp32_small_head_dim_rows_of_16_bytes():
+    check_case(make_kv_case(12, dtype="float32", H=2, Hk=1, Nq=3, D=4, cached=(64, 17), num_splits=2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cache in place, through emulator device arrays; race mode; interleavings.
+
+
+def test_device_arrays_are_appended_in_place():
+    case = make_kv_case(13, B=2, H=8, Hk=1, Nq=2, cached=(30, 64), paged=True, num_splits=2)
+    kd, vd = emu.to_device(case.args[1]), emu.to_device(case.args[2])
+    check_case(case, caches=(kd, vd))
+    assert emu.is_device_array(kd)
+
+
+def test_strided_cache_view():
+    """A (B, N, Hk, D) buffer viewed as (B, Hk, N, D): rows 16-byte aligned, any strides."""
+    case = make_kv_case(14, B=2, H=4, Hk=2, Nq=1, D=16, cached=(40, 9), num_splits=2)
+    kc = np.ascontiguousarray(case.args[1].transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    vc = np.ascontiguousarray(case.args[2].transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    assert not kc.flags.c_contiguous
+    check_case(case, caches=(kc, vc))
+
+
+@pytest.mark.parametrize("kw", [dict(Nq=1, H=8, Hk=1), dict(Nq=20, H=2, Hk=1, l2norm_qk=False)])
+def test_race_check_clean(kw):
+    case = make_kv_case(15, B=2, cached=(100, 70), paged=True, num_splits=3, **kw)
+    with emu.race_check():
+        check_case(case)
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_interleavings_agree(seed):
+    case = make_kv_case(16, B=2, H=8, Hk=1, Nq=2, cached=(150, 90), paged=True, num_splits=2)
+    with emu.interleave(seed):
+        check_case(case)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Planted faults: a scratch copy of decode.cu with one synchronization bug must fail the checks.
+
+LANDED_BARRIER = "__syncthreads();    // tile `tile` (and, on the first one, Q) has landed for every thread"
+NORMALIZED_BARRIER = "__syncthreads();  // normalized rows visible to every warp"
+COMBINE_ALL = "      for (int s = 0; s < S; ++s) {"
+COMBINE_DROP = "      for (int s = 0; s < S - 1; ++s) {"
+
+
+def _scratch_decode(monkeypatch, old, new):
+    """decode.cu with `old` replaced by `new`, in a scratch copy of the source (the file is untouched)."""
+    real = launch.load_source
+
+    def load(name):
+        text = real(name)
+        if name == "decode.cu":
+            if text.count(old) != 1:  # not an AssertionError: the tests expect those from the checks
+                raise RuntimeError(f"the planted fault's snippet must occur once in decode.cu: {old!r}")
+            text = text.replace(old, new)
+        return text
+
+    monkeypatch.setattr(launch, "load_source", load)
+    monkeypatch.setattr(launch, "_MODULE_CACHE", {})
+    monkeypatch.setattr(launch, "_FUNC_CACHE", {})
+
+
+@pytest.mark.parametrize("barrier,l2norm_qk", [(LANDED_BARRIER, True), (LANDED_BARRIER, False),
+                                               (NORMALIZED_BARRIER, True)],
+                         ids=["landed-normalized", "landed-raw", "normalized"])
+def test_planted_missing_barrier_is_caught(monkeypatch, barrier, l2norm_qk):
+    case = make_kv_case(17, B=2, H=8, Hk=1, Nq=2, cached=(200, 130), paged=True, num_splits=2, l2norm_qk=l2norm_qk)
+    check_case(case)  # the real kernel passes
+    _scratch_decode(monkeypatch, barrier, "// (barrier removed)")
+    with pytest.raises(AssertionError, match="NaN/Inf in out|out rel err|lse err"):
+        check_case(make_kv_case(17, B=2, H=8, Hk=1, Nq=2, cached=(200, 130), paged=True, num_splits=2,
+                                l2norm_qk=l2norm_qk))
+
+
+@pytest.mark.parametrize("running_max", [False, True])
+def test_planted_combine_dropping_a_split_is_caught(monkeypatch, running_max):
+    kw = dict(cached=(200, 130), paged=True, num_splits=3, l2norm_qk=not running_max)
+    _scratch_decode(monkeypatch, COMBINE_ALL, COMBINE_DROP)
+    with pytest.raises(AssertionError, match="out rel err"):
+        check_case(make_kv_case(18, **kw))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The split heuristic.
+
+
+def test_split_heuristic():
+    choose = launch_decode.choose_num_splits
+    sms = 108
+    assert choose(sms * 2, 1000, sms) == 1  # the unsplit grid fills the SMs
+    assert choose(8, 1, sms) == 1  # one key tile: nothing to split
+    assert choose(8, 3, sms) == 1  # fewer than 2 tiles per split
+    s = choose(8, 2048, sms)  # B = 1, Hk = 8, 128k keys
+    assert 20 <= s <= kvcache.MAX_NUM_SPLITS and 8 * s <= 2 * sms
+    waves = 8 * s / (2 * sms)
+    assert waves / np.ceil(waves) >= launch_decode.SPLIT_EFFICIENCY
+    assert choose(64, 512, sms) >= 2  # B = 8, Hk = 8, 32k keys: 64 blocks under-fill 216 slots
+    assert choose(512, 64, sms) == 1  # B = 64, Hk = 8, 4k keys
+    for base in (1, 3, 8, 50):
+        for tiles in (2, 10, 100, 5000):
+            s = choose(base, tiles, sms)
+            assert 1 <= s <= max(1, min(kvcache.MAX_NUM_SPLITS, tiles // launch_decode.SPLIT_MIN_TILES))
+
+
+def test_auto_splits_use_the_device_sm_count():
+    case = make_kv_case(19, B=2, H=8, Hk=1, cached=(290, 290), spare=0)
+    few = launch.DeviceCaps((8, 0), 163 * 1024, 1)
+    assert plan(case, caps=few).splits == 1  # 2 blocks fill a 1-SM device's 2 slots
+    assert plan(case).splits == 2  # 108 SMs: as many as 5 tiles / 2 allow
+
+
+def test_tile_choice_by_shared_memory():
+    """WM = 1 needs 64-key tiles; where they exceed the device, the 64-row shape with smaller tiles."""
+    case = make_kv_case(20, dtype="float32", H=8, Hk=1, D=256, cached=(10, 10))
+    assert plan(case).wm == 4  # 272 rows of fp32 D = 256 exceed 163 KB
+    case = make_kv_case(20, dtype="float16", H=8, Hk=1, D=256, cached=(10, 10))
+    assert plan(case).wm == 1
+    sm86 = launch.DeviceCaps((8, 6), 99 * 1024, 84)
+    assert plan(case, caps=sm86).wm == 4
+
+
+def test_registry_holds_every_planned_kernel():
+    names = {s.name for s in launch.kernel_registry() if s.source == "decode.cu"}
+    for dt in ("float16", "bfloat16", "float32"):
+        for dp in range(16, 257, 16):
+            for caps in (launch.EMULATED_DEVICE, launch.DeviceCaps((9, 0), 227 * 1024, 132),
+                         launch.DeviceCaps((8, 6), 99 * 1024, 84)):
+                for rows in (1, 16, 17, 512):
+                    wm, bn = launch_decode.decode_config(dt, dp, rows, caps.smem_optin)
+                    if launch_decode.decode_smem_bytes(dt, dp, bn, wm) > caps.smem_optin:
+                        continue
+                    for rm in (False, True):
+                        assert launch_decode.decode_name(dt, dp, bn, wm, rm) in names
+        for rm in (False, True):
+            assert launch_decode.combine_name(dt, rm) in names
+        assert launch_decode.append_name(dt) in names
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument checks: each bad input raises before anything is launched or written.
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a kernel was launched")
+
+    monkeypatch.setattr(launch_decode, "run_kvcache", refuse)
+
+
+def _good(**kw):
+    case = make_kv_case(21, B=2, H=4, Hk=2, Nq=2, D=16, cached=(20, 30), paged=True, spare=4, **kw)
+    q, kc, vc, sl = case.args
+    return dict(q=q, k_cache=kc, v_cache=vc, cache_seqlens=sl, **case.kw)
+
+
+def _call(args, backend="emulator"):
+    a = dict(args)
+    return kvcache_forward(a.pop("q"), a.pop("k_cache"), a.pop("v_cache"), a.pop("cache_seqlens"), backend=backend,
+                           **a)
+
+
+def _bad_cases():
+    f16 = np.float16
+    yield "q torch-like", dict(q=[[1.0]]), TypeError, "q must be a NumPy or CuPy array"
+    yield "q 3-D", dict(q=np.zeros((2, 4, 16), f16)), ValueError, "q must be 4-D"
+    yield "q float64", dict(q=np.zeros((2, 4, 2, 16))), TypeError, "q has dtype float64"
+    yield "k_cache dtype", dict(k_cache="f32"), TypeError, "k_cache must have q's dtype"
+    yield "v_cache shape", dict(v_cache="short"), ValueError, "k_cache and v_cache must have the same shape"
+    yield "head dim", dict(q=np.zeros((2, 4, 2, 8), f16)), ValueError, "k_cache must have q's head dim D=8"
+    yield "kv heads", dict(q=np.zeros((2, 3, 2, 16), f16)), ValueError, "q has H=3 heads"
+    yield "seqlens dtype", dict(cache_seqlens=np.array([20, 30], np.int64)), TypeError, "cache_seqlens must have dtype int32"
+    yield "seqlens shape", dict(cache_seqlens=np.array([20], np.int32)), ValueError, "cache_seqlens must have shape (B,)"
+    yield "seqlens negative", dict(cache_seqlens=np.array([20, -1], np.int32)), ValueError, "cache_seqlens[1] = -1"
+    yield "over capacity", dict(cache_seqlens=np.array([20, 47], np.int32)), ValueError, "exceeds the cache capacity"
+    yield "table dtype", dict(block_table="i64"), TypeError, "block_table must have dtype int32"
+    yield "table rows", dict(block_table="rows"), ValueError, "block_table must have shape (B, max_pages)"
+    yield "table out of range", dict(block_table="range"), ValueError, "block_table[1, 1] = 99"
+    yield "table negative", dict(block_table="negative"), ValueError, "block_table[0, 0] = -1"
+    yield "page size", dict(k_cache="page24", v_cache="page24"), ValueError, "page_size"
+    yield "contiguous batch", dict(block_table=None, k_cache="contig3", v_cache="contig3"), ValueError, \
+        "a contiguous k_cache must have shape"
+    yield "k_new alone", dict(v_new=None), ValueError, "k_new and v_new must be given together"
+    yield "k_new shape", dict(k_new="nq3"), ValueError, "k_new must have shape (B, Hk, Nq, D)"
+    yield "v_new dtype", dict(v_new="f32"), TypeError, "v_new must have q's dtype"
+    yield "groups", dict(groups=3), ValueError, "groups must be a positive int dividing"
+    yield "groups type", dict(groups=2.0), TypeError, "groups must be an int"
+    yield "causal", dict(causal=1), TypeError, "causal must be a bool"
+    yield "l2norm_qk", dict(l2norm_qk=np.int32(1)), TypeError, "l2norm_qk must be a bool"
+    yield "num_splits negative", dict(num_splits=-1), ValueError, "num_splits must be in [0, 128]"
+    yield "num_splits large", dict(num_splits=129), ValueError, "num_splits must be in [0, 128]"
+    yield "num_splits bool", dict(num_splits=True), TypeError, "num_splits must be an int"
+    yield "scale", dict(scale=-1.0), ValueError, "scale must be finite and > 0"
+    yield "scale shape", dict(scale=np.ones(3)), ValueError, "scale must be a scalar or have shape (4,)"
+    yield "backend", dict(backend_="gpu"), ValueError, "backend must be one of"
+
+
+def _materialize(good, bad):
+    out = dict(good)
+    kc, q = good["k_cache"], good["q"]
+    for k, v in bad.items():
+        if k == "backend_":
+            continue
+        if isinstance(v, str):
+            v = {
+                "f32": lambda: good[k].astype(np.float32),
+                "short": lambda: good[k][:, :, :8],
+                "i64": lambda: good[k].astype(np.int64),
+                "rows": lambda: good[k][:1],
+                "range": lambda: _set(good["block_table"], (1, 1), 99),
+                "negative": lambda: _set(good["block_table"], (0, 0), -1),
+                "page24": lambda: np.zeros((kc.shape[0], kc.shape[1], 24, kc.shape[3]), kc.dtype),
+                "contig3": lambda: np.zeros((3,) + kc.shape[1:], kc.dtype),
+                "nq3": lambda: np.zeros((2, 2, 3, 16), q.dtype),
+            }[v]()
+        out[k] = v
+    return out
+
+
+def _set(a, idx, value):
+    a = a.copy()
+    a[idx] = value
+    return a
+
+
+@pytest.mark.parametrize("what,bad,exc,msg", list(_bad_cases()), ids=[c[0] for c in _bad_cases()])
+def test_argument_checks(no_launch, what, bad, exc, msg):
+    good = _good()
+    args = _materialize(good, bad)
+    before = (_bits(good["k_cache"]).copy(), _bits(good["v_cache"]).copy())
+    with pytest.raises(exc) as ei:
+        if "backend_" in bad:
+            _call(args, backend=bad["backend_"])
+        else:
+            _call(args)
+    assert msg in str(ei.value)
+    # nothing was written: the append did not happen
+    assert np.array_equal(_bits(good["k_cache"]), before[0]) and np.array_equal(_bits(good["v_cache"]), before[1])
+
+
+def test_argument_checks_reference_backend_too(monkeypatch):
+    good = _good()
+    monkeypatch.setattr(kvcache, "reference_kvcache", lambda *a: pytest.fail("the reference ran"))
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 99"):
+        _call(_materialize(good, dict(block_table="range")), backend="reference")
+
+
+def test_unused_table_entries_are_not_checked():
+    """Entries past a sequence's pages may hold anything (here -1 and a huge index)."""
+    for bad in (-1, 10**9):
+        check_case(make_kv_case(22, B=2, H=4, Hk=1, Nq=1, cached=(17, 40), paged=True, spare=40,
+                                bad_table_entries=bad, num_splits=2))
+
+
+@pytest.mark.parametrize("D,dtype", [(12, "float16"), (6, "float32"), (264, "bfloat16")])
+def test_kernel_head_dim_limits(D, dtype):
+    """Head dims the kernels cannot read in whole 16-byte pieces (or above 256) are refused before
+    the append; the reference takes them."""
+    case = make_kv_case(23, B=1, H=2, Hk=1, Nq=1, D=D, dtype=dtype, cached=(5,))
+    q, kc, vc, sl = case.args
+    before = _bits(kc).copy()
+    with pytest.raises(ValueError, match=f"head dim D={D}"):
+        kvcache_forward(q, kc, vc, sl, backend="emulator", **case.kw)
+    assert np.array_equal(_bits(kc), before)
+    check_case(case, backend="reference")
+
+
+def test_misaligned_cache_rows_are_refused():
+    case = make_kv_case(24, B=2, H=2, Hk=1, Nq=1, D=16, cached=(5, 6))
+    q, kc, vc, sl = case.args
+    wide = np.zeros(kc.shape[:-1] + (20,), kc.dtype)  # rows of 40 bytes: not 16-byte aligned
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        kvcache_forward(q, wide[..., :16], vc, sl, backend="emulator", **case.kw)
+
+
+def test_empty_query_count_and_batch():
+    case = make_kv_case(25, B=2, H=4, Hk=1, Nq=0, cached=(5, 6))
+    for backend in BACKENDS:
+        q, kc, vc, sl = case.args
+        out, lse = kvcache_forward(q, kc.copy(), vc.copy(), sl, backend=backend, **case.kw)
+        assert out.shape == (2, 4, 0, 64) and lse.shape == (2, 4, 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU twins.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("splits", [1, 3, 0])
+def test_gpu_matches_reference(paged, dtype, splits):
+    check_case(make_kv_case(30, H=8, Hk=1, Nq=1, D=128, dtype=dtype, cached=(1000, 37), paged=paged,
+                            num_splits=splits), backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Nq,H,Hk", NQ_CASES)
+def test_gpu_query_counts(Nq, H, Hk):
+    check_case(make_kv_case(31, Nq=Nq, H=H, Hk=Hk, cached=(300, 900), paged=True, num_splits=0), backend="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_running_max_and_lengths():
+    check_case(make_kv_case(32, B=4, H=4, Hk=1, Nq=3, cached=(0, 1, 2000, 64), paged=True, l2norm_qk=False,
+                            num_splits=5), backend="cuda")
