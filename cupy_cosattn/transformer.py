@@ -12,9 +12,11 @@ made correct and complete:
   and ``attn_l2norm_groups`` l2norm groups; ``attn="softmax"``: regular scaled-dot-product attention,
   the baseline;
 - optional grouped-query attention (``kv_heads`` dividing ``heads``);
-- :meth:`CosineSimCausalTransformer.generate` with top-k filtering, temperature (0 = greedy) and a KV
-  cache: each new token is one query against the cached keys (the op's bottom-right causal alignment
-  makes that query see every cached key), so cached and uncached generation compute the same thing;
+- :meth:`CosineSimCausalTransformer.generate` with top-k filtering, temperature (0 = greedy) and a
+  preallocated KV cache (:class:`KVCache`: per layer a contiguous (B, Hk, max_seq_len, D) key and value
+  buffer): the prompt and then each new token are appended in place and attended to by
+  :func:`cupy_cosattn.torch.kvcache_attention` (no ``torch.cat`` per token; bottom-right causal, so a new
+  token sees every cached key), so cached and uncached generation compute the same thing;
 - context parallelism: ``forward(tokens, positions=..., attention_fn=...)`` runs the model on one shard
   of a sequence, with the shard's global positions and an attention function that sees the whole
   sequence, e.g. :func:`cupy_cosattn.torch.ring.ring_cosine_sim_attention` bound to a process group
@@ -23,17 +25,17 @@ made correct and complete:
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .torch import cosine_sim_attention
+from .torch import cosine_sim_attention, kvcache_attention
 
-__all__ = ["CosineSimCausalTransformer", "Attention", "FeedForward", "top_k_filter"]
+__all__ = ["CosineSimCausalTransformer", "Attention", "FeedForward", "KVCache", "top_k_filter"]
 
-KVCache = List[Tuple[Tensor, Tensor]]
+LayerCaches = List[Tuple[Tensor, Tensor]]  # per layer (k, v) (B, Hk, N, D), grown by torch.cat
 
 
 def top_k_filter(logits: Tensor, thres: float = 0.9) -> Tensor:
@@ -57,6 +59,38 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     i = torch.arange(Nq, device=q.device).unsqueeze(1)
     j = torch.arange(Nk, device=q.device).unsqueeze(0)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i + (Nk - Nq))
+
+
+class KVCache:
+    """A preallocated key/value cache for :meth:`CosineSimCausalTransformer.generate`.
+
+    Per layer a contiguous k and v buffer of shape (B, Hk, max_len, D), allocated at the layer's first
+    append in the dtype of its keys (so autocast works), and ``seqlens`` int32 (B,): the positions
+    cached so far (the same for every sequence of the batch; ``length`` is that number). A forward
+    call with ``cache=`` appends its tokens' keys and values in place in every layer, then advances
+    ``seqlens`` by its token count (:meth:`advance`)."""
+
+    def __init__(self, depth: int, batch: int, max_len: int, device=None):
+        self.max_len = max_len
+        self.layers: List[Optional[Tuple[Tensor, Tensor]]] = [None] * depth
+        self.seqlens = torch.zeros((batch,), dtype=torch.int32, device=device)
+        self.length = 0
+
+    def buffers(self, i: int, k: Tensor) -> Tuple[Tensor, Tensor]:
+        """Layer i's (k, v) buffers, allocated like k (B, Hk, N, D) at the first call."""
+        if self.layers[i] is None:
+            B, Hk, _, D = k.shape
+            self.layers[i] = tuple(k.new_zeros((B, Hk, self.max_len, D)) for _ in range(2))
+        return self.layers[i]
+
+    def advance(self, n: int):
+        self.seqlens += n
+        self.length += n
+
+    def reset(self):
+        """Forget the cached positions (the buffers stay allocated)."""
+        self.seqlens.zero_()
+        self.length = 0
 
 
 class FeedForward(nn.Sequential):
@@ -91,15 +125,19 @@ class Attention(nn.Module):
         return self.fixed_scale if self.log_scale is None else self.log_scale.exp()
 
     def forward(self, x: Tensor, cache: Optional[Tuple[Tensor, Tensor]] = None,
-                attention_fn: Optional[Callable[..., Tensor]] = None):
+                attention_fn: Optional[Callable[..., Tensor]] = None, kv_cache: Optional[Tuple[KVCache, int]] = None):
         """x (B, N, dim) -> (B, N, dim), plus the (k, v) cache extended by these N positions.
 
         attention_fn (cosine attention only): called as attention_fn(q, k, v, causal=True, scale=...,
-        groups=...) in place of cosine_sim_attention, e.g. ring attention over a sharded sequence."""
+        groups=...) in place of cosine_sim_attention, e.g. ring attention over a sharded sequence.
+        kv_cache (KVCache, layer index): append k, v to the preallocated cache in place and attend over
+        it (returned in place of the (k, v) pair)."""
         B, N, _ = x.shape
         q = self.to_q(x).view(B, N, self.heads, self.dim_head).transpose(1, 2)
         k = self.to_k(x).view(B, N, self.kv_heads, self.dim_head).transpose(1, 2)
         v = self.to_v(x).view(B, N, self.kv_heads, self.dim_head).transpose(1, 2)
+        if kv_cache is not None:
+            return self._attend_cached(q, k, v, *kv_cache), kv_cache[0]
         if cache is not None:
             k = torch.cat((cache[0], k), dim=2)
             v = torch.cat((cache[1], v), dim=2)
@@ -112,6 +150,21 @@ class Attention(nn.Module):
             o = softmax_attention(q, k, v)
         o = o.transpose(1, 2).reshape(B, N, self.heads * self.dim_head)
         return self.to_out(o), (k, v)
+
+    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int) -> Tensor:
+        """Append k, v (B, Hk, N, D) at positions cache.length.. of layer `layer` and attend over the
+        cache: the KV-cache op (cosine), or the cache's valid prefix (softmax)."""
+        B, N = q.shape[0], q.shape[2]
+        kc, vc = cache.buffers(layer, k)
+        if self.attn == "cosine":
+            o = kvcache_attention(q, kc, vc, cache.seqlens, k_new=k.contiguous(), v_new=v.contiguous(), causal=True,
+                                  scale=self.scale, groups=self.l2norm_groups)
+        else:
+            end = cache.length + N
+            kc[:, :, cache.length:end] = k
+            vc[:, :, cache.length:end] = v
+            o = softmax_attention(q, kc[:, :, :end], vc[:, :, :end])
+        return self.to_out(o.transpose(1, 2).reshape(B, N, self.heads * self.dim_head))
 
 
 class CosineSimCausalTransformer(nn.Module):
@@ -158,11 +211,12 @@ class CosineSimCausalTransformer(nn.Module):
                 nn.init.xavier_normal_(lin.weight, gain=self.beta)
         nn.init.xavier_normal_(self.to_logits.weight, gain=1.0)
 
-    def forward(self, tokens: Tensor, *, return_loss: bool = False, cache: Optional[KVCache] = None,
+    def forward(self, tokens: Tensor, *, return_loss: bool = False, cache: Optional[Union[LayerCaches, KVCache]] = None,
                 return_cache: bool = False, positions: Optional[Tensor] = None,
                 attention_fn: Optional[Callable[..., Tensor]] = None):
         """Logits (B, N, num_tokens) for tokens (B, N); with `cache` (from a previous call with
-        return_cache=True) the tokens continue that sequence. return_loss: next-token cross-entropy.
+        return_cache=True, or a :class:`KVCache`, which is appended to in place) the tokens continue
+        that sequence. return_loss: next-token cross-entropy.
 
         Context parallelism: `positions` (N,) int64 are the positions of `tokens` in the whole sequence
         (default: consecutive, after the cache) and `attention_fn` replaces each layer's attention
@@ -170,7 +224,10 @@ class CosineSimCausalTransformer(nn.Module):
         n_given = tokens.shape[1]
         if return_loss:
             tokens, labels = tokens[:, :-1], tokens[:, 1:]
-        offset = 0 if cache is None else cache[0][0].shape[2]
+        preallocated = isinstance(cache, KVCache)
+        if preallocated and attention_fn is not None:
+            raise ValueError("attention_fn cannot be combined with a preallocated KVCache")
+        offset = 0 if cache is None else cache.length if preallocated else cache[0][0].shape[2]
         N = tokens.shape[1]
         if offset + N > self.max_seq_len:
             raise ValueError(f"sequence of {offset + N} positions exceeds max_seq_len={self.max_seq_len}")
@@ -182,18 +239,22 @@ class CosineSimCausalTransformer(nn.Module):
                                  f"got shape {tuple(positions.shape)}")
             pos = positions[:N]  # with return_loss the last token is only a label
         x = self.token_emb(tokens) + self.pos_emb(pos)
-        new_cache: KVCache = []
+        new_cache: LayerCaches = []
         for i, layer in enumerate(self.layers):
-            c = None if cache is None else cache[i]
+            c = None if cache is None or preallocated else cache[i]
+            kvc = (cache, i) if preallocated else None
             if self.pre_norm:
-                y, kv = layer["attn"](layer["attn_norm"](x), c, attention_fn)
+                y, kv = layer["attn"](layer["attn_norm"](x), c, attention_fn, kvc)
                 x = x + y
                 x = x + layer["ff"](layer["ff_norm"](x))
             else:
-                y, kv = layer["attn"](x, c, attention_fn)
+                y, kv = layer["attn"](x, c, attention_fn, kvc)
                 x = layer["attn_norm"](x * self.alpha + y)
                 x = layer["ff_norm"](x * self.alpha + layer["ff"](x))
             new_cache.append(kv)
+        if preallocated:
+            cache.advance(N)
+            new_cache = cache
         logits = self.to_logits(self.final_norm(x))
         if return_loss:
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
@@ -205,26 +266,33 @@ class CosineSimCausalTransformer(nn.Module):
         """Sample `seq_len` tokens after `prompt` (B, N); returns them (B, seq_len).
 
         temperature 0 is greedy decoding; otherwise the top ceil((1 − filter_thres)·num_tokens) logits are
-        sampled at `temperature`. With use_cache each step runs only the newest token against the KV
-        cache; once the sequence outgrows max_seq_len the window slides and positions shift, so every
-        later step recomputes the window (exactly what the uncached path does)."""
+        sampled at `temperature`. With use_cache a preallocated :class:`KVCache` of max_seq_len positions
+        takes the prompt, then each step runs only the newest token against it; once the sequence
+        outgrows max_seq_len the window slides and positions shift, so every later step refills the
+        cache with the window (exactly what the uncached path computes)."""
         was_training = self.training
         self.eval()
         try:
-            out = prompt
-            cache = None
-            for _ in range(seq_len):
-                if use_cache and cache is not None and out.shape[1] <= self.max_seq_len:
-                    logits, cache = self(out[:, -1:], cache=cache, return_cache=True)
+            B, P = prompt.shape
+            tokens = prompt.new_empty((B, P + seq_len))  # filled one column per step
+            tokens[:, :P] = prompt
+            cache = KVCache(self.depth, B, self.max_seq_len, prompt.device) if use_cache else None
+            for n in range(P, P + seq_len):
+                window = tokens[:, max(0, n - self.max_seq_len):n]
+                if use_cache and cache.length > 0 and n <= self.max_seq_len:
+                    logits = self(tokens[:, n - 1:n], cache=cache)
+                elif use_cache:
+                    cache.reset()
+                    logits = self(window, cache=cache)
                 else:
-                    logits, cache = self(out[:, -self.max_seq_len:], return_cache=True)
+                    logits = self(window)
                 logits = logits[:, -1].float()
                 if temperature == 0:
                     sample = logits.argmax(dim=-1, keepdim=True)
                 else:
                     probs = F.softmax(top_k_filter(logits, filter_thres) / temperature, dim=-1)
                     sample = torch.multinomial(probs, 1)
-                out = torch.cat((out, sample), dim=-1)
-            return out[:, prompt.shape[1]:]
+                tokens[:, n] = sample[:, 0]
+            return tokens[:, P:]
         finally:
             self.train(was_training)

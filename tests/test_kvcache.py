@@ -604,3 +604,147 @@ def test_gpu_query_counts(Nq, H, Hk):
 def test_gpu_running_max_and_lengths():
     check_case(make_kv_case(32, B=4, H=4, Hk=1, Nq=3, cached=(0, 1, 2000, 64), paged=True, l2norm_qk=False,
                             num_splits=5), backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch: the custom op (CPU tensors: the torch implementation, the emulator, the reference), its
+# mutation declaration, torch.compile without graph breaks, and the model's cached generation.
+
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch")
+
+
+def _tensors(torch, case: KVCase):
+    t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16) \
+        if np.dtype(a.dtype) == BFLOAT16 else torch.from_numpy(np.array(a, copy=True))  # noqa: E731
+    q, kc, vc, sl = case.args
+    kw = {k: (t(v) if isinstance(v, np.ndarray) and k != "scale" else v) for k, v in case.kw.items()}
+    return t(q), t(kc), t(vc), t(sl), kw
+
+
+def _check_torch_result(torch, case, out, lse, kc, vc):
+    as_np = lambda x: (x.view(torch.int16).numpy().view(BFLOAT16) if x.dtype == torch.bfloat16  # noqa: E731
+                       else x.numpy())
+    ref_o, ref_l = expected(case)
+    assert rel_err(out.double().numpy(), ref_o) <= OUT_TOL[case.dtype]
+    fin = np.isfinite(ref_l)
+    assert np.all(np.isneginf(lse.numpy()[~fin])) and np.allclose(lse.numpy()[fin], ref_l[fin], atol=1e-2)
+    assert np.array_equal(_bits(as_np(kc)), _bits(case.k_after)) and np.array_equal(_bits(as_np(vc)),
+                                                                                   _bits(case.v_after))
+
+
+@pytest.mark.parametrize("backend", ["torch", "emulator", "reference"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_torch_op_backends(torch, backend, dtype):
+    import cupy_cosattn.torch as cat
+
+    case = make_kv_case(40, B=2, H=8, Hk=2, Nq=3, D=32, dtype=dtype, cached=(40, 17), paged=True, num_splits=2,
+                        per_head_scale=True)
+    q, kc, vc, sl, kw = _tensors(torch, case)
+    kw["scale"] = torch.from_numpy(kw["scale"])  # a tensor scale (H,)
+    out, lse = cat.kvcache_attention(q, kc, vc, sl, backend=backend, return_lse=True, **kw)
+    assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
+    _check_torch_result(torch, case, out, lse, kc, vc)
+
+
+def test_torch_op_declares_its_mutations(torch):
+    import cupy_cosattn.torch  # noqa: F401  (registers the op)
+
+    schema = torch.ops.cupy_cosattn.kvcache_fwd.default._schema
+    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert written == {"k_cache", "v_cache"}
+
+
+@pytest.mark.parametrize("append", [True, False])
+def test_torch_compile_fullgraph(torch, append):
+    import cupy_cosattn.torch as cat
+
+    case = make_kv_case(41, B=2, H=4, Hk=1, Nq=2, D=16, cached=(30, 9), paged=True, append=append, num_splits=2)
+    q, kc, vc, sl, kw = _tensors(torch, case)
+    bt, kn, vn = kw["block_table"], kw.get("k_new"), kw.get("v_new")
+
+    def step(q, kc, vc, sl, bt, kn, vn):
+        out, lse = cat.kvcache_attention(q, kc, vc, sl, block_table=bt, k_new=kn, v_new=vn, num_splits=2,
+                                         return_lse=True)
+        return out * 2.0, lse, torch.nan_to_num(kc.float()).sum()  # a read of the cache after the op
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    out2, lse, ksum = compiled(q, kc, vc, sl, bt, kn, vn)
+    _check_torch_result(torch, case, out2 / 2.0, lse, kc, vc)
+    # the read inside the graph saw the appended keys (the op's mutation is ordered before it)
+    assert ksum == torch.nan_to_num(torch.from_numpy(case.k_after).float()).sum()
+
+
+def test_torch_argument_checks(torch):
+    import cupy_cosattn.torch as cat
+
+    case = make_kv_case(42, B=2, H=4, Hk=1, Nq=1, D=16, cached=(3, 4))
+    q, kc, vc, sl, kw = _tensors(torch, case)
+    with pytest.raises(TypeError, match="cache_seqlens must have dtype int32"):
+        cat.kvcache_attention(q, kc, vc, sl.long(), **kw)
+    with pytest.raises(TypeError, match="k_cache must be a torch.Tensor"):
+        cat.kvcache_attention(q, kc.numpy(), vc, sl, **kw)
+    with pytest.raises(ValueError, match="cache_seqlens\\[1\\] = -2"):
+        cat.kvcache_attention(q, kc, vc, torch.tensor([1, -2], dtype=torch.int32), **kw)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cat.kvcache_attention(q, kc, vc, sl, backend="gpu", **kw)
+    before = kc.clone()
+    with pytest.raises(ValueError, match="exceeds the cache capacity"):
+        cat.kvcache_attention(q, kc, vc, torch.tensor([1, kc.shape[2]], dtype=torch.int32), **kw)
+    assert torch.equal(kc.nan_to_num(0), before.nan_to_num(0))  # nothing appended
+
+
+def _model(torch, **kw):
+    from cupy_cosattn.transformer import CosineSimCausalTransformer
+
+    torch.manual_seed(0)
+    return CosineSimCausalTransformer(num_tokens=50, dim=32, max_seq_len=24, depth=2, heads=8, dim_head=16,
+                                      **kw)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 8])
+def test_generation_with_and_without_the_cache(torch, kv_heads):
+    """Greedy tokens agree, through the prompt prefill, single-token steps and the window slide."""
+    model = _model(torch, kv_heads=kv_heads, attn_l2norm_groups=2)
+    prompt = torch.randint(0, 50, (3, 5))
+    cached = model.generate(prompt, 30, temperature=0.0, use_cache=True)
+    assert torch.equal(cached, model.generate(prompt, 30, temperature=0.0, use_cache=False))
+
+
+def test_generation_through_the_kernels(torch):
+    """The same with every attention call (dense and KV-cache) run by the emulated kernels."""
+    import cupy_cosattn.torch as cat
+
+    model = _model(torch, kv_heads=2)
+    prompt = torch.randint(0, 50, (2, 4))
+    with cat.cpu_backend("emulator"):
+        cached = model.generate(prompt, 8, temperature=0.0, use_cache=True)
+        uncached = model.generate(prompt, 8, temperature=0.0, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_generation_cache_is_preallocated(torch, monkeypatch):
+    """No torch.cat while generating with the cache; every layer's buffers are allocated once and
+    appended to in place."""
+    from cupy_cosattn import transformer
+
+    model = _model(torch, kv_heads=2)
+    seen = []
+    real_init = transformer.KVCache.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        seen.append(self)
+
+    monkeypatch.setattr(transformer.KVCache, "__init__", spy)
+    calls = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append(1) or real_cat(*a, **k))
+    model.generate(torch.randint(0, 50, (2, 4)), 10, temperature=0.0)
+    assert calls == [] and len(seen) == 1
+    cache = seen[0]
+    assert cache.length == 13 and cache.seqlens.tolist() == [13, 13]
+    assert all(k.shape == (2, 2, 24, 16) for k, v in cache.layers)

@@ -17,13 +17,16 @@ this package does not import CuPy.
 Modules: ``checks`` (argument checks), ``cpu`` (the torch CPU implementation), ``bridge`` (tensors <->
 kernel-backend arrays), ``backends`` (which implementation runs a call), ``ops`` (the custom ops and
 autograd), ``functional`` (the public functions), ``ring`` (ring attention over torch.distributed: context
-parallelism, docs/ring.md).
+parallelism, docs/ring.md), ``kvcache`` (``kvcache_attention``: decoding from a KV cache, the custom op
+``cupy_cosattn::kvcache_fwd``; inference only).
 """
 from .backends import BACKENDS, CPU_BACKENDS, cpu_backend, get_cpu_backend, set_cpu_backend
 from .functional import cosine_sim_attention, forward
+from .kvcache import OP_KVCACHE, kvcache_attention
 from .ops import OP_BACKWARD, OP_FORWARD
 from . import ring
 from .ring import ring_cosine_sim_attention
 
-__all__ = ["cosine_sim_attention", "forward", "OP_FORWARD", "OP_BACKWARD", "BACKENDS", "CPU_BACKENDS",
+__all__ = ["cosine_sim_attention", "forward", "kvcache_attention", "OP_FORWARD", "OP_BACKWARD", "OP_KVCACHE",
+           "BACKENDS", "CPU_BACKENDS",
            "get_cpu_backend", "set_cpu_backend", "cpu_backend", "ring", "ring_cosine_sim_attention"]
