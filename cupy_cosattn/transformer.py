@@ -6,12 +6,16 @@ made correct and complete:
 - token + learned absolute position embeddings, ``depth`` blocks of (attention, feed-forward);
 - ``pre_norm=True``: x + f(LayerNorm(x)) and a final LayerNorm; ``pre_norm=False`` (default): DeepNet
   post-norm, LayerNorm(alpha·x + f(x)) with alpha = (2·depth)^(1/4), and the value, output and
-  feed-forward weights initialized Xavier-normal with gain beta = (8·depth)^(-1/4) (q and k with gain 1);
+  feed-forward weights initialized Xavier-normal with gain beta = (8·depth)^(-1/4) (q and k with gain 1)
+  and the embeddings N(0, 1e-5²), the original's initialization;
 - ``attn="cosine"``: :func:`cupy_cosattn.torch.cosine_sim_attention` (fused kernels on CUDA, torch on
   the CPU) with a fixed ``attn_scale`` or, with ``learned_scale=True``, a learned positive per-head scale,
   and ``attn_l2norm_groups`` l2norm groups; ``attn="softmax"``: regular scaled-dot-product attention,
   the baseline;
 - optional grouped-query attention (``kv_heads`` dividing ``heads``);
+- the original's constructor keywords: ``use_cuda_kernel`` (False: the non-fused
+  :func:`~cupy_cosattn.torch.plain_cosine_sim_attention`), ``non_cosine_sim_attn`` (the softmax
+  baseline) and extra keywords for the attention function (see `CosineSimCausalTransformer`);
 - :meth:`CosineSimCausalTransformer.generate` with top-k filtering, temperature (0 = greedy) and a
   preallocated KV cache (:class:`KVCache`: per layer a contiguous (B, Hk, max_seq_len, D) key and value
   buffer): the prompt and then each new token are appended in place and attended to by
@@ -24,18 +28,45 @@ made correct and complete:
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .torch import cosine_sim_attention, kvcache_attention
+from .torch import cosine_sim_attention, kvcache_attention, plain_cosine_sim_attention
 
 __all__ = ["CosineSimCausalTransformer", "Attention", "FeedForward", "KVCache", "top_k_filter"]
 
 LayerCaches = List[Tuple[Tensor, Tensor]]  # per layer (k, v) (B, Hk, N, D), grown by torch.cat
+
+# Embedding std of the post-norm (DeepNet) model: the original project's value.
+POST_NORM_EMB_STD = 1e-5
+# Embedding std of the pre-norm model (the original leaves PyTorch's N(0, 1) there).
+PRE_NORM_EMB_STD = 0.02
+# Keywords the attention layer itself passes; the model's extra keywords may not override them.
+_LAYER_KEYWORDS = ("q", "k", "v", "causal", "scale", "groups")
+
+
+def cosine_attention_function(use_cuda_kernel: Optional[bool] = None, **kwargs: Any) -> Callable[..., Tensor]:
+    """The cosine attention a layer calls as f(q, k, v, causal=True, scale=..., groups=...).
+
+    use_cuda_kernel None or True: :func:`cupy_cosattn.torch.cosine_sim_attention` (the fused kernels on
+    CUDA, the torch implementation elsewhere); False: :func:`cupy_cosattn.torch.plain_cosine_sim_attention`
+    (the full score matrix in plain torch, the original's non-fused path). kwargs are bound to it (e.g.
+    l2norm_qk, backend, deterministic); a name it does not take raises TypeError here."""
+    if use_cuda_kernel is not None and not isinstance(use_cuda_kernel, bool):
+        raise TypeError(f"use_cuda_kernel must be a bool or None, got {type(use_cuda_kernel).__name__}")
+    fn = plain_cosine_sim_attention if use_cuda_kernel is False else cosine_sim_attention
+    takes = [n for n in inspect.signature(fn).parameters if n not in _LAYER_KEYWORDS]
+    bad = sorted(set(kwargs) - set(takes))
+    if bad:
+        raise TypeError(f"unexpected keyword argument(s) {bad}: extra keywords go to the attention function "
+                        f"{fn.__name__} (use_cuda_kernel={use_cuda_kernel}), which takes {takes}")
+    return functools.partial(fn, **kwargs) if kwargs else fn
 
 
 def top_k_filter(logits: Tensor, thres: float = 0.9) -> Tensor:
@@ -103,7 +134,10 @@ class Attention(nn.Module):
     """Causal multi-head (or grouped-query) self-attention with an optional KV cache."""
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, kv_heads: Optional[int] = None,
-                 attn: str = "cosine", scale: float = 8.0, learned_scale: bool = False, l2norm_groups: int = 1):
+                 attn: str = "cosine", scale: float = 8.0, learned_scale: bool = False, l2norm_groups: int = 1,
+                 attend: Optional[Callable[..., Tensor]] = None):
+        """attend: the cosine attention function (default :func:`cupy_cosattn.torch.cosine_sim_attention`;
+        see `cosine_attention_function`)."""
         super().__init__()
         if attn not in ("cosine", "softmax"):
             raise ValueError(f"attn must be 'cosine' or 'softmax', got {attn!r}")
@@ -112,6 +146,7 @@ class Attention(nn.Module):
             raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads})")
         self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
         self.attn, self.l2norm_groups = attn, l2norm_groups
+        self.attend = cosine_sim_attention if attend is None else attend
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
         self.to_k = nn.Linear(dim, kv_heads * dim_head, bias=False)
         self.to_v = nn.Linear(dim, kv_heads * dim_head, bias=False)
@@ -144,7 +179,7 @@ class Attention(nn.Module):
         if attention_fn is not None and self.attn != "cosine":
             raise ValueError(f"attention_fn replaces cosine attention; this layer uses attn={self.attn!r}")
         if self.attn == "cosine":
-            attend = cosine_sim_attention if attention_fn is None else attention_fn
+            attend = self.attend if attention_fn is None else attention_fn
             o = attend(q, k, v, causal=True, scale=self.scale, groups=self.l2norm_groups)
         else:
             o = softmax_attention(q, k, v)
@@ -153,18 +188,35 @@ class Attention(nn.Module):
 
     def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int) -> Tensor:
         """Append k, v (B, Hk, N, D) at positions cache.length.. of layer `layer` and attend over the
-        cache: the KV-cache op (cosine), or the cache's valid prefix (softmax)."""
+        cache: the KV-cache op when this layer's attention is the fused op, else (softmax, the plain
+        function, other bound keywords) that attention over the cache's valid prefix."""
         B, N = q.shape[0], q.shape[2]
         kc, vc = cache.buffers(layer, k)
-        if self.attn == "cosine":
+        kw = kvcache_keywords(self.attend) if self.attn == "cosine" else None
+        if kw is not None:
             o = kvcache_attention(q, kc, vc, cache.seqlens, k_new=k.contiguous(), v_new=v.contiguous(), causal=True,
-                                  scale=self.scale, groups=self.l2norm_groups)
+                                  scale=self.scale, groups=self.l2norm_groups, **kw)
         else:
             end = cache.length + N
             kc[:, :, cache.length:end] = k
             vc[:, :, cache.length:end] = v
-            o = softmax_attention(q, kc[:, :, :end], vc[:, :, :end])
+            if self.attn == "cosine":
+                o = self.attend(q, kc[:, :, :end], vc[:, :, :end], causal=True, scale=self.scale,
+                                groups=self.l2norm_groups)
+            else:
+                o = softmax_attention(q, kc[:, :, :end], vc[:, :, :end])
         return self.to_out(o.transpose(1, 2).reshape(B, N, self.heads * self.dim_head))
+
+
+def kvcache_keywords(attend: Callable[..., Tensor]) -> Optional[dict]:
+    """The keywords for :func:`cupy_cosattn.torch.kvcache_attention` that compute what `attend` does,
+    when it is the fused op, possibly with keywords the KV-cache op shares (l2norm_qk, backend) or that
+    do not change a forward (deterministic) bound to it; None otherwise."""
+    fn, kw = (attend.func, dict(attend.keywords)) if isinstance(attend, functools.partial) else (attend, {})
+    if fn is not cosine_sim_attention or not set(kw) <= {"l2norm_qk", "backend", "deterministic"}:
+        return None
+    kw.pop("deterministic", None)
+    return kw
 
 
 class CosineSimCausalTransformer(nn.Module):
@@ -172,13 +224,26 @@ class CosineSimCausalTransformer(nn.Module):
 
     forward(tokens (B, N) long) -> logits (B, N, num_tokens); forward(tokens, return_loss=True) -> the
     mean next-token cross-entropy over tokens[:, 1:] (natural log).
+
+    The original project's keywords keep their meaning: ``use_cuda_kernel`` False runs
+    :func:`~cupy_cosattn.torch.plain_cosine_sim_attention` (the full score matrix; the original's
+    default), True or None (default) the op; ``non_cosine_sim_attn=True`` is ``attn="softmax"``; further
+    keywords go to the cosine attention function (`cosine_attention_function`; a name it does not take
+    raises TypeError). Unlike the original, ``attn_l2norm_groups`` takes effect (the original's
+    attention always normalized whole heads). Initialization: with ``pre_norm=False`` the original's
+    (embeddings N(0, 1e-5²), Xavier-normal gains as in the module docstring); with ``pre_norm=True``
+    embeddings N(0, 0.02²) (the original: N(0, 1)) and PyTorch's default for the linear layers.
     """
 
     def __init__(self, *, num_tokens: int, dim: int, max_seq_len: int, depth: int, heads: int = 8,
                  dim_head: int = 64, kv_heads: Optional[int] = None, attn: str = "cosine", attn_scale: float = 8.0,
                  learned_scale: bool = False, attn_l2norm_groups: int = 1, pre_norm: bool = False,
-                 ff_mult: float = 4.0):
+                 ff_mult: float = 4.0, use_cuda_kernel: Optional[bool] = None, non_cosine_sim_attn: bool = False,
+                 **kwargs: Any):
         super().__init__()
+        if non_cosine_sim_attn:
+            attn = "softmax"
+        attend = cosine_attention_function(use_cuda_kernel, **kwargs)
         self.num_tokens, self.max_seq_len, self.depth, self.pre_norm = num_tokens, max_seq_len, depth, pre_norm
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.pos_emb = nn.Embedding(max_seq_len, dim)
@@ -189,7 +254,7 @@ class CosineSimCausalTransformer(nn.Module):
         for _ in range(depth):
             self.layers.append(nn.ModuleDict(dict(
                 attn=Attention(dim, heads=heads, dim_head=dim_head, kv_heads=kv_heads, attn=attn, scale=attn_scale,
-                               learned_scale=learned_scale, l2norm_groups=attn_l2norm_groups),
+                               learned_scale=learned_scale, l2norm_groups=attn_l2norm_groups, attend=attend),
                 attn_norm=nn.LayerNorm(dim),
                 ff=FeedForward(dim, ff_mult),
                 ff_norm=nn.LayerNorm(dim),
@@ -199,8 +264,9 @@ class CosineSimCausalTransformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        nn.init.normal_(self.token_emb.weight, std=0.02)
-        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        std = PRE_NORM_EMB_STD if self.pre_norm else POST_NORM_EMB_STD
+        nn.init.normal_(self.token_emb.weight, std=std)
+        nn.init.normal_(self.pos_emb.weight, std=std)
         if self.pre_norm:
             return
         for layer in self.layers:
