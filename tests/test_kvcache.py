@@ -748,3 +748,18 @@ def test_generation_cache_is_preallocated(torch, monkeypatch):
     cache = seen[0]
     assert cache.length == 13 and cache.seqlens.tolist() == [13, 13]
     assert all(k.shape == (2, 2, 24, 16) for k, v in cache.layers)
+
+
+@pytest.mark.parametrize("kw", [dict(use_cuda_kernel=False), dict(l2norm_qk=True, backend="torch"),
+                                dict(non_cosine_sim_attn=True)], ids=["plain", "bound-keywords", "softmax"])
+def test_generation_other_attention_functions(torch, kw):
+    """Layers whose attention is not the plain fused op attend over the preallocated cache's prefix."""
+    from cupy_cosattn import transformer
+
+    model = _model(torch, kv_heads=4, **kw)
+    layer = model.layers[0]["attn"]
+    uses_op = layer.attn == "cosine" and transformer.kvcache_keywords(layer.attend) is not None
+    assert uses_op == ("backend" in kw)
+    prompt = torch.randint(0, 50, (2, 5))
+    assert torch.equal(model.generate(prompt, 25, temperature=0.0, use_cache=True),
+                       model.generate(prompt, 25, temperature=0.0, use_cache=False))
