@@ -28,6 +28,7 @@ wall-clock timers. Its numbers are not performance numbers; it exists so CI runs
     python examples/benchmark.py --quick --out /tmp/bench      # ~1 minute on an H100
     python examples/benchmark.py --out /tmp/bench              # the full grid
     python examples/benchmark.py --smoke --out /tmp/smoke      # CPU smoke (automatic without CUDA)
+    python examples/benchmark.py --decode --out /tmp/decode    # the decode section (KV cache, tokens/s)
 """
 from __future__ import annotations
 
@@ -804,6 +805,9 @@ def parse_args(argv=None):
     ap.add_argument("--plot-d", type=int, help="head dim of the PNG chart (default the largest measured)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failing cases")
+    ap.add_argument("--decode", action="store_true",
+                    help="run the decode section instead (cupy_cosattn.bench_decode: KV-cache decoding, "
+                         "tokens/s against SDPA; writes decode.csv and decode.md)")
     args = ap.parse_args(argv)
     for name, allowed in (("masks", MASKS), ("passes", PASSES), ("impls", IMPLS)):
         bad = [x for x in (getattr(args, name) or ()) if x not in allowed]
@@ -821,9 +825,24 @@ def _ensure_importable():
             sys.path.insert(0, str(REPO))
 
 
+def run_decode_section(args) -> int:
+    """The decode section: cupy_cosattn.bench_decode with this script's common options."""
+    from cupy_cosattn import bench_decode
+
+    argv = ["--out", str(args.out), "--scale", str(args.scale), "--seed", str(args.seed)]
+    argv += ["--smoke"] if args.smoke else []
+    argv += ["--dtypes", ",".join(args.dtypes)] if args.dtypes else []
+    argv += ["--repeats", str(args.repeats)] if args.repeats else []
+    argv += ["--warmup", str(args.warmup)] if args.warmup is not None else []
+    argv += ["--max-seconds", str(args.max_seconds)] if args.max_seconds is not None else []
+    return bench_decode.main(argv)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     _ensure_importable()
+    if args.decode:
+        return run_decode_section(args)
     cuda = torch.cuda.is_available() and not args.smoke
     threads = None
     if args.require_gpu and not cuda:
