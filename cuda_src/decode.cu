@@ -63,31 +63,40 @@ CA_DEVICE Slot locate(const DecodeParams& p, const int* bt_row, int b, int key) 
 }
 
 // One K tile and one V tile (BN keys from key0, keys >= kend and columns >= D zero-filled, never
-// read) into shared memory with cp.async. A thread's chunks sit in different rows, so each slot is
-// located once and serves both caches.
+// read) into shared memory with cp.async. A page holds whole groups of 16 slots (page_size % 16 == 0)
+// and tiles start on a group, so each warp takes whole groups: it locates its group's slots once (one
+// block table read, one 64-bit page offset per cache) and then steps through the group's rows with
+// 32-bit arithmetic, 16-byte pieces of consecutive rows on consecutive lanes.
 template <typename T, int DP, int BN>
 CA_DEVICE void load_kv_tile(T* sK, T* sV, const T* kc, const T* vc, const DecodeParams& p, const int* bt_row,
                             int b, int key0, int kend) {
   using L = Smem<T, DP, BN>;
   constexpr int CPR = DP / L::CHUNK;
-  constexpr int TOTAL = BN * CPR;
+  constexpr int GROUPS = BN / 16;         // 16-key groups per tile
+  static_assert(BN % 16 == 0 && WARPS % GROUPS == 0, "whole groups per warp");
+  constexpr int WPG = WARPS / GROUPS;     // warps sharing a group
+  constexpr int PER_GROUP = 16 * CPR;     // 16-byte pieces of a group
+  constexpr int STEP = 32 * WPG;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int grp = warp / WPG;
+  const int key_g = key0 + 16 * grp;      // the group's first key
+  const int k_sn = (int)p.k_sn, v_sn = (int)p.v_sn;  // 16 rows span < 2^31 elements (launch layer)
+  const T* kb = kc;  // zero-fill: no byte is read, the address only has to be a valid one
+  const T* vb = vc;
+  if (key_g < kend) {
+    const Slot s = locate(p, bt_row, b, key_g);
+    kb = kc + s.page * p.k_sp + (int64_t)s.row * p.k_sn;
+    vb = vc + s.page * p.v_sp + (int64_t)s.row * p.v_sn;
+  }
 #pragma unroll
-  for (int it = 0; it < (TOTAL + THREADS - 1) / THREADS; ++it) {
-    const int i = it * THREADS + (int)threadIdx.x;
-    if (TOTAL % THREADS == 0 || i < TOTAL) {
-      const int r = i / CPR, c = (i % CPR) * L::CHUNK;
-      const int key = key0 + r;
-      const T* ks = kc;  // zero-fill: no byte is read, the address only has to be a valid one
-      const T* vs = vc;
-      int n = 0;
-      if (key < kend && c < p.D) {
-        const Slot s = locate(p, bt_row, b, key);
-        ks = kc + s.page * p.k_sp + (int64_t)s.row * p.k_sn + c;
-        vs = vc + s.page * p.v_sp + (int64_t)s.row * p.v_sn + c;
-        n = 16;
-      }
-      cp_async_16(sK + r * L::ROW + c, ks, n);
-      cp_async_16(sV + r * L::ROW + c, vs, n);
+  for (int it = 0; it < (PER_GROUP + STEP - 1) / STEP; ++it) {
+    const int j = it * STEP + (warp % WPG) * 32 + lane;
+    if (PER_GROUP % STEP == 0 || j < PER_GROUP) {
+      const int rr = j / CPR, c = (j % CPR) * L::CHUNK;
+      const bool in = key_g + rr < kend && c < p.D;
+      T* const dst = sK + (16 * grp + rr) * L::ROW + c;
+      cp_async_16(dst, in ? kb + rr * k_sn + c : kc, in ? 16 : 0);
+      cp_async_16(dst + (sV - sK), in ? vb + rr * v_sn + c : vc, in ? 16 : 0);
     }
   }
 }
@@ -120,38 +129,92 @@ CA_DEVICE void normalize_rows(T* tile, int D, int groups) {
   constexpr int NCH = HALF / CH;  // 16-byte pieces per thread
   static_assert(HALF % CH == 0 && ROWS % 16 == 0, "half rows of whole 16-byte pieces, whole warps of rows");
   struct alignas(16) Piece { T e[CH]; };
+  constexpr int PASSES = (ROWS + THREADS / 2 - 1) / (THREADS / 2);
   const int gs = D / groups;
   const int col0 = (threadIdx.x & 1) * HALF;
-  for (int row = threadIdx.x / 2; row < ROWS; row += THREADS / 2) {
+#pragma unroll
+  for (int pass = 0; pass < PASSES; ++pass) {
+    const int row = pass * (THREADS / 2) + (int)threadIdx.x / 2;
+    if (ROWS % (THREADS / 2) != 0 && row >= ROWS) break;  // (whole warps: see above)
     T* const base = tile + row * L::ROW + col0;
     for (int grp = 0; grp < groups; ++grp) {
       const int lo = grp * gs - col0, hi = lo + gs;  // the group's columns, relative to this half
+      // A piece inside the group needs no per-element test (every piece, with one group).
+      auto inside = [&](int c) { return c >= lo && c < hi; };
       float ss = 0.f;
 #pragma unroll
       for (int ch = 0; ch < NCH; ++ch) {
-        if (ch * CH + CH <= lo || ch * CH >= hi) continue;
-        const Piece x = *reinterpret_cast<const Piece*>(base + ch * CH);
+        const int c0 = ch * CH;
+        if (c0 + CH <= lo || c0 >= hi) continue;
+        const bool whole = c0 >= lo && c0 + CH <= hi;
+        const Piece x = *reinterpret_cast<const Piece*>(base + c0);
 #pragma unroll
         for (int e = 0; e < CH; ++e) {
-          const int col = ch * CH + e;
           const float f = to_float(x.e[e]);
-          if (col >= lo && col < hi) ss += f * f;
+          if (whole || inside(c0 + e)) ss += f * f;
         }
       }
       ss += __shfl_xor_sync(0xffffffffu, ss, 1);
       const float r = 1.f / fmaxf(sqrtf(ss), EPS);
 #pragma unroll
       for (int ch = 0; ch < NCH; ++ch) {
-        if (ch * CH + CH <= lo || ch * CH >= hi) continue;
-        Piece x = *reinterpret_cast<const Piece*>(base + ch * CH);
+        const int c0 = ch * CH;
+        if (c0 + CH <= lo || c0 >= hi) continue;
+        const bool whole = c0 >= lo && c0 + CH <= hi;
+        Piece x = *reinterpret_cast<const Piece*>(base + c0);
+        if (whole) {
 #pragma unroll
-        for (int e = 0; e < CH; ++e) {
-          const int col = ch * CH + e;
-          if (col >= lo && col < hi) x.e[e] = from_float<T>(to_float(x.e[e]) * r);
+          for (int e = 0; e < CH; e += 2) {
+            if constexpr (sizeof(T) == 2) {  // pairs: one packed conversion each on the GPU
+              const uint32_t pr = pack2<T>(to_float(x.e[e]) * r, to_float(x.e[e + 1]) * r);
+              x.e[e].bits = (uint16_t)(pr & 0xffffu);
+              x.e[e + 1].bits = (uint16_t)(pr >> 16);
+            } else {
+              x.e[e] = from_float<T>(to_float(x.e[e]) * r);
+              x.e[e + 1] = from_float<T>(to_float(x.e[e + 1]) * r);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < CH; ++e)
+            if (inside(c0 + e)) x.e[e] = from_float<T>(to_float(x.e[e]) * r);
         }
-        *reinterpret_cast<Piece*>(base + ch * CH) = x;
+        *reinterpret_cast<Piece*>(base + c0) = x;
       }
     }
+  }
+}
+
+// With one l2norm group the keys are not rewritten: 1 / max(||k||, EPS) of each of the first ROWS rows
+// goes to rnorm[row] and scales the row's scores (s = <qhat, k> / ||k||, the same value as <qhat, khat>
+// without khat's rounding to T). Half the shared-memory traffic of normalize_rows and no stores to the
+// tile. Same thread layout: two threads per row, fp32 sums joined by one shuffle.
+template <typename T, int DP, int ROWS>
+CA_DEVICE void key_rnorm(const T* tile, float* rnorm) {
+  using L = Smem<T, DP, 16>;
+  constexpr int CH = L::CHUNK;
+  constexpr int HALF = DP / 2;
+  constexpr int NCH = HALF / CH;
+  constexpr int PASSES = (ROWS + THREADS / 2 - 1) / (THREADS / 2);
+  static_assert(HALF % CH == 0 && ROWS % 16 == 0, "half rows of whole 16-byte pieces, whole warps of rows");
+  struct alignas(16) Piece { T e[CH]; };
+#pragma unroll
+  for (int pass = 0; pass < PASSES; ++pass) {
+    const int row = pass * (THREADS / 2) + (int)threadIdx.x / 2;
+    if (ROWS % (THREADS / 2) != 0 && row >= ROWS) break;  // whole warps
+    const T* const base = tile + row * L::ROW + (threadIdx.x & 1) * HALF;
+    float ss = 0.f;  // columns past D are zero
+#pragma unroll
+    for (int ch = 0; ch < NCH; ++ch) {
+      const Piece x = *reinterpret_cast<const Piece*>(base + ch * CH);
+#pragma unroll
+      for (int e = 0; e < CH; ++e) {
+        const float f = to_float(x.e[e]);
+        ss += f * f;
+      }
+    }
+    ss += __shfl_xor_sync(0xffffffffu, ss, 1);
+    if ((threadIdx.x & 1) == 0) rnorm[row] = 1.f / fmaxf(sqrtf(ss), EPS);
   }
 }
 
@@ -165,10 +228,16 @@ struct Stage {
   static constexpr int BYTES = (O + 2 * WARPS * 16) * 4;
 };
 
+// Blocks per SM the register allocation plans for (at most 255 registers per thread). Stated
+// explicitly: with the block size alone ptxas picks register budgets that spill some instantiations.
+// Two resident blocks keep two K/V tiles (64 KB at fp16 D = 128) in flight per SM, several times what
+// covers HBM latency.
+constexpr int MIN_BLOCKS = 2;
+
 // ---------------------------------------------------------------------------------------------
 // The attention kernel.
 template <typename T, int DP, int BN, int WM, bool RUNNING_MAX>
-__global__ void __launch_bounds__(THREADS) decode_fwd(const DecodeParams p) {
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodeParams p) {
   constexpr int WN = WARPS / WM;  // warps sharing the same rows, each with KT keys of a tile
   constexpr int KT = BN / WN;
   constexpr int BM = 16 * WM;     // rows per block
@@ -182,6 +251,7 @@ __global__ void __launch_bounds__(THREADS) decode_fwd(const DecodeParams p) {
   constexpr int QS = BM * ROW;
   constexpr int KV = BN * ROW;
   static_assert(Stage<DP>::BYTES <= (QS + 4 * KV) * (int)sizeof(T), "the staging fits over the tiles");
+  // (shared memory: launch_decode.decode_smem_bytes = Q, 2 x K, 2 x V, 2 x BN key scales)
 
   CA_DYNAMIC_SHARED(smem);
   T* const sQ = reinterpret_cast<T*>(smem);
@@ -190,6 +260,7 @@ __global__ void __launch_bounds__(THREADS) decode_fwd(const DecodeParams p) {
   float* const stO = reinterpret_cast<float*>(smem);
   float* const stL = stO + Stage<DP>::O;
   float* const stM = stL + WARPS * 16;
+  float* const sRn = reinterpret_cast<float*>(sV + 2 * KV);  // 1 / ||k|| per key: buffers sRn + buf * BN
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -267,7 +338,8 @@ __global__ void __launch_bounds__(THREADS) decode_fwd(const DecodeParams p) {
         __syncthreads();    // tile `tile` (and, on the first one, Q) has landed for every thread
         if (p.norm_qk) {
           if (it == 0) normalize_rows<T, DP, BM>(sQ, p.D, p.groups);
-          normalize_rows<T, DP, BN>(sK + buf * KV, p.D, p.groups);
+          if (p.groups == 1) key_rnorm<T, DP, BN>(sK + buf * KV, sRn + buf * BN);
+          else normalize_rows<T, DP, BN>(sK + buf * KV, p.D, p.groups);
           __syncthreads();  // normalized rows visible to every warp
         }
         if constexpr (Q_IN_REGS) {
@@ -287,6 +359,14 @@ __global__ void __launch_bounds__(THREADS) decode_fwd(const DecodeParams p) {
 
         // Element (j, e): row g + 8 (e / 2), key key0 + 8j + 2t + e % 2. Per-element limits only on
         // tiles reaching the most restricted row's limit (block-uniform).
+        if (p.norm_qk && p.groups == 1) {  // the keys' 1 / ||k|| (key_rnorm): column scales
+#pragma unroll
+          for (int j = 0; j < KT / 8; ++j) {
+            const float* const rn = sRn + buf * BN + wn * KT + 8 * j + 2 * t;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j][e] *= rn[e & 1];
+          }
+        }
         const bool check = tile * BN + BN > lim_lo;
         auto visible = [&](int j, int e) { return key0 + 8 * j + 2 * t + (e & 1) < lim[e >> 1]; };
 

@@ -31,6 +31,8 @@ COMBINE_WARPS = 4  # decode.cu COMBINE_WARPS: one warp per output row
 APPEND_THREADS = 128
 SPLIT_KEYS_BLOCK_N = 64  # WM = 1: keys per tile, 16 per warp
 MMA_ROWS = 16  # rows of one mma tile: WM = 1 when a kv head's G*Nq rows fit it
+ROW_GROUP = 16  # slots per group the tile load locates at once (pages hold whole groups)
+WM1_SMEM_CAP = SMEM_OPTIN_BY_ARCH["sm_80"]  # largest WM = 1 tile set: fp32 above DP = 144 takes WM = 4
 
 # The split heuristic (choose_num_splits): blocks resident per SM it plans for (a WM = 1 block of fp16
 # D = 128 takes 74 KB of shared memory and at most 255 registers x 128 threads: 2 per SM on A100, 3 on
@@ -58,17 +60,20 @@ DECODE_PARAMS = np.dtype(
 
 def decode_smem_bytes(dtype_name: str, dp: int, bn: int, wm: int) -> int:
     """Dynamic shared memory of decode_fwd: Q (16 WM rows) and 2 x K, 2 x V (BN rows), rows padded by
-    one 16-byte chunk (the forward's pitch). The epilogue's staging reuses it."""
+    one 16-byte chunk (the forward's pitch), and 2 x BN fp32 key scales 1/||k||. The epilogue's
+    staging reuses it."""
     size = ITEMSIZE[dtype_name]
-    return (16 * wm + 4 * bn) * (dp + 16 // size) * size
+    return (16 * wm + 4 * bn) * (dp + 16 // size) * size + 2 * bn * 4
 
 
 def decode_config(dtype_name: str, dp: int, rows: int, smem_limit: int) -> tuple:
     """(WM, BN) of decode_fwd for a kv head's `rows` = G*Nq query rows on a device allowing
     `smem_limit` bytes of shared memory per block: WM = 1 with 64-key tiles split over the 4 warps
-    when the rows fit one mma tile and its tiles fit the device; else WM = 4 with the forward's key
+    when the rows fit one mma tile and its tiles fit the device (and sm_80's limit, WM1_SMEM_CAP, so
+    that every instantiation compiles for every architecture); else WM = 4 with the forward's key
     tile (fwd_block_n)."""
-    if rows <= MMA_ROWS and decode_smem_bytes(dtype_name, dp, SPLIT_KEYS_BLOCK_N, 1) <= smem_limit:
+    wm1 = decode_smem_bytes(dtype_name, dp, SPLIT_KEYS_BLOCK_N, 1)
+    if rows <= MMA_ROWS and wm1 <= min(smem_limit, WM1_SMEM_CAP):
         return 1, SPLIT_KEYS_BLOCK_N
     return 4, fwd_block_n(dtype_name, dp, smem_limit)
 
@@ -163,6 +168,9 @@ def _element_strides(name: str, x, chunk: int, itemsize: int) -> tuple:
     if any(s % itemsize for s in st[:3]) or any(e % chunk for e, n in zip(el, x.shape[:3]) if n > 1):
         raise ValueError(f"{name}'s rows must start 16-byte aligned for the KV-cache kernels: strides {st} (bytes) "
                          f"must be multiples of 16")
+    if ROW_GROUP * abs(el[2]) >= 2**31:  # the kernels step through a 16-slot group in 32-bit arithmetic
+        raise ValueError(f"{name}'s row stride of {el[2]} elements is too large for the KV-cache kernels "
+                         f"({ROW_GROUP} rows must span fewer than 2^31 elements)")
     return tuple(el)
 
 

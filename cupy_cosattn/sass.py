@@ -506,6 +506,31 @@ def _bwd(kind: str, dtype: str, D: int, arch: str) -> Instantiation:
     return Instantiation(spec.source, spec.name, spec.threads, spec.smem, rec.tobytes())
 
 
+# The representative decode problem: single-token decoding with GQA 8:1 (H = 64 query heads on Hk = 8
+# kv heads: 8 rows per block, the WM = 1 shape), a paged cache of 16-slot pages (the shift path of the
+# slot lookup), on-the-fly key normalization, causal, the fixed offset, and the key range split.
+REP_DECODE_B, REP_DECODE_H, REP_DECODE_HK, REP_DECODE_N, REP_DECODE_PAGE, REP_DECODE_SPLITS = 8, 64, 8, 32768, 16, 2
+
+
+def _decode(dtype: str, D: int, arch: str) -> Instantiation:
+    """decode_fwd (fixed offset) for the representative decode problem."""
+    from . import launch_decode as LD
+
+    dp = _launch.head_dim_pad(D)
+    rows = REP_DECODE_H // REP_DECODE_HK
+    wm, bn = LD.decode_config(dtype, dp, rows, _launch.SMEM_OPTIN_BY_ARCH[arch.rstrip("a")])
+    spec = _registered(LD.SOURCE, LD.decode_name(dtype, dp, bn, wm, False))
+    B, H, Hk, N, ps = REP_DECODE_B, REP_DECODE_H, REP_DECODE_HK, REP_DECODE_N, REP_DECODE_PAGE
+    pages = N // ps
+    rec = _launch.make_record(
+        LD.DECODE_PARAMS, **_ptrs(("q", "k", "v", "k_new", "v_new", "seqlens", "block_table", "scale", "o", "lse",
+                                   "opart", "lpart", "mpart"), null=("k_new", "v_new", "o", "mpart")),
+        q_sn=D, k_sp=Hk * ps * D, k_sh=ps * D, k_sn=D, v_sp=Hk * ps * D, v_sh=ps * D, v_sn=D, o_sn=D, bt_sb=pages,
+        part_rows=B * H, B=B, H=H, Hk=Hk, Nq=1, D=D, new_keys=1, page_size=ps, page_shift=ps.bit_length() - 1,
+        num_splits=REP_DECODE_SPLITS, n_row_tiles=_launch.cdiv(rows, 16 * wm), causal=1, groups=1, norm_qk=1)
+    return Instantiation(spec.source, spec.name, spec.threads, spec.smem, rec.tobytes())
+
+
 def _module_group(source: str, name: str) -> tuple:
     return _launch.module_group(source, name)
 
@@ -525,9 +550,11 @@ KINDS: dict = {
     "fwd_rm": lambda dt, D, arch: _fwd(dt, D, arch, running_max=True),
     "bwd_dkdv": lambda dt, D, arch: _bwd("dkdv", dt, D, arch),
     "bwd_dq": lambda dt, D, arch: _bwd("dq", dt, D, arch),
+    "decode": _decode,
 }
 KIND_LABELS = {"fwd": "forward, fixed offset", "fwd_rm": "forward, running max", "bwd_dkdv": "bwd_dkdv (fast mode)",
-               "bwd_dq": "bwd_dq (deterministic mode)"}
+               "bwd_dq": "bwd_dq (deterministic mode)",
+               "decode": "decode_fwd (KV cache, GQA 8:1 single-token, paged, fixed offset)"}
 DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
@@ -547,7 +574,7 @@ class Profiled:
         return KINDS[self.kind](self.dtype, self.head_dim, arch)
 
 
-PROFILED_KERNELS = tuple(Profiled(k, dt, d) for k in ("fwd", "fwd_rm", "bwd_dkdv", "bwd_dq")
+PROFILED_KERNELS = tuple(Profiled(k, dt, d) for k in ("fwd", "fwd_rm", "bwd_dkdv", "bwd_dq", "decode")
                          for dt in ("float16", "bfloat16", "float32") for d in (64, 128))
 
 
