@@ -1,4 +1,4 @@
-// backward.cu — gradients of fused cosine-sim attention (DESIGN.md section 1, "Backward").
+// backward.cu — gradients of fused cosine-sim attention (docs/design.md section 1, "Backward").
 //
 // Three kernels, run in this order by cupy_cosattn/launch_backward.py:
 //

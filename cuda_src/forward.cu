@@ -20,7 +20,7 @@
 //
 // Tensor cores: fp16/bf16 use mma.m16n8k16 with ldmatrix fragment loads (Q stays in registers when
 // the head dim allows); fp32 uses 3xTF32 m16n8k8 (x = big + small, big*big + big*small + small*big)
-// with scalar fragment loads, which keeps fp32 accuracy (DESIGN.md: real fp32, not tf32).
+// with scalar fragment loads, which keeps fp32 accuracy (docs/design.md: real fp32, not tf32).
 //
 // Template parameters change code shape only: T (half_t, bf16_t, float), DP = head dim padded to a
 // multiple of 16 (columns D..DP-1 are zero-filled in shared memory), BN = keys per tile, RUNNING_MAX.

@@ -25,10 +25,10 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import threading
 import weakref
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 
@@ -187,7 +187,7 @@ _state = {"interleave": _env_interleave(), "workers": _env_workers(), "placement
           "fill": _env_fill(), "watchdog": _env_watchdog(), "race": _env_race()}
 
 
-def set_interleave(seed):
+def set_interleave(seed: Optional[int]) -> None:
     """Turn the interleaving mode on with an integer seed, or off with None.
 
     On, every scheduling point (barrier, warp collective, atomic, cp.async issue) picks the next
@@ -202,7 +202,7 @@ def set_interleave(seed):
         _state["interleave"] = int(seed) & 0xFFFFFFFFFFFFFFFF
 
 
-def get_interleave():
+def get_interleave() -> Optional[int]:
     """The current interleave seed, or None when the mode is off."""
     return _state["interleave"]
 
@@ -218,12 +218,12 @@ def _temporarily(key: str, setter, value):
         _state[key] = old
 
 
-def interleave(seed):
+def interleave(seed: Optional[int]) -> contextlib.AbstractContextManager:
     """Context manager: set_interleave(seed) inside the block, restored after."""
     return _temporarily("interleave", set_interleave, seed)
 
 
-def set_placement(mode):
+def set_placement(mode: str) -> None:
     """Where new device arrays sit between their two guard regions (PROT_NONE pages, so that a kernel
     touching them faults), for out-of-bounds reads to be caught on either side:
 
@@ -251,17 +251,17 @@ def set_placement(mode):
     _state["placement"] = _check_placement(mode, "set_placement")
 
 
-def get_placement():
+def get_placement() -> str:
     """The placement new device arrays get: "end", "start", "alternate" or "exact"."""
     return _state["placement"]
 
 
-def placement(mode):
+def placement(mode: str) -> contextlib.AbstractContextManager:
     """Context manager: set_placement(mode) inside the block, restored after."""
     return _temporarily("placement", set_placement, mode)
 
 
-def set_fill(value):
+def set_fill(value: Optional[int]) -> None:
     """What fresh device arrays (device_empty, and so every buffer the launch layer allocates without
     initializing it) hold: every byte set to `value` (0..255), or None to leave them as the OS maps
     them, all zeros.
@@ -275,17 +275,17 @@ def set_fill(value):
     _state["fill"] = _check_fill(value, "set_fill")
 
 
-def get_fill():
+def get_fill() -> Optional[int]:
     """The byte fresh device arrays are filled with, or None when the fill is off."""
     return _state["fill"]
 
 
-def fill(value):
+def fill(value: Optional[int]) -> contextlib.AbstractContextManager:
     """Context manager: set_fill(value) inside the block, restored after."""
     return _temporarily("fill", set_fill, value)
 
 
-def set_watchdog(seconds):
+def set_watchdog(seconds: Optional[float]) -> None:
     """Report a launch as hung when none of its threads made progress for `seconds` (None: off).
 
     Progress is a barrier or warp collective completing, copies landing at a cp.async wait, a thread
@@ -300,17 +300,17 @@ def set_watchdog(seconds):
     _state["watchdog"] = _check_watchdog(seconds, "set_watchdog")
 
 
-def get_watchdog():
+def get_watchdog() -> Optional[float]:
     """The watchdog's bound in seconds, or None when it is off."""
     return _state["watchdog"]
 
 
-def watchdog(seconds):
+def watchdog(seconds: Optional[float]) -> contextlib.AbstractContextManager:
     """Context manager: set_watchdog(seconds) inside the block, restored after."""
     return _temporarily("watchdog", set_watchdog, seconds)
 
 
-def set_race_check(on):
+def set_race_check(on: bool) -> None:
     """Turn the detection of races between blocks in global memory on or off (default off).
 
     On, kernels run from a build instrumented by the compiler (g++ -fsanitize=thread, with the
@@ -325,23 +325,23 @@ def set_race_check(on):
     _state["race"] = bool(on)
 
 
-def get_race_check():
+def get_race_check() -> bool:
     """Whether race detection is on."""
     return _state["race"]
 
 
-def race_check(on=True):
+def race_check(on: bool = True) -> contextlib.AbstractContextManager:
     """Context manager: set_race_check(on) inside the block, restored after."""
     return _temporarily("race", set_race_check, on)
 
 
-def set_num_workers(n):
+def set_num_workers(n: int) -> None:
     """Number of OS threads blocks are spread over (default min(2, cpu count), or
     CUPY_COSATTN_EMU_THREADS). With one worker, float atomics accumulate in a fixed order."""
     _state["workers"] = max(1, int(n))
 
 
-def get_num_workers():
+def get_num_workers() -> int:
     return _state["workers"]
 
 
@@ -459,7 +459,8 @@ def _runtime():
         lib.caemu_alloc.restype = ctypes.c_void_p
         lib.caemu_free.argtypes = [ctypes.c_void_p]
         lib.caemu_free.restype = None
-        lib.caemu_check_canaries.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
+        lib.caemu_check_canaries.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64),
+                                             ctypes.c_int]
         lib.caemu_check_canaries.restype = ctypes.c_int
         lib.caemu_set_option.argtypes = [ctypes.c_int, ctypes.c_longlong]
         lib.caemu_set_option.restype = None
@@ -506,7 +507,7 @@ def _dtype_name(dt):
     return str(np.dtype(dt))
 
 
-def device_empty(shape, dtype=np.float32):
+def device_empty(shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
     """An uninitialized "device" array: a NumPy array over a guarded allocation (PROT_NONE pages on
     both sides, the data flush against one of them as set_placement says, canaries in the slack).
     Out-of-bounds kernel accesses fault or hit a canary and raise EmulatorError. Every byte holds the
@@ -533,12 +534,12 @@ def _device_alloc(shape, dtype):
     return arr
 
 
-def device_zeros(shape, dtype=np.float32):
+def device_zeros(shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
     """device_empty, filled with zeros."""
     return _device_alloc(shape, dtype)  # fresh anonymous pages are zero
 
 
-def to_device(a, dtype=None):
+def to_device(a: Any, dtype: Any = None) -> np.ndarray:
     """A guarded copy of `a` (C-contiguous)."""
     a = np.asarray(a, dtype=dtype)
     d = _device_alloc(a.shape, a.dtype)  # every byte is copied: no fill needed
@@ -547,7 +548,7 @@ def to_device(a, dtype=None):
     return d
 
 
-def to_host(a):
+def to_host(a: np.ndarray) -> np.ndarray:
     """A plain NumPy copy of a device array."""
     return np.array(a, copy=True)
 
@@ -559,16 +560,17 @@ def _guarded_owner(a):
     return b if isinstance(b, _GuardedBuffer) else None
 
 
-def is_device_array(a):
+def is_device_array(a: Any) -> bool:
     """True for NumPy arrays over a guarded allocation (device_empty / device_zeros / to_device)."""
     return isinstance(a, np.ndarray) and _guarded_owner(a) is not None
 
 
-def device_ptr(a) -> int:
+def device_ptr(a: np.ndarray) -> int:
     """Address of a device array's first element, as the kernels see it (for pointer fields of a
     params struct)."""
     if not isinstance(a, np.ndarray):
-        raise TypeError(f"device_ptr expects a NumPy array from emulator.device_empty/to_device, got {type(a).__name__}")
+        raise TypeError(f"device_ptr expects a NumPy array from emulator.device_empty/to_device, "
+                        f"got {type(a).__name__}")
     if _guarded_owner(a) is None:
         raise TypeError("device_ptr: the array is not a device array; make one with emulator.to_device(a) "
                         "(plain NumPy memory has no guard pages, so out-of-bounds accesses would go unnoticed)")
@@ -757,7 +759,8 @@ class RawKernel:
     """One kernel of an emulated module; call it like cupy.RawKernel:
     ``kernel(grid, block, args, shared_mem=0)``."""
 
-    def __init__(self, module, name, entry, arginfo, tls_probe=None):
+    def __init__(self, module: RawModule, name: str, entry: int, arginfo: list[tuple[int, int, bool]],
+                 tls_probe: Optional[int] = None) -> None:
         self._module = module  # keep the library loaded
         self._tls_probe = tls_probe
         self.name = name
@@ -767,15 +770,16 @@ class RawKernel:
         self.preferred_shared_memory_carveout = -1
 
     @property
-    def num_args(self):
+    def num_args(self) -> int:
         return len(self._arginfo)
 
     @property
-    def attributes(self):
+    def attributes(self) -> dict[str, int]:
         return {"max_dynamic_shared_size_bytes": self.max_dynamic_shared_size_bytes, "num_regs": 0,
                 "local_size_bytes": 0, "shared_size_bytes": 0, "max_threads_per_block": 1024}
 
-    def __call__(self, grid, block, args, shared_mem=0, stream=None, enable_cooperative_groups=False):
+    def __call__(self, grid: Any, block: Any, args: tuple, shared_mem: int = 0, stream: Any = None,
+                 enable_cooperative_groups: bool = False) -> None:
         launch(self, grid, block, args, shared_mem=shared_mem)
 
 
@@ -868,7 +872,7 @@ def _resolve_code_addresses(msg):
     return _CODE_ADDRS.sub(lines, msg)
 
 
-def launch(kernel, grid, block, args, shared_mem=0):
+def launch(kernel: RawKernel, grid: Any, block: Any, args: tuple, shared_mem: int = 0) -> None:
     """Run `kernel` (a RawKernel of an emulated module) on the CPU. Same as calling the kernel."""
     lib = _runtime()
     kname = kernel.name
@@ -932,8 +936,9 @@ class RawModule:
     (g++ -O2 -std=c++17 -DCA_EMULATOR, with cuda_src/ and emu/shim.h) on the first get_function, and
     cached on disk (see cache_dir()). -I / -D / -U options are honoured, NVRTC-only options ignored."""
 
-    def __init__(self, code=None, path=None, options=(), backend="nvrtc", translate_cucomplex=False, *,
-                 enable_cooperative_groups=False, name_expressions=None, jitify=False):
+    def __init__(self, code: Optional[str] = None, path: Optional[str] = None, options: tuple = (),
+                 backend: str = "nvrtc", translate_cucomplex: bool = False, *, enable_cooperative_groups: bool = False,
+                 name_expressions: Optional[tuple] = None, jitify: bool = False) -> None:
         if code is None:
             if path is None:
                 raise TypeError("RawModule needs code= or path=")
@@ -1023,7 +1028,7 @@ class RawModule:
             except OSError:
                 pass
 
-    def compile(self, log_stream=None):
+    def compile(self, log_stream: Any = None) -> None:
         self._build()
 
     def _race_entry(self, name):
@@ -1049,7 +1054,7 @@ class RawModule:
                                 "kernels must be listed in name_expressions")
         return idx
 
-    def get_function(self, name):
+    def get_function(self, name: str) -> RawKernel:
         """The kernel named `name`: a name expression given to the constructor (exactly, or up to
         whitespace), or the name of a non-template __global__ function."""
         if name in self._kernels:

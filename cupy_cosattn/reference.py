@@ -1,4 +1,4 @@
-"""The NumPy float64 reference backend (DESIGN.md section 1, written plainly).
+"""The NumPy float64 reference backend (docs/design.md section 1, written plainly).
 
 Dense and vectorized: every (query, key) score of a call is materialized, so this is for testing and
 small problems, not for speed. Inputs are the canonical views of problem.py (q (B, H, Nq, D); k, v
@@ -24,15 +24,17 @@ D_i = ⟨dO_i, O_i⟩) instead of trusting the passed ``out``/``lse``: those com
 input dtype / float32, and the reference should be the exact gradient of the exact forward. It only
 checks their shapes.
 
-Private allowance (for tests only, not reachable through the public API, which rejects float64):
-the functions accept any floating dtype, so a test may pass float64 canonical arrays together with
-``dataclasses.replace(prob, dtype=np.float64)`` and get float64 results.
+float64 input (accepted by the public API on this backend only) gives float64 results: the float64
+computation, unrounded. The functions accept any floating dtype, so a test may also pass float64
+canonical arrays together with ``dataclasses.replace(prob, dtype=np.float64)``.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
-from .problem import NORM_EPS, Inputs, Problem
+from .problem import NORM_EPS, Inputs, Problem, visible
 
 
 def _f64(x):
@@ -68,16 +70,12 @@ def _l2norm_backward(xhat, n, dxhat, groups: int):
 
 def _visible(prob: Problem, inp: Inputs):
     """Bool array broadcastable to (B, H, Nq, Nk): which (query, key) pairs take part in the softmax."""
-    vis = np.ones((1, 1, prob.Nq, prob.Nk), dtype=bool)
-    if prob.causal:
-        i = np.arange(prob.Nq)[:, None]
-        j = np.arange(prob.Nk)[None, :]
-        vis = vis & (j <= i + (prob.Nk - prob.Nq))[None, None]
-    if inp.mask is not None:
-        m = np.asarray(inp.mask, dtype=bool)
-        _check_shape("mask", m, (prob.B, prob.Nk))
-        vis = vis & m[:, None, None, :]
-    return vis
+    mask = None
+    if prob.has_mask:
+        mask = np.asarray(inp.mask, dtype=bool)
+        _check_shape("mask", mask, (prob.B, prob.Nk))
+    vis = visible(prob, np.arange(prob.Nq)[:, None], np.arange(prob.Nk)[None, :], mask)
+    return np.ones((1, 1, prob.Nq, prob.Nk), dtype=bool) if vis is None else vis
 
 
 def _expand_kv(x, prob: Problem):
@@ -134,13 +132,14 @@ def _compute(prob: Problem, inp: Inputs):
                 o=o, lse=lse, scale=scale)
 
 
-def forward64(prob: Problem, inp: Inputs):
+def forward64(prob: Problem, inp: Inputs) -> tuple[np.ndarray, np.ndarray]:
     """(out, lse) in float64, (B, H, Nq, D) and (B, H, Nq); for tests and for `forward`."""
     c = _compute(prob, inp)
     return c["o"], c["lse"]
 
 
-def forward(prob: Problem, inp: Inputs, out=None, lse=None):
+def forward(prob: Problem, inp: Inputs, out: Optional[np.ndarray] = None,
+            lse: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """(out (B, H, Nq, D) in prob.dtype, lse (B, H, Nq) float32). If out/lse are given (NumPy arrays of
     those shapes), the results are written into them and they are returned."""
     o64, lse64 = forward64(prob, inp)
@@ -157,7 +156,7 @@ def forward(prob: Problem, inp: Inputs, out=None, lse=None):
     return out, lse
 
 
-def backward64(prob: Problem, inp: Inputs, dout):
+def backward64(prob: Problem, inp: Inputs, dout: np.ndarray) -> tuple[np.ndarray, ...]:
     """(dq, dk, dv, dbias | None, dscale (H,)) all in float64; see `backward`."""
     B, H, Nq, D = prob.B, prob.H, prob.Nq, prob.D
     _check_shape("dout", dout, (B, H, Nq, D))
@@ -183,13 +182,14 @@ def backward64(prob: Problem, inp: Inputs, dout):
 
     dbias = None
     if inp.bias is not None:
-        axes = tuple(ax for ax in (0, 1) if inp.bias.shape[ax] == 1)
+        axes = prob.bias_sum_axes
         dbias = np.sum(ds, axis=axes, keepdims=True) if axes else ds
         dbias = dbias.reshape(inp.bias.shape)
     return dq, dk, dv, dbias, dscale
 
 
-def backward(prob: Problem, inp: Inputs, dout, out, lse):
+def backward(prob: Problem, inp: Inputs, dout: np.ndarray, out: np.ndarray,
+             lse: np.ndarray) -> tuple[np.ndarray, ...]:
     """(dq (B, H, Nq, D), dk (B, Hk, Nk, D), dv (B, Hk, Nk, D) in prob.dtype, dbias (inp.bias's shape and
     dtype) or None, dscale float64 (H,)).
 

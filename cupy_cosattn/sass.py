@@ -53,12 +53,28 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .sass_cfg import (BLOCK_DIM_CBANK, CFG, Function, Instr, Loop, SassError, TripCount,  # noqa: F401 (re-exported)
-                       build_cfg, dominators, find_loops, is_jump, parse_sass, propagate, rpo, trip_count)
+from .sass_cfg import (  # noqa: F401 (re-exported)
+    BLOCK_DIM_CBANK,
+    CFG,
+    Function,
+    Instr,
+    Loop,
+    SassError,
+    TripCount,
+    build_cfg,
+    dominators,
+    find_loops,
+    is_jump,
+    parse_sass,
+    propagate,
+    rpo,
+    trip_count,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # Opcode classes.
@@ -119,7 +135,7 @@ class Cost:
     def tensor(self) -> float:
         return self.classes["tensor"]
 
-    def add(self, other: "Cost", times: float = 1) -> None:
+    def add(self, other: Cost, times: float = 1) -> None:
         for k, v in other.classes.items():
             self.classes[k] += v * times
         for k, v in other.opcodes.items():
@@ -432,14 +448,22 @@ def model(arch: str, cost: Cost, warps: int) -> Model:
 # dispatch picks for a representative problem on an architecture, its block size and dynamic shared
 # memory, and the parameter record it would be launched with.
 
-from . import launch as _launch  # noqa: E402  (kept next to the code that uses it)
-from . import launch_backward as _launch_bwd  # noqa: E402
+from .launch import dispatch as _dispatch  # noqa: E402  (kept next to the code that uses it)
+from .launch import params as _params  # noqa: E402
+from .launch import registry as _registry  # noqa: E402
+from .launch import sources as _sources  # noqa: E402
+from .launch.limits import SMEM_OPTIN_BY_ARCH, DeviceCaps, cdiv  # noqa: E402
+from .launch.tiles import nq_padded  # noqa: E402
+from .problem import Problem  # noqa: E402
 
 # The representative problem: no mask, no bias, not causal, q and k normalized here (so the forward
 # takes the fixed-offset path unless the kind asks for the running max), long sequences (every tile
 # full), enough (batch, head) pairs that the backward needs no query-head split.
 REP_B, REP_H, REP_N = 4, 16, 4096
 _FAKE_PTR = 0x7F00_0000_0000  # non-null, 256-byte aligned device addresses for the required tensors
+_SM_COUNT = 132  # SMs of the representative device (enough blocks either way: no head split)
+# A scale whose bound exceeds every dtype's fixed-offset limit: the dispatch then picks the running max.
+_RUNNING_MAX_SCALE = 100.0
 
 
 @dataclass(frozen=True)
@@ -454,12 +478,27 @@ class Instantiation:
     params: bytes
 
 
-def _registered(source: str, name: str) -> "_launch.KernelSpec":
-    """The registry's entry of an instantiation the dispatch picks (SassError when it is missing)."""
-    for s in _launch.kernel_registry():
-        if s.source == source and s.name == name:
-            return s
-    raise SassError(f"{source}: {name} is picked by the dispatch but missing from launch.kernel_registry()")
+def _choice(kind: str, dtype: str, D: int, arch: str, scale: float = 8.0) -> _dispatch.KernelChoice:
+    """What the dispatch (launch.select) picks for the representative problem on `arch`; SassError
+    when that instantiation is missing from the registry."""
+    import numpy as np
+
+    caps = DeviceCaps((int(arch[3]), int(arch[4])), SMEM_OPTIN_BY_ARCH[arch.rstrip("a")], _SM_COUNT)
+    prob = Problem(B=REP_B, H=REP_H, Hk=REP_H, Nq=REP_N, Nk=REP_N, D=D, dtype=_dtype(dtype),
+                   deterministic=kind == _dispatch.DQ)
+    choice = _dispatch.select(prob, caps, kind, scale=np.full((REP_H,), scale))
+    spec = choice.spec
+    if (spec.source, spec.name) not in {(s.source, s.name) for s in _registry.kernel_registry()}:
+        raise SassError(f"{spec.source}: {spec.name} is picked by the dispatch but missing from the registry")
+    return choice
+
+
+def _dtype(name: str):
+    import numpy as np
+
+    from .problem import BFLOAT16
+
+    return BFLOAT16 if name == "bfloat16" else np.dtype(name)
 
 
 def _ptrs(names: tuple, null: tuple = ()) -> dict:
@@ -468,41 +507,38 @@ def _ptrs(names: tuple, null: tuple = ()) -> dict:
 
 
 def _fwd(dtype: str, D: int, arch: str, running_max: bool) -> Instantiation:
-    dp = _launch.head_dim_pad(D)
-    bn = _launch.fwd_block_n(dtype, dp, _launch.SMEM_OPTIN_BY_ARCH[arch.rstrip("a")])
-    spec = _registered("forward.cu", _launch.fwd_name(dtype, dp, bn, running_max))
+    choice = _choice(_dispatch.FORWARD, dtype, D, arch, _RUNNING_MAX_SCALE if running_max else 8.0)
+    spec, dp, bn = choice.spec, _dp_of(choice), choice.tile
     B, H, N = REP_B, REP_H, REP_N
-    rec = _launch.make_record(
-        _launch.FWD_PARAMS, **_ptrs(("q", "k", "v", "o", "lse", "scale", "mask", "tile_any", "bias"),
+    rec = _params.make_record(
+        _params.FWD_PARAMS, **_ptrs(("q", "k", "v", "o", "lse", "scale", "mask", "tile_any", "bias"),
                                     null=("mask", "tile_any", "bias")),
         **{f"{t}_s{d}": s for t in "qkvo" for d, s in zip("bhn", (H * N * dp, N * dp, dp))},
         lse_sb=H * N, lse_sh=N, bias_sb=0, bias_sh=0, bias_sq=0, mask_sb=0, tile_any_sb=0,
-        B=B, H=H, Hk=H, Nq=N, Nk=N, D=dp, causal=0, bias_f32=0, n_key_tiles=_launch.cdiv(N, bn), groups=1)
+        B=B, H=H, Hk=H, Nq=N, Nk=N, D=dp, causal=0, bias_f32=0, n_key_tiles=cdiv(N, bn), groups=1)
     return Instantiation(spec.source, spec.name, spec.threads, spec.smem, rec.tobytes())
+
+
+def _dp_of(choice: _dispatch.KernelChoice) -> int:
+    """The padded head dim of an instantiation: its second template argument."""
+    return int(choice.spec.name.split("<", 1)[1].rstrip(">").split(",")[1])
 
 
 def _bwd(kind: str, dtype: str, D: int, arch: str) -> Instantiation:
     """bwd_dkdv in the default (fast) mode, bwd_dq in deterministic mode (the only one it runs in)."""
-    LB = _launch_bwd
-    dp = LB.head_dim_pad(D)
-    kv_small, q_small = LB.choose_small(dtype, dp, _launch.SMEM_OPTIN_BY_ARCH[arch.rstrip("a")])
-    small = kv_small if kind == "dkdv" else q_small
-    cfg = (LB.kv_config if kind == "dkdv" else LB.q_config)(dtype, dp, small)
-    spec = _registered(LB.SOURCE, LB._name(kind, dtype, dp, small))
+    choice = _choice(_dispatch.DKDV if kind == "dkdv" else _dispatch.DQ, dtype, D, arch)
+    spec, dp = choice.spec, _dp_of(choice)
     B, H, N = REP_B, REP_H, REP_N
-    nq_pad = _launch.round_up(N, LB.NQ_PAD)
     strides = {f"{t}_s{d}": s for t in ("q", "k", "v", "o", "do", "dq", "dkv")
                for d, s in zip("bhn", (H * N * dp, N * dp, dp))}
-    rec = _launch.make_record(
-        LB.BWD_PARAMS, **_ptrs(("q", "k", "v", "o", "dout", "lse", "lse2", "dvec", "scale", "mask", "tile_any", "bias",
-                                "dbias", "dq", "dk", "dv"), null=("mask", "tile_any", "bias", "dbias")),
+    rec = _params.make_record(
+        _params.BWD_PARAMS, **_ptrs(("q", "k", "v", "o", "dout", "lse", "lse2", "dvec", "scale", "mask", "tile_any",
+                                     "bias", "dbias", "dq", "dk", "dv"), null=("mask", "tile_any", "bias", "dbias")),
         **strides, lse_sb=H * N, lse_sh=N, bias_sb=0, bias_sh=0, bias_sq=0, dbias_sb=0, dbias_sh=0, dbias_sq=0,
-        mask_sb=0, tile_any_sb=0, n_y=B * H, B=B, H=H, Hk=H, Nq=N, Nk=N, D=dp, nq_pad=nq_pad, causal=0, bias_f32=0,
-        dbias_mode=LB.DBIAS_NONE, dbias_f32=0, dq_atomic=int(kind == "dkdv"), dk_f32=1, dv_f32=0, nsplit=1,
-        heads_per_split=1, n_chunks=cfg.n_chunks)
-    if spec.threads != cfg.threads or spec.smem != cfg.smem:
-        raise SassError(f"{spec.name}: registry and tile config disagree ({spec.threads}/{spec.smem} vs "
-                        f"{cfg.threads}/{cfg.smem})")
+        mask_sb=0, tile_any_sb=0, n_y=B * H, B=B, H=H, Hk=H, Nq=N, Nk=N, D=dp, nq_pad=nq_padded(N), causal=0,
+        bias_f32=0, dbias_mode=_params.DBIAS_NONE, dbias_f32=0, dq_atomic=int(kind == "dkdv"), dk_f32=1, dv_f32=0,
+        nsplit=choice.nsplit, heads_per_split=H // choice.nsplit if kind == "dkdv" else 1,
+        n_chunks=choice.n_chunks)
     return Instantiation(spec.source, spec.name, spec.threads, spec.smem, rec.tobytes())
 
 
@@ -532,15 +568,15 @@ def _decode(dtype: str, D: int, arch: str) -> Instantiation:
 
 
 def _module_group(source: str, name: str) -> tuple:
-    return _launch.module_group(source, name)
+    return _registry.module_group(source, name)
 
 
 def _load_source(source: str) -> str:
-    return _launch.load_source(source)
+    return _sources.load_source(source)
 
 
 def _compile_options() -> tuple:
-    return tuple(_launch.compile_options())
+    return tuple(_sources.compile_options())
 
 
 # kind -> (dtype, head dim, arch) -> the instantiation the dispatch picks. A new kernel family (sm_90a
@@ -659,11 +695,11 @@ def disassemble(cubin: bytes, nvdisasm: Optional[str] = None) -> str:
 
 def compile_sass(code: str, names: tuple, arch: str, options: tuple = (), filename: str = "kernel.cu") -> dict:
     """Compile `code` with NVRTC for `arch` and disassemble it. Returns {"lowered": {name expression:
-    mangled name}, "ptxas": {mangled name: ptxas row (resources.parse_ptxas)}, "sass": nvdisasm text}.
+    mangled name}, "ptxas": {mangled name: ptxas row (ptxas.parse_ptxas)}, "sass": nvdisasm text}.
     Raises SassError with the compile log on failure."""
     from cupy.cuda import nvrtc
 
-    from .resources import parse_ptxas
+    from .ptxas import parse_ptxas
 
     prog = nvrtc.createProgram(code, filename, [], [])
     try:
@@ -855,7 +891,7 @@ def report(rows: list, markdown: bool = False, listing: bool = False) -> str:
     return "\n".join(parts)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cupy_cosattn.sass", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"], help="architectures (default: sm_80 sm_90; "
                     "also sm_90a)")

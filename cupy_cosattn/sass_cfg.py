@@ -157,7 +157,7 @@ def build_cfg(func: Function) -> CFG:
     bounds = [(s, starts[k + 1] if k + 1 < len(starts) else n) for k, s in enumerate(starts)]
     block_of_instr = {s: k for k, (s, _) in enumerate(bounds)}
     raw_succ, indirect = [], []
-    for k, (s, e) in enumerate(bounds):
+    for k, (_, e) in enumerate(bounds):
         last = ins[e - 1]
         nxt = [k + 1] if k + 1 < len(bounds) else []
         if is_jump(last):
@@ -277,12 +277,12 @@ def find_loops(cfg: CFG) -> list:
                     body.add(p)
                     stack.append(p)
         loops.append(Loop(h, frozenset(body), tuple(sorted(latches))))
-    loops.sort(key=lambda l: -len(l.body))
-    for i, l in enumerate(loops):
-        outer = [j for j in range(i) if l.header in loops[j].body and l.body <= loops[j].body]
+    loops.sort(key=lambda lp: -len(lp.body))
+    for i, lp in enumerate(loops):
+        outer = [j for j in range(i) if lp.header in loops[j].body and lp.body <= loops[j].body]
         if outer:
-            l.parent = min(outer, key=lambda j: len(loops[j].body))
-            loops[l.parent].children.append(i)
+            lp.parent = min(outer, key=lambda j: len(loops[j].body))
+            loops[lp.parent].children.append(i)
     # every cycle must go through a back edge: the graph without back edges is acyclic
     backedges = {(u, h) for h, us in back.items() for u in us}
     state = [0] * len(cfg.blocks)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -205,7 +206,7 @@ def _encode_driver(addr, code, dims, strides, box, es, swizzle, oob, l2) -> byte
     return ctypes.string_at(base, TENSOR_MAP_BYTES)
 
 
-def encode_tiled(global_address: int, dtype, global_dims: Sequence[int], global_strides: Sequence[int],
+def encode_tiled(global_address: int, dtype: Any, global_dims: Sequence[int], global_strides: Sequence[int],
                  box_dims: Sequence[int], *, element_strides: Sequence[int] | None = None, swizzle: int = 0,
                  oob_fill: str = "zero", l2_promotion: int = 0, target: str) -> np.void:
     """A tiled tensor map (CUtensorMap) for ``cp.async.bulk.tensor`` copies.
@@ -253,7 +254,7 @@ def _device_address(a, target: str) -> int:
     return int(ptr)
 
 
-def from_array(a, box_shape: Sequence[int], *, swizzle: int = 0, oob_fill: str = "zero", l2_promotion: int = 0,
+def from_array(a: Any, box_shape: Sequence[int], *, swizzle: int = 0, oob_fill: str = "zero", l2_promotion: int = 0,
                element_strides: Sequence[int] | None = None, target: str) -> np.void:
     """encode_tiled for an array in NumPy order (outermost dimension first).
 

@@ -31,7 +31,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Any, Callable, List, Optional, Tuple, Union
+from collections.abc import Callable
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ from .torch import cosine_sim_attention, kvcache_attention, plain_cosine_sim_att
 
 __all__ = ["CosineSimCausalTransformer", "Attention", "FeedForward", "KVCache", "top_k_filter"]
 
-LayerCaches = List[Tuple[Tensor, Tensor]]  # per layer (k, v) (B, Hk, N, D), grown by torch.cat
+LayerCaches = list[tuple[Tensor, Tensor]]  # per layer (k, v) (B, Hk, N, D), grown by torch.cat
 
 # Embedding std of the post-norm (DeepNet) model: the original project's value.
 POST_NORM_EMB_STD = 1e-5
@@ -101,31 +102,31 @@ class KVCache:
     call with ``cache=`` appends its tokens' keys and values in place in every layer, then advances
     ``seqlens`` by its token count (:meth:`advance`)."""
 
-    def __init__(self, depth: int, batch: int, max_len: int, device=None):
+    def __init__(self, depth: int, batch: int, max_len: int, device: Optional[torch.device] = None) -> None:
         self.max_len = max_len
-        self.layers: List[Optional[Tuple[Tensor, Tensor]]] = [None] * depth
+        self.layers: list[Optional[tuple[Tensor, Tensor]]] = [None] * depth
         self.seqlens = torch.zeros((batch,), dtype=torch.int32, device=device)
         self.length = 0
 
-    def buffers(self, i: int, k: Tensor) -> Tuple[Tensor, Tensor]:
+    def buffers(self, i: int, k: Tensor) -> tuple[Tensor, Tensor]:
         """Layer i's (k, v) buffers, allocated like k (B, Hk, N, D) at the first call."""
         if self.layers[i] is None:
             B, Hk, _, D = k.shape
             self.layers[i] = tuple(k.new_zeros((B, Hk, self.max_len, D)) for _ in range(2))
         return self.layers[i]
 
-    def advance(self, n: int):
+    def advance(self, n: int) -> None:
         self.seqlens += n
         self.length += n
 
-    def reset(self):
+    def reset(self) -> None:
         """Forget the cached positions (the buffers stay allocated)."""
         self.seqlens.zero_()
         self.length = 0
 
 
 class FeedForward(nn.Sequential):
-    def __init__(self, dim: int, mult: float = 4.0):
+    def __init__(self, dim: int, mult: float = 4.0) -> None:
         hidden = int(dim * mult)
         super().__init__(nn.Linear(dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, dim, bias=False))
 
@@ -135,7 +136,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, kv_heads: Optional[int] = None,
                  attn: str = "cosine", scale: float = 8.0, learned_scale: bool = False, l2norm_groups: int = 1,
-                 attend: Optional[Callable[..., Tensor]] = None):
+                 attend: Optional[Callable[..., Tensor]] = None) -> None:
         """attend: the cosine attention function (default :func:`cupy_cosattn.torch.cosine_sim_attention`;
         see `cosine_attention_function`)."""
         super().__init__()
@@ -156,11 +157,13 @@ class Attention(nn.Module):
         self.log_scale = nn.Parameter(torch.full((heads,), math.log(scale))) if learned_scale else None
 
     @property
-    def scale(self):
+    def scale(self) -> Tensor:
         return self.fixed_scale if self.log_scale is None else self.log_scale.exp()
 
-    def forward(self, x: Tensor, cache: Optional[Tuple[Tensor, Tensor]] = None,
-                attention_fn: Optional[Callable[..., Tensor]] = None, kv_cache: Optional[Tuple[KVCache, int]] = None):
+    def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None,
+                attention_fn: Optional[Callable[..., Tensor]] = None,
+                kv_cache: Optional[tuple[KVCache, int]] = None
+                ) -> tuple[Tensor, Union[tuple[Tensor, Tensor], KVCache]]:
         """x (B, N, dim) -> (B, N, dim), plus the (k, v) cache extended by these N positions.
 
         attention_fn (cosine attention only): called as attention_fn(q, k, v, causal=True, scale=...,
@@ -208,7 +211,7 @@ class Attention(nn.Module):
         return self.to_out(o.transpose(1, 2).reshape(B, N, self.heads * self.dim_head))
 
 
-def kvcache_keywords(attend: Callable[..., Tensor]) -> Optional[dict]:
+def kvcache_keywords(attend: Callable[..., Tensor]) -> Optional[dict[str, Any]]:
     """The keywords for :func:`cupy_cosattn.torch.kvcache_attention` that compute what `attend` does,
     when it is the fused op, possibly with keywords the KV-cache op shares (l2norm_qk, backend) or that
     do not change a forward (deterministic) bound to it; None otherwise."""
@@ -239,7 +242,7 @@ class CosineSimCausalTransformer(nn.Module):
                  dim_head: int = 64, kv_heads: Optional[int] = None, attn: str = "cosine", attn_scale: float = 8.0,
                  learned_scale: bool = False, attn_l2norm_groups: int = 1, pre_norm: bool = False,
                  ff_mult: float = 4.0, use_cuda_kernel: Optional[bool] = None, non_cosine_sim_attn: bool = False,
-                 **kwargs: Any):
+                 **kwargs: Any) -> None:
         super().__init__()
         if non_cosine_sim_attn:
             attn = "softmax"
@@ -277,9 +280,10 @@ class CosineSimCausalTransformer(nn.Module):
                 nn.init.xavier_normal_(lin.weight, gain=self.beta)
         nn.init.xavier_normal_(self.to_logits.weight, gain=1.0)
 
-    def forward(self, tokens: Tensor, *, return_loss: bool = False, cache: Optional[Union[LayerCaches, KVCache]] = None,
-                return_cache: bool = False, positions: Optional[Tensor] = None,
-                attention_fn: Optional[Callable[..., Tensor]] = None):
+    def forward(self, tokens: Tensor, *, return_loss: bool = False,
+                cache: Optional[Union[LayerCaches, KVCache]] = None, return_cache: bool = False,
+                positions: Optional[Tensor] = None, attention_fn: Optional[Callable[..., Tensor]] = None
+                ) -> Tensor | tuple[Tensor, Union[LayerCaches, KVCache]]:
         """Logits (B, N, num_tokens) for tokens (B, N); with `cache` (from a previous call with
         return_cache=True, or a :class:`KVCache`, which is appended to in place) the tokens continue
         that sequence. return_loss: next-token cross-entropy.

@@ -30,7 +30,6 @@ from cupy_cosattn.torch import flash_cosine_sim_attention, l2norm_tensors, plain
 from cupy_cosattn.transformer import CosineSimCausalTransformer  # noqa: E402
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
     """These problems are small: one intra-op thread is fastest, and on a busy machine several threads
@@ -104,13 +103,17 @@ def make_inputs(case, batch=BATCH, heads=HEADS, device="cpu", seed=0):
         mask[:, 0] = True  # a row without a visible key is a documented difference, tested apart
     bias = torch.randn(batch if bbd else heads, n, n, generator=g).to(dt) if with_bias else None
     dout = torch.randn(batch, heads, n, d, generator=g).to(dt)
-    move = (lambda t: None if t is None else t.to(device))
+    def move(t):
+        return None if t is None else t.to(device)
+
     return tuple(map(move, (q, k, v, mask, bias, dout))) + (dict(causal=causal, attn_bias_batch_dim=bbd),)
 
 
 def reference64(q, k, v, mask, bias, dout, kw, scale=problem.DEFAULT_SCALE, groups=1, l2norm_qk=True):
     """(out, dq, dk, dv, dbias) in float64 from the NumPy reference, in the inputs' shapes."""
-    f32 = (lambda t: None if t is None else t.detach().cpu().float().numpy())  # exact for half inputs
+    def f32(t):  # exact for half inputs
+        return None if t is None else t.detach().cpu().float().numpy()
+
     prob, inp = problem.canonicalize(f32(q), f32(k), f32(v), mask=None if mask is None else mask.cpu().numpy(),
                                      attn_bias=f32(bias), scale=scale, groups=groups, l2norm_qk=l2norm_qk, **kw)
     out, _ = reference.forward64(prob, inp)

@@ -10,9 +10,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cupy_cosattn import api, emulator as emu, launch
+from cupy_cosattn import api
+from cupy_cosattn import emulator as emu
 
 import kernel_cases
+from planting import plant
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,18 +71,7 @@ NORM_STORE_NO_PADDING = "if (e < p.D) y[e] = from_float<T>(v[i]);"
 @pytest.fixture
 def norm_without_padding(monkeypatch):
     """norm.cu with the planted fault, in a scratch copy of the source (the file is untouched)."""
-    real = launch.load_source
-
-    def load(name):
-        text = real(name)
-        if name == "norm.cu":
-            assert text.count(NORM_STORE) == 1
-            text = text.replace(NORM_STORE, NORM_STORE_NO_PADDING)
-        return text
-
-    monkeypatch.setattr(launch, "load_source", load)
-    monkeypatch.setattr(launch, "_MODULE_CACHE", {})
-    monkeypatch.setattr(launch, "_FUNC_CACHE", {})
+    plant(monkeypatch, "norm.cu", NORM_STORE, NORM_STORE_NO_PADDING)
 
 
 def _forward_error(dtype):

@@ -1143,7 +1143,8 @@ def test_emu_mbarrier_phases_and_parity(mod):
         out = emu.device_zeros(129, np.int32)
         with emu.interleave(seed):
             mod.get_function("t_mbar_phases")((1,), (96,), (np.int32(rounds), out))
-        np.testing.assert_array_equal(out[:128].reshape(rounds, 32), np.repeat(100 + np.arange(rounds), 32).reshape(rounds, 32),
+        want = np.repeat(100 + np.arange(rounds), 32).reshape(rounds, 32)
+        np.testing.assert_array_equal(out[:128].reshape(rounds, 32), want,
                                       err_msg=f"seed {seed}")
         assert out[128] == 1
 
@@ -1181,8 +1182,9 @@ def test_emu_named_barriers_with_partial_counts(mod):
 
 
 def test_emu_named_barrier_never_completed_is_a_deadlock(mod):
-    with pytest.raises(emu.EmulatorError, match=r"deadlock: .*threads 32-63 wait at named barrier 5 \(bar.sync, 32 of 64 "
-                                                r"threads arrived\)"):
+    with pytest.raises(emu.EmulatorError,
+                       match=r"deadlock: .*threads 32-63 wait at named barrier 5 \(bar.sync, 32 of 64 "
+                             r"threads arrived\)"):
         mod.get_function("t_named")((1,), (128,), (emu.device_zeros((1, 96), np.int32), np.int32(1), np.int32(1)))
 
 
@@ -1338,7 +1340,8 @@ def test_hopper_header_compiles_for_other_architectures(arch):
 
 def test_tensormap_emulator_layout():
     """The 128 bytes follow caemu_tensormap (cuda_src/emu/hopper.h) field by field."""
-    tm = tensormap.encode_tiled(0x7F0000001230, BF16, (64, 100, 7), (256, 25600), (64, 32, 2), element_strides=(1, 2, 1),
+    tm = tensormap.encode_tiled(0x7F0000001230, BF16, (64, 100, 7), (256, 25600), (64, 32, 2),
+                                element_strides=(1, 2, 1),
                                 swizzle=128, oob_fill="nan", l2_promotion=128, target="emulator")
     assert tm.dtype == tensormap.TENSOR_MAP_DTYPE and tm.dtype.itemsize == 128
     raw = tm.tobytes()
@@ -1432,7 +1435,7 @@ def _gpu_module(names):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [TMA_CASES[2], TMA_CASES[3], TMA_CASES[6], TMA_CASES[7], TMA_CASES[9]],
-                         ids=[_tma_id(c) for c in [TMA_CASES[2], TMA_CASES[3], TMA_CASES[6], TMA_CASES[7], TMA_CASES[9]]])
+                         ids=[_tma_id(TMA_CASES[i]) for i in (2, 3, 6, 7, 9)])
 def test_gpu_tma_load_matches_the_model(case):
     """The driver's tensor map and the GPU's TMA give the shared-memory bytes the emulator's model gives."""
     rank, dt, shape, box, coords, es, span = case

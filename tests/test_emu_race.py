@@ -13,9 +13,11 @@ import sys
 import numpy as np
 import pytest
 
-from cupy_cosattn import api, emulator as emu, launch
+from cupy_cosattn import api
+from cupy_cosattn import emulator as emu
 
 import kernel_cases
+from planting import plant
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 32  # threads per block, elements per block row
@@ -165,18 +167,7 @@ DBIAS_PLAIN = "static_cast<float*>(p.dbias)[off] += x;"
 
 def _scratch_backward(monkeypatch, old, new):
     """backward.cu with `old` replaced by `new`, in a scratch copy of the source (the file is untouched)."""
-    real = launch.load_source
-
-    def load(name):
-        text = real(name)
-        if name == "backward.cu":
-            assert text.count(old) == 1
-            text = text.replace(old, new)
-        return text
-
-    monkeypatch.setattr(launch, "load_source", load)
-    monkeypatch.setattr(launch, "_MODULE_CACHE", {})
-    monkeypatch.setattr(launch, "_FUNC_CACHE", {})
+    plant(monkeypatch, "backward.cu", old, new)
 
 
 def _backward(**kw):

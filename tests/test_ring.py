@@ -245,8 +245,8 @@ def dscale_term_norm(Q, K, V, dO, scale, mask, c):
         vis = torch.ones(N, N, dtype=torch.bool).tril()
     vis = vis.view(1, 1, N, N) & (mask.view(B, 1, 1, N) if mask is not None else True)
     P = torch.nan_to_num(torch.softmax(s.masked_fill(~vis, float("-inf")), -1), nan=0.0)
-    O = P @ Vx
-    dS = P * (dO @ Vx.transpose(-1, -2) - (dO * O).sum(-1, keepdim=True))
+    out = P @ Vx
+    dS = P * (dO @ Vx.transpose(-1, -2) - (dO * out).sum(-1, keepdim=True))
     return (dS * cos).abs().sum(dim=(0, 2, 3))
 
 
@@ -422,11 +422,11 @@ def test_combine_fixed_offset_and_running_max_agree(big):
     # smallest weights exp(lse - b) ~ exp(-2b) the fixed offset meets)
     lo, width = (-1.0, 0.1) if big else (-1.0, 2.0)
     lses = [(lo + width * torch.rand(B, H, N, generator=g)) * offset.view(1, H, 1) for _ in outs]
-    for o, l in zip(outs[1:], lses[1:]):  # some rows see nothing in some blocks
-        l[0, :, 1] = float("-inf")
+    for o, ls in zip(outs[1:], lses[1:]):  # some rows see nothing in some blocks
+        ls[0, :, 1] = float("-inf")
         o[0, :, 1] = 0.0
-    for o, l in zip(outs, lses):  # and one row sees nothing at all
-        l[1, 0, 2] = float("-inf")
+    for o, ls in zip(outs, lses):  # and one row sees nothing at all
+        ls[1, 0, 2] = float("-inf")
         o[1, 0, 2] = 0.0
     lse_ref = torch.logsumexp(torch.stack(lses).double(), 0)
     w = torch.exp(torch.stack(lses).double() - lse_ref.unsqueeze(0)).nan_to_num(0.0)
@@ -434,8 +434,8 @@ def test_combine_fixed_offset_and_running_max_agree(big):
     for off in (offset, None):
         acc = R._Combine(q, off)
         rows = slice(0, N)
-        for o, l in zip(outs, lses):
-            acc.add(rows, o, l)
+        for o, ls in zip(outs, lses):
+            acc.add(rows, o, ls)
         out, lse = acc.result()
         assert torch.isfinite(out).all()
         assert float(out[1, 0, 2].abs().max()) == 0.0 and lse[1, 0, 2] == float("-inf")

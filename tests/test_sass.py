@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 
 from cupy_cosattn import launch, resources, sass, sass_cfg
+from cupy_cosattn.launch import limits, registry, tiles
 
 
 def _tools_missing():
@@ -558,10 +559,10 @@ def fwd_rows():
 def test_forward_kernel_counts_match_its_tile_shape(fwd_rows):
     (row,) = fwd_rows
     assert row.error is None, row.error
-    dp, threads = 64, launch.FWD_THREADS
-    bn = launch.fwd_block_n("float16", dp, launch.SMEM_OPTIN_BY_ARCH["sm_80"])
-    assert row.inst.name == launch.fwd_name("float16", dp, bn, False)
-    rows_per_warp = launch.FWD_BLOCK_M // (threads // 32)
+    dp, threads = 64, tiles.FWD_THREADS
+    bn = tiles.fwd_block_n("float16", dp, limits.SMEM_OPTIN_BY_ARCH["sm_80"])
+    assert row.inst.name == registry.fwd_name("float16", dp, bn, False)
+    rows_per_warp = tiles.FWD_BLOCK_M // (threads // 32)
     assert rows_per_warp == 16  # one m16 tile per warp
     c = row.cost
     # S = Q K^T: (BN / 8) n-tiles x (DP / 16) k-steps; O += P V: (DP / 8) x (BN / 16); the row sums: one

@@ -21,13 +21,13 @@ parallelism, docs/ring.md), ``compat`` (the function names of lucidrains/flash-c
 ``kvcache`` (``kvcache_attention``: decoding from a KV cache, the custom op ``cupy_cosattn::kvcache_fwd``;
 inference only).
 """
+from . import ring
 from .backends import BACKENDS, CPU_BACKENDS, cpu_backend, get_cpu_backend, set_cpu_backend
+from .compat import flash_cosine_sim_attention, l2norm_tensors, plain_cosine_sim_attention
 from .functional import cosine_sim_attention, forward
 from .kvcache import OP_KVCACHE, kvcache_attention
 from .ops import OP_BACKWARD, OP_FORWARD
-from . import ring
 from .ring import ring_cosine_sim_attention
-from .compat import flash_cosine_sim_attention, l2norm_tensors, plain_cosine_sim_attention
 
 __all__ = ["cosine_sim_attention", "forward", "OP_FORWARD", "OP_BACKWARD", "BACKENDS", "CPU_BACKENDS",
            "get_cpu_backend", "set_cpu_backend", "cpu_backend", "ring", "ring_cosine_sim_attention",

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from typing import Any
 
-import torch
 from torch import Tensor
 
+from .. import problem as _problem
 from .bridge import CupyBridge, NumpyBridge
+from .checks import FLOAT64_HINT, np_dtype
 
 CPU_BACKENDS = ("torch", "emulator", "reference")
 _cpu_backend = "torch"
@@ -23,17 +26,17 @@ def set_cpu_backend(name: str) -> str:
     "torch" (default): the chunked torch implementation (all dtypes incl. float64; fast).
     "emulator": the package's CUDA kernels run on the CPU by the emulator, through the same glue as the
     CUDA path (tensor -> array views, preallocated out/lse, gradients handed back without a copy) -- slow,
-    for testing that glue and the kernels on small problems. "reference": the float64 NumPy reference.
-    The kernel backends take float16, bfloat16 and float32 only."""
+    for testing that glue and the kernels on small problems; float16, bfloat16 and float32 only.
+    "reference": the NumPy reference, which computes in float64 (and takes float64 tensors)."""
     global _cpu_backend
     if name not in CPU_BACKENDS:
-        raise ValueError(f"cpu backend must be one of {CPU_BACKENDS}, got {name!r}")
+        raise ValueError(f"cpu backend must be one of {CPU_BACKENDS}, got {_problem._quote(name)}")
     prev, _cpu_backend = _cpu_backend, name
     return prev
 
 
 @contextlib.contextmanager
-def cpu_backend(name: str):
+def cpu_backend(name: str) -> Iterator[None]:
     """Context manager form of `set_cpu_backend`."""
     prev = set_cpu_backend(name)
     try:
@@ -46,10 +49,10 @@ def cpu_backend(name: str):
 BACKENDS = ("auto", "cuda", "torch", "emulator", "reference")
 
 
-def check_backend(backend, q: Tensor) -> None:
+def check_backend(backend: Any, q: Tensor) -> None:
     """Raise ValueError, naming `backend`, for an unknown value or one that cannot run q's device."""
     if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"backend must be one of {BACKENDS}, got {_problem._quote(backend)}")
     dev = q.device.type
     if backend == "cuda" and dev != "cuda":
         raise ValueError(f"backend='cuda' runs CUDA tensors, but q is on {q.device} "
@@ -60,7 +63,7 @@ def check_backend(backend, q: Tensor) -> None:
         raise ValueError(f"backend={backend!r} runs CPU tensors, but q is on {q.device}")
 
 
-def bridge_for(q: Tensor, backend: str = "auto"):
+def bridge_for(q: Tensor, backend: str = "auto") -> type[CupyBridge] | NumpyBridge | None:
     """The bridge to a kernel backend for this call, or None for the torch CPU implementation.
 
     backend "auto": CUDA tensors run the fused kernels, others what `set_cpu_backend` chose ("torch" by
@@ -71,8 +74,8 @@ def bridge_for(q: Tensor, backend: str = "auto"):
     name = _cpu_backend if backend == "auto" else backend
     if name == "torch":
         return None
-    if q.dtype == torch.float64:
-        raise TypeError(f"float64 tensors run only on the 'torch' CPU backend, not {name!r}")
+    if name == "emulator":  # the reference takes float64 too
+        _problem.check_kernel_dtype(np_dtype("q", q.dtype), name, FLOAT64_HINT)
     if q.device.type != "cpu":
         raise ValueError(f"the {name!r} CPU backend runs CPU tensors, but q is on {q.device}")
     return NumpyBridge(name)

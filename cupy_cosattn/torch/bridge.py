@@ -10,16 +10,17 @@ Importing this module does not import CuPy.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .. import api as _api
-from .. import launch as _launch
 from .. import problem as _problem
-from .outputs import empty_grad, user_dscale
+from ..launch.arrays import copy_into
+from .outputs import as_output, empty_grad, user_dscale
+
 
 class _TorchMemory:
     """A CuPy allocator whose blocks are torch.empty uint8 tensors (torch's caching allocator); each
@@ -36,7 +37,7 @@ class _TorchMemory:
         return cupy.cuda.MemoryPointer(mem, 0)
 
 
-def cupy_stream(cupy, ts, device_index: int):
+def cupy_stream(cupy: Any, ts: torch.cuda.Stream, device_index: int) -> Any:
     """CuPy's handle on torch stream `ts` (of device `device_index`, which is current).
 
     `cupy.cuda.Stream.from_external` (CuPy >= 14) takes any object with the CUDA stream protocol
@@ -59,7 +60,7 @@ def _torch_stream_and_memory(device: torch.device):
             yield cupy
 
 
-def to_cupy(t: Optional[Tensor], shape=None):
+def to_cupy(t: Optional[Tensor], shape: Optional[tuple[int, ...]] = None) -> Any:
     """A zero-copy CuPy view of contiguous tensor `t`, reshaped to `shape`.
 
     bfloat16 travels as int16 bits and is viewed back as ``ml_dtypes.bfloat16`` (CuPy 14 has no
@@ -81,13 +82,13 @@ def to_cupy(t: Optional[Tensor], shape=None):
     return a if shape is None else a.reshape(shape)
 
 
-def to_torch(a, dtype: torch.dtype, shape) -> Tensor:
+def to_torch(a: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
     """A zero-copy tensor view of CuPy array `a` (memory from torch's allocator), as `dtype`, `shape`."""
     if dtype == torch.bfloat16 and a.dtype.itemsize == 2:  # bfloat16 bits (see to_cupy)
         t = torch.from_dlpack(a.view(np.int16)).view(torch.bfloat16)
     else:
         t = torch.from_dlpack(a)
-    return (t if t.dtype == dtype else t.to(dtype)).reshape(shape)
+    return as_output(t, dtype, shape)  # the kernels' arrays are contiguous: no copy
 
 
 class CupyBridge:
@@ -96,14 +97,14 @@ class CupyBridge:
     backend = "cuda"
 
     @staticmethod
-    def context(device):
+    def context(device: torch.device) -> contextlib.AbstractContextManager:
         return _torch_stream_and_memory(device)
 
     to_array = staticmethod(to_cupy)
     to_tensor = staticmethod(to_torch)
 
     @staticmethod
-    def ptr(a) -> int:
+    def ptr(a: Any) -> int:
         return int(a.data.ptr)
 
 
@@ -111,35 +112,41 @@ class NumpyBridge:
     """CPU tensors <-> NumPy arrays (zero-copy both ways), for running the kernel backends ("emulator",
     "reference") on CPU tensors through exactly the glue the CUDA path uses."""
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str) -> None:
         self.backend = backend
 
     @staticmethod
-    def context(device):
+    def context(device: torch.device) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
     @staticmethod
-    def to_array(t: Optional[Tensor], shape=None):
+    def to_array(t: Optional[Tensor], shape: Optional[tuple[int, ...]] = None) -> Optional[np.ndarray]:
         if t is None:
             return None
         a = t.view(torch.int16).numpy().view(_problem.BFLOAT16) if t.dtype == torch.bfloat16 else t.numpy()
         return a if shape is None else a.reshape(shape)
 
     @staticmethod
-    def to_tensor(a, dtype: torch.dtype, shape) -> Tensor:
+    def to_tensor(a: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
         a = np.ascontiguousarray(a)
         if dtype == torch.bfloat16 and a.dtype.itemsize == 2:
             t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         else:
             t = torch.from_numpy(a)
-        return (t if t.dtype == dtype else t.to(dtype)).reshape(shape)
+        return as_output(t, dtype, shape)
 
     @staticmethod
-    def ptr(a) -> int:
+    def ptr(a: np.ndarray) -> int:
         return int(a.__array_interface__["data"][0])
 
 
-def kernel_inputs(bridge, prob, shapes, q, k, v, mask, bias, scale_t, scale):
+# Either bridge: the CupyBridge class (static methods) or a NumpyBridge instance.
+Bridge = type[CupyBridge] | NumpyBridge
+
+
+def kernel_inputs(bridge: Bridge, prob: _problem.Problem, shapes: dict, q: Tensor, k: Tensor, v: Tensor,
+                  mask: Optional[Tensor], bias: Optional[Tensor], scale_t: Optional[Tensor],
+                  scale: float) -> _problem.Inputs:
     scale_host = float(scale) if scale_t is None else scale_t.detach().to(torch.float64).cpu().numpy()
     _, scale_vec = _problem._scale_vector(scale_host, prob.H, prob.merged)  # values: finite and > 0
     arr = bridge.to_array
@@ -149,7 +156,9 @@ def kernel_inputs(bridge, prob, shapes, q, k, v, mask, bias, scale_t, scale):
         bias=arr(None if bias is None else bias.contiguous(), shapes["bias"]), scale=scale_vec)
 
 
-def kernel_forward(bridge, prob, shapes, q, k, v, mask, bias, scale_t, scale):
+def kernel_forward(bridge: Bridge, prob: _problem.Problem, shapes: dict, q: Tensor, k: Tensor, v: Tensor,
+                   mask: Optional[Tensor], bias: Optional[Tensor], scale_t: Optional[Tensor],
+                   scale: float) -> tuple[Tensor, Tensor]:
     """Forward on a kernel backend: out and lse are allocated by torch and written by the backend."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
@@ -157,15 +166,17 @@ def kernel_forward(bridge, prob, shapes, q, k, v, mask, bias, scale_t, scale):
     with bridge.context(q.device):
         inp = kernel_inputs(bridge, prob, shapes, q, k, v, mask, bias, scale_t, scale)
         out_a, lse_a = bridge.to_array(out, canon), bridge.to_array(lse, canon[:-1])
-        o, l = _api.forward_canonical(prob, inp, bridge.backend, out=out_a, lse=lse_a)
+        o, ls = _api.forward_canonical(prob, inp, bridge.backend, out=out_a, lse=lse_a)
         if bridge.ptr(o) != bridge.ptr(out_a):  # a backend that did not write in place
-            _launch.copy_into(out_a, o)
-        if bridge.ptr(l) != bridge.ptr(lse_a):
-            _launch.copy_into(lse_a, l)
+            copy_into(out_a, o)
+        if bridge.ptr(ls) != bridge.ptr(lse_a):
+            copy_into(lse_a, ls)
     return out, lse
 
 
-def kernel_backward(bridge, prob, shapes, dout, q, k, v, out, lse, mask, bias, scale_t, scale):
+def kernel_backward(bridge: Bridge, prob: _problem.Problem, shapes: dict, dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                    out: Tensor, lse: Tensor, mask: Optional[Tensor], bias: Optional[Tensor], scale_t: Optional[Tensor],
+                    scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward on a kernel backend; the gradients it allocates come back to torch without a copy."""
     canon = (prob.B, prob.H, prob.Nq, prob.D)
     with bridge.context(q.device):

@@ -7,6 +7,7 @@ flags), which keeps the check off the hot path of a training loop.
 from __future__ import annotations
 
 import functools
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -23,20 +24,19 @@ _NUMPY_OF_TORCH = {
 }
 
 
-def _np_dtype(name: str, dt: torch.dtype, cpu: bool):
-    """The NumPy dtype that stands in for torch dtype `dt` when problem.canonicalize checks it.
-
-    float64 is accepted on the CPU path (it is checked as float32, the dtype rules being the same)."""
+def np_dtype(name: str, dt: torch.dtype) -> np.dtype:
+    """The NumPy dtype that stands in for torch dtype `dt` when problem.canonicalize checks it."""
     if dt == torch.bfloat16:
         if _problem.BFLOAT16 is None:  # pragma: no cover - ml_dtypes is a dependency
             raise TypeError(f"{name} is bfloat16, which needs the ml_dtypes package")
         return _problem.BFLOAT16
-    if dt == torch.float64 and cpu:
-        return np.dtype(np.float32)
     if dt in _NUMPY_OF_TORCH:
         return np.dtype(_NUMPY_OF_TORCH[dt])
-    raise TypeError(f"{name} has dtype {dt}; supported are float16, bfloat16 and float32"
-                    f"{' (and float64 on the CPU)' if cpu else ''}")
+    raise TypeError(f"{name} has dtype {dt}; supported are float16, bfloat16 and float32, and float64 on CPU tensors")
+
+
+# float64 runs on CPU tensors only: the torch CPU implementation and the reference compute in float64.
+FLOAT64_HINT = "float64 runs on CPU tensors (backend 'torch' or 'reference', both compute in float64)"
 
 
 def _stand_in(shape, dtype):
@@ -45,15 +45,16 @@ def _stand_in(shape, dtype):
     return np.lib.stride_tricks.as_strided(base, shape=tuple(shape), strides=(0,) * len(shape), writeable=False)
 
 
-def check_signature(q_sig, k_sig, v_sig, mask_sig, bias_sig, scale_sig, attn_bias_batch_dim, groups, causal,
-                     l2norm_qk, deterministic, cpu, arg_types=None):
+def check_signature(q_sig: tuple, k_sig: tuple, v_sig: tuple, mask_sig: Optional[tuple], bias_sig: Optional[tuple],
+                    scale_sig: Any, attn_bias_batch_dim: bool, groups: int, causal: bool, l2norm_qk: bool,
+                    deterministic: bool, cpu: bool, arg_types: Optional[tuple] = None) -> tuple[_problem.Problem, dict]:
     """(Problem, canonical shapes {q, k, v, bias}) for tensor signatures; raises like canonicalize.
     `arg_types` only keys the cache (so causal=1 is not served the answer cached for causal=True)."""
     def arr(name, sig):
-        return None if sig is None else _stand_in(sig[0], _np_dtype(name, sig[1], cpu))
+        return None if sig is None else _stand_in(sig[0], np_dtype(name, sig[1]))
 
     if isinstance(scale_sig, tuple):  # a tensor: its shape and dtype are checked here, its values elsewhere
-        scale = np.ones(scale_sig[0], dtype=_np_dtype("scale", scale_sig[1], cpu=True))
+        scale = np.ones(scale_sig[0], dtype=np_dtype("scale", scale_sig[1]))
     else:
         scale = scale_sig
     try:
@@ -62,9 +63,12 @@ def check_signature(q_sig, k_sig, v_sig, mask_sig, bias_sig, scale_sig, attn_bia
             attn_bias=arr("attn_bias", bias_sig), attn_bias_batch_dim=attn_bias_batch_dim, scale=scale,
             groups=groups, causal=causal, l2norm_qk=l2norm_qk, deterministic=deterministic)
     except TypeError as e:
-        if cpu and "dtype" in str(e) and "supported" in str(e):
-            raise TypeError(f"{e} (CPU tensors also accept float64)") from None
+        msg = str(e)
+        if msg.endswith(_problem.FLOAT64_NOTE):  # the torch CPU implementation takes float64 too
+            raise TypeError(msg[:-len(_problem.FLOAT64_NOTE)] + "and float64 on CPU tensors") from None
         raise
+    if not cpu:  # CUDA tensors run the kernels
+        _problem.check_kernel_dtype(prob.dtype, "cuda", FLOAT64_HINT)
     shapes = dict(q=inp.q.shape, k=inp.k.shape, v=inp.v.shape, bias=None if inp.bias is None else inp.bias.shape)
     return prob, shapes
 
@@ -76,7 +80,9 @@ def _sig(x):
     return None if x is None else (tuple(int(s) for s in x.shape), x.dtype)
 
 
-def check(q, k, v, mask, attn_bias, scale, attn_bias_batch_dim, groups, causal, l2norm_qk, deterministic):
+def check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], attn_bias: Optional[Tensor], scale: Any,
+          attn_bias_batch_dim: bool, groups: int, causal: bool, l2norm_qk: bool,
+          deterministic: bool) -> tuple[_problem.Problem, dict]:
     """Check every argument (tensors or fake tensors); returns (Problem, canonical shapes)."""
     named = (("q", q), ("k", k), ("v", v), ("mask", mask), ("attn_bias", attn_bias))
     for name, t in named:
@@ -84,7 +90,7 @@ def check(q, k, v, mask, attn_bias, scale, attn_bias_batch_dim, groups, causal, 
             continue
         if not isinstance(t, Tensor):
             like = " like q" if name != "q" else ""
-            raise TypeError(f"{name} must be a torch.Tensor{like}, got {type(t).__name__} "
+            raise TypeError(f"{name} must be a torch.Tensor{like}, got {_problem._describe(t)} "
                             f"(cupy_cosattn.cosine_sim_attention takes NumPy/CuPy arrays)")
         if t.device != q.device:
             raise ValueError(f"{name} is on device {t.device} but q is on {q.device}")
@@ -104,6 +110,17 @@ def check(q, k, v, mask, attn_bias, scale, attn_bias_batch_dim, groups, causal, 
     except TypeError:  # an unhashable (hence wrong) argument: check it uncached for the message
         return check_signature(*key)
     return _check_cached(*key)
+
+
+def check_scale_values(scale_t: Tensor, prob: _problem.Problem) -> None:
+    """Raise the NumPy API's ValueError when the scale tensor holds a value <= 0, NaN or Inf.
+
+    This reads the values on the host, so it runs only inside the real implementations of the ops
+    (eager and compiled graphs alike), where the values are on the host already (CPU tensors) or
+    are copied there anyway (the kernel backends pick their kernel variant from them); never in a
+    fake implementation, whose tensors have no values."""
+    host = scale_t.detach().to(torch.float64).cpu().numpy()
+    _problem._scale_vector(host, prob.H, prob.merged)
 
 
 def is_static(*tensors) -> bool:

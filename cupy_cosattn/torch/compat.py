@@ -22,7 +22,7 @@ docs/torch.md ("Switching from flash-cosine-sim-attention") lists where this pac
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -34,10 +34,10 @@ from .functional import cosine_sim_attention
 
 __all__ = ["flash_cosine_sim_attention", "plain_cosine_sim_attention", "l2norm_tensors"]
 
-Scale = Union[float, Tensor]
+Scale = float | Tensor
 
 
-def l2norm_tensors(*tensors: Tensor, groups: int = 1) -> Tuple[Tensor, ...]:
+def l2norm_tensors(*tensors: Tensor, groups: int = 1) -> tuple[Tensor, ...]:
     """Each tensor l2-normalized over its last dim in `groups` equal chunks, differentiably.
 
     Every chunk x becomes x / max(‖x‖, 1e-12), computed in float32 (float64 for float64 input) -- the

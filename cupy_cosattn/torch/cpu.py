@@ -6,11 +6,15 @@ which the CPU path accepts so that ``torch.autograd.gradcheck`` works).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from .. import problem as _problem
-from .outputs import empty_grad, user_dscale
+from ..problem import Problem
+from .outputs import as_output, empty_grad, user_dscale
 
 # Scores per block of the CPU path: a (B, H, chunk, Nk) block holds at most this many elements.
 CPU_BLOCK_ELEMS = 1 << 22
@@ -19,7 +23,7 @@ def compute_dtype(dt: torch.dtype) -> torch.dtype:
     return torch.float64 if dt == torch.float64 else torch.float32
 
 
-def grouped_l2norm(x: Tensor, groups: int):
+def grouped_l2norm(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     """(x̂, n): each of `groups` chunks of the last dim divided by max(‖chunk‖, 1e-12); n the norms."""
     shape = x.shape
     xs = x.reshape(*shape[:-1], groups, shape[-1] // groups)
@@ -41,7 +45,8 @@ def grouped_l2norm_backward(xhat: Tensor, n: Tensor, dxhat: Tensor, groups: int)
 class Canon:
     """Canonical views (compute dtype) of one call for the CPU path, and its per-chunk scores."""
 
-    def __init__(self, prob, shapes, q, k, v, mask, bias, scale_t, scale):
+    def __init__(self, prob: Problem, shapes: dict, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+                 bias: Optional[Tensor], scale_t: Optional[Tensor], scale: float) -> None:
         cd = compute_dtype(q.dtype)
         self.prob, self.cd = prob, cd
         self.q = q.reshape(shapes["q"]).to(cd)
@@ -63,7 +68,7 @@ class Canon:
         # Can a row end up with no visible key (softmax of all -inf gives NaN, which must become 0)?
         self.may_be_empty = mask is not None or bias is not None or (prob.causal and prob.Nq > prob.Nk)
 
-    def chunks(self):
+    def chunks(self) -> Iterator[tuple[int, int, int]]:
         """(i0, i1, kend): query rows [i0, i1) see at most keys [0, kend) (causal trims the rest)."""
         p = self.prob
         rows = max(1, CPU_BLOCK_ELEMS // max(1, p.B * p.H * p.Nk))
@@ -72,12 +77,12 @@ class Canon:
             kend = min(p.Nk, max(0, i1 + p.Nk - p.Nq)) if p.causal else p.Nk
             yield i0, i1, kend
 
-    def grouped(self, x):
+    def grouped(self, x: Tensor) -> Tensor:
         """(B, H, C, X) -> (B, Hk, G, C, X): the query heads that share a kv head side by side."""
         p = self.prob
         return x.reshape(p.B, p.Hk, p.q_per_kv, x.shape[-2], x.shape[-1])
 
-    def logits(self, i0, i1, kend):
+    def logits(self, i0: int, i1: int, kend: int) -> Tensor:
         """s = scale_h·⟨q̂_i, k̂_j⟩ + bias_ij for rows [i0, i1) and keys [0, kend), -inf where excluded."""
         p = self.prob
         B, H, C = p.B, p.H, i1 - i0
@@ -85,25 +90,21 @@ class Canon:
         s = s.reshape(B, H, C, kend)
         if self.bias is not None:
             s = s + self.bias[:, :, i0:i1, :kend]
-        vis = None
-        if p.causal:
-            rows = torch.arange(i0, i1, device=s.device).unsqueeze(1)
-            cols = torch.arange(kend, device=s.device).unsqueeze(0)
-            vis = (cols <= rows + (p.Nk - p.Nq)).view(1, 1, C, kend)
-        if self.mask is not None:
-            m = self.mask[:, :kend].view(B, 1, 1, kend)
-            vis = m if vis is None else vis & m
+        rows = torch.arange(i0, i1, device=s.device).unsqueeze(1)
+        cols = torch.arange(kend, device=s.device).unsqueeze(0)
+        vis = _problem.visible(p, rows, cols, None if self.mask is None else self.mask[:, :kend])
         if vis is not None:
             s = s.masked_fill(~vis, float("-inf"))
         return s
 
-    def probs(self, s):
+    def probs(self, s: Tensor) -> Tensor:
         """Softmax over the visible keys; 0 for a row without any."""
         P = torch.softmax(s, dim=-1)
         return torch.nan_to_num(P, nan=0.0) if self.may_be_empty else P
 
 
-def cpu_forward(prob, shapes, q, k, v, mask, bias, scale_t, scale):
+def cpu_forward(prob: Problem, shapes: dict, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+                bias: Optional[Tensor], scale_t: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
     c = Canon(prob, shapes, q, k, v, mask, bias, scale_t, scale)
     B, H, Nq, D = prob.B, prob.H, prob.Nq, prob.D
     out = torch.zeros((B, H, Nq, D), dtype=c.cd, device=q.device)
@@ -115,18 +116,20 @@ def cpu_forward(prob, shapes, q, k, v, mask, bias, scale_t, scale):
         o = c.grouped(c.probs(s)) @ c.v[:, :, :kend].unsqueeze(2)  # (B, Hk, G, C, D)
         out[:, :, i0:i1] = o.reshape(B, H, i1 - i0, D)
         lse[:, :, i0:i1] = torch.logsumexp(s, dim=-1).to(torch.float32)  # -inf for a row without a key
-    return out.to(q.dtype).reshape(q.shape), lse.reshape(q.shape[:-1])
+    return as_output(out, q.dtype, q.shape), as_output(lse, torch.float32, q.shape[:-1])
 
 
-def cpu_backward(prob, shapes, dout, q, k, v, mask, bias, scale_t, scale):
-    """Gradients by recomputing each query chunk's probabilities (DESIGN.md section 1, backward)."""
+def cpu_backward(prob: Problem, shapes: dict, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+                 bias: Optional[Tensor], scale_t: Optional[Tensor],
+                 scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients by recomputing each query chunk's probabilities (docs/design.md section 1, backward)."""
     c = Canon(prob, shapes, q, k, v, mask, bias, scale_t, scale)
     B, H, Nq, D = prob.B, prob.H, prob.Nq, prob.D
     do = dout.reshape(B, H, Nq, D).to(c.cd)
-    dqh = torch.zeros_like(c.q)
-    dkh = torch.zeros_like(c.k)
-    dv = torch.zeros_like(c.v)
-    dbias = None if c.bias is None else torch.zeros_like(c.bias)
+    dqh = c.q.new_zeros(c.q.shape)  # new_zeros: contiguous, whatever the inputs' strides
+    dkh = c.k.new_zeros(c.k.shape)
+    dv = c.v.new_zeros(c.v.shape)
+    dbias = None if c.bias is None else c.bias.new_zeros(c.bias.shape)
     dscale = torch.zeros((H,), dtype=c.cd, device=q.device)
     for i0, i1, kend in c.chunks():
         if kend == 0:
@@ -144,15 +147,15 @@ def cpu_backward(prob, shapes, dout, q, k, v, mask, bias, scale_t, scale):
         dkh[:, :, :kend] += (dSg.transpose(-1, -2) @ c.grouped(c.qs[:, :, i0:i1])).sum(2)
         dscale += (g * c.qh[:, :, i0:i1]).sum(dim=(0, 2, 3))  # Σ dS_ij ⟨q̂_i, k̂_j⟩
         if dbias is not None:
-            axes = tuple(ax for ax in (0, 1) if c.bias.shape[ax] == 1)
+            axes = prob.bias_sum_axes
             dbias[:, :, i0:i1, :kend] = dS.sum(dim=axes, keepdim=True) if axes else dS
     if prob.l2norm_qk:
         dq = grouped_l2norm_backward(c.qh, c.qn, dqh, prob.groups)
         dk = grouped_l2norm_backward(c.kh, c.kn, dkh, prob.groups)
     else:
         dq, dk = dqh, dkh
-    dq = dq.to(q.dtype).reshape(q.shape)
-    dk = dk.to(k.dtype).reshape(k.shape)
-    dv = dv.to(v.dtype).reshape(v.shape)
-    dbias = empty_grad(q) if bias is None else dbias.to(bias.dtype).reshape(bias.shape)
+    dq = as_output(dq, q.dtype, q.shape)
+    dk = as_output(dk, k.dtype, k.shape)
+    dv = as_output(dv, v.dtype, v.shape)
+    dbias = empty_grad(q) if bias is None else as_output(dbias, bias.dtype, bias.shape)
     return dq, dk, dv, dbias, user_dscale(dscale, scale_t, q)

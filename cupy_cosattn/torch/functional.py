@@ -12,6 +12,7 @@ from . import ops  # noqa: F401  (registers the custom ops this module calls thr
 from .backends import check_backend
 from .checks import check
 
+
 def _autocast(x: Optional[Tensor], dtype: Optional[torch.dtype], keep_float32: bool = False):
     """x cast to the autocast dtype (float32/16 tensors only, as autocast does; a float32 bias may stay)."""
     if x is None or dtype is None or not x.is_floating_point() or x.dtype in (dtype, torch.float64):
@@ -27,8 +28,10 @@ def _autocast_available(device_type: str) -> bool:
     return True if check is None else bool(check(device_type))
 
 
-def forward(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=False, scale=_problem.DEFAULT_SCALE,
-            groups=1, causal=False, l2norm_qk=True, deterministic=False, backend="auto"):
+def forward(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None, attn_bias: Optional[Tensor] = None,
+            attn_bias_batch_dim: bool = False, scale: float | Tensor = _problem.DEFAULT_SCALE, groups: int = 1,
+            causal: bool = False, l2norm_qk: bool = True, deterministic: bool = False,
+            backend: str = "auto") -> tuple[Tensor, Tensor]:
     """(out, lse) with autograd through out; see `cosine_sim_attention`. lse (q.shape[:-1], float32) is
     the log-sum-exp of each row's visible logits (-inf for a row without one); it has no gradient."""
     if isinstance(q, Tensor):
@@ -48,17 +51,19 @@ def forward(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=False, sc
                                            int(groups), bool(causal), bool(l2norm_qk), bool(deterministic), backend)
 
 
-def cosine_sim_attention(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=False,
-                         scale=_problem.DEFAULT_SCALE, groups=1, causal=False, l2norm_qk=True, deterministic=False,
-                         backend="auto"):
-    """Cosine-sim attention with autograd (DESIGN.md section 1).
+def cosine_sim_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
+                         attn_bias: Optional[Tensor] = None, attn_bias_batch_dim: bool = False,
+                         scale: float | Tensor = _problem.DEFAULT_SCALE, groups: int = 1, causal: bool = False,
+                         l2norm_qk: bool = True, deterministic: bool = False, backend: str = "auto") -> Tensor:
+    """Cosine-sim attention with autograd (docs/design.md section 1).
 
     q: (B, H, Nq, D) or merged (BH, Nq, D); k, v: (B, Hk, Nk, D) with H % Hk == 0, (B, Nk, D) (one shared
     kv head) or, with a merged q, (BH, Nk, D). mask: bool (B, Nk) (merged: (BH, Nk)), True = may attend.
     attn_bias: (H, Nq, Nk), (B, Nq, Nk) with attn_bias_batch_dim=True, or (B, H, Nq, Nk) (merged:
     (BH, Nq, Nk)); q's dtype or float32; receives a gradient. scale: a float, or a tensor of shape (H,)
-    (or one element) that receives a gradient. groups: l2-normalize `groups` chunks of the head dim.
-    causal: bottom-right aligned (query i sees key j iff j <= i + Nk - Nq). l2norm_qk=False: q, k are
+    or () that receives a gradient; values finite and > 0 (a tensor's values are checked when the op
+    runs, eager or compiled, with the NumPy API's ValueError). groups: l2-normalize `groups` chunks of
+    the head dim. causal: bottom-right aligned (query i sees key j iff j <= i + Nk - Nq). l2norm_qk=False: q, k are
     already normalized. Rows without a visible key give 0 and contribute no gradient.
 
     backend: "auto" (default): CUDA tensors run the fused kernels, CPU tensors the torch implementation

@@ -2,7 +2,8 @@
 
 Each op has a fake (meta) implementation and the backward is wired through
 ``torch.library.register_autograd``, so ``torch.compile(fullgraph=True)`` sees one opaque node per
-call and no graph break.
+call and no graph break. Every output of both ops is contiguous whatever the inputs' strides
+(``outputs``); the fake implementations return exactly those shapes, dtypes and strides.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from .backends import bridge_for, check_backend
 from .bridge import kernel_backward, kernel_forward
-from .checks import check, is_static
+from .checks import check, check_scale_values, is_static
 from .cpu import cpu_backward, cpu_forward
 from .outputs import empty_grad
 
@@ -28,8 +29,10 @@ def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], attn_bias
     prob, shapes = check(q, k, v, mask, attn_bias, scale if scale_t is None else scale_t, attn_bias_batch_dim,
                           groups, causal, l2norm_qk, deterministic)
     bridge = bridge_for(q, backend)
-    if bridge is not None:
+    if bridge is not None:  # kernel_inputs checks the scale's values on the host copy it makes anyway
         return kernel_forward(bridge, prob, shapes, q, k, v, mask, attn_bias, scale_t, scale)
+    if scale_t is not None:
+        check_scale_values(scale_t, prob)
     return cpu_forward(prob, shapes, q, k, v, mask, attn_bias, scale_t, scale)
 
 
@@ -40,7 +43,7 @@ def _attn_fwd_fake(q, k, v, mask, attn_bias, scale_t, scale, attn_bias_batch_dim
     if is_static(q, k, v, mask, attn_bias, scale_t):  # trace-time errors under torch.compile
         check(q, k, v, mask, attn_bias, scale if scale_t is None else scale_t, attn_bias_batch_dim, groups, causal,
                l2norm_qk, deterministic)
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)  # new_empty: contiguous
 
 
 @torch.library.custom_op(OP_BACKWARD, mutates_args=())
@@ -54,6 +57,8 @@ def _attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     bridge = bridge_for(q, backend)
     if bridge is not None:
         return kernel_backward(bridge, prob, shapes, dout, q, k, v, out, lse, mask, attn_bias, scale_t, scale)
+    if scale_t is not None:
+        check_scale_values(scale_t, prob)
     return cpu_backward(prob, shapes, dout, q, k, v, mask, attn_bias, scale_t, scale)
 
 

@@ -27,15 +27,17 @@ from __future__ import annotations
 import contextlib
 import numbers
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import launch as _launch
 from .. import problem as _problem
+from ..backends import backward_uses_lse
+from ..launch.tiles import FIXED_OFFSET_MAX_BOUND as FIXED_OFFSET_BOUNDS
 from . import ops  # noqa: F401  (registers the custom ops called through torch.ops)
 from .backends import BACKENDS, bridge_for, check_backend
 from .checks import check
@@ -43,13 +45,16 @@ from .cpu import Canon, compute_dtype, grouped_l2norm_backward
 from .functional import _autocast, _autocast_available
 from .outputs import user_dscale
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 __all__ = ["ring_cosine_sim_attention", "shard_sequence", "gather_sequence", "shard_indices", "LAYOUTS"]
 
 LAYOUTS = ("zigzag", "contiguous")
 # The ring adds the blocks' partial results in float32 (float64 for float64 inputs) with the fixed
 # offset scale_h * groups while every logit bound is at most this: exp(lse_i - offset) then lies in
 # [exp(-2 * 40), N_local], inside float32's normal range (min 1.2e-38 = exp(-87.3)).
-FIXED_OFFSET_MAX_BOUND = _launch.FIXED_OFFSET_MAX_BOUND["float32"]
+FIXED_OFFSET_MAX_BOUND = FIXED_OFFSET_BOUNDS["float32"]
 
 
 # --------------------------------------------------------------------------------------------- layouts
@@ -70,7 +75,8 @@ def _padding_advice(world: int) -> str:
             f"padded keys (mask is the (B, N_local) shard of a (B, N) key mask)")
 
 
-def shard_indices(n: int, world: int, rank: int, layout: str = "zigzag", device=None) -> Tensor:
+def shard_indices(n: int, world: int, rank: int, layout: str = "zigzag",
+                  device: Optional[torch.device] = None) -> Tensor:
     """The global positions (int64, length n / world, increasing) that `rank` of `world` holds.
 
     "zigzag": chunks rank and 2·world-1-rank of 2·world equal chunks; "contiguous": chunk rank of world."""
@@ -88,14 +94,14 @@ def shard_indices(n: int, world: int, rank: int, layout: str = "zigzag", device=
                       torch.arange((parts - 1 - rank) * c, (parts - rank) * c, device=device)))
 
 
-def shard_sequence(x: Tensor, group=None, layout: str = "zigzag", dim: int = -2) -> Tensor:
+def shard_sequence(x: Tensor, group: Optional[ProcessGroup] = None, layout: str = "zigzag", dim: int = -2) -> Tensor:
     """This rank's shard of x (the whole sequence, the same on every rank) along `dim`: a copy holding
     the positions `shard_indices` names, e.g. (B, H, N, D) -> (B, H, N / W, D). No communication."""
     ring = _Ring.open(group)
     return x.index_select(dim, shard_indices(x.shape[dim], ring.world, ring.rank, layout, device=x.device))
 
 
-def gather_sequence(x: Tensor, group=None, layout: str = "zigzag", dim: int = -2) -> Tensor:
+def gather_sequence(x: Tensor, group: Optional[ProcessGroup] = None, layout: str = "zigzag", dim: int = -2) -> Tensor:
     """The whole sequence from every rank's shard x (equal shapes on every rank): an all-gather along
     `dim`, then the positions put back in order. The result is the same on every rank and carries no
     autograd history."""
@@ -124,7 +130,7 @@ class _Exchange:
         self._works, self._sent, self._received = works, sent, received
         self._device, self._dtypes = device, dtypes
 
-    def wait(self) -> List[Tensor]:
+    def wait(self) -> list[Tensor]:
         for w in self._works:
             w.wait()
         self._sent = None  # the sends are complete: their buffers may go
@@ -143,7 +149,7 @@ class _Ring:
     backend: str
 
     @staticmethod
-    def open(group) -> "_Ring":
+    def open(group) -> _Ring:
         """The ring of `group` (None: the default group). Raises before any communication when
         torch.distributed cannot serve it."""
         if not dist.is_available():
@@ -202,7 +208,7 @@ _MAX_DIMS = 4
 _NOT_A_TENSOR, _NONE = -1, -2
 
 
-def _tensor_fields(t) -> List[int]:
+def _tensor_fields(t) -> list[int]:
     """ndim, the first _MAX_DIMS sizes (-1 past ndim), dtype code, device code (cpu 0, cuda 1, other 2)."""
     if t is None:
         return [_NONE] * (_MAX_DIMS + 3)
@@ -227,7 +233,7 @@ def _float_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def _scale_fields(scale) -> List[int]:
+def _scale_fields(scale) -> list[int]:
     """kind (0 number, 1 tensor, 2 other), then the number's bits or the tensor's fields."""
     if isinstance(scale, Tensor):
         return [1, 0] + _tensor_fields(scale)
@@ -317,7 +323,7 @@ class _Config:
     kernel: bool  # the blocks run the op's kernel backends (else the torch CPU implementation)
 
 
-def _blocks(cfg: _Config, src: int, n: int) -> List[Tuple[slice, slice, bool]]:
+def _blocks(cfg: _Config, src: int, n: int) -> list[tuple[slice, slice, bool]]:
     """(local query rows, rows of the visiting K/V slice, causal) that the queries of this rank attend
     to in the slice of rank `src`; [] when no query sees any of its keys.
 
@@ -376,7 +382,7 @@ class _Combine:
         self.num[:, :, rows] += w.unsqueeze(-1) * out_i
         self.den[:, :, rows] += w
 
-    def result(self) -> Tuple[Tensor, Tensor]:
+    def result(self) -> tuple[Tensor, Tensor]:
         """(out, lse) in the compute dtype; a row without any visible key gets out 0 and lse −inf."""
         seen = self.den > 0
         den = torch.where(seen, self.den, torch.ones_like(self.den))
@@ -442,7 +448,7 @@ def _torch_block_backward(prob, shapes, dout, q, k, v, out, lse, mask, scale_t, 
 
 # ------------------------------------------------------------------------------- forward / backward
 
-def _kv_slice(kv: List[Tensor], rows: slice) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+def _kv_slice(kv: list[Tensor], rows: slice) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     k, v = kv[0][:, :, rows], kv[1][:, :, rows]
     return k, v, (kv[2][:, rows] if len(kv) > 2 else None)
 
@@ -567,9 +573,9 @@ def _check_local(ring, q, k, v, mask, scale, causal, layout, groups, l2norm_qk, 
     check(q, k, v, mask, None, scale, False, groups, causal, l2norm_qk, deterministic)
     check_backend(backend, q)
     bridge = bridge_for(q, backend)
-    if bridge is not None and bridge.backend == "reference":
-        raise ValueError("backend 'reference' cannot run a ring: its backward recomputes each row's softmax from "
-                         "the keys it is given, not from the whole row's lse; use 'torch' or 'emulator'")
+    if bridge is not None and not backward_uses_lse(bridge.backend):
+        raise ValueError(f"backend {bridge.backend!r} cannot run a ring: its backward recomputes each row's softmax "
+                         f"from the keys it is given, not from the whole row's lse; use 'torch' or 'emulator'")
     if ring.world > 1:
         ring.comm_device(q.device)  # raises for a device the group cannot carry
     return bridge is not None
@@ -589,8 +595,9 @@ def _offset(scale, q: Tensor, groups: int, l2norm_qk: bool) -> Optional[Tensor]:
     return b
 
 
-def ring_cosine_sim_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = False,
-                              layout: str = "zigzag", scale=_problem.DEFAULT_SCALE, groups: int = 1,
+def ring_cosine_sim_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[ProcessGroup] = None,
+                              causal: bool = False, layout: str = "zigzag",
+                              scale: float | Tensor = _problem.DEFAULT_SCALE, groups: int = 1,
                               l2norm_qk: bool = True, deterministic: bool = False, mask: Optional[Tensor] = None,
                               backend: str = "auto") -> Tensor:
     """Cosine-sim attention over a sequence sharded across the ranks of `group` (forward and backward).
