@@ -88,12 +88,8 @@ struct BwdParams : AttnParams {
   int n_chunks;                   // head-dim chunks (= D_PAD / DC of the launched kernel)
 };
 
-// =============================================================================================
-// KV-cache (decode) section: DecodeParams (decode.cu: decode_fwd, decode_combine, kv_append).
-// =============================================================================================
-
-// Attention of Nq new queries per sequence against a (paged) KV cache, split over the keys
-// (mirrored field for field by launch_decode.DECODE_PARAMS). Rows of q, out and the partials are
+// decode.cu (decode_fwd, decode_combine, kv_append): attention of Nq new queries per sequence against
+// a (paged) KV cache, split over the keys. Rows of q, out and the partials are
 // flattened (b, h, i) -> (b H + h) Nq + i. A cache row (page, kv head, slot) starts at
 // base + page * sp + hk * sh + slot * sn elements; a contiguous cache is one page per sequence
 // (page = b, slot = key, no block table). Every row starts 16-byte aligned and holds D elements.

@@ -9,8 +9,7 @@ NVRTC through CuPy), with a float64 NumPy reference and a CPU emulator of the sa
 
 Importing this package needs neither CuPy nor a GPU; CuPy is imported only on a CUDA path.
 """
-from .api import backward, cosine_sim_attention, forward
-from .kvcache import kvcache_forward
+from .api import backward, cosine_sim_attention, forward, kvcache_forward
 from .problem import Problem
 
 __all__ = ["cosine_sim_attention", "forward", "backward", "kvcache_forward", "Problem"]

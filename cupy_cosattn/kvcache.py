@@ -1,5 +1,5 @@
-"""KV-cache attention (inference, forward only): a few new queries per sequence against a contiguous or
-paged key/value cache, optionally appending the new keys and values first.
+"""KV-cache attention (inference, forward only): the problem description, its argument checks and the
+NumPy reference. The public function is ``api.kvcache_forward`` (``ca.kvcache_forward``):
 
     out, lse = ca.kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table=None,
                                   k_new=None, v_new=None, scale=8.0, groups=1, causal=True,
@@ -30,9 +30,9 @@ key, whose output row is 0). Every argument is checked before anything is launch
 host needs cache_seqlens (and the block table entries in use) anyway, to size the launch, so the
 lengths against the cache's capacity and the page indices against num_pages are checked there.
 
-Backends: "reference" (NumPy float64: performs the append on the caller's arrays, gathers each
-sequence's keys and runs the dense reference), "emulator" and "cuda" (cuda_src/decode.cu through
-launch_decode), "auto" (CuPy arrays: "cuda", NumPy: "reference").
+Backends: "reference" (NumPy float64, :func:`reference_kvcache`: performs the append on the caller's
+arrays, gathers each sequence's keys and runs the dense reference; it also takes float64), "emulator"
+and "cuda" (cuda_src/decode.cu through launch.decode), "auto" (CuPy arrays: "cuda", NumPy: "reference").
 """
 from __future__ import annotations
 
@@ -43,14 +43,25 @@ import numpy as np
 
 from . import problem as _problem
 from . import reference as _reference
-from .problem import (DEFAULT_SCALE, SUPPORTED_DTYPES, Inputs, Problem, _check_flag, _describe, _device_of,
-                      _device_str, array_library)
+from .problem import (
+    ACCEPTED_DTYPES,
+    DEFAULT_SCALE,
+    FLOAT64_NOTE,
+    Array,
+    Inputs,
+    Problem,
+    _check_flag,
+    _describe,
+    _device_of,
+    _device_str,
+    array_library,
+)
 
 PAGE_MULTIPLE = 16  # page_size must be a multiple of this (whole 16-key mma steps per page)
 MAX_NUM_SPLITS = 128  # largest num_splits accepted (the partial buffers grow with it)
 
-__all__ = ["kvcache_forward", "KVCacheProblem", "KVCacheInputs", "check_kvcache", "reference_kvcache",
-           "gather_sequence", "PAGE_MULTIPLE", "MAX_NUM_SPLITS"]
+__all__ = ["KVCacheProblem", "KVCacheInputs", "check_kvcache", "reference_kvcache", "gather_sequence",
+           "PAGE_MULTIPLE", "MAX_NUM_SPLITS"]
 
 
 @dataclass(frozen=True)
@@ -73,10 +84,11 @@ class KVCacheProblem:
     l2norm_qk: bool = True
     num_splits: int = 0  # 0: chosen by the launch layer's heuristic
     per_head_scale: bool = False
+    max_len: int = 0  # the longest sequence's keys after the append (read from cache_seqlens on the host)
 
     @property
     def dtype_name(self) -> str:
-        return _problem.DTYPE_NAMES[self.dtype]
+        return _problem.DTYPE_NAMES.get(self.dtype, self.dtype.name)
 
     @property
     def q_per_kv(self) -> int:
@@ -90,6 +102,12 @@ class KVCacheProblem:
     @property
     def new_keys(self) -> int:
         return self.Nq if self.append else 0
+
+    def dense(self, nk: int, batch: int = 1) -> Problem:
+        """The dense problem of `batch` sequences of `nk` keys with this call's flags."""
+        return Problem(B=batch, H=self.H, Hk=self.Hk, Nq=self.Nq, Nk=nk, D=self.D, dtype=self.dtype,
+                       groups=self.groups, causal=self.causal, l2norm_qk=self.l2norm_qk,
+                       per_head_scale=self.per_head_scale)
 
 
 @dataclass
@@ -108,7 +126,7 @@ class KVCacheInputs:
     lengths: np.ndarray  # int64 (B,): L_b, keys after the append
 
 
-def _check_array(name: str, x, ndim: int, lib: Optional[str] = None, device=None):
+def _check_array(name: str, x: Any, ndim: int, lib: Optional[str] = None, device: Optional[tuple] = None) -> None:
     got = array_library(x)
     if not got or got == "torch":
         raise TypeError(f"{name} must be a NumPy or CuPy array (use cupy_cosattn.torch for torch tensors), "
@@ -121,11 +139,11 @@ def _check_array(name: str, x, ndim: int, lib: Optional[str] = None, device=None
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)} ({x.ndim}-D)")
 
 
-def _to_host(x) -> np.ndarray:
+def _to_host(x: Array) -> np.ndarray:
     return np.asarray(x.get() if array_library(x) == "cupy" else x)
 
 
-def _check_int(name: str, value, lo: int, hi: Optional[int] = None) -> int:
+def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {_describe(value)}")
     value = int(value)
@@ -135,18 +153,20 @@ def _check_int(name: str, value, lo: int, hi: Optional[int] = None) -> int:
     return value
 
 
-def check_kvcache(q, k_cache, v_cache, cache_seqlens, *, block_table=None, k_new=None, v_new=None,
-                  scale=DEFAULT_SCALE, groups=1, causal=True, l2norm_qk=True, num_splits=0):
-    """Check every argument of :func:`kvcache_forward`; returns (KVCacheProblem, KVCacheInputs).
+def check_kvcache(q: Array, k_cache: Array, v_cache: Array, cache_seqlens: Array, *,
+                  block_table: Optional[Array] = None, k_new: Optional[Array] = None, v_new: Optional[Array] = None,
+                  scale: Any = DEFAULT_SCALE, groups: int = 1, causal: bool = True, l2norm_qk: bool = True,
+                  num_splits: int = 0) -> tuple[KVCacheProblem, KVCacheInputs]:
+    """Check every argument of ``api.kvcache_forward``; returns (KVCacheProblem, KVCacheInputs).
 
     Raises TypeError / ValueError naming the argument, what it got and what was expected. Reads
     cache_seqlens and the block table entries in use on the host (one device-to-host copy each on
     CuPy)."""
     _check_array("q", q, 4)
     lib, dev = array_library(q), _device_of(q)
-    if np.dtype(q.dtype) not in SUPPORTED_DTYPES:
+    if np.dtype(q.dtype) not in ACCEPTED_DTYPES:
         raise TypeError(f"q has dtype {q.dtype}; supported are float16, bfloat16 (ml_dtypes.bfloat16 for NumPy) "
-                        f"and float32")
+                        f"and float32, {FLOAT64_NOTE}")
     B, H, Nq, D = (int(s) for s in q.shape)
     if D < 1:
         raise ValueError(f"head dim D must be >= 1, got q of shape {tuple(q.shape)}")
@@ -238,30 +258,26 @@ def check_kvcache(q, k_cache, v_cache, cache_seqlens, *, block_table=None, k_new
 
     prob = KVCacheProblem(B=B, H=H, Hk=Hk, Nq=Nq, D=D, dtype=np.dtype(q.dtype), paged=paged, page_size=page_size,
                           num_pages=num_pages, max_pages=max_pages, append=append, groups=groups, causal=causal,
-                          l2norm_qk=l2norm_qk, num_splits=num_splits, per_head_scale=per_head)
+                          l2norm_qk=l2norm_qk, num_splits=num_splits, per_head_scale=per_head,
+                          max_len=int(lengths.max()) if B else 0)
     inp = KVCacheInputs(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
                         k_new=k_new, v_new=v_new, scale=scale_vec, seqlens_host=seqlens, lengths=lengths)
     return prob, inp
-
-
-def dense_problem(prob: KVCacheProblem, nk: int, batch: int = 1) -> Problem:
-    """The dense problem of `batch` sequences of `nk` keys with this call's flags."""
-    return Problem(B=batch, H=prob.H, Hk=prob.Hk, Nq=prob.Nq, Nk=nk, D=prob.D, dtype=prob.dtype, groups=prob.groups,
-                   causal=prob.causal, l2norm_qk=prob.l2norm_qk, per_head_scale=prob.per_head_scale)
 
 
 # ---------------------------------------------------------------------------------------------------
 # The reference backend (NumPy).
 
 
-def _slots(prob: KVCacheProblem, table: Optional[np.ndarray], b: np.ndarray, pos: np.ndarray):
+def _slots(prob: KVCacheProblem, table: Optional[np.ndarray], b: np.ndarray,
+           pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(page, row) arrays of the cache slots of keys `pos` of sequences `b` (broadcast together)."""
     if not prob.paged:
         return np.broadcast_to(b, pos.shape), pos
     return table[b, pos // prob.page_size], pos % prob.page_size
 
 
-def append_host(prob: KVCacheProblem, inp: KVCacheInputs, table: Optional[np.ndarray] = None):
+def append_host(prob: KVCacheProblem, inp: KVCacheInputs, table: Optional[np.ndarray] = None) -> None:
     """Write k_new, v_new into the (NumPy) caches at positions cache_seqlens[b] + i, in place."""
     if not prob.append or prob.B == 0 or prob.Nq == 0:
         return
@@ -275,11 +291,12 @@ def append_host(prob: KVCacheProblem, inp: KVCacheInputs, table: Optional[np.nda
         _bits(cache)[page, :, row] = _bits(np.asarray(new)).transpose(0, 2, 1, 3)
 
 
-def _bits(x):
+def _bits(x: np.ndarray) -> np.ndarray:
     return x.view(np.uint16) if x.dtype.itemsize == 2 else x
 
 
-def gather_sequence(prob: KVCacheProblem, k_cache, v_cache, block_table, b: int, length: int):
+def gather_sequence(prob: KVCacheProblem, k_cache: Array, v_cache: Array, block_table: Optional[Array], b: int,
+                    length: int) -> tuple[np.ndarray, np.ndarray]:
     """(k, v) of sequence b's first `length` keys as (Hk, length, D) NumPy arrays (copies)."""
     k_cache, v_cache = np.asarray(k_cache), np.asarray(v_cache)
     if not prob.paged:
@@ -287,14 +304,14 @@ def gather_sequence(prob: KVCacheProblem, k_cache, v_cache, block_table, b: int,
     n = -(-length // prob.page_size)
     pages = np.asarray(block_table)[b, :n].astype(np.int64)
 
-    def gather(c):
+    def gather(c: np.ndarray) -> np.ndarray:
         g = c[pages]  # (n, Hk, page_size, D)
         return np.ascontiguousarray(g.transpose(1, 0, 2, 3).reshape(prob.Hk, n * prob.page_size, prob.D)[:, :length])
 
     return gather(k_cache), gather(v_cache)
 
 
-def reference_kvcache(prob: KVCacheProblem, inp: KVCacheInputs, want64: bool = False):
+def reference_kvcache(prob: KVCacheProblem, inp: KVCacheInputs, want64: bool = False) -> tuple[Any, Any]:
     """The reference backend: append on the caller's arrays, then per sequence the dense float64
     reference over its gathered keys. Returns (out (B, H, Nq, D), lse (B, H, Nq)): in q's dtype and
     float32, or float64 both with want64."""
@@ -306,34 +323,9 @@ def reference_kvcache(prob: KVCacheProblem, inp: KVCacheInputs, want64: bool = F
         if L == 0 or prob.Nq == 0:
             continue
         k, v = gather_sequence(prob, inp.k_cache, inp.v_cache, inp.block_table, b, L)
-        o, l = _reference.forward64(dense_problem(prob, L), Inputs(q=np.asarray(inp.q)[b:b + 1], k=k[None],
-                                                                   v=v[None], scale=inp.scale))
-        out[b], lse[b] = o[0], l[0]
+        o, ls = _reference.forward64(prob.dense(L), Inputs(q=np.asarray(inp.q)[b:b + 1], k=k[None], v=v[None],
+                                                           scale=inp.scale))
+        out[b], lse[b] = o[0], ls[0]
     if want64:
         return out, lse
     return out.astype(prob.dtype), lse.astype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The public function.
-
-
-def _empty_result(prob: KVCacheProblem, xp):
-    return (xp.zeros((prob.B, prob.H, prob.Nq, prob.D), dtype=prob.dtype),
-            xp.full((prob.B, prob.H, prob.Nq), -np.inf, dtype=np.float32))
-
-
-def kvcache_forward(q, k_cache, v_cache, cache_seqlens, *, block_table=None, k_new=None, v_new=None,
-                    scale=DEFAULT_SCALE, groups=1, causal=True, l2norm_qk=True, num_splits=0, backend="auto"):
-    """KV-cache attention; see the module docstring. Returns (out (B, H, Nq, D), lse (B, H, Nq))."""
-    from .api import resolve_backend
-
-    prob, inp = check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=block_table, k_new=k_new,
-                              v_new=v_new, scale=scale, groups=groups, causal=causal, l2norm_qk=l2norm_qk,
-                              num_splits=num_splits)
-    name = resolve_backend(backend, array_library(q))
-    if name == "reference":
-        return reference_kvcache(prob, inp)
-    from . import launch, launch_decode
-
-    return launch_decode.run_kvcache(launch.Backend(name), prob, inp)

@@ -549,21 +549,27 @@ REP_DECODE_B, REP_DECODE_H, REP_DECODE_HK, REP_DECODE_N, REP_DECODE_PAGE, REP_DE
 
 
 def _decode(dtype: str, D: int, arch: str) -> Instantiation:
-    """decode_fwd (fixed offset) for the representative decode problem."""
-    from . import launch_decode as LD
+    """decode_fwd (fixed offset) as the dispatch picks it for the representative decode problem."""
+    import numpy as np
 
-    dp = _launch.head_dim_pad(D)
-    rows = REP_DECODE_H // REP_DECODE_HK
-    wm, bn = LD.decode_config(dtype, dp, rows, _launch.SMEM_OPTIN_BY_ARCH[arch.rstrip("a")])
-    spec = _registered(LD.SOURCE, LD.decode_name(dtype, dp, bn, wm, False))
+    from .kvcache import KVCacheProblem
+
     B, H, Hk, N, ps = REP_DECODE_B, REP_DECODE_H, REP_DECODE_HK, REP_DECODE_N, REP_DECODE_PAGE
     pages = N // ps
-    rec = _launch.make_record(
-        LD.DECODE_PARAMS, **_ptrs(("q", "k", "v", "k_new", "v_new", "seqlens", "block_table", "scale", "o", "lse",
-                                   "opart", "lpart", "mpart"), null=("k_new", "v_new", "o", "mpart")),
+    caps = DeviceCaps((int(arch[3]), int(arch[4])), SMEM_OPTIN_BY_ARCH[arch.rstrip("a")], _SM_COUNT)
+    prob = KVCacheProblem(B=B, H=H, Hk=Hk, Nq=1, D=D, dtype=_dtype(dtype), paged=True, page_size=ps,
+                          num_pages=B * pages, max_pages=pages, append=True, causal=True,
+                          num_splits=REP_DECODE_SPLITS, max_len=N)
+    choice = _dispatch.select(prob, caps, _dispatch.DECODE, scale=np.full((H,), 8.0))
+    spec = choice.spec
+    if (spec.source, spec.name) not in {(x.source, x.name) for x in _registry.kernel_registry()}:
+        raise SassError(f"{spec.source}: {spec.name} is picked by the dispatch but missing from the registry")
+    rec = _params.make_record(
+        _params.DECODE_PARAMS, **_ptrs(("q", "k", "v", "k_new", "v_new", "seqlens", "block_table", "scale", "o",
+                                        "lse", "opart", "lpart", "mpart"), null=("k_new", "v_new", "o", "mpart")),
         q_sn=D, k_sp=Hk * ps * D, k_sh=ps * D, k_sn=D, v_sp=Hk * ps * D, v_sh=ps * D, v_sn=D, o_sn=D, bt_sb=pages,
         part_rows=B * H, B=B, H=H, Hk=Hk, Nq=1, D=D, new_keys=1, page_size=ps, page_shift=ps.bit_length() - 1,
-        num_splits=REP_DECODE_SPLITS, n_row_tiles=_launch.cdiv(rows, 16 * wm), causal=1, groups=1, norm_qk=1)
+        num_splits=choice.nsplit, n_row_tiles=choice.grid[0] // choice.nsplit, causal=1, groups=1, norm_qk=1)
     return Instantiation(spec.source, spec.name, spec.threads, spec.smem, rec.tobytes())
 
 

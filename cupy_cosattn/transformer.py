@@ -32,7 +32,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -163,7 +163,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None,
                 attention_fn: Optional[Callable[..., Tensor]] = None,
                 kv_cache: Optional[tuple[KVCache, int]] = None
-                ) -> tuple[Tensor, Union[tuple[Tensor, Tensor], KVCache]]:
+                ) -> tuple[Tensor, tuple[Tensor, Tensor] | KVCache]:
         """x (B, N, dim) -> (B, N, dim), plus the (k, v) cache extended by these N positions.
 
         attention_fn (cosine attention only): called as attention_fn(q, k, v, causal=True, scale=...,
@@ -281,9 +281,9 @@ class CosineSimCausalTransformer(nn.Module):
         nn.init.xavier_normal_(self.to_logits.weight, gain=1.0)
 
     def forward(self, tokens: Tensor, *, return_loss: bool = False,
-                cache: Optional[Union[LayerCaches, KVCache]] = None, return_cache: bool = False,
+                cache: Optional[LayerCaches | KVCache] = None, return_cache: bool = False,
                 positions: Optional[Tensor] = None, attention_fn: Optional[Callable[..., Tensor]] = None
-                ) -> Tensor | tuple[Tensor, Union[LayerCaches, KVCache]]:
+                ) -> Tensor | tuple[Tensor, LayerCaches | KVCache]:
         """Logits (B, N, num_tokens) for tokens (B, N); with `cache` (from a previous call with
         return_cache=True, or a :class:`KVCache`, which is appended to in place) the tokens continue
         that sequence. return_loss: next-token cross-entropy.

@@ -1,4 +1,4 @@
-"""The decode benchmark section (cupy_cosattn.bench_decode) runs end to end without a GPU: the CPU smoke
+"""The decode benchmark section (cupy_cosattn.bench.decode) runs end to end without a GPU: the CPU smoke
 mode writes every row of decode.csv and decode.md, checks each cosattn output against SDPA, and records
 a failing implementation as an error while the run goes on. examples/benchmark.py --decode runs it."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _rows(path: Path):
 
 
 def test_smoke_mode_writes_every_row(tmp_path):
-    from cupy_cosattn import bench_decode as bd
+    from cupy_cosattn.bench import decode as bd
 
     out = tmp_path / "dec"
     assert bd.main(["--smoke", "--out", str(out), "--repeats", "2", "--warmup", "0"]) == 0
@@ -39,7 +39,7 @@ def test_smoke_mode_writes_every_row(tmp_path):
 
 
 def test_failing_implementation_is_recorded(tmp_path, monkeypatch):
-    from cupy_cosattn import bench_decode as bd
+    from cupy_cosattn.bench import decode as bd
 
     real = bd.step_fns
 

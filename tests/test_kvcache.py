@@ -1,4 +1,4 @@
-"""KV-cache attention (cupy_cosattn.kvcache_forward; cuda_src/decode.cu through launch_decode) on the CPU
+"""KV-cache attention (cupy_cosattn.kvcache_forward; cuda_src/decode.cu through launch/decode.py) on the CPU
 emulator and the reference backend, and, marked ``gpu``, on CuPy.
 
 Every case is built from per-sequence logical keys (cached + appended), scattered into a contiguous or
@@ -11,16 +11,18 @@ their slots and be bitwise unchanged elsewhere.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import numpy as np
 import pytest
 
 from cupy_cosattn import emulator as emu
-from cupy_cosattn import kvcache, launch, launch_decode, problem, reference
-from cupy_cosattn.kvcache import kvcache_forward
+from cupy_cosattn import kvcache, launch, problem, reference
+from cupy_cosattn.api import kvcache_forward
+from cupy_cosattn.launch import dispatch, limits, registry, tiles
 from cupy_cosattn.problem import BFLOAT16
+
 from kernel_cases import DTYPES, rel_err
+from planting import plant
 
 OUT_TOL = {"float16": 3e-3, "bfloat16": 2e-2, "float32": 1e-5}
 LSE_TOL = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-6}
@@ -120,9 +122,9 @@ def expected(case: KVCase):
             continue
         prob = problem.Problem(B=1, H=H, Hk=Hk, Nq=Nq, Nk=L, D=D, dtype=np.dtype(q.dtype),
                                groups=case.kw["groups"], causal=case.kw["causal"], l2norm_qk=case.kw["l2norm_qk"])
-        o, l = reference.forward64(prob, problem.Inputs(q=q[b:b + 1], k=case.keys[b][None], v=case.vals[b][None],
-                                                        scale=scale))
-        out[b], lse[b] = o[0], l[0]
+        o, ls = reference.forward64(prob, problem.Inputs(q=q[b:b + 1], k=case.keys[b][None], v=case.vals[b][None],
+                                                         scale=scale))
+        out[b], lse[b] = o[0], ls[0]
     return out, lse
 
 
@@ -167,10 +169,23 @@ def check_case(case: KVCase, backend="emulator", caches=None, **overrides):
     return err
 
 
-def plan(case: KVCase, caps=launch.EMULATED_DEVICE, **overrides):
+@dataclasses.dataclass
+class Plan:
+    """What the dispatch picks for a call: decode_fwd's shape, split count and variant."""
+
+    wm: int
+    bn: int
+    n_row_tiles: int
+    splits: int
+    running_max: bool
+
+
+def plan(case: KVCase, caps=limits.EMULATED_DEVICE, **overrides) -> Plan:
     q, kc, vc, sl = case.args
     prob, inp = kvcache.check_kvcache(q, kc.copy(), vc.copy(), sl, **{**case.kw, **overrides})
-    return launch_decode.plan_kvcache(prob, inp, caps)
+    c = dispatch.select(prob, caps, dispatch.DECODE, scale=inp.scale)
+    wm = int(c.spec.name.split(",")[3])
+    return Plan(wm, c.tile, c.grid[0] // c.nsplit, c.nsplit, not dispatch.decode_fixed_offset(prob, inp.scale))
 
 
 BACKENDS = ["emulator", "reference"]
@@ -344,20 +359,13 @@ COMBINE_DROP = "      for (int s = 0; s < S - 1; ++s) {"
 
 
 def _scratch_decode(monkeypatch, old, new):
-    """decode.cu with `old` replaced by `new`, in a scratch copy of the source (the file is untouched)."""
-    real = launch.load_source
+    """decode.cu with `old` replaced by `new` (tests/planting.py); the snippet is checked here first, so
+    that a stale snippet is not mistaken for a caught fault (the checks raise AssertionError too)."""
+    from cupy_cosattn.launch import sources
 
-    def load(name):
-        text = real(name)
-        if name == "decode.cu":
-            if text.count(old) != 1:  # not an AssertionError: the tests expect those from the checks
-                raise RuntimeError(f"the planted fault's snippet must occur once in decode.cu: {old!r}")
-            text = text.replace(old, new)
-        return text
-
-    monkeypatch.setattr(launch, "load_source", load)
-    monkeypatch.setattr(launch, "_MODULE_CACHE", {})
-    monkeypatch.setattr(launch, "_FUNC_CACHE", {})
+    if sources.load_source("decode.cu").count(old) != 1:
+        raise RuntimeError(f"the planted fault's snippet must occur once in decode.cu: {old!r}")
+    plant(monkeypatch, "decode.cu", old, new)
 
 
 @pytest.mark.parametrize("barrier,l2norm_qk", [(LANDED_BARRIER, True), (LANDED_BARRIER, False),
@@ -385,7 +393,9 @@ def test_planted_combine_dropping_a_split_is_caught(monkeypatch, running_max):
 
 
 def test_split_heuristic():
-    choose = launch_decode.choose_num_splits
+    def choose(base, n_tiles, sm_count):
+        return tiles.choose_num_splits(base, n_tiles, sm_count, kvcache.MAX_NUM_SPLITS)
+
     sms = 108
     assert choose(sms * 2, 1000, sms) == 1  # the unsplit grid fills the SMs
     assert choose(8, 1, sms) == 1  # one key tile: nothing to split
@@ -393,18 +403,18 @@ def test_split_heuristic():
     s = choose(8, 2048, sms)  # B = 1, Hk = 8, 128k keys
     assert 20 <= s <= kvcache.MAX_NUM_SPLITS and 8 * s <= 2 * sms
     waves = 8 * s / (2 * sms)
-    assert waves / np.ceil(waves) >= launch_decode.SPLIT_EFFICIENCY
+    assert waves / np.ceil(waves) >= tiles.SPLIT_EFFICIENCY
     assert choose(64, 512, sms) >= 2  # B = 8, Hk = 8, 32k keys: 64 blocks under-fill 216 slots
     assert choose(512, 64, sms) == 1  # B = 64, Hk = 8, 4k keys
     for base in (1, 3, 8, 50):
-        for tiles in (2, 10, 100, 5000):
-            s = choose(base, tiles, sms)
-            assert 1 <= s <= max(1, min(kvcache.MAX_NUM_SPLITS, tiles // launch_decode.SPLIT_MIN_TILES))
+        for n in (2, 10, 100, 5000):
+            s = choose(base, n, sms)
+            assert 1 <= s <= max(1, min(kvcache.MAX_NUM_SPLITS, n // tiles.SPLIT_MIN_TILES))
 
 
 def test_auto_splits_use_the_device_sm_count():
     case = make_kv_case(19, B=2, H=8, Hk=1, cached=(290, 290), spare=0)
-    few = launch.DeviceCaps((8, 0), 163 * 1024, 1)
+    few = limits.DeviceCaps((8, 0), 163 * 1024, 1)
     assert plan(case, caps=few).splits == 1  # 2 blocks fill a 1-SM device's 2 slots
     assert plan(case).splits == 2  # 108 SMs: as many as 5 tiles / 2 allow
 
@@ -415,25 +425,30 @@ def test_tile_choice_by_shared_memory():
     assert plan(case).wm == 4  # 272 rows of fp32 D = 256 exceed 163 KB
     case = make_kv_case(20, dtype="float16", H=8, Hk=1, D=256, cached=(10, 10))
     assert plan(case).wm == 1
-    sm86 = launch.DeviceCaps((8, 6), 99 * 1024, 84)
+    sm86 = limits.DeviceCaps((8, 6), 99 * 1024, 84)
     assert plan(case, caps=sm86).wm == 4
 
 
-def test_registry_holds_every_planned_kernel():
-    names = {s.name for s in launch.kernel_registry() if s.source == "decode.cu"}
-    for dt in ("float16", "bfloat16", "float32"):
-        for dp in range(16, 257, 16):
-            for caps in (launch.EMULATED_DEVICE, launch.DeviceCaps((9, 0), 227 * 1024, 132),
-                         launch.DeviceCaps((8, 6), 99 * 1024, 84)):
-                for rows in (1, 16, 17, 512):
-                    wm, bn = launch_decode.decode_config(dt, dp, rows, caps.smem_optin)
-                    if launch_decode.decode_smem_bytes(dt, dp, bn, wm) > caps.smem_optin:
-                        continue
-                    for rm in (False, True):
-                        assert launch_decode.decode_name(dt, dp, bn, wm, rm) in names
-        for rm in (False, True):
-            assert launch_decode.combine_name(dt, rm) in names
-        assert launch_decode.append_name(dt) in names
+def test_every_decode_choice_is_a_registry_entry():
+    """dispatch.select's choices for KV-cache problems (every dtype, padded head dim, row regime and
+    device the tiles are chosen for) are registry entries with the registry's block and shared memory,
+    on grids within the launch limits."""
+    reg = {(s.source, s.name): s for s in registry.kernel_registry()}
+    devices = [limits.DeviceCaps((8, 0), lim, 108) for lim in sorted(set(limits.SMEM_OPTIN_BY_ARCH.values()))]
+    for dt in limits.KERNEL_DTYPES:
+        for D in range(16, 257, 16):
+            for caps in devices:
+                for Nq, H, splits in ((1, 8, 0), (1, 16, 3), (5, 8, 0), (64, 4, 2)):
+                    prob = kvcache.KVCacheProblem(B=2, H=H, Hk=H // 4 or 1, Nq=Nq, D=D, dtype=DTYPES[dt], paged=True,
+                                                  page_size=16, num_pages=40, max_pages=20, append=True,
+                                                  num_splits=splits, max_len=300)
+                    for kind in dispatch.DECODE_KINDS:
+                        for scale in (8.0, 100.0):  # fixed offset, running max
+                            c = dispatch.select(prob, caps, kind, scale=np.full(H, scale))
+                            assert reg.get((c.spec.source, c.spec.name)) == c.spec, (kind, dt, D, c.spec)
+                            assert all(g >= 1 for g in c.grid) and c.grid[1] <= limits.GRID_YZ_LIMIT
+    with pytest.raises(ValueError, match="kernel kind must be one of"):
+        dispatch.select(prob, devices[0], dispatch.FORWARD, scale=np.full(prob.H, 8.0))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -445,7 +460,7 @@ def no_launch(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a kernel was launched")
 
-    monkeypatch.setattr(launch_decode, "run_kvcache", refuse)
+    monkeypatch.setattr(launch.KernelBackend, "kvcache", refuse)
 
 
 def _good(**kw):
@@ -464,13 +479,16 @@ def _bad_cases():
     f16 = np.float16
     yield "q torch-like", dict(q=[[1.0]]), TypeError, "q must be a NumPy or CuPy array"
     yield "q 3-D", dict(q=np.zeros((2, 4, 16), f16)), ValueError, "q must be 4-D"
-    yield "q float64", dict(q=np.zeros((2, 4, 2, 16))), TypeError, "q has dtype float64"
+    yield "q float64", dict(q=np.zeros((2, 4, 2, 16))), TypeError, "k_cache must have q's dtype float64"
+    yield "q int", dict(q=np.zeros((2, 4, 2, 16), np.int32)), TypeError, "q has dtype int32"
     yield "k_cache dtype", dict(k_cache="f32"), TypeError, "k_cache must have q's dtype"
     yield "v_cache shape", dict(v_cache="short"), ValueError, "k_cache and v_cache must have the same shape"
     yield "head dim", dict(q=np.zeros((2, 4, 2, 8), f16)), ValueError, "k_cache must have q's head dim D=8"
     yield "kv heads", dict(q=np.zeros((2, 3, 2, 16), f16)), ValueError, "q has H=3 heads"
-    yield "seqlens dtype", dict(cache_seqlens=np.array([20, 30], np.int64)), TypeError, "cache_seqlens must have dtype int32"
-    yield "seqlens shape", dict(cache_seqlens=np.array([20], np.int32)), ValueError, "cache_seqlens must have shape (B,)"
+    yield "seqlens dtype", dict(cache_seqlens=np.array([20, 30], np.int64)), TypeError, \
+        "cache_seqlens must have dtype int32"
+    yield "seqlens shape", dict(cache_seqlens=np.array([20], np.int32)), ValueError, \
+        "cache_seqlens must have shape (B,)"
     yield "seqlens negative", dict(cache_seqlens=np.array([20, -1], np.int32)), ValueError, "cache_seqlens[1] = -1"
     yield "over capacity", dict(cache_seqlens=np.array([20, 47], np.int32)), ValueError, "exceeds the cache capacity"
     yield "table dtype", dict(block_table="i64"), TypeError, "block_table must have dtype int32"
@@ -495,25 +513,34 @@ def _bad_cases():
     yield "backend", dict(backend_="gpu"), ValueError, "backend must be one of"
 
 
+def _bad_value(tag, x, good):
+    """The bad argument named by `tag`, made from the good argument `x` (or the good call)."""
+    kc, q = good["k_cache"], good["q"]
+    if tag == "f32":
+        return x.astype(np.float32)
+    if tag == "short":
+        return x[:, :, :8]
+    if tag == "i64":
+        return x.astype(np.int64)
+    if tag == "rows":
+        return x[:1]
+    if tag == "range":
+        return _set(good["block_table"], (1, 1), 99)
+    if tag == "negative":
+        return _set(good["block_table"], (0, 0), -1)
+    if tag == "page24":
+        return np.zeros((kc.shape[0], kc.shape[1], 24, kc.shape[3]), kc.dtype)
+    if tag == "contig3":
+        return np.zeros((3,) + kc.shape[1:], kc.dtype)
+    assert tag == "nq3"
+    return np.zeros((2, 2, 3, 16), q.dtype)
+
+
 def _materialize(good, bad):
     out = dict(good)
-    kc, q = good["k_cache"], good["q"]
     for k, v in bad.items():
-        if k == "backend_":
-            continue
-        if isinstance(v, str):
-            v = {
-                "f32": lambda: good[k].astype(np.float32),
-                "short": lambda: good[k][:, :, :8],
-                "i64": lambda: good[k].astype(np.int64),
-                "rows": lambda: good[k][:1],
-                "range": lambda: _set(good["block_table"], (1, 1), 99),
-                "negative": lambda: _set(good["block_table"], (0, 0), -1),
-                "page24": lambda: np.zeros((kc.shape[0], kc.shape[1], 24, kc.shape[3]), kc.dtype),
-                "contig3": lambda: np.zeros((3,) + kc.shape[1:], kc.dtype),
-                "nq3": lambda: np.zeros((2, 2, 3, 16), q.dtype),
-            }[v]()
-        out[k] = v
+        if k != "backend_":
+            out[k] = _bad_value(v, good.get(k), good) if isinstance(v, str) else v
     return out
 
 
@@ -541,6 +568,7 @@ def test_argument_checks(no_launch, what, bad, exc, msg):
 def test_argument_checks_reference_backend_too(monkeypatch):
     good = _good()
     monkeypatch.setattr(kvcache, "reference_kvcache", lambda *a: pytest.fail("the reference ran"))
+    monkeypatch.setattr(launch.KernelBackend, "kvcache", lambda *a: pytest.fail("a kernel ran"))
     with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 99"):
         _call(_materialize(good, dict(block_table="range")), backend="reference")
 
@@ -763,3 +791,17 @@ def test_generation_other_attention_functions(torch, kw):
     prompt = torch.randint(0, 50, (2, 5))
     assert torch.equal(model.generate(prompt, 25, temperature=0.0, use_cache=True),
                        model.generate(prompt, 25, temperature=0.0, use_cache=False))
+
+
+def test_float64_runs_on_the_reference_only():
+    case = make_kv_case(26, B=2, H=4, Hk=1, Nq=2, D=16, cached=(9, 20), paged=True)
+    q, kc, vc, sl = case.args
+    kw = {k: (v.astype(np.float64) if k in ("k_new", "v_new") else v) for k, v in case.kw.items()}
+    args64 = (q.astype(np.float64), kc.astype(np.float64), vc.astype(np.float64), sl)
+    with pytest.raises(TypeError, match="backend='emulator' does not take"):
+        kvcache_forward(*args64, backend="emulator", **kw)
+    out, lse = kvcache_forward(*args64, backend="reference", **kw)
+    assert out.dtype == np.float64
+    ref_o, _ = expected(dataclasses.replace(case, args=args64, keys=[k.astype(np.float64) for k in case.keys],
+                                            vals=[v.astype(np.float64) for v in case.vals]))
+    assert rel_err(out, ref_o) < 1e-12

@@ -1,8 +1,8 @@
 """Decode benchmark: single-token decoding from a KV cache, cupy-cosattn against torch's SDPA.
 
-    python -m cupy_cosattn.bench_decode --out /tmp/decode          # GPU: B x Nk in {1x128k, 8x32k, 64x4k}
-    python examples/benchmark.py --decode --out /tmp/decode        # the same, from the benchmark script
-    python -m cupy_cosattn.bench_decode --smoke --out /tmp/smoke   # CPU smoke (automatic without CUDA)
+    python -m cupy_cosattn.bench --decode --out /tmp/decode          # GPU: B x Nk in {1x128k, 8x32k, 64x4k}
+    python examples/benchmark.py --decode --out /tmp/decode          # the same, from the benchmark script
+    python -m cupy_cosattn.bench --decode --smoke --out /tmp/smoke   # CPU smoke (automatic without CUDA)
 
 One decode step per sequence: q (B, H, 1, D), GQA 8:1 (H = 64, Hk = 8), D = 128, every sequence
 holding Nk keys after the step. Implementations:
@@ -35,9 +35,10 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -94,12 +95,12 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return (x.float() / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(x.dtype)
 
 
-def make_inputs(B: int, Nk: int, H: int, Hk: int, D: int, dtype: torch.dtype, page_size: int, device,
-                seed: int) -> DecodeInputs:
+def make_inputs(B: int, Nk: int, H: int, Hk: int, D: int, dtype: torch.dtype, page_size: int,
+                device: torch.device, seed: int) -> DecodeInputs:
     """Random keys and values for sequences of Nk - 1 cached keys plus the step's one."""
     g = torch.Generator(device="cpu").manual_seed(seed)
 
-    def rand(*shape):
+    def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
     q, k_new, v_new = rand(B, H, 1, D), rand(B, Hk, 1, D), rand(B, Hk, 1, D)
@@ -127,7 +128,7 @@ def make_inputs(B: int, Nk: int, H: int, Hk: int, D: int, dtype: torch.dtype, pa
     return DecodeInputs(q, k_new, v_new, seqlens, (kp, vp, perm), (kc, vc), (_normalize(q), _normalize(k), v))
 
 
-def step_fns(inp: DecodeInputs, scale: float, cpu: bool) -> dict:
+def step_fns(inp: DecodeInputs, scale: float, cpu: bool) -> dict[str, Callable[[], torch.Tensor]]:
     """impl -> a no-argument call of one decode step, returning its output (B, H, 1, D)."""
     from cupy_cosattn.torch import kvcache_attention
 
@@ -144,7 +145,7 @@ def step_fns(inp: DecodeInputs, scale: float, cpu: bool) -> dict:
     }
 
 
-def _time(fn: Callable, cuda: bool, warmup: int, repeats: int) -> list:
+def _time(fn: Callable[[], Any], cuda: bool, warmup: int, repeats: int) -> list[float]:
     for _ in range(warmup):
         fn()
     times = []
@@ -171,9 +172,10 @@ def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def run_cases(cases, heads, dtypes, impls, *, cuda: bool, page_size: int, repeats: int, warmup: int,
-              scale: float = 8.0, seed: int = 0, max_seconds: Optional[float] = None, device_name: str = "",
-              log: Callable[[str], None] = print) -> list:
+def run_cases(cases: Sequence[tuple[int, int]], heads: tuple[int, int, int], dtypes: Sequence[str],
+              impls: Sequence[str], *, cuda: bool, page_size: int, repeats: int, warmup: int, scale: float = 8.0,
+              seed: int = 0, max_seconds: Optional[float] = None, device_name: str = "",
+              log: Callable[[str], None] = print) -> list[DecodeRow]:
     """Measure every (dtype, case, impl); a failing implementation is recorded as an error row."""
     H, Hk, D = heads
     mode = "gpu" if cuda else "cpu-smoke"
@@ -227,14 +229,15 @@ def progress_line(r: DecodeRow) -> str:
     if r.status != "ok":
         return f"{head} {r.status.upper()}: {r.note}"
     return (f"{head} {r.ms:9.4f} ms {r.tokens_per_s:12.1f} tokens/s {r.kv_gb_per_s:8.1f} GB/s"
-            + (f"  err {r.rel_err_vs_sdpa:.1e}" if r.rel_err_vs_sdpa is not None else "") + (f"  {r.note}" if r.note else ""))
+            + (f"  err {r.rel_err_vs_sdpa:.1e}" if r.rel_err_vs_sdpa is not None else "")
+            + (f"  {r.note}" if r.note else ""))
 
 
 def _fmt(x: Optional[float], nd: int = 4) -> str:
     return "" if x is None else f"{x:.{nd}g}"
 
 
-def write_csv(path: Path, rows: list):
+def write_csv(path: Path, rows: list[DecodeRow]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
@@ -243,7 +246,7 @@ def write_csv(path: Path, rows: list):
             w.writerow({k: (_fmt(v, 6) if isinstance(v, float) else v) for k, v in d.items()})
 
 
-def write_markdown(path: Path, rows: list, meta: dict):
+def write_markdown(path: Path, rows: list[DecodeRow], meta: dict[str, str]) -> None:
     lines = [f"# Decode benchmark ({meta['mode']})", "", f"- device: {meta['device']}", f"- date: {meta['date']}",
              f"- {meta['settings']}", "",
              "| dtype | B x Nk | impl | ms / step | tokens/s | K/V GB/s | vs sdpa (time) | rel err vs sdpa | note |",
@@ -262,7 +265,7 @@ def write_markdown(path: Path, rows: list, meta: dict):
     path.write_text("\n".join(lines) + "\n")
 
 
-def parse_args(argv=None):
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="decode_out")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke mode even where CUDA exists")
@@ -282,7 +285,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     dtypes = tuple(args.dtypes.split(",")) if args.dtypes else (("float16",) if cuda else ("float32",))
