@@ -25,7 +25,7 @@ struct NormParams {
   int D;
   int groups;
   int xhat_cols;       // fwd: columns written per xhat row (>= D; the padding is zero-filled)
-  int pad_;
+  int mode;            // fwd: NORM_COPY | NORM_ZERO_NONFINITE bits (norm.cu); 0 = normalize
 };
 
 // What the fused forward and the backward kernels both read. Canonical layout

@@ -1,4 +1,4 @@
-"""The backward kernels (cuda_src/backward.cu, launched by cupy_cosattn/launch_backward.py) through the
+"""The backward kernels (cuda_src/backward.cu, launched by cupy_cosattn/launch/backward.py) through the
 public API, against the float64 reference (cupy_cosattn.reference.backward64), on the CPU emulator
 and, marked ``gpu``, on CuPy.
 

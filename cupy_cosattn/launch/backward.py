@@ -1,6 +1,7 @@
 """The backward on any device: the three kernels of cuda_src/backward.cu and the post-passes around them.
 
-1. the norm pre-pass (``staging.stage``): qhat, khat (or q, k when ``l2norm_qk=False``), v;
+1. the norm pre-pass (``staging.stage``, non-finite elements zeroed): qhat, khat (or q, k when
+   ``l2norm_qk=False``), v;
 2. ``bwd_prep``: per query row D_i = sum(dO * O) and lse2 = lse * log2(e) (+inf for empty rows);
 3. ``bwd_dkdv``: dK-hat, dV per key tile in registers (GQA heads summed in the block), dS -> dbias,
    and in the default (fast) mode dQ-hat by fp32 atomicAdd;
@@ -97,7 +98,9 @@ def run_backward(dev: Device, prob: Problem, inp: Inputs, dout: Any, out: Any, l
     B, H, Hk, Nq, Nk, D = prob.B, prob.H, prob.Hk, prob.Nq, prob.Nk, prob.D
 
     # bwd_dq skips the key tiles (of its own size) whose keys are all masked; bwd_dkdv finds its own.
-    st: Staged = stage(dev, prob, inp, caps, tile=dqk.tile if prob.deterministic else 0)
+    # q, k, v with non-finite elements zeroed: a pair that is not visible (P = 0) must add exactly 0 to
+    # dP = dO·Vᵀ, dQ = dS·K̂, dK = dSᵀ·Q̂ and dscale (a poisoned row is NaN already through its lse).
+    st: Staged = stage(dev, prob, inp, caps, tile=dqk.tile if prob.deterministic else 0, zero_nonfinite=True)
     Ds = st.cols
     dO = padded(dev, dout, Ds)
     out_d = padded(dev, out, Ds)

@@ -17,12 +17,13 @@ def _rows(x: Any) -> tuple[tuple, int]:
 
 
 def l2norm(dev: Device, x: Any, groups: int, cols: Optional[int] = None, want_rnorm: bool = False,
-           choice: Optional[KernelChoice] = None) -> tuple[Any, Optional[Any]]:
+           choice: Optional[KernelChoice] = None, mode: int = 0) -> tuple[Any, Optional[Any]]:
     """Grouped l2 norm (norm.cu l2norm_fwd) of a contiguous device array x (..., D).
 
     Returns (xhat, rnorm): xhat (..., cols) in x's dtype, columns past D zero (cols defaults to
     storage_dim(D)); rnorm (..., groups) float32 = 1/max(||chunk||, eps), or None unless want_rnorm.
-    `choice` (from dispatch.select) defaults to the norm kernel over x's rows."""
+    `choice` (from dispatch.select) defaults to the norm kernel over x's rows. `mode`: params.NORM_MODE_*
+    bits (NORM_MODE_COPY: xhat is a zero-padded copy of x)."""
     D = int(x.shape[-1])
     cols = storage_dim(D) if cols is None else int(cols)
     lead, rows = _rows(x)
@@ -33,7 +34,7 @@ def l2norm(dev: Device, x: Any, groups: int, cols: Optional[int] = None, want_rn
     if rows:
         rec = make_record(NORM_PARAMS, x=dev.ptr(x), xhat=dev.ptr(xhat), rnorm=dev.ptr(rnorm), dxhat=0, dx=0,
                           rows=rows, x_stride=D, xhat_stride=cols, dxhat_stride=0, dx_stride=0, D=D,
-                          groups=groups, xhat_cols=cols)
+                          groups=groups, xhat_cols=cols, mode=mode)
         dev.launch(choice or norm_choice(dtype_name(x.dtype), rows), rec)
     return xhat, rnorm
 
@@ -52,6 +53,6 @@ def l2norm_backward(dev: Device, x: Any, dxhat: Any, groups: int, out: Optional[
     if rows:
         rec = make_record(NORM_PARAMS, x=dev.ptr(x), xhat=0, rnorm=0, dxhat=dev.ptr(dxhat), dx=dev.ptr(dx),
                           rows=rows, x_stride=D, xhat_stride=0, dxhat_stride=int(dxhat.shape[-1]), dx_stride=D,
-                          D=D, groups=groups, xhat_cols=0)
+                          D=D, groups=groups, xhat_cols=0, mode=0)
         dev.launch(choice or norm_choice(dtype_name(x.dtype), rows, dtype_name(dxhat.dtype)), rec)
     return dx

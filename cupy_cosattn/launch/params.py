@@ -37,7 +37,7 @@ STRUCTS: dict[str, Struct] = {
     # norm.cu: the grouped l2 norm and its gradient.
     "NormParams": Struct(None, _of(PTR, "x", "xhat", "rnorm", "dxhat", "dx")
                          + _of(I64, "rows", "x_stride", "xhat_stride", "dxhat_stride", "dx_stride")
-                         + _of(I32, "D", "groups", "xhat_cols", "pad_")),
+                         + _of(I32, "D", "groups", "xhat_cols", "mode")),
     # What the forward and the backward kernels both read: q, k, v, o, lse, scale, mask, bias.
     "AttnParams": Struct(None, _of(PTR, "q", "k", "v", "o", "lse", "scale", "mask", "tile_any", "bias")
                          + _of(I64, *_strides("q", "k", "v", "o"), "lse_sb", "lse_sh", "bias_sb", "bias_sh",
@@ -56,6 +56,10 @@ STRUCTS: dict[str, Struct] = {
                            + _of(I32, "B", "H", "Hk", "Nq", "D", "new_keys", "page_size", "page_shift", "num_splits",
                                  "n_row_tiles", "causal", "groups", "norm_qk", "pad_")),
 }
+
+# NormParams.mode bits (norm.cu NORM_ZERO_NONFINITE, NORM_COPY): zero what is not finite (a chunk with a
+# non-finite element; single elements with COPY), and copy the rows (zero-padded) instead of normalizing.
+NORM_MODE_ZERO_NONFINITE, NORM_MODE_COPY = 1, 2
 
 # BwdParams.dbias_mode: where dS goes.
 DBIAS_NONE, DBIAS_STORE, DBIAS_ATOMIC = 0, 1, 2

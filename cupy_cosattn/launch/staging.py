@@ -17,6 +17,7 @@ from .devices import Device
 from .dispatch import NORM_K, NORM_Q, select
 from .limits import DeviceCaps, cdiv, storage_dim
 from .norm import l2norm
+from .params import NORM_MODE_COPY, NORM_MODE_ZERO_NONFINITE
 
 
 @dataclass
@@ -60,23 +61,31 @@ def tile_any(dev: Device, mask: Any, block_n: int) -> Any:
     return dev.to_device(flags.reshape(B, nt, block_n).any(axis=-1).astype(np.uint8))
 
 
-def stage(dev: Device, prob: Problem, inp: Inputs, caps: DeviceCaps, tile: int) -> Staged:
+def stage(dev: Device, prob: Problem, inp: Inputs, caps: DeviceCaps, tile: int,
+          zero_nonfinite: bool = False) -> Staged:
     """The device buffers of `prob`: q, k through the norm pre-pass when prob.l2norm_qk (else
     zero-padded copies), v, the float32 scale, the mask as bytes and, for a key tile of `tile` keys
-    (0: none), its tile flags."""
+    (0: none), its tile flags. zero_nonfinite (the backward's operands): what is not finite in q, k
+    and v becomes 0, through the norm kernel (which then also copies v, and q, k without l2norm_qk)."""
     Ds = storage_dim(prob.D)
-    if prob.l2norm_qk:
-        q, _ = l2norm(dev, dev.to_device(inp.q), prob.groups, Ds, choice=select(prob, caps, NORM_Q))
-        k, _ = l2norm(dev, dev.to_device(inp.k), prob.groups, Ds, choice=select(prob, caps, NORM_K))
+    zero = NORM_MODE_ZERO_NONFINITE if zero_nonfinite else 0
+    if prob.l2norm_qk or zero_nonfinite:
+        mode = zero | (0 if prob.l2norm_qk else NORM_MODE_COPY)
+        q, _ = l2norm(dev, dev.to_device(inp.q), prob.groups, Ds, choice=select(prob, caps, NORM_Q), mode=mode)
+        k, _ = l2norm(dev, dev.to_device(inp.k), prob.groups, Ds, choice=select(prob, caps, NORM_K), mode=mode)
     else:
         q, k = padded(dev, inp.q, Ds), padded(dev, inp.k, Ds)
+    if zero_nonfinite:
+        v, _ = l2norm(dev, dev.to_device(inp.v), 1, Ds, mode=zero | NORM_MODE_COPY)
+    else:
+        v = padded(dev, inp.v, Ds)
     mask = flags = None
     if prob.has_mask:
         m = inp.mask
         mask = dev.to_device(m.view(np.uint8) if m.dtype == np.bool_ else m.astype(np.uint8))
         flags = tile_any(dev, m, tile) if tile else None
     bias = dev.to_device(inp.bias) if prob.has_bias else None
-    return Staged(q=q, k=k, v=padded(dev, inp.v, Ds), scale=dev.to_device(dev.xp.asarray(inp.scale, dtype=np.float32)),
+    return Staged(q=q, k=k, v=v, scale=dev.to_device(dev.xp.asarray(inp.scale, dtype=np.float32)),
                   mask=mask, tile_any=flags, tile=tile, bias=bias,
                   bias_f32=prob.has_bias and np.dtype(inp.bias.dtype) == np.float32)
 

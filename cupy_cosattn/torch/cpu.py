@@ -3,6 +3,11 @@
 Only a (B, H, chunk, Nk) block of scores exists at a time (at most ``CPU_BLOCK_ELEMS`` elements); the
 backward recomputes the scores chunk by chunk. It computes in float32 (float64 for float64 inputs,
 which the CPU path accepts so that ``torch.autograd.gradcheck`` works).
+
+Non-finite inputs follow the semantics of the reference (cupy_cosattn/reference.py, docs/kernels.md
+"Non-finite values"): a NaN or Inf on a visible pair poisons its row (out and lse NaN, NaN gradients
+from it), and pairs that are not visible never contribute, whatever their k, v or bias hold. The extra
+selections this takes run only when some input is not finite (``Canon.nonfinite``).
 """
 from __future__ import annotations
 
@@ -39,7 +44,14 @@ def grouped_l2norm_backward(xhat: Tensor, n: Tensor, dxhat: Tensor, groups: int)
     big = n > _problem.NORM_EPS
     proj = (xs * dxs).sum(-1, keepdim=True)
     dx = torch.where(big, (dxs - xs * proj) / torch.where(big, n, torch.ones_like(n)), dxs / _problem.NORM_EPS)
+    # a chunk that received no gradient gets none, even when x is not finite (a masked NaN key: dk = 0)
+    dx = torch.where((dxs == 0).all(-1, keepdim=True), torch.zeros_like(dx), dx)
     return dx.reshape(shape)
+
+
+def _finite(x: Tensor) -> Tensor:
+    """x with non-finite elements replaced by 0: operand rows of the products over pairs."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
 class Canon:
@@ -67,6 +79,18 @@ class Canon:
         self.qs = self.qh * self.scale.view(1, H, 1, 1)  # scale_h·q̂: the scale folded into the queries
         # Can a row end up with no visible key (softmax of all -inf gives NaN, which must become 0)?
         self.may_be_empty = mask is not None or bias is not None or (prob.causal and prob.Nq > prob.Nk)
+        # A NaN or Inf anywhere (a -inf bias is a legal exclusion): rows may be poisoned, and invisible
+        # pairs must be selected away instead of multiplied by a zero probability.
+        self.nonfinite = not (bool(torch.isfinite(self.q).all()) and bool(torch.isfinite(self.k).all())
+                              and bool(torch.isfinite(self.v).all())
+                              and (self.bias is None
+                                   or not bool((torch.isnan(self.bias) | (self.bias == float("inf"))).any())))
+        if self.nonfinite:
+            self.bad_v = ~torch.isfinite(self.v).all(-1)  # (B, Hk, Nk): v rows that poison the rows seeing them
+            self.vt, self.kt, self.qht = _finite(self.v), _finite(self.kh), _finite(self.qh)
+            self.qst = _finite(self.qs)
+        else:
+            self.vt, self.kt, self.qht, self.qst = self.v, self.kh, self.qh, self.qs
 
     def chunks(self) -> Iterator[tuple[int, int, int]]:
         """(i0, i1, kend): query rows [i0, i1) see at most keys [0, kend) (causal trims the rest)."""
@@ -82,6 +106,13 @@ class Canon:
         p = self.prob
         return x.reshape(p.B, p.Hk, p.q_per_kv, x.shape[-2], x.shape[-1])
 
+    def visible(self, i0: int, i1: int, kend: int) -> Optional[Tensor]:
+        """Bool (1 | B, 1, C, kend) view of the visible pairs of rows [i0, i1) and keys [0, kend), or None
+        when all are visible (problem.visible)."""
+        rows = torch.arange(i0, i1, device=self.q.device).unsqueeze(1)
+        cols = torch.arange(kend, device=self.q.device).unsqueeze(0)
+        return _problem.visible(self.prob, rows, cols, None if self.mask is None else self.mask[:, :kend])
+
     def logits(self, i0: int, i1: int, kend: int) -> Tensor:
         """s = scale_h·⟨q̂_i, k̂_j⟩ + bias_ij for rows [i0, i1) and keys [0, kend), -inf where excluded."""
         p = self.prob
@@ -90,17 +121,26 @@ class Canon:
         s = s.reshape(B, H, C, kend)
         if self.bias is not None:
             s = s + self.bias[:, :, i0:i1, :kend]
-        rows = torch.arange(i0, i1, device=s.device).unsqueeze(1)
-        cols = torch.arange(kend, device=s.device).unsqueeze(0)
-        vis = _problem.visible(p, rows, cols, None if self.mask is None else self.mask[:, :kend])
+        vis = self.visible(i0, i1, kend)
         if vis is not None:
             s = s.masked_fill(~vis, float("-inf"))
         return s
 
-    def probs(self, s: Tensor) -> Tensor:
-        """Softmax over the visible keys; 0 for a row without any."""
+    def probs(self, s: Tensor, i0: int, i1: int, kend: int) -> tuple[Tensor, Optional[Tensor]]:
+        """(P, poisoned): the softmax over the visible keys (0 for a row without any), and None or a
+        bool (B, H, C, 1) of the poisoned rows, whose P is NaN on their visible pairs."""
         P = torch.softmax(s, dim=-1)
-        return torch.nan_to_num(P, nan=0.0) if self.may_be_empty else P
+        if not self.nonfinite:
+            return (torch.nan_to_num(P, nan=0.0) if self.may_be_empty else P), None
+        p = self.prob
+        vis = self.visible(i0, i1, kend)
+        vis = torch.ones((1, 1, 1, kend), dtype=torch.bool, device=s.device) if vis is None else vis
+        bad_v = self.bad_v[:, :, :kend].repeat_interleave(p.q_per_kv, dim=1).unsqueeze(2)  # (B, H, 1, kend)
+        poisoned = (vis & (torch.isnan(s) | (s == float("inf")) | bad_v)).any(-1, keepdim=True)
+        empty = (s == float("-inf")).all(-1, keepdim=True)
+        P = torch.where(empty, torch.zeros_like(P), P)
+        P = torch.where(poisoned, torch.where(vis, torch.full_like(P, float("nan")), torch.zeros_like(P)), P)
+        return P, poisoned
 
 
 def cpu_forward(prob: Problem, shapes: dict, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
@@ -113,9 +153,13 @@ def cpu_forward(prob: Problem, shapes: dict, q: Tensor, k: Tensor, v: Tensor, ma
         if kend == 0:
             continue  # no key visible to any row of this chunk: out 0, lse -inf
         s = c.logits(i0, i1, kend)
-        o = c.grouped(c.probs(s)) @ c.v[:, :, :kend].unsqueeze(2)  # (B, Hk, G, C, D)
+        P, poisoned = c.probs(s, i0, i1, kend)
+        o = c.grouped(P) @ c.vt[:, :, :kend].unsqueeze(2)  # (B, Hk, G, C, D)
         out[:, :, i0:i1] = o.reshape(B, H, i1 - i0, D)
-        lse[:, :, i0:i1] = torch.logsumexp(s, dim=-1).to(torch.float32)  # -inf for a row without a key
+        row_lse = torch.logsumexp(s, dim=-1)  # -inf for a row without a key
+        if poisoned is not None:
+            row_lse = row_lse.masked_fill(poisoned[..., 0], float("nan"))
+        lse[:, :, i0:i1] = row_lse.to(torch.float32)
     return as_output(out, q.dtype, q.shape), as_output(lse, torch.float32, q.shape[:-1])
 
 
@@ -135,17 +179,21 @@ def cpu_backward(prob: Problem, shapes: dict, dout: Tensor, q: Tensor, k: Tensor
         if kend == 0:
             continue
         C = i1 - i0
-        P = c.probs(c.logits(i0, i1, kend))
+        P, poisoned = c.probs(c.logits(i0, i1, kend), i0, i1, kend)
         dog = c.grouped(do[:, :, i0:i1])  # (B, Hk, G, C, D)
-        kh, vv = c.kh[:, :, :kend].unsqueeze(2), c.v[:, :, :kend].unsqueeze(2)  # (B, Hk, 1, kend, D)
+        kh, vv = c.kt[:, :, :kend].unsqueeze(2), c.vt[:, :, :kend].unsqueeze(2)  # (B, Hk, 1, kend, D)
         dP = (dog @ vv.transpose(-1, -2)).reshape(B, H, C, kend)
         dS = torch._softmax_backward_data(dP, P, -1, P.dtype)  # P ∘ (dP − rowsum(P ∘ dP))
+        if poisoned is not None:  # a poisoned row's NaN row sum must not reach its invisible pairs
+            vis = c.visible(i0, i1, kend)
+            if vis is not None:
+                dS = dS.masked_fill(~vis, 0.0)
         dSg = c.grouped(dS)
         dv[:, :, :kend] += (c.grouped(P).transpose(-1, -2) @ dog).sum(2)
         g = (dSg @ kh).reshape(B, H, C, D)  # dS·K̂ = dq̂ / scale_h
         dqh[:, :, i0:i1] = g * c.scale.view(1, H, 1, 1)
-        dkh[:, :, :kend] += (dSg.transpose(-1, -2) @ c.grouped(c.qs[:, :, i0:i1])).sum(2)
-        dscale += (g * c.qh[:, :, i0:i1]).sum(dim=(0, 2, 3))  # Σ dS_ij ⟨q̂_i, k̂_j⟩
+        dkh[:, :, :kend] += (dSg.transpose(-1, -2) @ c.grouped(c.qst[:, :, i0:i1])).sum(2)
+        dscale += (g * c.qht[:, :, i0:i1]).sum(dim=(0, 2, 3))  # Σ dS_ij ⟨q̂_i, k̂_j⟩
         if dbias is not None:
             axes = prob.bias_sum_axes
             dbias[:, :, i0:i1, :kend] = dS.sum(dim=axes, keepdim=True) if axes else dS
