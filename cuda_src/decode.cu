@@ -1,6 +1,6 @@
 // decode.cu — attention of a few new queries per sequence against a (paged) KV cache, split over keys.
 //
-// Three kernels, launched in this order by cupy_cosattn/launch_decode.py:
+// Three kernels, launched in this order by cupy_cosattn/launch/decode.py:
 //
 //   kv_append      k_new, v_new (B, Hk, Nq, D) -> cache slots seqlens[b] .. seqlens[b] + Nq - 1
 //                  (only when new keys are given; a launch of its own, so every block of the
@@ -23,6 +23,14 @@
 // length are never read: their rows are zero-filled by the tile load, and only tiles up to the block's
 // last visible key exist.
 //
+// Non-finite values (docs/kernels.md "Non-finite values"): the dense forward's semantics. A NaN or Inf
+// on a visible pair poisons its row (out and lse NaN, through every split); a key a row does not see
+// never contributes. Keys past a sequence's length are never read; a key inside the block's range that
+// some row must not see (Nq > 1 under causal) is on a tile whose V rows are scrubbed as in forward.cu
+// (non-finite elements zeroed, the key flagged, a visible flagged pair gets P = NaN), so 0 * NaN never
+// reaches an mma. A row whose partial O is not finite carries l = NaN into the warp join and the split
+// combine, which keep NaN (l == 0, not l > 0, decides "no visible key").
+//
 // Fixed offset (the safe path: normalized q, k and logit bound scale_h groups small enough, see
 // forward.cu): every split exponentiates against the same offset, so its partial numerator O_s and
 // denominator l_s add across splits and warps with no maximum at all. RUNNING_MAX (l2norm_qk=False,
@@ -39,7 +47,10 @@ namespace dec {
 using fwd::Headroom;
 using fwd::is_f32;
 using fwd::LN2;
+using fwd::quiet_nan;
+using fwd::scrub_v;
 using fwd::Smem;
+using fwd::v_flagged;
 
 constexpr int WARPS = 4;
 constexpr int THREADS = 32 * WARPS;
@@ -291,6 +302,9 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodePa
     const int lim_lo = limit(spans ? 0 : r0 % p.Nq);
     const int lim_hi = limit(spans ? p.Nq - 1 : R_last % p.Nq);
     const int kend = lim_hi > 0 ? lim_hi : 0;  // no key at or past it is read
+    // Loaded keys some real row must not see: keys in [max(lim_lo, 0), kend) (causal with several
+    // query positions in the block). Their tiles get V scrubbed.
+    const bool hidden_keys = lim_lo < kend;
     const int n_tiles = (kend + BN - 1) / BN;
     const int tps = (n_tiles + p.num_splits - 1) / p.num_splits;
     const int tile_begin = split * tps < n_tiles ? split * tps : n_tiles;
@@ -336,12 +350,15 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodePa
         cp_async_commit();  // (possibly empty group: keeps the count uniform)
         cp_async_wait<1>();
         __syncthreads();    // tile `tile` (and, on the first one, Q) has landed for every thread
+        // A tile holding a loaded key that some row must not see (block-uniform): V scrubbed.
+        const bool scrub = hidden_keys && tile * BN + BN > lim_lo;
         if (p.norm_qk) {
           if (it == 0) normalize_rows<T, DP, BM>(sQ, p.D, p.groups);
           if (p.groups == 1) key_rnorm<T, DP, BN>(sK + buf * KV, sRn + buf * BN);
           else normalize_rows<T, DP, BN>(sK + buf * KV, p.D, p.groups);
-          __syncthreads();  // normalized rows visible to every warp
         }
+        if (scrub) scrub_v<T, DP, BN>(sV + buf * KV);  // (V only: disjoint from the normalization's rows)
+        if (p.norm_qk || scrub) __syncthreads();  // normalized rows and scrubbed V visible to every warp
         if constexpr (Q_IN_REGS) {
           if (it == 0) {
 #pragma unroll
@@ -369,14 +386,19 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodePa
         }
         const bool check = tile * BN + BN > lim_lo;
         auto visible = [&](int j, int e) { return key0 + 8 * j + 2 * t + (e & 1) < lim[e >> 1]; };
+        // A visible key whose V row held a NaN or Inf (scrubbed tiles only) poisons the row through P.
+        auto flagged = [&](int j, int e) {
+          return scrub && v_flagged<T, DP, BN>(sV + buf * KV, wn * KT + 8 * j + 2 * t + (e & 1));
+        };
 
         if constexpr (!RUNNING_MAX) {
 #pragma unroll
           for (int j = 0; j < KT / 8; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const float pe = (!check || visible(j, e))
-                                   ? exp2_fast(s[j][e] * scale_log2[e >> 1] - offset_log2[e >> 1]) : 0.f;
+              float pe = 0.f;
+              if (!check || visible(j, e))
+                pe = flagged(j, e) ? quiet_nan() : exp2_fast(s[j][e] * scale_log2[e >> 1] - offset_log2[e >> 1]);
               if constexpr (F32) lsum[2 * (e >> 1)] += pe;
               s[j][e] = pe;
             }
@@ -386,7 +408,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodePa
           for (int j = 0; j < KT / 8; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const float x = (!check || visible(j, e)) ? s[j][e] * scale_log2[e >> 1] : neg_inf();
+              float x = neg_inf();
+              if (!check || visible(j, e)) x = flagged(j, e) ? quiet_nan() : s[j][e] * scale_log2[e >> 1];
               s[j][e] = x;
               tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
             }
@@ -422,13 +445,17 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodePa
       }
     }
 
-    // Epilogue. Drain cp.async and wait for every warp to leave the tiles, then stage each warp's
-    // partial O, l and m (fp32) over them.
-    cp_async_wait<0>();
-    __syncthreads();
+    // Epilogue: each warp's partial O, l and m (fp32) staged over the tiles. No barrier first: the key
+    // loop ends on one (every warp has left the tiles), with only its last, empty cp.async group
+    // pending, and a split without tiles loads nothing.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float l = F32 ? quad_sum(lsum[2 * r]) : lsum[2 * r];
+      // poison = NaN when some element of the row's O is NaN or Inf (x * 0 is NaN exactly then), else
+      // 0: the warp's l for the row becomes NaN, and so does everything the row's l reaches.
+      float poison = 0.f;
+#pragma unroll
+      for (int n = 0; n < DP / 8; ++n) poison += o[n][2 * r] * 0.f + o[n][2 * r + 1] * 0.f;
+      const float l = (F32 ? quad_sum(lsum[2 * r]) : lsum[2 * r]) + quad_sum(poison);
       float* const srow = stO + (warp * 16 + g + 8 * r) * Stage<DP>::PITCH;
 #pragma unroll
       for (int n = 0; n < DP / 8; ++n) {
@@ -469,14 +496,14 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodePa
       }
       const int64_t row = row0 + rr;
       if (direct) {
-        const float inv = l > 0.f ? 1.f / l : 0.f;  // no visible key: O = 0
+        const float inv = l == 0.f ? 0.f : 1.f / l;  // no visible key: O = 0 (a NaN l stays NaN)
         T* const out = static_cast<T*>(p.o) + row * p.o_sn + c;
 #pragma unroll
         for (int k = 0; k < 4; ++k) out[k] = from_float<T>(acc[k] * inv);
         if (c == 0) {
           const float sc = p.scale[hk * G + (r0 + rr) / p.Nq];
           const float off = sc * p.groups - Headroom<T>::value;
-          p.lse[row] = l > 0.f ? (RUNNING_MAX ? m * LN2 + logf(l) : logf(l) + off) : neg_inf();
+          p.lse[row] = l == 0.f ? neg_inf() : (RUNNING_MAX ? m * LN2 + logf(l) : logf(l) + off);
         }
       } else {
         const int64_t prow = (int64_t)split * p.part_rows + row;
@@ -485,7 +512,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodePa
         for (int k = 0; k < 4; ++k) dst[k] = acc[k];
         if (c == 0) {
           p.lpart[prow] = l;
-          if (RUNNING_MAX) p.mpart[prow] = l > 0.f ? m : neg_inf();
+          if (RUNNING_MAX) p.mpart[prow] = l == 0.f ? neg_inf() : m;
         }
       }
     }
@@ -517,7 +544,7 @@ __global__ void __launch_bounds__(COMBINE_WARPS * 32) decode_combine(const Decod
     float l = 0.f;
     for (int s = lane; s < S; s += 32) l += weight(s) * p.lpart[s * p.part_rows + row];
     l = warp_sum(l);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = l == 0.f ? 0.f : 1.f / l;  // a poisoned split's NaN l makes the row NaN
     T* const out = static_cast<T*>(p.o) + row * p.o_sn;
     for (int qd = lane; qd < quads; qd += 32) {
       float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -533,7 +560,7 @@ __global__ void __launch_bounds__(COMBINE_WARPS * 32) decode_combine(const Decod
     if (lane == 0) {
       const int h = (int)((row / p.Nq) % p.H);
       const float off = p.scale[h] * p.groups - Headroom<T>::value;
-      p.lse[row] = l > 0.f ? (RUNNING_MAX ? m * LN2 + logf(l) : logf(l) + off) : neg_inf();
+      p.lse[row] = l == 0.f ? neg_inf() : (RUNNING_MAX ? m * LN2 + logf(l) : logf(l) + off);
     }
   }
 }
