@@ -17,8 +17,9 @@ made correct and complete:
   :func:`~cupy_cosattn.torch.plain_cosine_sim_attention`), ``non_cosine_sim_attn`` (the softmax
   baseline) and extra keywords for the attention function (see `CosineSimCausalTransformer`);
 - :meth:`CosineSimCausalTransformer.generate` with top-k filtering, temperature (0 = greedy) and a
-  preallocated KV cache (:class:`KVCache`: per layer a contiguous (B, Hk, max_seq_len, D) key and value
-  buffer): the prompt and then each new token are appended in place and attended to by
+  preallocated, paged KV cache (:class:`KVCache`: per layer a pool of key and value pages
+  (num_pages, Hk, page_size, D) and a block table; or, with page_size=None, a contiguous
+  (B, Hk, max_seq_len, D) buffer): the prompt and then each new token are appended in place and attended to by
   :func:`cupy_cosattn.torch.kvcache_attention` (no ``torch.cat`` per token; bottom-right causal, so a new
   token sees every cached key), so cached and uncached generation compute the same thing;
 - context parallelism: ``forward(tokens, positions=..., attention_fn=...)`` runs the model on one shard
@@ -93,27 +94,73 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i + (Nk - Nq))
 
 
+DEFAULT_PAGE_SIZE = 16  # KVCache's page size (the KV-cache kernels take multiples of 16)
+
+
 class KVCache:
     """A preallocated key/value cache for :meth:`CosineSimCausalTransformer.generate`.
 
-    Per layer a contiguous k and v buffer of shape (B, Hk, max_len, D), allocated at the layer's first
-    append in the dtype of its keys (so autocast works), and ``seqlens`` int32 (B,): the positions
-    cached so far (the same for every sequence of the batch; ``length`` is that number). A forward
-    call with ``cache=`` appends its tokens' keys and values in place in every layer, then advances
-    ``seqlens`` by its token count (:meth:`advance`)."""
+    Paged (the default, ``page_size`` a multiple of 16): per layer a pool of k and v pages of shape
+    (num_pages, Hk, page_size, D) with num_pages = B * pages_per_seq, pages_per_seq = ceil(max_len /
+    page_size), and one ``block_table`` int32 (B, pages_per_seq) for all layers: page j of sequence b
+    is pool page j * B + b, so a sequence's pages are not adjacent (as a server's allocator leaves
+    them) and the kernels find them through the table. ``page_size=None``: a contiguous (B, Hk,
+    max_len, D) buffer per layer and no table. Buffers are allocated at a layer's first append in the
+    dtype of its keys (so autocast works). ``seqlens`` int32 (B,): the positions cached so far (the
+    same for every sequence of the batch; ``length`` is that number). A forward call with ``cache=``
+    appends its tokens' keys and values in place in every layer, then advances ``seqlens`` by its
+    token count (:meth:`advance`)."""
 
-    def __init__(self, depth: int, batch: int, max_len: int, device: Optional[torch.device] = None) -> None:
-        self.max_len = max_len
+    def __init__(self, depth: int, batch: int, max_len: int, device: Optional[torch.device] = None,
+                 page_size: Optional[int] = DEFAULT_PAGE_SIZE) -> None:
+        if page_size is not None and (page_size < 1 or page_size % 16 != 0):
+            raise ValueError(f"page_size must be a positive multiple of 16 or None, got {page_size}")
+        self.max_len, self.batch, self.page_size = max_len, batch, page_size
         self.layers: list[Optional[tuple[Tensor, Tensor]]] = [None] * depth
         self.seqlens = torch.zeros((batch,), dtype=torch.int32, device=device)
         self.length = 0
+        self.block_table: Optional[Tensor] = None
+        if page_size is not None:
+            pages = -(-max_len // page_size)
+            self.block_table = (torch.arange(pages, dtype=torch.int32, device=device).view(1, -1) * batch
+                                + torch.arange(batch, dtype=torch.int32, device=device).view(-1, 1))
 
     def buffers(self, i: int, k: Tensor) -> tuple[Tensor, Tensor]:
-        """Layer i's (k, v) buffers, allocated like k (B, Hk, N, D) at the first call."""
+        """Layer i's (k, v) buffers, allocated like k (B, Hk, N, D) at the first call: pages
+        (num_pages, Hk, page_size, D), or (B, Hk, max_len, D) without paging."""
         if self.layers[i] is None:
             B, Hk, _, D = k.shape
-            self.layers[i] = tuple(k.new_zeros((B, Hk, self.max_len, D)) for _ in range(2))
+            shape = ((B, Hk, self.max_len, D) if self.block_table is None
+                     else (self.block_table.numel(), Hk, self.page_size, D))
+            self.layers[i] = tuple(k.new_zeros(shape) for _ in range(2))
         return self.layers[i]
+
+    def write(self, i: int, k: Tensor, v: Tensor) -> None:
+        """Store k, v (B, Hk, N, D) at positions length .. length + N - 1 of layer i, in place."""
+        kc, vc = self.buffers(i, k)
+        end = self.length + k.shape[2]
+        if self.block_table is None:
+            kc[:, :, self.length:end] = k
+            vc[:, :, self.length:end] = v
+            return
+        pos = torch.arange(self.length, end, device=k.device)
+        page = self.block_table[:, pos // self.page_size].long()  # (B, N)
+        row = (pos % self.page_size).expand_as(page)
+        kc[page, :, row] = k.transpose(1, 2)  # (B, N, Hk, D) into the slots
+        vc[page, :, row] = v.transpose(1, 2)
+
+    def prefix(self, i: int, end: int) -> tuple[Tensor, Tensor]:
+        """Layer i's first `end` positions as (B, Hk, end, D) k and v (views, or gathered pages)."""
+        kc, vc = self.layers[i]
+        if self.block_table is None:
+            return kc[:, :, :end], vc[:, :, :end]
+        pages = self.block_table[:, :-(-end // self.page_size)].long()  # (B, n)
+
+        def gather(c: Tensor) -> Tensor:
+            g = c[pages]  # (B, n, Hk, page_size, D)
+            return g.transpose(1, 2).reshape(g.shape[0], g.shape[2], -1, g.shape[4])[:, :, :end]
+
+        return gather(kc), gather(vc)
 
     def advance(self, n: int) -> None:
         self.seqlens += n
@@ -197,17 +244,16 @@ class Attention(nn.Module):
         kc, vc = cache.buffers(layer, k)
         kw = kvcache_keywords(self.attend) if self.attn == "cosine" else None
         if kw is not None:
-            o = kvcache_attention(q, kc, vc, cache.seqlens, k_new=k.contiguous(), v_new=v.contiguous(), causal=True,
-                                  scale=self.scale, groups=self.l2norm_groups, **kw)
+            o = kvcache_attention(q, kc, vc, cache.seqlens, block_table=cache.block_table, k_new=k.contiguous(),
+                                  v_new=v.contiguous(), causal=True, scale=self.scale, groups=self.l2norm_groups,
+                                  **kw)
         else:
-            end = cache.length + N
-            kc[:, :, cache.length:end] = k
-            vc[:, :, cache.length:end] = v
+            cache.write(layer, k, v)
+            kp, vp = cache.prefix(layer, cache.length + N)
             if self.attn == "cosine":
-                o = self.attend(q, kc[:, :, :end], vc[:, :, :end], causal=True, scale=self.scale,
-                                groups=self.l2norm_groups)
+                o = self.attend(q, kp, vp, causal=True, scale=self.scale, groups=self.l2norm_groups)
             else:
-                o = softmax_attention(q, kc[:, :, :end], vc[:, :, :end])
+                o = softmax_attention(q, kp, vp)
         return self.to_out(o.transpose(1, 2).reshape(B, N, self.heads * self.dim_head))
 
 
@@ -332,21 +378,22 @@ class CosineSimCausalTransformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
-                 use_cache: bool = True) -> Tensor:
+                 use_cache: bool = True, page_size: Optional[int] = DEFAULT_PAGE_SIZE) -> Tensor:
         """Sample `seq_len` tokens after `prompt` (B, N); returns them (B, seq_len).
 
         temperature 0 is greedy decoding; otherwise the top ceil((1 − filter_thres)·num_tokens) logits are
         sampled at `temperature`. With use_cache a preallocated :class:`KVCache` of max_seq_len positions
-        takes the prompt, then each step runs only the newest token against it; once the sequence
-        outgrows max_seq_len the window slides and positions shift, so every later step refills the
-        cache with the window (exactly what the uncached path computes)."""
+        (pages of `page_size` slots; None: one contiguous buffer per layer) takes the prompt, then each
+        step runs only the newest token against it; once the sequence outgrows max_seq_len the window
+        slides and positions shift, so every later step refills the cache with the window (exactly what
+        the uncached path computes)."""
         was_training = self.training
         self.eval()
         try:
             B, P = prompt.shape
             tokens = prompt.new_empty((B, P + seq_len))  # filled one column per step
             tokens[:, :P] = prompt
-            cache = KVCache(self.depth, B, self.max_seq_len, prompt.device) if use_cache else None
+            cache = KVCache(self.depth, B, self.max_seq_len, prompt.device, page_size) if use_cache else None
             for n in range(P, P + seq_len):
                 window = tokens[:, max(0, n - self.max_seq_len):n]
                 if use_cache and cache.length > 0 and n <= self.max_seq_len:

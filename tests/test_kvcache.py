@@ -926,12 +926,16 @@ def _model(torch, **kw):
                                       **kw)
 
 
-@pytest.mark.parametrize("kv_heads", [1, 8])
-def test_generation_with_and_without_the_cache(torch, kv_heads):
-    """Greedy tokens agree, through the prompt prefill, single-token steps and the window slide."""
+@pytest.mark.parametrize("kv_heads,page_size", [
+    (1, 16), (8, None), pytest.param(8, 16, marks=pytest.mark.slow), pytest.param(1, 32, marks=pytest.mark.slow),
+    pytest.param(1, None, marks=pytest.mark.slow)], ids=["hk1-pages16", "hk8-contiguous", "hk8-pages16",
+                                                          "hk1-pages32", "hk1-contiguous"])
+def test_generation_with_and_without_the_cache(torch, kv_heads, page_size):
+    """Greedy tokens agree, through the prompt prefill, single-token steps (across the page boundary at
+    16 of a 24-position window) and the window slide."""
     model = _model(torch, kv_heads=kv_heads, attn_l2norm_groups=2)
     prompt = torch.randint(0, 50, (3, 5))
-    cached = model.generate(prompt, 30, temperature=0.0, use_cache=True)
+    cached = model.generate(prompt, 30, temperature=0.0, use_cache=True, page_size=page_size)
     assert torch.equal(cached, model.generate(prompt, 30, temperature=0.0, use_cache=False))
 
 
@@ -964,17 +968,25 @@ def test_generation_cache_is_preallocated(torch, monkeypatch):
     calls = []
     real_cat = torch.cat
     monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append(1) or real_cat(*a, **k))
+    spy_write = []
+    real_op = transformer.kvcache_attention
+    monkeypatch.setattr(transformer, "kvcache_attention",
+                        lambda *a, **k: spy_write.append(k["block_table"]) or real_op(*a, **k))
     model.generate(torch.randint(0, 50, (2, 4)), 10, temperature=0.0)
     assert calls == [] and len(seen) == 1
     cache = seen[0]
     assert cache.length == 13 and cache.seqlens.tolist() == [13, 13]
-    assert all(k.shape == (2, 2, 24, 16) for k, v in cache.layers)
+    # paged: 2 pages of 16 slots per sequence, page j of sequence b at pool page 2 j + b
+    assert cache.block_table.tolist() == [[0, 2], [1, 3]]
+    assert all(k.shape == v.shape == (4, 2, 16, 16) for k, v in cache.layers)
+    assert len(spy_write) == 2 * 10 and all(t is cache.block_table for t in spy_write)  # every layer, step
 
 
 @pytest.mark.parametrize("kw", [dict(use_cuda_kernel=False), dict(l2norm_qk=True, backend="torch"),
                                 dict(non_cosine_sim_attn=True)], ids=["plain", "bound-keywords", "softmax"])
 def test_generation_other_attention_functions(torch, kw):
-    """Layers whose attention is not the plain fused op attend over the preallocated cache's prefix."""
+    """Layers whose attention is not the plain fused op attend over the preallocated (paged) cache's
+    prefix, gathered through the block table."""
     from cupy_cosattn import transformer
 
     model = _model(torch, kv_heads=4, **kw)
@@ -984,6 +996,26 @@ def test_generation_other_attention_functions(torch, kw):
     prompt = torch.randint(0, 50, (2, 5))
     assert torch.equal(model.generate(prompt, 25, temperature=0.0, use_cache=True),
                        model.generate(prompt, 25, temperature=0.0, use_cache=False))
+
+
+def test_kv_cache_pages_hold_the_positions(torch):
+    """KVCache.write puts position j of sequence b at slot j % page_size of page block_table[b, j //
+    page_size], and prefix reads them back in order, across a page boundary."""
+    from cupy_cosattn.transformer import KVCache
+
+    cache = KVCache(1, 2, 40, page_size=16)
+    assert cache.block_table.tolist() == [[0, 2, 4], [1, 3, 5]]
+    k = torch.randn(2, 3, 20, 8)
+    cache.write(0, k[:, :, :15], -k[:, :, :15])
+    cache.advance(15)
+    cache.write(0, k[:, :, 15:], -k[:, :, 15:])  # crosses into the second page
+    kc, vc = cache.layers[0]
+    assert kc.shape == (6, 3, 16, 8)
+    assert torch.equal(kc[3, :, 1], k[1, :, 17]) and torch.equal(vc[0, :, 15], -k[0, :, 15])
+    kp, vp = cache.prefix(0, 20)
+    assert torch.equal(kp, k) and torch.equal(vp, -k)
+    with pytest.raises(ValueError, match="page_size must be a positive multiple of 16"):
+        KVCache(1, 2, 40, page_size=24)
 
 
 def test_float64_runs_on_the_reference_only():
