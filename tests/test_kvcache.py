@@ -208,8 +208,10 @@ BACKENDS = ["emulator", "reference"]
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-@pytest.mark.parametrize("splits", [1, 2, 3, "tiles", "max", 0])
+@pytest.mark.parametrize("splits", [1, 2, 3, "tiles", 5, 7, "max", 0])
 def test_num_splits(paged, splits):
+    """1 .. 3 splits of the 4 tiles (uneven ranges), one tile each, more splits than tiles (empty
+    splits write l = 0), the largest count, and the heuristic."""
     n = {"tiles": 4, "max": kvcache.MAX_NUM_SPLITS}.get(splits, splits)
     case = make_kv_case(1, paged=paged, num_splits=n)
     p = plan(case)
@@ -241,6 +243,17 @@ def test_query_counts_and_gqa(Nq, H, Hk):
     check_case(case)
 
 
+@pytest.mark.parametrize("Nq", [pytest.param(n, marks=() if n in (1, 4, 5, 16, 17, 33, 64) else pytest.mark.slow)
+                                for n in range(1, 65)])
+def test_every_query_count(Nq):
+    """Nq = 1 .. 64 at GQA 4:1: 4 Nq rows per kv head, WM = 1 up to Nq = 4, then 64-row tiles (a second
+    one from Nq = 17, a fifth at 64); unequal lengths, an append crossing pages of 16, two splits."""
+    case = make_kv_case(29, B=2, H=4, Hk=1, Nq=Nq, D=32, cached=(37, 150 - Nq), paged=True, num_splits=2)
+    p = plan(case)
+    assert p.wm == (1 if 4 * Nq <= 16 else 4) and p.n_row_tiles == -(-4 * Nq // (16 * p.wm))
+    check_case(case)
+
+
 @pytest.mark.parametrize("ratio", [8, 4, 1])
 def test_gqa_ratio_contiguous(ratio):
     check_case(make_kv_case(3, H=ratio * 2, Hk=2, Nq=3, cached=(70, 199), num_splits=3))
@@ -248,11 +261,11 @@ def test_gqa_ratio_contiguous(ratio):
 
 # ---------------------------------------------------------------------------------------------------
 # Appends at page boundaries: cache_seqlens = 0, 15, 16 (mod page size) and 47 (the append crosses a
-# page), for pages of 16 and 32 slots.
+# page), for pages of 16 and 32 slots; 40 new keys span two or three pages.
 
 
 @pytest.mark.parametrize("page_size", [16, 32])
-@pytest.mark.parametrize("Nq", [1, 3])
+@pytest.mark.parametrize("Nq", [1, 3, 40])
 def test_append_at_page_boundaries(page_size, Nq):
     case = make_kv_case(4, B=4, H=4, Hk=1, Nq=Nq, cached=(2 * page_size, page_size - 1, page_size + 16, 47),
                         paged=True, page_size=page_size, num_splits=2)
@@ -443,6 +456,16 @@ def test_strided_cache_view():
     vc = np.ascontiguousarray(case.args[2].transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
     assert not kc.flags.c_contiguous
     check_case(case, caches=(kc, vc))
+
+
+def test_strided_queries_and_new_keys():
+    """q, k_new and v_new as non-contiguous views (the kernels get contiguous copies)."""
+    case = make_kv_case(28, B=2, H=4, Hk=2, Nq=3, D=16, cached=(40, 9), paged=True, num_splits=2)
+    strided = lambda a: np.ascontiguousarray(a.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # noqa: E731
+    kw = dict(case.kw, k_new=strided(case.kw["k_new"]), v_new=strided(case.kw["v_new"]))
+    q = strided(case.q)
+    assert not (q.flags.c_contiguous or kw["k_new"].flags.c_contiguous)
+    check_case(dataclasses.replace(case, args=(q,) + case.args[1:], kw=kw))
 
 
 @pytest.mark.parametrize("kw", [dict(Nq=1, H=8, Hk=1), dict(Nq=20, H=2, Hk=1, l2norm_qk=False)])
@@ -645,6 +668,9 @@ def _bad_cases():
     yield "q 3-D", dict(q=np.zeros((2, 4, 16), f16)), ValueError, "q must be 4-D"
     yield "q float64", dict(q=np.zeros((2, 4, 2, 16))), TypeError, "k_cache must have q's dtype float64"
     yield "q int", dict(q=np.zeros((2, 4, 2, 16), np.int32)), TypeError, "q has dtype int32"
+    yield "k_cache list", dict(k_cache=[[1.0]]), TypeError, "k_cache must be a NumPy or CuPy array"
+    yield "k_cache 3-D", dict(k_cache=np.zeros((4, 2, 16), f16)), ValueError, "k_cache must be 4-D"
+    yield "v_cache 5-D", dict(v_cache=np.zeros((4, 2, 16, 16, 1), f16)), ValueError, "v_cache must be 4-D"
     yield "k_cache dtype", dict(k_cache="f32"), TypeError, "k_cache must have q's dtype"
     yield "v_cache shape", dict(v_cache="short"), ValueError, "k_cache and v_cache must have the same shape"
     yield "head dim", dict(q=np.zeros((2, 4, 2, 8), f16)), ValueError, "k_cache must have q's head dim D=8"
@@ -655,7 +681,10 @@ def _bad_cases():
         "cache_seqlens must have shape (B,)"
     yield "seqlens negative", dict(cache_seqlens=np.array([20, -1], np.int32)), ValueError, "cache_seqlens[1] = -1"
     yield "over capacity", dict(cache_seqlens=np.array([20, 47], np.int32)), ValueError, "exceeds the cache capacity"
+    yield "seqlens list", dict(cache_seqlens=[20, 30]), TypeError, "cache_seqlens must be a NumPy or CuPy array"
+    yield "seqlens 2-D", dict(cache_seqlens=np.array([[20, 30]], np.int32)), ValueError, "cache_seqlens must be 1-D"
     yield "table dtype", dict(block_table="i64"), TypeError, "block_table must have dtype int32"
+    yield "table 1-D", dict(block_table=np.arange(6, dtype=np.int32)), ValueError, "block_table must be 2-D"
     yield "table rows", dict(block_table="rows"), ValueError, "block_table must have shape (B, max_pages)"
     yield "table out of range", dict(block_table="range"), ValueError, "block_table[1, 1] = 99"
     yield "table negative", dict(block_table="negative"), ValueError, "block_table[0, 0] = -1"
@@ -663,16 +692,21 @@ def _bad_cases():
     yield "contiguous batch", dict(block_table=None, k_cache="contig3", v_cache="contig3"), ValueError, \
         "a contiguous k_cache must have shape"
     yield "k_new alone", dict(v_new=None), ValueError, "k_new and v_new must be given together"
+    yield "v_new alone", dict(k_new=None), ValueError, "k_new and v_new must be given together"
     yield "k_new shape", dict(k_new="nq3"), ValueError, "k_new must have shape (B, Hk, Nq, D)"
+    yield "k_new 3-D", dict(k_new=np.zeros((2, 2, 16), f16)), ValueError, "k_new must be 4-D"
     yield "v_new dtype", dict(v_new="f32"), TypeError, "v_new must have q's dtype"
     yield "groups", dict(groups=3), ValueError, "groups must be a positive int dividing"
     yield "groups type", dict(groups=2.0), TypeError, "groups must be an int"
+    yield "groups zero", dict(groups=0), ValueError, "groups must be a positive int dividing"
     yield "causal", dict(causal=1), TypeError, "causal must be a bool"
     yield "l2norm_qk", dict(l2norm_qk=np.int32(1)), TypeError, "l2norm_qk must be a bool"
     yield "num_splits negative", dict(num_splits=-1), ValueError, "num_splits must be in [0, 128]"
     yield "num_splits large", dict(num_splits=129), ValueError, "num_splits must be in [0, 128]"
     yield "num_splits bool", dict(num_splits=True), TypeError, "num_splits must be an int"
+    yield "num_splits float", dict(num_splits=2.0), TypeError, "num_splits must be an int"
     yield "scale", dict(scale=-1.0), ValueError, "scale must be finite and > 0"
+    yield "scale nan", dict(scale=np.array([8.0, np.nan, 8.0, 8.0])), ValueError, "scale must be finite and > 0"
     yield "scale shape", dict(scale=np.ones(3)), ValueError, "scale must be a scalar or have shape (4,)"
     yield "backend", dict(backend_="gpu"), ValueError, "backend must be one of"
 
@@ -761,8 +795,10 @@ def test_misaligned_cache_rows_are_refused():
     case = make_kv_case(24, B=2, H=2, Hk=1, Nq=1, D=16, cached=(5, 6))
     q, kc, vc, sl = case.args
     wide = np.zeros(kc.shape[:-1] + (20,), kc.dtype)  # rows of 40 bytes: not 16-byte aligned
+    before = _bits(vc).copy()
     with pytest.raises(ValueError, match="16-byte aligned"):
         kvcache_forward(q, wide[..., :16], vc, sl, backend="emulator", **case.kw)
+    assert np.array_equal(_bits(vc), before)  # the append did not happen
 
 
 def test_empty_query_count_and_batch():
