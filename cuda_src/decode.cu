@@ -387,32 +387,49 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodePa
         const bool check = tile * BN + BN > lim_lo;
         auto visible = [&](int j, int e) { return key0 + 8 * j + 2 * t + (e & 1) < lim[e >> 1]; };
         // A visible key whose V row held a NaN or Inf (scrubbed tiles only) poisons the row through P.
-        auto flagged = [&](int j, int e) {
-          return scrub && v_flagged<T, DP, BN>(sV + buf * KV, wn * KT + 8 * j + 2 * t + (e & 1));
+        // The flags of this thread's 2 KT / 8 keys go to a bit mask first (one branch per tile), so
+        // that the per-element tests below are selects.
+        uint32_t vflags = 0;
+        if (scrub) {
+#pragma unroll
+          for (int j = 0; j < KT / 8; ++j)
+#pragma unroll
+            for (int c = 0; c < 2; ++c)
+              vflags |= (uint32_t)v_flagged<T, DP, BN>(sV + buf * KV, wn * KT + 8 * j + 2 * t + c) << (2 * j + c);
+        }
+        auto flagged = [&](int j, int e) { return ((vflags >> (2 * j + (e & 1))) & 1u) != 0; };
+        // On tiles that need it, one pass of selects over the tile's elements: `hidden` where the row
+        // does not see the key, NaN for a visible flagged key (one branch per tile, not per element).
+        auto restrict_tile = [&](float hidden) {
+#pragma unroll
+          for (int j = 0; j < KT / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j][e] = !visible(j, e) ? hidden : (flagged(j, e) ? quiet_nan() : s[j][e]);
         };
 
         if constexpr (!RUNNING_MAX) {
 #pragma unroll
           for (int j = 0; j < KT / 8; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              float pe = 0.f;
-              if (!check || visible(j, e))
-                pe = flagged(j, e) ? quiet_nan() : exp2_fast(s[j][e] * scale_log2[e >> 1] - offset_log2[e >> 1]);
-              if constexpr (F32) lsum[2 * (e >> 1)] += pe;
-              s[j][e] = pe;
-            }
+            for (int e = 0; e < 4; ++e) s[j][e] = exp2_fast(s[j][e] * scale_log2[e >> 1] - offset_log2[e >> 1]);
+          if (check) restrict_tile(0.f);
+          if constexpr (F32) {
+#pragma unroll
+            for (int j = 0; j < KT / 8; ++j)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) lsum[2 * (e >> 1)] += s[j][e];
+          }
         } else {
+#pragma unroll
+          for (int j = 0; j < KT / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j][e] *= scale_log2[e >> 1];
+          if (check) restrict_tile(neg_inf());
           float tile_max[2] = {neg_inf(), neg_inf()};
 #pragma unroll
           for (int j = 0; j < KT / 8; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              float x = neg_inf();
-              if (!check || visible(j, e)) x = flagged(j, e) ? quiet_nan() : s[j][e] * scale_log2[e >> 1];
-              s[j][e] = x;
-              tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
-            }
+            for (int e = 0; e < 4; ++e) tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[j][e]);
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const float m_new = fmaxf(row_m[r], quad_max(tile_max[r]));

@@ -321,9 +321,10 @@ def test_running_max(dtype, variant):
     check_case(case)
 
 
-@pytest.mark.parametrize("groups", [2, 4])
-def test_groups_and_per_head_scale(groups):
-    case = make_kv_case(10, H=8, Hk=2, Nq=1, D=64, groups=groups, per_head_scale=True, cached=(100, 33),
+@pytest.mark.parametrize("groups,Nq", [(2, 3), (4, 1)])
+def test_groups_and_per_head_scale(groups, Nq):
+    """Per-head scales (each head's own fixed offset, also in the split combine) with l2norm groups."""
+    case = make_kv_case(10, H=8, Hk=2, Nq=Nq, D=64, groups=groups, per_head_scale=True, cached=(100, 33),
                         scale=2.5, num_splits=2)
     # fixed offset while the largest bound scale_h * groups stays within fp16's limit of 10
     assert plan(case).running_max == (float(np.max(case.kw["scale"])) * groups > 10)
