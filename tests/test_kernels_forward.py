@@ -193,6 +193,21 @@ def test_l2norm_forward(dtype, D, groups):
     np.testing.assert_allclose(rnorm, 1 / np.maximum(n, problem.NORM_EPS), rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_l2norm_forward_rounds_to_nearest(dtype):
+    """xhat is its fp32 value rounded to nearest even in the dtype (cvt.rn): it equals the float64
+    quotient rounded to the dtype except where the fp32 computation's error (a few fp32 ulps) straddles
+    a rounding midpoint, a fraction far below 1 %. A truncating conversion (cvt.rz) misses on about
+    half the elements while staying within the accuracy tolerances."""
+    be = launch.Backend("emulator")
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((32, 16, 64)).astype(DTYPES[dtype])
+    xhat, _ = be.l2norm(be.to_device(x), 2, 64)
+    want = _grouped_norm64(x, 2)[0].astype(DTYPES[dtype])
+    same = np.asarray(xhat).view(np.uint16) == want.view(np.uint16)
+    assert same.mean() >= 0.99, f"only {same.mean():.1%} of xhat equal the correctly rounded quotient"
+
+
 @pytest.mark.parametrize("grad_f32", [True, False])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_l2norm_backward(dtype, grad_f32):
