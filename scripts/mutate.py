@@ -70,6 +70,12 @@ class Mutant:
     tests: tuple
     rationale: str
     timeout_s: Optional[int] = None  # per-mutant limit (mutants expected to hang); default --timeout
+    env: tuple = ()  # (name, value) environment variables of its test runs, e.g. an emulator mode
+
+    @property
+    def selection(self) -> tuple:
+        """What its test run depends on besides the sources: (pytest arguments, environment)."""
+        return (self.tests, self.env)
 
 
 def k(*files: str, expr: str) -> tuple:
@@ -94,6 +100,11 @@ BWD_GQA = k(BWD, CAUSAL, expr="gqa or splits or mqa or repeatable")
 BWD_SMALL = k(BWD, CAUSAL, expr="small_shared_memory or small_smem or tile_config")
 BWD_MASK = k(BWD, expr="fully_masked or invisible or (configs and mask)")
 BWD_BIAS = k(BWD, expr="configs and bias")
+# Races between blocks (a plain += where an atomicAdd belongs) are seen by the emulator's race check,
+# not by results: these selections run with it on (fast-mode backward cases with several blocks
+# adding to one dq row, and broadcast biases whose dS several blocks sum).
+RACE_ENV = (("CUPY_COSATTN_EMU_RACE", "1"),)
+BWD_RACE = k(BWD, expr=f"configs and {F16} and (gqa or per_head_scale or merged_3d)")
 
 MUTANTS: tuple = (
     # ------------------------------------------------------------------------------------------------
@@ -283,10 +294,11 @@ MUTANTS: tuple = (
     Mutant("bwd_ds_no_dvec", BACKWARD_CU, "const float ds = acc_s[n][e] * (acc_dp[n][e] - cDv[col]);",
            "const float ds = acc_s[n][e] * acc_dp[n][e];", BWD_F16, "dS = P dP without subtracting D = rowsum(dO O)"),
     Mutant("bwd_dq_atomic_plain", BACKWARD_CU, "atomicAdd(gdq + i * p.dq_sn + d, acc[n][e]);",
-           "gdq[i * p.dq_sn + d] += acc[n][e];", BWD_F16,
-           "dQ accumulated by a plain += from many blocks (a race)"),
+           "gdq[i * p.dq_sn + d] += acc[n][e];", BWD_RACE,
+           "dQ accumulated by a plain += from many blocks (a race)", env=RACE_ENV),
     Mutant("bwd_dbias_atomic_plain", BACKWARD_CU, "atomicAdd(static_cast<float*>(p.dbias) + off, x);",
-           "static_cast<float*>(p.dbias)[off] += x;", BWD_BIAS, "broadcast dbias summed by a plain += (a race)"),
+           "static_cast<float*>(p.dbias)[off] += x;", BWD_RACE, "broadcast dbias summed by a plain += (a race)",
+           env=RACE_ENV),
     Mutant("bwd_dbias_every_chunk", BACKWARD_CU, "const bool write_dbias = p.dbias_mode != 0 && chunk == 0;",
            "const bool write_dbias = p.dbias_mode != 0;", BWD_BIAS,
            "every head-dim chunk's block adds dS to dbias (counted twice above DP = 128)"),
@@ -501,7 +513,7 @@ def run_mutant(root: Path, m: Mutant, env: dict, timeout_s: float,
     text = plant(root, m)
     t0 = time.monotonic()
     try:
-        rc, out = run_command(command(m), root, env, m.timeout_s or timeout_s)
+        rc, out = run_command(command(m), root, {**env, **dict(m.env)}, m.timeout_s or timeout_s)
     finally:
         restore(root, m, text)
     dt = time.monotonic() - t0
@@ -545,28 +557,32 @@ def run_all(mutants: Sequence[Mutant], *, jobs: int, timeout_s: float, cache_dir
 
     bad_baseline = {}
     if baseline:
-        selections = list(dict.fromkeys(m.tests for m in mutants))
+        selections = list(dict.fromkeys(m.selection for m in mutants))
         log(f"baseline: {len(selections)} test selections on the unmutated sources")
 
         def base(sel):
+            tests, extra_env = sel
+
             def go(root):
                 t0 = time.monotonic()
-                rc, out = run_command(pytest_command(sel), root, scratch_env(root, cache_dir, emu_threads), timeout_s)
+                env = {**scratch_env(root, cache_dir, emu_threads), **dict(extra_env)}
+                rc, out = run_command(pytest_command(tests), root, env, timeout_s)
                 return sel, rc, time.monotonic() - t0, out
             return with_root(go)
 
         with cf.ThreadPoolExecutor(max_workers=jobs) as ex:
             for sel, rc, dt, out in ex.map(base, selections):
                 ok = rc == 0
-                log(f"  {'ok  ' if ok else 'FAIL'} {dt:7.1f}s  {' '.join(sel)}")
+                env_note = " ".join(f"{a}={b}" for a, b in sel[1])
+                log(f"  {'ok  ' if ok else 'FAIL'} {dt:7.1f}s  {env_note + ' ' if env_note else ''}{' '.join(sel[0])}")
                 if not ok:
                     bad_baseline[sel] = "timeout" if rc is None else first_failure(out)
 
     results = {}
 
     def one(m):
-        if m.tests in bad_baseline:
-            return Result(m.id, "error", 0.0, f"its tests fail unmutated: {bad_baseline[m.tests]}")
+        if m.selection in bad_baseline:
+            return Result(m.id, "error", 0.0, f"its tests fail unmutated: {bad_baseline[m.selection]}")
         return with_root(lambda root: run_mutant(root, m, scratch_env(root, cache_dir, emu_threads), timeout_s))
 
     with cf.ThreadPoolExecutor(max_workers=jobs) as ex:
@@ -628,7 +644,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         mutants = [m for m in mutants if m.id in set(args.only)]
     if args.list:
         for m in mutants:
-            print(f"{m.id:28s} {m.file:32s} {m.rationale}\n{'':28s} tests: {' '.join(m.tests)}")
+            env_note = "".join(f" {a}={b}" for a, b in m.env)
+            print(f"{m.id:28s} {m.file:32s} {m.rationale}\n{'':28s} tests:{env_note} {' '.join(m.tests)}")
         print(f"{len(mutants)} mutants")
         return 0
 
