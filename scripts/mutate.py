@@ -99,7 +99,7 @@ BWD_GRID_Y = (f"{BWD}::test_grid_yz_limit_loops",) + k(CAUSAL, expr="backward_gr
 BWD_GQA = k(BWD, CAUSAL, expr="gqa or splits or mqa or repeatable")
 BWD_SMALL = k(BWD, CAUSAL, expr="small_shared_memory or small_smem or tile_config")
 BWD_MASK = k(BWD, expr="fully_masked or invisible or (configs and mask)")
-BWD_BIAS = k(BWD, expr="configs and bias")
+BWD_BIAS = k(BWD, expr="configs and (bias or per_head_scale or fully_masked_rows or merged_3d)")
 # Races between blocks (a plain += where an atomicAdd belongs) are seen by the emulator's race check,
 # not by results: these selections run with it on (fast-mode backward cases with several blocks
 # adding to one dq row, and broadcast biases whose dS several blocks sum).
@@ -248,9 +248,11 @@ MUTANTS: tuple = (
     Mutant("bwd_dq_stage_sync", BACKWARD_CU,
            "      __syncthreads();  // this stage may be refilled next iteration\n", "", BWD_GQA,
            "bwd_dq: no barrier before the prefetch refills a key tile another warp reads"),
-    Mutant("bwd_dq_item_sync", BACKWARD_CU,
-           "hk = h / qpk;\n    __syncthreads();  // the previous work item is done with shared memory\n",
-           "hk = h / qpk;\n", BWD_GRID_Y, "grid-y loop of bwd_dq: the next work item's loads overwrite tiles still read"),
+    Mutant("bwd_dkdv_item_sync", BACKWARD_CU,
+           "s * p.heads_per_split;\n\n    __syncthreads();  // the previous work item is done with shared memory\n",
+           "s * p.heads_per_split;\n\n", BWD_GRID_Y,
+           "grid-y loop of bwd_dkdv: after an item with nothing visible, the next item's key flags overwrite "
+           "flags still being read"),
     Mutant("bwd_kn_no_trans", BACKWARD_CU,
            "    ldmatrix_x4_trans(r, s + (k0 + (i & 1) * 8 + (lane & 7)) * ld + n0 + (i >> 1) * 8);",
            "    ldmatrix_x4(r, s + (k0 + (i & 1) * 8 + (lane & 7)) * ld + n0 + (i >> 1) * 8);", BWD_F16,
@@ -378,7 +380,8 @@ MUTANTS: tuple = (
            BWD_F16, "lse2 / D rows padded to 32 while query tiles read 64 rows"),
     Mutant("lb_bf16_cast_truncates", LAUNCH_BWD,
            "u = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)",
-           "u = u >> np.uint32(16)", k(BWD, expr="bfloat16"), "bf16 cast of the post-passes truncates"),
+           "u = u >> np.uint32(16)", k(BWD, expr="bfloat16_cast or (configs and bfloat16)"),
+           "bf16 cast of the post-passes truncates"),
 )
 
 
