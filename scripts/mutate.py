@@ -659,6 +659,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir) if args.cache_dir else scratch / "emu-cache"
     started = _dt.datetime.now().astimezone()
+    commit = git_head()  # of the sources the scratch copies are made from (before any later commit)
     t0 = time.monotonic()
     try:
         results, bad = run_all(mutants, jobs=jobs, timeout_s=args.timeout, cache_dir=cache_dir, scratch=scratch,
@@ -679,7 +680,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for e in summary["errors"]:
         print(f"  NOT JUDGED {e['id']}: {e['detail']}")
     if args.json:
-        doc = {"date": started.isoformat(timespec="seconds"), "commit": git_head(), "wall_s": round(wall, 1),
+        doc = {"date": started.isoformat(timespec="seconds"), "commit": commit, "wall_s": round(wall, 1),
                "jobs": jobs, "summary": summary, "results": [asdict(r) for r in results]}
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 0 if not summary["survivors"] and not summary["errors"] else 1
