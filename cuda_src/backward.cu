@@ -1,4 +1,4 @@
-// backward.cu — gradients of fused cosine-sim attention (DESIGN.md section 1, "Backward").
+// backward.cu — gradients of fused cosine-sim attention (docs/design.md section 1, "Backward").
 //
 // Three kernels, run in this order by cupy_cosattn/launch_backward.py:
 //
@@ -24,6 +24,19 @@
 // of its row, whatever the bias or the norm of q and k. dscale is not reduced here: since
 // dqhat = scale_h dS khat, sum_ij dS_ij <qhat_i, khat_j> = sum_i <qhat_i, dqhat_i> / scale_h, which
 // the launch layer reduces from the fp32 dqhat in a fixed order.
+//
+// Non-finite values (docs/kernels.md "Non-finite values"): a row poisoned in the forward has lse = NaN,
+// so lse2 and with it P and dS are NaN on exactly its visible pairs. Invisible pairs (P = 0) must add
+// exactly 0 everywhere, so every other factor they meet is finite: the launch layer's pre-pass zeroes
+// the non-finite elements of qhat, khat and v (norm.cu NORM_ZERO_NONFINITE: the row operands of
+// dK = dS^T Qhat, dQ = dS Khat and dP = dO V^T), and bwd_prep stores D = 0 for a row whose D is not
+// finite (a poisoned row, whose dS is NaN through P anyway). No select in the main loops.
+//
+// float16 range: dS is rounded to T as the A operand of the dK and dQ products. Its magnitude is
+// |dO| |V| (plus the scale), unrelated to the gradients' own, so in float16 each warp keeps a
+// power-of-two factor f <= 1 with |scale_h dS f| <= DS_F16_LIMIT: the operand is scale_h dS f and the
+// fp32 accumulators are rescaled by the exact ratio when f shrinks and divided by f at the end
+// (DsRange). bf16 and fp32 have fp32's exponent range and need none of this.
 //
 // Matrix products use the warp-level primitives of common.cuh: mma.m16n8k16 with ldmatrix for
 // fp16/bf16, and 3xTF32 m16n8k8 for fp32 (x = big + small, d += a_s b_b + a_b b_s + a_b b_b), whose
@@ -320,6 +333,49 @@ CA_DEVICE void store_dbias(const BwdParams& p, int64_t off, float x) {
   }
 }
 
+// The float16 operand range of scale_h dS (file comment). DsRange<T>::value: whether T needs it.
+template <typename T> struct DsRange { static constexpr bool value = false; };
+template <> struct DsRange<half_t> { static constexpr bool value = true; };
+constexpr float DS_F16_LIMIT = 32768.f;  // 2^15 < 65504: a rounded operand never overflows
+constexpr int DS_F16_TARGET_EXP = 13;    // a new factor maps the warp's largest |scale_h dS| into [2^13, 2^14)
+
+CA_DEVICE float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+// The warp's factor f for this tile's c = scale_h dS (NT x 4 fp32 per lane), then c *= f. When the
+// largest finite |c| times the current f exceeds DS_F16_LIMIT, f shrinks to a power of two that maps
+// it into [2^13, 2^14) and the accumulators acc (in units of the old f) are multiplied by new f / old f
+// (an exact power of two). An Inf or NaN in c is left to propagate. Warp-uniform.
+template <int NT, int NA>
+CA_DEVICE void ds_range_f16(float (&c)[NT][4], float& f, float (&acc)[NA][4]) {
+  float mx = 0.f;
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float a = fabsf(c[n][e]);
+      if (a <= 3.402823466e38f) mx = fmaxf(mx, a);
+    }
+  mx = warp_max(mx);
+  if (mx * f > DS_F16_LIMIT) {
+    const int ex = (int)((__float_as_uint(mx) >> 23) & 0xffu) - 127;  // floor(log2 mx), mx is normal
+    const float f_new = bits_as_float((uint32_t)(127 + DS_F16_TARGET_EXP - ex) << 23);
+    const float ratio = f_new / f;
+#pragma unroll
+    for (int n = 0; n < NA; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[n][e] *= ratio;
+    f = f_new;
+  }
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c[n][e] *= f;
+}
+
 // =============================================================================================
 // bwd_prep: lse2 and D, one warp per row.
 constexpr int PREP_WARPS = 4;
@@ -344,7 +400,9 @@ __global__ void __launch_bounds__(32 * PREP_WARPS) bwd_prep(const BwdParams p) {
         }
         dsum = warp_sum(dsum);
         const float l = p.lse[b * p.lse_sb + h * p.lse_sh + i];
-        l2 = l < -3.0e38f ? pos_inf() : l * LOG2E;  // lse = -inf: no visible key
+        l2 = l < -3.0e38f ? pos_inf() : l * LOG2E;  // lse = -inf: no visible key; NaN: poisoned row
+        // A poisoned row's O is NaN; its D must not be, or 0 * (dP - D) would reach its invisible pairs.
+        if (!(fabsf(dsum) <= 3.402823466e38f)) dsum = 0.f;
       }
       if (lane == 0) {
         p.lse2[y * p.nq_pad + i] = l2;
@@ -411,6 +469,7 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
     float acc_dk[ND][4], acc_dv[ND][4];
     fill_zero(acc_dk);
     fill_zero(acc_dv);
+    float ds_f = 1.f;  // float16: acc_dk holds dK times this warp's factor (DsRange)
 
     if (n_it > 0) {
       const T* gk = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + (int64_t)j0 * p.k_sn;
@@ -493,6 +552,7 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
           }
           acc_dp[n][e] = ds * scale_h;
         }
+      if constexpr (DsRange<T>::value) ds_range_f16(acc_dp, ds_f, acc_dk);  // acc_dp = scale_h dS f
 
       // dK += (scale_h dS^T) Qhat.
       gemm_ck<T, ND, NT>(acc_dk, acc_dp, cQ, SK, c0, lane);
@@ -507,6 +567,12 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
 #pragma unroll
           for (int r = 0; r < 2; ++r)
             M::store2(tdS + (16 * warp + g + 8 * r) * SDS + n * 8 + 2 * t, acc_dp[n][2 * r], acc_dp[n][2 * r + 1]);
+        // float16: warp w's keys (k-step w of the product below) carry its factor; 1 / f goes into
+        // sOk, whose flags every thread has read into registers before the first stage barrier.
+        float* const sInvF = reinterpret_cast<float*>(sOk);
+        if constexpr (DsRange<T>::value) {
+          if (lane == 0) sInvF[warp] = 1.f / ds_f;
+        }
         __syncthreads();
         constexpr int MT = BR / 16;
         const int mt = warp % MT;
@@ -520,8 +586,20 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
             typename M::B bf[2];
             M::load_a_km(a, tdS, SDS, mt * 16, k0, lane);
             M::load_b2_kn(bf, sK, SK, k0, c0 + u * 16, lane);
-            M::mma(acc[0], a, bf[0]);
-            M::mma(acc[1], a, bf[1]);
+            if constexpr (DsRange<T>::value) {  // k-step k0 / 16 = the keys of warp k0 / 16
+              float part[2][4];
+              fill_zero(part);
+              M::mma(part[0], a, bf[0]);
+              M::mma(part[1], a, bf[1]);
+              const float inv = sInvF[k0 / 16];
+#pragma unroll
+              for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[n][e] = fmaf(part[n][e], inv, acc[n][e]);
+            } else {
+              M::mma(acc[0], a, bf[0]);
+              M::mma(acc[1], a, bf[1]);
+            }
           }
 #pragma unroll
           for (int n = 0; n < 2; ++n)
@@ -537,6 +615,13 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
 #undef CA_BWD_KV_LOAD_STAGE
 
     // Epilogue: this block's columns of dK and dV (zeros when no query saw the tile).
+    if constexpr (DsRange<T>::value) {
+      const float inv = 1.f / ds_f;  // a power of two: exact
+#pragma unroll
+      for (int n = 0; n < ND; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_dk[n][e] *= inv;
+    }
     const int64_t ob = b * p.dkv_sb + ((int64_t)hk * p.nsplit + s) * p.dkv_sh;
 #pragma unroll
     for (int n = 0; n < ND; ++n)
@@ -602,6 +687,7 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
 
     float acc_dq[ND][4];
     fill_zero(acc_dq);
+    float ds_f = 1.f;  // float16: acc_dq holds dQ times this warp's factor (DsRange)
 
     const T* gk = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
     const T* gv = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
@@ -681,6 +767,7 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_dp[n][e] = acc_s[n][e] * (acc_dp[n][e] - dvv[e >> 1]) * scale_h;
+      if constexpr (DsRange<T>::value) ds_range_f16(acc_dp, ds_f, acc_dq);  // acc_dp = scale_h dS f
 
       // dQ += (scale_h dS) Khat.
       gemm_ck<T, ND, NT>(acc_dq, acc_dp, cK, SK, c0, lane);
@@ -690,12 +777,13 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
 #undef CA_BWD_Q_LOAD_STAGE
 
     float* gdq = p.dq + b * p.dq_sb + h * p.dq_sh;
+    const float inv_f = 1.f / ds_f;  // 1 but for float16 (a power of two: exact)
 #pragma unroll
     for (int n = 0; n < ND; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = row[e >> 1], d = c0 + n * 8 + 2 * t + (e & 1);
-        if (i < p.Nq && d < p.D) gdq[i * p.dq_sn + d] = acc_dq[n][e];
+        if (i < p.Nq && d < p.D) gdq[i * p.dq_sn + d] = acc_dq[n][e] * inv_f;
       }
   }
 }

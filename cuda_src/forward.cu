@@ -20,7 +20,15 @@
 //
 // Tensor cores: fp16/bf16 use mma.m16n8k16 with ldmatrix fragment loads (Q stays in registers when
 // the head dim allows); fp32 uses 3xTF32 m16n8k8 (x = big + small, big*big + big*small + small*big)
-// with scalar fragment loads, which keeps fp32 accuracy (DESIGN.md: real fp32, not tf32).
+// with scalar fragment loads, which keeps fp32 accuracy (docs/design.md: real fp32, not tf32).
+//
+// Non-finite values (docs/kernels.md "Non-finite values"): a NaN or Inf on a visible pair poisons its
+// row (O and lse NaN); a pair that is not visible never contributes, even when its key's V row holds a
+// NaN or Inf. Scores are selected per element, so only P V needs care: 0 * NaN is NaN in an mma. Masked
+// keys' V rows are zero-filled as they load (load_kv); on a causal tile that some row of the block must
+// not see, V's non-finite elements are zeroed and their keys flagged in the rows' padding (scrub_v),
+// and a visible flagged pair gets P = NaN. Everything else is plain IEEE arithmetic, and the epilogue
+// turns a row whose O is not finite into a NaN row (out and lse).
 //
 // Template parameters change code shape only: T (half_t, bf16_t, float), DP = head dim padded to a
 // multiple of 16 (columns D..DP-1 are zero-filled in shared memory), BN = keys per tile, RUNNING_MAX.
@@ -39,6 +47,8 @@ constexpr float LN2 = 0.6931471805599453f;
 
 template <typename T> struct is_f32 { static constexpr bool value = false; };
 template <> struct is_f32<float> { static constexpr bool value = true; };
+template <typename T> struct is_half { static constexpr bool value = false; };
+template <> struct is_half<half_t> { static constexpr bool value = true; };
 
 // Fixed-offset headroom: with b = scale_h groups the logit bound, P = exp(s - (b - HEADROOM)) lies in
 // [exp(HEADROOM - 2b), exp(HEADROOM)]. For fp16, P is rounded to fp16 before P V, so the range is moved
@@ -65,8 +75,11 @@ struct Smem {
 // rows_left are zero-filled (src_bytes = 0; the source address then points at the tile start, never
 // out of bounds). Global rows hold DP elements, zero past D (the launch layer pads them), so there is
 // no column check. Offsets inside a tile are 32-bit (the 64-bit part is in `src`).
-template <typename T, int ROWS, int DP, int UNROLL>
-CA_DEVICE void load_tile_async(T* dst, const T* src, int stride, int rows_left) {
+// MASKED: rows whose byte in `row_ok` (the tile's mask bytes in global memory) is 0 are zero-filled
+// too, so that a masked key's NaN or Inf never enters a product.
+template <typename T, int ROWS, int DP, int UNROLL, bool MASKED = false>
+CA_DEVICE void load_tile_async(T* dst, const T* src, int stride, int rows_left,
+                               const unsigned char* row_ok = nullptr) {
   using L = Smem<T, DP, 16>;
   constexpr int CPR = DP / L::CHUNK;  // chunks per row
   constexpr int TOTAL = ROWS * CPR;
@@ -77,7 +90,8 @@ CA_DEVICE void load_tile_async(T* dst, const T* src, int stride, int rows_left) 
       const int r = i / CPR, c = (i % CPR) * L::CHUNK;
       // inside = r < rows_left, as an all-ones/all-zeros mask rather than a predicate: these are
       // loop-invariant for the Q tile, and ptxas would otherwise keep (and spill) one predicate each.
-      const int inside = (rows_left - 1 - r) >> 31 ^ -1;
+      int inside = (rows_left - 1 - r) >> 31 ^ -1;
+      if constexpr (MASKED) inside &= (r < rows_left && row_ok[r]) ? -1 : 0;
       cp_async_16(dst + r * L::ROW + c, src + ((r * stride + c) & inside), 16 & inside);
     }
   }
@@ -195,6 +209,53 @@ CA_DEVICE void tile_pv_f32(float (&o)[DP / 8][4], const float (&s)[BN / 8][4], c
 
 
 // ---------------------------------------------------------------------------------------------
+// Non-finite V on causal tiles.
+
+// Bits of the non-finite elements of a 32-bit word of T (exponent all ones: Inf or NaN).
+template <typename T>
+CA_DEVICE uint32_t nonfinite_bits(uint32_t w) {
+  if constexpr (sizeof(T) == 4) {
+    return (w & 0x7f800000u) == 0x7f800000u ? 0xffffffffu : 0u;
+  } else {
+    constexpr uint32_t E = is_half<T>::value ? 0x7c00u : 0x7f80u;  // exponent field of one 16-bit element
+    return ((w & E) == E ? 0x0000ffffu : 0u) | (((w >> 16) & E) == E ? 0xffff0000u : 0u);
+  }
+}
+
+// One thread per key row r < BN of a V tile in shared memory: non-finite elements become 0, and the
+// row's first padding element records whether there were any (read back by v_flagged). Block-wide;
+// the caller's barrier publishes both.
+template <typename T, int DP, int BN>
+CA_DEVICE void scrub_v(T* sVb) {
+  using L = Smem<T, DP, BN>;
+  if (threadIdx.x < BN) {
+    T* const row = sVb + threadIdx.x * L::ROW;
+    uint32_t any = 0;
+#pragma unroll 1
+    for (int c = 0; c < DP; c += L::CHUNK) {
+      bytes16 x = *reinterpret_cast<const bytes16*>(row + c);
+      uint32_t bad = 0;
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const uint32_t m = nonfinite_bits<T>(x.w[w]);
+        bad |= m;
+        x.w[w] &= ~m;
+      }
+      if (bad) *reinterpret_cast<bytes16*>(row + c) = x;
+      any |= bad;
+    }
+    reinterpret_cast<uint16_t*>(row + DP)[0] = any ? 1 : 0;
+  }
+}
+
+template <typename T, int DP, int BN>
+CA_DEVICE bool v_flagged(const T* sVb, int kr) {
+  return reinterpret_cast<const uint16_t*>(sVb + kr * Smem<T, DP, BN>::ROW + DP)[0] != 0;
+}
+
+CA_DEVICE float quiet_nan() { return bits_as_float(0x7fffffffu); }
+
+// ---------------------------------------------------------------------------------------------
 // The kernel. Grid: x = query tile (reversed under causal so the longest tiles start first),
 // y = (batch, head), looping by gridDim.y when B*H exceeds the grid's y limit.
 template <typename T, int DP, int BN, bool RUNNING_MAX>
@@ -258,7 +319,10 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
       const int64_t key0 = (int64_t)j * BN;
       const int keys_left = (int)(p.Nk - key0 < BN ? p.Nk - key0 : BN);
       load_tile_async<T, BN, DP, 64>(sK + buf * L::KV, k + key0 * p.k_sn, (int)p.k_sn, keys_left);
-      load_tile_async<T, BN, DP, 64>(sV + buf * L::KV, v + key0 * p.v_sn, (int)p.v_sn, keys_left);
+      if (mask != nullptr)  // masked keys' V rows arrive as zeros (uniform branch)
+        load_tile_async<T, BN, DP, 64, true>(sV + buf * L::KV, v + key0 * p.v_sn, (int)p.v_sn, keys_left, mask + key0);
+      else
+        load_tile_async<T, BN, DP, 64>(sV + buf * L::KV, v + key0 * p.v_sn, (int)p.v_sn, keys_left);
       if (mask != nullptr && threadIdx.x < BN) {  // plain stores: visible after the barrier before use
         const int64_t key = key0 + threadIdx.x;
         sMask[buf * BN + threadIdx.x] = key < p.Nk ? mask[key] : 0;
@@ -294,9 +358,18 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
         }
       }
       const T* const sKb = sK + buf * L::KV;
-      const T* const sVb = sV + buf * L::KV;
+      T* const sVb = sV + buf * L::KV;
       const unsigned char* const sMb = sMask + buf * BN;
       const int64_t key0 = (int64_t)tile * BN;
+      const int keys_left = (int)(p.Nk - key0 < BN ? p.Nk - key0 : BN);
+
+      // A causal tile whose last key is beyond the block's first row's horizon: some row must not see
+      // some key of it, so V's non-finite elements are zeroed (block-uniform test, diagonal tiles only).
+      const bool scrub = p.causal && key0 + keys_left - 1 > m0 + diag;
+      if (scrub) {
+        scrub_v<T, DP, BN>(sVb);
+        __syncthreads();
+      }
 
       // 1. Scores S = Qhat Khat^T for this warp's 16 rows x BN keys.
       float s[BN / 8][4];
@@ -308,14 +381,15 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
       // the warp and key kr = 8j + 2t + (e%2) of the tile. Causal: key0 + kr <= wrow0 + rr + diag, i.e.
       // kr - rr <= cdiff. Per-element checks only where the tile needs them (warp-uniform): a tile
       // past Nk, a mask, or a tile crossing this warp's causal diagonal.
-      const int keys_left = (int)(p.Nk - key0 < BN ? p.Nk - key0 : BN);
       const int64_t cdiff64 = wrow0 + diag - key0;
       const int cdiff = p.causal ? (int)(cdiff64 < -BN ? -BN : (cdiff64 > BN ? BN : cdiff64)) : BN;
-      const bool check = keys_left < BN || mask != nullptr || cdiff < BN - 1;
+      const bool check = keys_left < BN || mask != nullptr || cdiff < BN - 1 || scrub;
       auto visible = [&](int j, int e) {
         const int kr = 8 * j + 2 * t + (e & 1), rr = g + 8 * (e >> 1);
         return kr < keys_left && kr - rr <= cdiff && (mask == nullptr || sMb[kr]);
       };
+      // A visible key whose V row held a NaN or Inf (scrubbed tiles only) poisons the row through P.
+      auto flagged = [&](int j, int e) { return scrub && v_flagged<T, DP, BN>(sVb, 8 * j + 2 * t + (e & 1)); };
 
       // 3. Exponentials. P overwrites S in place.
       if constexpr (!RUNNING_MAX) {
@@ -324,7 +398,8 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
         for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const float pe = (!check || visible(j, e)) ? exp2_fast(s[j][e] * scale_log2 - offset_log2) : 0.f;
+            float pe = 0.f;
+            if (!check || visible(j, e)) pe = (check && flagged(j, e)) ? quiet_nan() : exp2_fast(s[j][e] * scale_log2 - offset_log2);
             if constexpr (F32) lsum[2 * (e >> 1)] += pe;
             s[j][e] = pe;
           }
@@ -344,6 +419,7 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
                 const char* brow = bias + (row < p.Nq ? row : p.Nq - 1) * p.bias_sq * (p.bias_f32 ? 4 : (int)sizeof(T));
                 x += load_f32_or<T>(brow, key0 + 8 * j + 2 * t + (e & 1), p.bias_f32) * LOG2E;
               }
+              if (check && flagged(j, e)) x = quiet_nan();
             }
             s[j][e] = x;
             tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
@@ -389,18 +465,25 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float l = F32 ? quad_sum(lsum[2 * r]) : lsum[2 * r];
-      const float inv = l > 0.f ? 1.f / l : 0.f;  // no visible key: O = 0
+      const float inv = l == 0.f ? 0.f : 1.f / l;  // no visible key: O = 0 (a NaN l stays NaN)
+      // poison = NaN when some element of the row's O is NaN or Inf (x * 0 is NaN exactly then, also
+      // under contraction into an FMA), else 0: a non-finite value row seen by this row makes all of
+      // out and lse NaN, as a NaN logit does through l.
+      float poison = 0.f;
+#pragma unroll
+      for (int n = 0; n < DP / 8; ++n) poison += o[n][2 * r] * 0.f + o[n][2 * r + 1] * 0.f;
+      poison = quad_sum(poison);
       const int64_t row = wrow0 + g + 8 * r;
       if (t == 0 && row < p.Nq) {
-        float lse = neg_inf();
-        if (l > 0.f) lse = RUNNING_MAX ? row_m[r] * LN2 + logf(l) : logf(l) + offset;
-        p.lse[b * p.lse_sb + h * p.lse_sh + row] = lse;
+        float lse = neg_inf();  // (a NaN value row seen only through p = 0 still poisons it)
+        if (l != 0.f) lse = RUNNING_MAX ? row_m[r] * LN2 + logf(l) : logf(l) + offset;
+        p.lse[b * p.lse_sb + h * p.lse_sh + row] = lse + poison;
       }
       T* const srow = sQw + (g + 8 * r) * L::ROW;
 #pragma unroll
       for (int n = 0; n < DP / 8; ++n) {
-        srow[8 * n + 2 * t] = from_float<T>(o[n][2 * r] * inv);
-        srow[8 * n + 2 * t + 1] = from_float<T>(o[n][2 * r + 1] * inv);
+        srow[8 * n + 2 * t] = from_float<T>(o[n][2 * r] * inv + poison);
+        srow[8 * n + 2 * t + 1] = from_float<T>(o[n][2 * r + 1] * inv + poison);
       }
     }
     __syncwarp();

@@ -1,17 +1,13 @@
 // params.cuh — the parameter structs of every kernel family, passed BY VALUE as the kernel's only
-// argument. The launch layer (cupy_cosattn/launch.py, make_record) builds the byte-identical NumPy
-// structured scalar (dtype with align=True: natural alignment, the same rule as the C compiler), so the
-// field order, types and names here and there must match one for one. Pointers are 64-bit device
-// addresses (uint64 on the Python side); sizes that index memory are int64, so tensors beyond 2^31
-// elements are fine; strides are in elements.
+// argument. The launch layer builds the byte-identical NumPy structured scalar from one table
+// (cupy_cosattn/launch/params.py, STRUCTS: the same fields in the same order, laid out by the same
+// rules: natural alignment, a base struct first); tests/test_params_layout.py compares every offset
+// and size with the C++ compiler's. Pointers are 64-bit device addresses (uint64 on the Python side);
+// sizes that index memory are int64, so tensors beyond 2^31 elements are fine; strides are in elements.
 #pragma once
 #include "common.cuh"
 
 namespace ca {
-
-// =============================================================================================
-// Forward-engineer section: NormParams (norm.cu) and FwdParams (forward.cu).
-// =============================================================================================
 
 // Grouped l2 norm of `rows` rows of D elements: each row is split into `groups` chunks of D/groups
 // and every chunk is divided by max(||chunk||, 1e-12).
@@ -29,22 +25,24 @@ struct NormParams {
   int D;
   int groups;
   int xhat_cols;       // fwd: columns written per xhat row (>= D; the padding is zero-filled)
-  int pad_;
+  int mode;            // fwd: NORM_COPY | NORM_ZERO_NONFINITE bits (norm.cu); 0 = normalize
 };
 
-// Fused forward. Canonical layout (cupy_cosattn/problem.py): q (B, H, Nq, D), k/v (B, Hk, Nk, D),
-// out (B, H, Nq, D), lse (B, H, Nq). Query head h reads kv head h / (H / Hk). The last dim of every
-// tensor is contiguous, every row starts 16-byte aligned and holds the kernel's padded head dim DP
-// (D rounded up to 16) elements, zero past D (the launch layer guarantees all three).
-struct FwdParams {
+// What the fused forward and the backward kernels both read. Canonical layout
+// (cupy_cosattn/problem.py): q (B, H, Nq, D), k/v (B, Hk, Nk, D), o (B, H, Nq, D), lse (B, H, Nq).
+// Query head h reads kv head h / (H / Hk). The last dim of every tensor is contiguous, every row
+// starts 16-byte aligned and holds the kernel's padded head dim DP (D rounded up to 16) elements,
+// zero past D (the launch layer guarantees all three).
+struct AttnParams {
   const void* q;                  // normalized queries (qhat), dtype T
   const void* k;                  // normalized keys (khat), dtype T
   const void* v;                  // values, dtype T
-  void* o;                        // output, dtype T
-  float* lse;                     // log-sum-exp of each row's visible logits (-inf: no visible key)
+  void* o;                        // output, dtype T (forward: written; backward: the forward's, read)
+  float* lse;                     // (B, H, Nq) log-sum-exp of each row's visible logits (-inf: none)
   const float* scale;             // (H,) per-head logit scale
   const unsigned char* mask;      // (B, Nk) bool, True = may attend; null = no mask
-  const unsigned char* tile_any;  // (B, n_key_tiles): any key of (b, key tile) unmasked; null = all
+  const unsigned char* tile_any;  // (B, tile_any_sb): any key of (b, key tile) unmasked, for the key
+                                  // tile of the kernel that reads it; null = every tile may be visible
   const void* bias;               // (Bb, Hb, Nq, Nk), dtype T or float32 (bias_f32); null = no bias
   int64_t q_sb, q_sh, q_sn;       // element strides of q over (b, h, row)
   int64_t k_sb, k_sh, k_sn;
@@ -53,63 +51,41 @@ struct FwdParams {
   int64_t lse_sb, lse_sh;         // lse rows are contiguous
   int64_t bias_sb, bias_sh, bias_sq;  // 0 for a broadcast dim; keys are contiguous
   int64_t mask_sb;
-  int64_t tile_any_sb;
-  int B, H, Hk, Nq, Nk, D;          // D: the padded row length DP (kernels read whole rows)
+  int64_t tile_any_sb;            // row length of tile_any (0 without it)
+  int B, H, Hk, Nq, Nk, D;        // D: the padded row length DP (kernels read whole rows)
   int causal;                     // key j visible to query i iff j <= i + (Nk - Nq)
   int bias_f32;                   // the bias is float32 (else dtype T)
-  int n_key_tiles;                // ceil(Nk / BLOCK_N), the row length of tile_any
+};
+
+// Fused forward (forward.cu).
+struct FwdParams : AttnParams {
+  int n_key_tiles;                // ceil(Nk / BLOCK_N)
   int groups;                     // l2norm groups: |<qhat, khat>| <= groups, so |logit| <= scale_h groups
 };
 
-// =============================================================================================
-// Backward-engineer section: BwdParams (backward.cu) goes below this line.
-// =============================================================================================
-
-// Parameters of the three backward kernels (mirrored field for field by launch_backward.py).
-// Canonical layout: q (B, H, Nq, D), k/v (B, Hk, Nk, D); strides in elements; rows 16-byte aligned.
-struct BwdParams {
-  const void* q;              // qhat, dtype T (rows zero past D up to the 16-byte chunk)
-  const void* k;              // khat, dtype T
-  const void* v;              // values, dtype T
-  const void* o;              // forward output, dtype T (bwd_prep)
-  const void* dout;           // dL/dout, dtype T
-  const float* lse;           // (B, H, Nq) forward log-sum-exp (bwd_prep)
-  float* lse2;                // (B*H, nq_pad) written by bwd_prep
-  float* dvec;                // (B*H, nq_pad) written by bwd_prep
-  const float* scale;         // (H,)
-  const unsigned char* mask;  // (B, Nk) bool, True = may attend; null = no mask
-  const unsigned char* tile_any;  // bwd_dq: (B, ceil(Nk / QTraits::BC)) any key of (b, key tile)
-                                  // unmasked (launch.Backend.tile_any); null = every tile may be visible
-  const void* bias;           // (Bb, Hb, Nq, Nk), dtype T or float32 (bias_f32); null = none
-  void* dbias;                // where dS goes (dbias_mode), dtype float32 or T (dbias_f32)
-  float* dq;                  // (B, H, Nq, D) fp32 dqhat
-  void* dk;                   // (B, Hk * nsplit, Nk, D) dkhat, fp32 (dk_f32) or T
-  void* dv;                   // same layout as dk, fp32 (dv_f32) or T
-  int64_t q_sb, q_sh, q_sn;
-  int64_t k_sb, k_sh, k_sn;
-  int64_t v_sb, v_sh, v_sn;
-  int64_t o_sb, o_sh, o_sn;
+// The three backward kernels (backward.cu).
+struct BwdParams : AttnParams {
+  const void* dout;               // dL/dout, dtype T
+  float* lse2;                    // (B*H, nq_pad) written by bwd_prep
+  float* dvec;                    // (B*H, nq_pad) written by bwd_prep
+  void* dbias;                    // where dS goes (dbias_mode), dtype float32 or T (dbias_f32)
+  float* dq;                      // (B, H, Nq, D) fp32 dqhat
+  void* dk;                       // (B, Hk * nsplit, Nk, D) dkhat, fp32 (dk_f32) or T
+  void* dv;                       // same layout as dk, fp32 (dv_f32) or T
   int64_t do_sb, do_sh, do_sn;
-  int64_t lse_sb, lse_sh;
   int64_t dq_sb, dq_sh, dq_sn;
-  int64_t dkv_sb, dkv_sh, dkv_sn;      // head index of dk/dv: hk * nsplit + split
-  int64_t bias_sb, bias_sh, bias_sq;   // 0 for a broadcast dim; keys contiguous
+  int64_t dkv_sb, dkv_sh, dkv_sn;       // head index of dk/dv: hk * nsplit + split
   int64_t dbias_sb, dbias_sh, dbias_sq;
-  int64_t mask_sb;
-  int64_t tile_any_sb;        // row length of tile_any (0 without it)
-  int64_t n_y;                // work items along grid y (the kernel loops past gridDim.y)
-  int B, H, Hk, Nq, Nk, D;
-  int nq_pad;                 // row length of lse2 / dvec (a multiple of 128)
-  int causal;                 // key j visible to query i iff j <= i + (Nk - Nq)
-  int bias_f32;
-  int dbias_mode;             // 0 none, 1 store dS, 2 fp32 atomicAdd of dS (broadcast bias, fast mode)
-  int dbias_f32;              // mode 1: dbias has dtype float32 (else T)
-  int dq_atomic;              // bwd_dkdv accumulates dqhat with fp32 atomicAdd
-  int dk_f32;                 // dk is written as fp32 (else T)
-  int dv_f32;                 // dv is written as fp32 (else T)
-  int nsplit;                 // query-head splits per kv head
-  int heads_per_split;        // query heads one bwd_dkdv block loops over: (H / Hk) / nsplit
-  int n_chunks;               // head-dim chunks (= D_PAD / DC of the launched kernel)
+  int64_t n_y;                    // work items along grid y (the kernel loops past gridDim.y)
+  int nq_pad;                     // row length of lse2 / dvec (a multiple of 128)
+  int dbias_mode;                 // 0 none, 1 store dS, 2 fp32 atomicAdd of dS (broadcast bias, fast mode)
+  int dbias_f32;                  // mode 1: dbias has dtype float32 (else T)
+  int dq_atomic;                  // bwd_dkdv accumulates dqhat with fp32 atomicAdd
+  int dk_f32;                     // dk is written as fp32 (else T)
+  int dv_f32;                     // dv is written as fp32 (else T)
+  int nsplit;                     // query-head splits per kv head
+  int heads_per_split;            // query heads one bwd_dkdv block loops over: (H / Hk) / nsplit
+  int n_chunks;                   // head-dim chunks (= D_PAD / DC of the launched kernel)
 };
 
 }  // namespace ca

@@ -1,51 +1,28 @@
-"""Public functions: forward, backward, cosine_sim_attention (DESIGN.md section 2).
+"""Public functions: forward, backward, cosine_sim_attention (docs/design.md section 2).
 
-Each call checks its arguments once (problem.canonicalize), picks a backend, runs it on the canonical
-4-D views and reshapes the results back to the caller's layout. Backends implement
+Each call checks its arguments once (problem.canonicalize), resolves the backend name once
+(backends.resolve_backend), runs its implementation (backends.backend_impl) on the canonical 4-D
+views and reshapes the results back to the caller's layout. Implementations provide
 
     forward(prob, inp, out=None, lse=None) -> (out (B, H, Nq, D), lse (B, H, Nq) float32)
-    backward(prob, inp, dout, out, lse)   -> (dq (B, H, Nq, D), dk (B, Hk, Nk, D), dv, dbias | None,
-                                              dscale (H,) float64 NumPy)
+    backward(prob, inp, dout, out, lse, need_dscale=True)
+        -> (dq (B, H, Nq, D), dk (B, Hk, Nk, D), dv, dbias | None, dscale (H,) float64 NumPy | None)
 
 where dbias has the shape of ``inp.bias`` (the 4-D broadcast view). Empty problems (Nq = 0 or
 Nk = 0) are answered here and never reach a backend: nothing is launched for them.
 """
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import numpy as np
 
 from . import problem as _problem
-from .problem import Inputs, Problem, array_library, canonicalize, check_backward_extras
-
-BACKENDS = ("auto", "cuda", "emulator", "reference")
-
-
-def resolve_backend(backend, lib: str) -> str:
-    """The concrete backend for arrays of library `lib` ('numpy' or 'cupy')."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "cuda" if lib == "cupy" else "reference"
-    if backend == "cuda" and lib != "cupy":
-        raise TypeError(f"backend='cuda' runs on CuPy arrays, got {lib} arrays (use backend='emulator' "
-                        f"to run the same kernels on the CPU)")
-    if backend in ("emulator", "reference") and lib != "numpy":
-        raise TypeError(f"backend={backend!r} runs on NumPy arrays, got {lib} arrays")
-    return backend
+from .backends import BACKENDS, backend_impl, check_backend_dtype, resolve_backend  # noqa: F401  (BACKENDS: part of this module's names)
+from .problem import Array, Inputs, Problem, array_library, canonicalize, check_backward_extras
 
 
-def backend_impl(name: str):
-    """The module implementing backend `name` (imported lazily: CuPy only for 'cuda')."""
-    if name == "reference":
-        from . import reference
-
-        return reference
-    from . import launch
-
-    return launch.Backend(name)
-
-
-def _xp(lib: str):
+def _xp(lib: str) -> Any:
     if lib == "cupy":
         import cupy
 
@@ -53,31 +30,35 @@ def _xp(lib: str):
     return np
 
 
-def _empty_forward(prob: Problem, inp: Inputs, xp):
+def _empty_forward(prob: Problem, inp: Inputs, xp: Any) -> tuple[Array, Array]:
     out = xp.zeros((prob.B, prob.H, prob.Nq, prob.D), dtype=prob.dtype)
     lse = xp.full((prob.B, prob.H, prob.Nq), -np.inf, dtype=np.float32)
     return out, lse
 
 
-def forward_canonical(prob: Problem, inp: Inputs, backend: str, out=None, lse=None):
+def forward_canonical(prob: Problem, inp: Inputs, backend: str, out: Optional[Array] = None,
+                      lse: Optional[Array] = None) -> tuple[Array, Array]:
     """Run a checked problem on backend `backend`; `out`/`lse` optionally preallocated (canonical shapes)."""
+    check_backend_dtype(prob, backend)
     xp = _xp(array_library(inp.q))
     if prob.Nq == 0 or prob.Nk == 0:
-        o, l = _empty_forward(prob, inp, xp)
+        o, ls = _empty_forward(prob, inp, xp)
         if out is not None:
             out[...] = o
             o = out
         if lse is not None:
-            lse[...] = l
-            l = lse
-        return o, l
+            lse[...] = ls
+            ls = lse
+        return o, ls
     return backend_impl(backend).forward(prob, inp, out=out, lse=lse)
 
 
-def backward_canonical(prob: Problem, inp: Inputs, dout, out, lse, backend: str, need_dscale: bool = True):
+def backward_canonical(prob: Problem, inp: Inputs, dout: Array, out: Array, lse: Array, backend: str,
+                       need_dscale: bool = True) -> tuple[Array, Array, Array, Optional[Array], Optional[np.ndarray]]:
     """Gradients of a checked problem (canonical shapes in and out; see the module docstring).
     need_dscale=False lets the kernel backends skip dscale (returned as None), which on the GPU also
     skips the backward's only device-to-host copy; the reference computes it regardless."""
+    check_backend_dtype(prob, backend)
     xp = _xp(array_library(inp.q))
     if prob.Nq == 0 or prob.Nk == 0:
         dq = xp.zeros(inp.q.shape, dtype=prob.dtype)
@@ -85,14 +66,13 @@ def backward_canonical(prob: Problem, inp: Inputs, dout, out, lse, backend: str,
         dv = xp.zeros(inp.v.shape, dtype=prob.dtype)
         dbias = None if inp.bias is None else xp.zeros(inp.bias.shape, dtype=inp.bias.dtype)
         return dq, dk, dv, dbias, np.zeros((prob.H,), dtype=np.float64)
-    impl = backend_impl(backend)
-    if need_dscale or backend == "reference":
-        return impl.backward(prob, inp, dout, out, lse)
-    return impl.backward(prob, inp, dout, out, lse, need_dscale=False)
+    return backend_impl(backend).backward(prob, inp, dout, out, lse, need_dscale=need_dscale)
 
 
-def forward(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=False, scale=_problem.DEFAULT_SCALE,
-            groups=1, causal=False, l2norm_qk=True, deterministic=False, backend="auto"):
+def forward(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None, attn_bias: Optional[Array] = None,
+            attn_bias_batch_dim: bool = False, scale: Any = _problem.DEFAULT_SCALE, groups: int = 1,
+            causal: bool = False, l2norm_qk: bool = True, deterministic: bool = False,
+            backend: str = "auto") -> tuple[Array, Array]:
     """Cosine-sim attention forward pass.
 
     q: (B, H, Nq, D) or merged (BH, Nq, D); k, v: (B, Hk, Nk, D), (B, Nk, D) or merged (BH, Nk, D).
@@ -107,9 +87,10 @@ def forward(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=False, sc
     return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
 
-def backward(dout, q, k, v, out, lse, *, mask=None, attn_bias=None, attn_bias_batch_dim=False,
-             scale=_problem.DEFAULT_SCALE, groups=1, causal=False, l2norm_qk=True, deterministic=False,
-             backend="auto"):
+def backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array, *, mask: Optional[Array] = None,
+             attn_bias: Optional[Array] = None, attn_bias_batch_dim: bool = False, scale: Any = _problem.DEFAULT_SCALE,
+             groups: int = 1, causal: bool = False, l2norm_qk: bool = True, deterministic: bool = False,
+             backend: str = "auto") -> tuple[Array, Array, Array, Optional[Array], Any]:
     """Gradients of `forward` given dout = dL/dout, and out, lse from `forward`.
 
     Returns (dq, dk, dv, dbias, dscale): dq, dk, dv shaped and typed like q, k, v; dbias like attn_bias
@@ -127,7 +108,7 @@ def backward(dout, q, k, v, out, lse, *, mask=None, attn_bias=None, attn_bias_ba
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), dbias, _user_dscale(dscale, scale, prob)
 
 
-def _user_dscale(dscale, scale, prob: Problem):
+def _user_dscale(dscale: np.ndarray, scale: Any, prob: Problem) -> Any:
     """dscale in the caller's form: a float for a scalar scale, else like the scale array."""
     dscale = np.asarray(dscale, dtype=np.float64)
     if not prob.per_head_scale:
@@ -139,9 +120,10 @@ def _user_dscale(dscale, scale, prob: Problem):
     return _xp(lib).asarray(res) if lib == "cupy" else res
 
 
-def cosine_sim_attention(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=False,
-                         scale=_problem.DEFAULT_SCALE, groups=1, causal=False, l2norm_qk=True,
-                         deterministic=False, backend="auto"):
+def cosine_sim_attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
+                         attn_bias: Optional[Array] = None, attn_bias_batch_dim: bool = False,
+                         scale: Any = _problem.DEFAULT_SCALE, groups: int = 1, causal: bool = False,
+                         l2norm_qk: bool = True, deterministic: bool = False, backend: str = "auto") -> Array:
     """Cosine-sim attention output (q's shape and dtype); see `forward`. For gradients use
     `backward`, or cupy_cosattn.torch for autograd."""
     return forward(q, k, v, mask=mask, attn_bias=attn_bias, attn_bias_batch_dim=attn_bias_batch_dim, scale=scale,

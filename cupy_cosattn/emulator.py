@@ -10,7 +10,9 @@ arrays with a faithful model of the warp-level execution.
 `RawModule` mirrors ``cupy.RawModule``; NumPy arrays stand for device pointers and NumPy scalars
 (including structured ``np.void`` scalars, passed by value as their raw bytes) for by-value arguments.
 See docs/emulator.md for what is modelled (every thread a fiber, real barriers, warp collectives from
-the PTX fragment tables, cp.async landing at the wait, guarded memory) and what is not.
+the PTX fragment tables, cp.async landing at the wait, guarded and garbage-filled memory, a watchdog
+for threads that spin without progress, an instrumented mode that finds races between blocks) and
+what is not.
 
 This module never imports CuPy.
 """
@@ -23,10 +25,10 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import threading
 import weakref
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 
@@ -48,8 +50,17 @@ __all__ = [
     "set_placement",
     "get_placement",
     "placement",
+    "set_fill",
+    "get_fill",
+    "fill",
     "set_num_workers",
     "get_num_workers",
+    "set_watchdog",
+    "get_watchdog",
+    "watchdog",
+    "set_race_check",
+    "get_race_check",
+    "race_check",
     "cache_dir",
 ]
 
@@ -119,10 +130,64 @@ def _env_placement():
     return _check_placement(v, "CUPY_COSATTN_EMU_PLACE") if v else "alternate"
 
 
-_state = {"interleave": _env_interleave(), "workers": _env_workers(), "placement": _env_placement()}
+# Fresh device arrays hold this byte everywhere (see set_fill); None leaves them as the OS maps them.
+_FILL_DEFAULT = 0xFF
 
 
-def set_interleave(seed):
+def _check_fill(value, what):
+    if value is None or value is False:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) <= 255:
+        raise ValueError(f"{what}: expected a byte value 0..255 or None (off), got {value!r}")
+    return int(value)
+
+
+def _env_fill():
+    v = os.environ.get("CUPY_COSATTN_EMU_FILL", "").strip().lower()
+    if not v:
+        return _FILL_DEFAULT
+    if v in ("off", "none", "no", "false"):
+        return None
+    try:
+        return _check_fill(int(v, 0), "CUPY_COSATTN_EMU_FILL")
+    except ValueError:
+        raise ValueError(f"CUPY_COSATTN_EMU_FILL: expected a byte value 0..255 (e.g. 0xff) or off, got {v!r}") from None
+
+
+_WATCHDOG_DEFAULT = 10.0  # seconds without progress before a launch is reported as hung
+
+
+def _check_watchdog(seconds, what):
+    if seconds is None or seconds is False:
+        return None
+    try:
+        v = float(seconds)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected a number of seconds > 0 or None (off), got {seconds!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise ValueError(f"{what}: expected a number of seconds > 0 or None (off), got {seconds!r}")
+    return v
+
+
+def _env_watchdog():
+    v = os.environ.get("CUPY_COSATTN_EMU_WATCHDOG", "").strip().lower()
+    if not v:
+        return _WATCHDOG_DEFAULT
+    if v in ("off", "none", "no", "false", "0"):
+        return None
+    return _check_watchdog(v, "CUPY_COSATTN_EMU_WATCHDOG")
+
+
+def _env_race():
+    v = os.environ.get("CUPY_COSATTN_EMU_RACE", "").strip().lower()
+    return v not in ("", "0", "off", "no", "false", "none")
+
+
+_state = {"interleave": _env_interleave(), "workers": _env_workers(), "placement": _env_placement(),
+          "fill": _env_fill(), "watchdog": _env_watchdog(), "race": _env_race()}
+
+
+def set_interleave(seed: Optional[int]) -> None:
     """Turn the interleaving mode on with an integer seed, or off with None.
 
     On, every scheduling point (barrier, warp collective, atomic, cp.async issue) picks the next
@@ -137,7 +202,7 @@ def set_interleave(seed):
         _state["interleave"] = int(seed) & 0xFFFFFFFFFFFFFFFF
 
 
-def get_interleave():
+def get_interleave() -> Optional[int]:
     """The current interleave seed, or None when the mode is off."""
     return _state["interleave"]
 
@@ -153,12 +218,12 @@ def _temporarily(key: str, setter, value):
         _state[key] = old
 
 
-def interleave(seed):
+def interleave(seed: Optional[int]) -> contextlib.AbstractContextManager:
     """Context manager: set_interleave(seed) inside the block, restored after."""
     return _temporarily("interleave", set_interleave, seed)
 
 
-def set_placement(mode):
+def set_placement(mode: str) -> None:
     """Where new device arrays sit between their two guard regions (PROT_NONE pages, so that a kernel
     touching them faults), for out-of-bounds reads to be caught on either side:
 
@@ -178,27 +243,105 @@ def set_placement(mode):
     data hold canaries, checked after every launch. The environment variable
     CUPY_COSATTN_EMU_PLACE=end|start|alternate|exact sets the initial value. Arrays already
     allocated keep their placement.
+
+    Dynamic shared memory follows the same setting at every launch, with ``"alternate"`` by the
+    parity of the block index plus a launch counter: against its start guard (``smem[-1]`` faults)
+    or its end guard, with canaries in the slack checked when each block is done.
     """
     _state["placement"] = _check_placement(mode, "set_placement")
 
 
-def get_placement():
+def get_placement() -> str:
     """The placement new device arrays get: "end", "start", "alternate" or "exact"."""
     return _state["placement"]
 
 
-def placement(mode):
+def placement(mode: str) -> contextlib.AbstractContextManager:
     """Context manager: set_placement(mode) inside the block, restored after."""
     return _temporarily("placement", set_placement, mode)
 
 
-def set_num_workers(n):
+def set_fill(value: Optional[int]) -> None:
+    """What fresh device arrays (device_empty, and so every buffer the launch layer allocates without
+    initializing it) hold: every byte set to `value` (0..255), or None to leave them as the OS maps
+    them, all zeros.
+
+    The default, 0xFF, is a NaN in float32, float16 and bfloat16 (and -1 in every signed integer
+    type): on a GPU ``cupy.empty`` hands out recycled pool memory, so a kernel that fails to write
+    part of its output (padding columns, say) must not pass because fresh memory happens to be zero.
+    The environment variable CUPY_COSATTN_EMU_FILL=<byte, e.g. 0xff>|off sets the initial value.
+    device_zeros and to_device are not affected (they write every byte).
+    """
+    _state["fill"] = _check_fill(value, "set_fill")
+
+
+def get_fill() -> Optional[int]:
+    """The byte fresh device arrays are filled with, or None when the fill is off."""
+    return _state["fill"]
+
+
+def fill(value: Optional[int]) -> contextlib.AbstractContextManager:
+    """Context manager: set_fill(value) inside the block, restored after."""
+    return _temporarily("fill", set_fill, value)
+
+
+def set_watchdog(seconds: Optional[float]) -> None:
+    """Report a launch as hung when none of its threads made progress for `seconds` (None: off).
+
+    Progress is a barrier or warp collective completing, copies landing at a cp.async wait, a thread
+    exiting, or any change in shared or global memory. Threads of a block switch only at scheduling
+    points, so the watchdog also preempts a thread that runs long without one (after about 0.1 s), so
+    that a spin-wait on a flag another thread sets (legal on Volta and later) makes progress; one
+    that no thread ever sets raises EmulatorError after the bound, naming the spinning threads and
+    their call sites (the function, its offsets in the module and the source lines). Off, the
+    preemption is off too, and such a launch hangs. Default 10 s; the environment variable
+    CUPY_COSATTN_EMU_WATCHDOG=<seconds>|off sets the initial value.
+    """
+    _state["watchdog"] = _check_watchdog(seconds, "set_watchdog")
+
+
+def get_watchdog() -> Optional[float]:
+    """The watchdog's bound in seconds, or None when it is off."""
+    return _state["watchdog"]
+
+
+def watchdog(seconds: Optional[float]) -> contextlib.AbstractContextManager:
+    """Context manager: set_watchdog(seconds) inside the block, restored after."""
+    return _temporarily("watchdog", set_watchdog, seconds)
+
+
+def set_race_check(on: bool) -> None:
+    """Turn the detection of races between blocks in global memory on or off (default off).
+
+    On, kernels run from a build instrumented by the compiler (g++ -fsanitize=thread, with the
+    emulator's own handlers instead of ThreadSanitizer's run-time library): every plain load and
+    store to a device array is recorded per byte with the block that made it, and a launch in which
+    one block writes a byte that another block reads or writes raises EmulatorError naming the
+    kernel, both blocks and threads, and the buffer and byte offset. Atomics are exempt (as are
+    accesses by threads of the same block, ordered by barriers). Blocks run on one worker thread.
+    Slow: an instrumented build of each module (once, cached) and a call per memory access; use it
+    on small problems. The environment variable CUPY_COSATTN_EMU_RACE=1 sets the initial value.
+    """
+    _state["race"] = bool(on)
+
+
+def get_race_check() -> bool:
+    """Whether race detection is on."""
+    return _state["race"]
+
+
+def race_check(on: bool = True) -> contextlib.AbstractContextManager:
+    """Context manager: set_race_check(on) inside the block, restored after."""
+    return _temporarily("race", set_race_check, on)
+
+
+def set_num_workers(n: int) -> None:
     """Number of OS threads blocks are spread over (default min(2, cpu count), or
     CUPY_COSATTN_EMU_THREADS). With one worker, float atomics accumulate in a fixed order."""
     _state["workers"] = max(1, int(n))
 
 
-def get_num_workers():
+def get_num_workers() -> int:
     return _state["workers"]
 
 
@@ -234,7 +377,7 @@ def _compiler_id():
 def _shim_digest():
     h = hashlib.sha256()
     for p in sorted(_EMU_DIR.iterdir()):
-        if p.is_file() and p.suffix in (".h", ".cpp", ".hpp"):
+        if p.is_file() and p.suffix in (".h", ".cpp", ".hpp", ".inc"):
             h.update(p.name.encode())
             h.update(p.read_bytes())
     return h.hexdigest()
@@ -316,8 +459,11 @@ def _runtime():
         lib.caemu_alloc.restype = ctypes.c_void_p
         lib.caemu_free.argtypes = [ctypes.c_void_p]
         lib.caemu_free.restype = None
-        lib.caemu_check_canaries.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
+        lib.caemu_check_canaries.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64),
+                                             ctypes.c_int]
         lib.caemu_check_canaries.restype = ctypes.c_int
+        lib.caemu_set_option.argtypes = [ctypes.c_int, ctypes.c_longlong]
+        lib.caemu_set_option.restype = None
         lib.caemu_configure(_env_stack())
         _runtime_lib = lib
         return lib
@@ -361,10 +507,20 @@ def _dtype_name(dt):
     return str(np.dtype(dt))
 
 
-def device_empty(shape, dtype=np.float32):
+def device_empty(shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
     """An uninitialized "device" array: a NumPy array over a guarded allocation (PROT_NONE pages on
     both sides, the data flush against one of them as set_placement says, canaries in the slack).
-    Out-of-bounds kernel accesses fault or hit a canary and raise EmulatorError."""
+    Out-of-bounds kernel accesses fault or hit a canary and raise EmulatorError. Every byte holds the
+    garbage of set_fill (0xFF by default: NaN as any float type)."""
+    arr = _device_alloc(shape, dtype)
+    value = _state["fill"]
+    if value is not None and arr.size:
+        np.asarray(_guarded_owner(arr)).fill(value)  # the allocation's bytes (uint8)
+    return arr
+
+
+def _device_alloc(shape, dtype):
+    """A device array straight from the allocator: all zeros (fresh anonymous pages)."""
     dtype = np.dtype(dtype)
     shape = (shape,) if np.isscalar(shape) else tuple(int(s) for s in shape)
     n = 1
@@ -378,23 +534,21 @@ def device_empty(shape, dtype=np.float32):
     return arr
 
 
-def device_zeros(shape, dtype=np.float32):
+def device_zeros(shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
     """device_empty, filled with zeros."""
-    a = device_empty(shape, dtype)
-    a.view(np.uint8).reshape(-1)[:] = 0
-    return a
+    return _device_alloc(shape, dtype)  # fresh anonymous pages are zero
 
 
-def to_device(a, dtype=None):
+def to_device(a: Any, dtype: Any = None) -> np.ndarray:
     """A guarded copy of `a` (C-contiguous)."""
     a = np.asarray(a, dtype=dtype)
-    d = device_empty(a.shape, a.dtype)
+    d = _device_alloc(a.shape, a.dtype)  # every byte is copied: no fill needed
     if a.size:
         np.copyto(d, a, casting="no")
     return d
 
 
-def to_host(a):
+def to_host(a: np.ndarray) -> np.ndarray:
     """A plain NumPy copy of a device array."""
     return np.array(a, copy=True)
 
@@ -406,16 +560,17 @@ def _guarded_owner(a):
     return b if isinstance(b, _GuardedBuffer) else None
 
 
-def is_device_array(a):
+def is_device_array(a: Any) -> bool:
     """True for NumPy arrays over a guarded allocation (device_empty / device_zeros / to_device)."""
     return isinstance(a, np.ndarray) and _guarded_owner(a) is not None
 
 
-def device_ptr(a) -> int:
+def device_ptr(a: np.ndarray) -> int:
     """Address of a device array's first element, as the kernels see it (for pointer fields of a
     params struct)."""
     if not isinstance(a, np.ndarray):
-        raise TypeError(f"device_ptr expects a NumPy array from emulator.device_empty/to_device, got {type(a).__name__}")
+        raise TypeError(f"device_ptr expects a NumPy array from emulator.device_empty/to_device, "
+                        f"got {type(a).__name__}")
     if _guarded_owner(a) is None:
         raise TypeError("device_ptr: the array is not a device array; make one with emulator.to_device(a) "
                         "(plain NumPy memory has no guard pages, so out-of-bounds accesses would go unnoticed)")
@@ -430,6 +585,8 @@ def _describe_alloc(aid, offset):
     itemsize = np.dtype(dt).itemsize if dt else 1
     where = "before its start" if offset < 0 else "past its end" if offset >= nbytes else "inside"
     elem = f", element {offset // itemsize}" if itemsize > 1 else ""
+    if 0 <= offset < nbytes and len(shape) > 1:
+        elem += f" {tuple(int(i) for i in np.unravel_index(offset // itemsize, shape))}"
     return (f"buffer of shape {shape} dtype {dt} ({nbytes} bytes, placement {place}) at byte offset "
             f"{offset}{elem} ({where})")
 
@@ -587,6 +744,12 @@ def _translate_options(options):
     return flags, incdirs
 
 
+# Race mode: gcc's ThreadSanitizer pass (function entry/exit hooks off: only memory accesses), linked
+# without libtsan; calls of memcpy / memset / memmove go to the runtime's __wrap_ versions.
+_RACE_CFLAGS = ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0"]
+_RACE_LDFLAGS = ["-Wl,--wrap=memcpy,--wrap=memset,--wrap=memmove"]
+
+
 def _extra_cflags():
     v = os.environ.get("CUPY_COSATTN_EMU_CFLAGS", "").split()
     return v
@@ -596,7 +759,8 @@ class RawKernel:
     """One kernel of an emulated module; call it like cupy.RawKernel:
     ``kernel(grid, block, args, shared_mem=0)``."""
 
-    def __init__(self, module, name, entry, arginfo, tls_probe=None):
+    def __init__(self, module: RawModule, name: str, entry: int, arginfo: list[tuple[int, int, bool]],
+                 tls_probe: Optional[int] = None) -> None:
         self._module = module  # keep the library loaded
         self._tls_probe = tls_probe
         self.name = name
@@ -606,15 +770,16 @@ class RawKernel:
         self.preferred_shared_memory_carveout = -1
 
     @property
-    def num_args(self):
+    def num_args(self) -> int:
         return len(self._arginfo)
 
     @property
-    def attributes(self):
+    def attributes(self) -> dict[str, int]:
         return {"max_dynamic_shared_size_bytes": self.max_dynamic_shared_size_bytes, "num_regs": 0,
                 "local_size_bytes": 0, "shared_size_bytes": 0, "max_threads_per_block": 1024}
 
-    def __call__(self, grid, block, args, shared_mem=0, stream=None, enable_cooperative_groups=False):
+    def __call__(self, grid: Any, block: Any, args: tuple, shared_mem: int = 0, stream: Any = None,
+                 enable_cooperative_groups: bool = False) -> None:
         launch(self, grid, block, args, shared_mem=shared_mem)
 
 
@@ -665,7 +830,49 @@ def _arg_bytes(kname, i, a, info, temps):
     return data
 
 
-def launch(kernel, grid, block, args, shared_mem=0):
+# caemu_set_option keys (runtime.cpp).
+_OPT_SMEM_PLACEMENT, _OPT_WATCHDOG_MS, _OPT_RACE = 1, 2, 3
+
+_CODE_ADDRS = re.compile(r"\[(/[^\[\],]+?)\+(0x[0-9a-f]+(?:, \+0x[0-9a-f]+)*)\]")
+
+
+def _source_line(path, line):
+    try:
+        with open(path, errors="replace") as f:
+            for i, text in enumerate(f, 1):
+                if i == line:
+                    text = " ".join(text.split())
+                    return text if len(text) <= 100 else text[:97] + "..."
+    except OSError:
+        pass
+    return ""
+
+
+def _resolve_code_addresses(msg):
+    """Append the source lines (addr2line) to each "[library+0xoff, +0xoff, ...]" of a runtime message,
+    when the library has line information; unchanged otherwise."""
+    def lines(m):
+        offs = [o.strip().lstrip("+") for o in m.group(2).split(",")]
+        try:
+            out = subprocess.run(["addr2line", "-e", m.group(1)] + offs, capture_output=True, text=True,
+                                 timeout=30).stdout.splitlines()
+        except (OSError, subprocess.SubprocessError):
+            return m.group(0)
+        found = []
+        for loc in out:
+            loc = loc.split(" (discriminator")[0].strip()
+            path, _, num = loc.rpartition(":")
+            if not path or path.startswith("??") or not num.isdigit():
+                continue
+            text = _source_line(path, int(num))
+            item = f"{os.path.basename(path)}:{num}" + (f": `{text}`" if text else "")
+            if item not in found:
+                found.append(item)
+        return f"{m.group(0)} ({'; '.join(found)})" if found else m.group(0)
+    return _CODE_ADDRS.sub(lines, msg)
+
+
+def launch(kernel: RawKernel, grid: Any, block: Any, args: tuple, shared_mem: int = 0) -> None:
     """Run `kernel` (a RawKernel of an emulated module) on the CPU. Same as calling the kernel."""
     lib = _runtime()
     kname = kernel.name
@@ -693,13 +900,24 @@ def launch(kernel, grid, block, args, shared_mem=0):
         bv = (ctypes.c_uint * 3)(*b)
         res = _Result()
         seed = _state["interleave"]
-        code = lib.caemu_launch(kernel._entry, kname.encode(), gv, bv, argv, shared_mem, _state["workers"],
-                                0 if seed is None else 1, 0 if seed is None else seed, kernel._tls_probe,
+        race = _state["race"]
+        entry, probe = kernel._module._race_entry(kname) if race else (kernel._entry, kernel._tls_probe)
+        wd = _state["watchdog"]
+        lib.caemu_set_option(_OPT_SMEM_PLACEMENT, _PLACEMENTS[_state["placement"]])
+        lib.caemu_set_option(_OPT_WATCHDOG_MS, 0 if wd is None else max(1, int(wd * 1000)))
+        lib.caemu_set_option(_OPT_RACE, int(race))
+        code = lib.caemu_launch(entry, kname.encode(), gv, bv, argv, shared_mem, _state["workers"],
+                                0 if seed is None else 1, 0 if seed is None else seed, probe,
                                 ctypes.byref(res))
         if code:
             msg = res.msg.decode(errors="replace")
             if code == 2 and res.alloc_id >= 0:
                 msg += ": out of bounds of " + _describe_alloc(res.alloc_id, res.offset)
+            elif code == 3:
+                msg = re.sub(r"\{alloc (-?\d+) (-?\d+)\}",
+                             lambda m: "in " + _describe_alloc(int(m.group(1)), int(m.group(2))), msg)
+            if "watchdog:" in msg:
+                msg = _resolve_code_addresses(msg)
             try:
                 _check_canaries(kname)  # re-arm, so the next launch starts clean
             except EmulatorError as e:
@@ -718,8 +936,9 @@ class RawModule:
     (g++ -O2 -std=c++17 -DCA_EMULATOR, with cuda_src/ and emu/shim.h) on the first get_function, and
     cached on disk (see cache_dir()). -I / -D / -U options are honoured, NVRTC-only options ignored."""
 
-    def __init__(self, code=None, path=None, options=(), backend="nvrtc", translate_cucomplex=False, *,
-                 enable_cooperative_groups=False, name_expressions=None, jitify=False):
+    def __init__(self, code: Optional[str] = None, path: Optional[str] = None, options: tuple = (),
+                 backend: str = "nvrtc", translate_cucomplex: bool = False, *, enable_cooperative_groups: bool = False,
+                 name_expressions: Optional[tuple] = None, jitify: bool = False) -> None:
         if code is None:
             if path is None:
                 raise TypeError("RawModule needs code= or path=")
@@ -727,12 +946,15 @@ class RawModule:
         self.code = code
         self.options = tuple(options or ())
         self.name_expressions = tuple(name_expressions or ())
-        self._lib = None
+        self._libs = {}  # variant ("plain" | "race") -> loaded library
         self._kernels = {}
+        self._race_entries = {}
 
-    def _build(self):
-        if self._lib is not None:
-            return self._lib
+    def _build(self, race: bool = False):
+        """The module's library: plain, or instrumented for race detection (see set_race_check)."""
+        variant = "race" if race else "plain"
+        if variant in self._libs:
+            return self._libs[variant]
         _runtime()
         flags, incdirs = _translate_options(self.options)
         extra = _extra_cflags()
@@ -741,13 +963,15 @@ class RawModule:
         entries = [(e, e) for e in exprs]
         known = {e for e in exprs}
         entries_auto = entries + [(short, q) for q, short in auto if short not in known and q not in known]
-        base = [_cxx(), "-O2", "-std=c++17", "-fPIC", "-shared", "-fno-strict-aliasing", "-fstack-clash-protection",
-                "-Wno-unknown-pragmas",
+        # -g1: line tables, so that the watchdog can name the source lines of its call sites
+        base = [_cxx(), "-O2", "-g1", "-std=c++17", "-fPIC", "-shared", "-fno-strict-aliasing",
+                "-fstack-clash-protection", "-Wno-unknown-pragmas",
                 # cuda_src/emu/ first: its cuda_fp16.h / cuda_bf16.h stand in for CUDA's
                 "-DCA_EMULATOR", f"-I{_EMU_DIR}", f"-I{CUDA_SRC}"] + flags + extra + ["-include", str(_SHIM)]
         digest = hashlib.sha256()
         for part in (_ABI, _compiler_id(), "\0".join(base), _shim_digest(),
-                     _headers_digest([CUDA_SRC] + incdirs), self.code, "\0".join(exprs)):
+                     _headers_digest([CUDA_SRC] + incdirs), self.code, "\0".join(exprs), variant,
+                     "file-prefix-map"):
             digest.update(part.encode())
             digest.update(b"\1")
         key = digest.hexdigest()[:32]
@@ -759,13 +983,13 @@ class RawModule:
                 if not out.exists():
                     src = d / f"mod-{key}.cpp"
                     try:
-                        self._write_and_compile(src, out, base, entries_auto)
+                        self._write_and_compile(src, out, base, entries_auto, race)
                     except EmulatorError:
                         if len(entries_auto) == len(entries):
                             raise
                         # A name found by the source scan did not work as an expression (an overload,
                         # say): build with the name expressions only.
-                        self._write_and_compile(src, out, base, entries)
+                        self._write_and_compile(src, out, base, entries, race)
                 lib = ctypes.CDLL(str(out))
                 lib.caemu_module_count.restype = ctypes.c_int
                 lib.caemu_module_name.restype = ctypes.c_char_p
@@ -775,30 +999,49 @@ class RawModule:
                 lib.caemu_module_args.restype = ctypes.c_int
                 lib.caemu_module_args.argtypes = [ctypes.c_int, ctypes.POINTER(_ArgInfo), ctypes.c_int]
                 _modules[key] = lib
-        self._lib = lib
+        self._libs[variant] = lib
         return lib
 
-    def _write_and_compile(self, src, out, base, entries):
+    def _write_and_compile(self, src, out, base, entries, race=False):
         text = self.code + "\n" + _wrappers(entries)
         tmp_src = src.with_name(f"{src.name}.{os.getpid()}.{threading.get_ident()}.cpp")
         tmp_src.write_text(text)
         try:
-            _compile(base + [str(tmp_src), "-o", "@OUT@"], out, "an emulated module")
+            # line information names the source by the name it keeps after the build
+            base = base + [f"-ffile-prefix-map={tmp_src}={src}"]
+            if not race:
+                _compile(base + [str(tmp_src), "-o", "@OUT@"], out, "an emulated module")
+            else:
+                # The compiler's ThreadSanitizer instrumentation without its run-time library: the
+                # calls it inserts (and memcpy / memset / memmove, wrapped at link time) go to the
+                # emulator runtime's race detector (cuda_src/emu/race.inc).
+                obj = out.with_name(out.name + ".o")
+                _compile(base + _RACE_CFLAGS + ["-c", str(tmp_src), "-o", "@OUT@"], obj, "an instrumented module")
+                try:
+                    _compile([_cxx(), "-shared", str(obj), "-o", "@OUT@"] + _RACE_LDFLAGS, out,
+                             "an instrumented module")
+                finally:
+                    obj.unlink(missing_ok=True)
         finally:
             try:
                 os.replace(tmp_src, src)  # keep the generated source beside the build, for debugging
             except OSError:
                 pass
 
-    def compile(self, log_stream=None):
+    def compile(self, log_stream: Any = None) -> None:
         self._build()
 
-    def get_function(self, name):
-        """The kernel named `name`: a name expression given to the constructor (exactly, or up to
-        whitespace), or the name of a non-template __global__ function."""
-        if name in self._kernels:
-            return self._kernels[name]
-        lib = self._build()
+    def _race_entry(self, name):
+        """(entry, TLS probe) of kernel `name` in the instrumented build."""
+        got = self._race_entries.get(name)
+        if got is None:
+            lib = self._build(race=True)
+            idx = self._kernel_index(lib, name)
+            probe = ctypes.cast(lib.caemu_module_tls_probe, ctypes.c_void_p).value
+            got = self._race_entries[name] = (lib.caemu_module_entry(idx), probe)
+        return got
+
+    def _kernel_index(self, lib, name):
         table = {}
         for i in range(lib.caemu_module_count()):
             table[lib.caemu_module_name(i).decode()] = i
@@ -809,6 +1052,15 @@ class RawModule:
         if idx is None:
             raise EmulatorError(f"no kernel named {name!r} in the module (known: {sorted(table)}); template "
                                 "kernels must be listed in name_expressions")
+        return idx
+
+    def get_function(self, name: str) -> RawKernel:
+        """The kernel named `name`: a name expression given to the constructor (exactly, or up to
+        whitespace), or the name of a non-template __global__ function."""
+        if name in self._kernels:
+            return self._kernels[name]
+        lib = self._build()
+        idx = self._kernel_index(lib, name)
         infos = (_ArgInfo * 64)()
         n = lib.caemu_module_args(idx, infos, 64)
         arginfo = [(infos[i].size, infos[i].align, infos[i].is_pointer) for i in range(min(n, 64))]

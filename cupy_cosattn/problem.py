@@ -19,6 +19,7 @@ kv head (Hk = 1).
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -31,16 +32,25 @@ try:  # bfloat16 for NumPy arrays (a runtime dependency, but keep the import fai
 except ImportError:  # pragma: no cover
     BFLOAT16 = None
 
+# The dtypes the kernels take (backends "cuda" and "emulator").
 SUPPORTED_DTYPES = tuple(d for d in (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32)) if d is not None)
 DTYPE_NAMES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}
 if BFLOAT16 is not None:
     DTYPE_NAMES[BFLOAT16] = "bfloat16"
+FLOAT64 = np.dtype(np.float64)
+# canonicalize also accepts float64, which only the reference backend (it computes in float64 anyway)
+# runs: NumPy's default dtype, so np.random.randn input works with backend "reference" / "auto".
+ACCEPTED_DTYPES = SUPPORTED_DTYPES + (FLOAT64,)
+FLOAT64_NOTE = "and float64 on the reference backend"  # the tail of the unsupported-dtype message
 
 DEFAULT_SCALE = 8.0
 NORM_EPS = 1e-12  # each l2-normalized chunk is x / max(||x||, NORM_EPS)
 
 # Bias layouts (how the user's bias maps onto (B, H, Nq, Nk)).
 BIAS_NONE, BIAS_PER_HEAD, BIAS_PER_BATCH, BIAS_FULL = "none", "head", "batch", "full"
+
+# A NumPy or CuPy array (CuPy is optional, so there is no narrower static type for both).
+Array = Any
 
 
 @dataclass(frozen=True)
@@ -62,15 +72,33 @@ class Problem:
     per_head_scale: bool = False
     deterministic: bool = False
     merged: bool = False  # the caller passed 3-D (BH, N, D) arrays
-    kv_3d: bool = False  # the caller passed 3-D k/v with a 4-D q (one shared kv head)
 
     @property
     def dtype_name(self) -> str:
-        return DTYPE_NAMES[self.dtype]
+        return DTYPE_NAMES.get(self.dtype, self.dtype.name)
 
     @property
     def has_bias(self) -> bool:
         return self.bias_layout != BIAS_NONE
+
+    @property
+    def bias_shape(self) -> tuple[int, ...]:
+        """(Bb, Hb, Nq, Nk) of the canonical bias view (Bb in {1, B}, Hb in {1, H}); () without a bias."""
+        if not self.has_bias:
+            return ()
+        Bb = self.B if self.bias_layout in (BIAS_PER_BATCH, BIAS_FULL) else 1
+        Hb = self.H if self.bias_layout in (BIAS_PER_HEAD, BIAS_FULL) else 1
+        return (Bb, Hb, self.Nq, self.Nk)
+
+    @property
+    def bias_dense(self) -> bool:
+        """The bias has one element per (b, h, query, key), so dbias is dS itself (no reduction)."""
+        return self.bias_shape == (self.B, self.H, self.Nq, self.Nk)
+
+    @property
+    def bias_sum_axes(self) -> tuple[int, ...]:
+        """The axes of (B, H, Nq, Nk) over which dS sums to dbias: those the bias has size 1 along."""
+        return tuple(ax for ax in (0, 1) if self.bias_shape[ax] == 1)
 
     @property
     def q_per_kv(self) -> int:
@@ -79,8 +107,24 @@ class Problem:
 
     @property
     def fixed_offset_safe(self) -> bool:
-        """exp(s - scale) cannot overflow: q, k normalized here and no bias (DESIGN.md section 1)."""
+        """exp(s - scale) cannot overflow: q, k normalized here and no bias (docs/design.md section 1)."""
         return self.l2norm_qk and not self.has_bias
+
+
+def visible(prob: Problem, rows: Any, cols: Any, mask: Any = None) -> Any:
+    """Which (query, key) pairs take part in the softmax: key j is visible to query i iff the mask
+    allows it (with prob.has_mask: `mask` (B, K) bool, True = may attend, for the keys `cols`) and,
+    with prob.causal, j <= i + (Nk - Nq) (bottom-right aligned). `rows` (R, 1) and `cols` (1, K) are
+    integer index arrays of NumPy or torch.
+
+    Returns a bool array broadcastable to (B, 1, R, K), or None when every pair is visible."""
+    vis = None
+    if prob.causal:
+        vis = (cols <= rows + (prob.Nk - prob.Nq))[None, None]
+    if prob.has_mask:
+        m = mask[:, None, None, :]
+        vis = m if vis is None else vis & m
+    return vis
 
 
 @dataclass
@@ -95,7 +139,7 @@ class Inputs:
     scale: Any = None  # float64 (H,), on the host (NumPy)
 
 
-def array_library(x) -> str:
+def array_library(x: Any) -> str:
     """'numpy', 'cupy', or 'torch' for an array; anything else is not an array here."""
     mod = type(x).__module__.split(".")[0]
     if isinstance(x, np.ndarray):
@@ -107,10 +151,32 @@ def array_library(x) -> str:
     return ""
 
 
+QUOTE_LIMIT = 80  # at most this many characters of any value quoted in an error message
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 2
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdict = 6
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = QUOTE_LIMIT
+
+
+def _quote(x, limit: int = QUOTE_LIMIT) -> str:
+    """A repr of x for an error message, at most `limit` characters: containers are elided by reprlib
+    and the rest is cut, so that a huge value never makes a huge message."""
+    try:
+        r = _REPR.repr(x)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the error being reported
+        r = f"<{type(x).__name__} object>"
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
 def _describe(x) -> str:
+    """What x is, briefly: an array by library, shape and dtype; a container by type and length (and
+    its first elements); anything else by type and a capped repr."""
     if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return f"{array_library(x) or type(x).__name__} array of shape {tuple(x.shape)} and dtype {x.dtype}"
-    return f"{type(x).__name__} {x!r}"
+        return f"{array_library(x) or type(x).__name__} array of shape {_quote(tuple(x.shape))} and dtype {x.dtype}"
+    if isinstance(x, (list, tuple, dict, set, frozenset)):
+        return f"{type(x).__name__} of len {len(x)}: {_quote(x)}"
+    return f"{type(x).__name__} {_quote(x)}"
 
 
 def _device_of(x):
@@ -136,10 +202,19 @@ def _check_array(name: str, x, ndims, lib: Optional[str] = None):
 
 
 def _check_dtype(name: str, x):
-    if np.dtype(x.dtype) not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{name} has dtype {x.dtype}; supported are float16, bfloat16 (ml_dtypes.bfloat16 for NumPy) and float32"
-        )
+    if np.dtype(x.dtype) not in ACCEPTED_DTYPES:
+        raise TypeError(f"{name} has dtype {x.dtype}; supported are float16, bfloat16 (ml_dtypes.bfloat16 for NumPy) "
+                        f"and float32, {FLOAT64_NOTE}")
+
+
+FLOAT64_HINT = "backend='reference' (NumPy arrays) takes float64 and computes in float64"
+
+
+def check_kernel_dtype(dtype: Any, backend: str, hint: str = FLOAT64_HINT) -> None:
+    """Raise TypeError unless the kernel backend `backend` ("cuda", "emulator") takes q's `dtype`."""
+    if np.dtype(dtype) not in SUPPORTED_DTYPES:
+        raise TypeError(f"q, k and v have dtype {dtype}, which backend={backend!r} does not take: its kernels take "
+                        f"float16, bfloat16 and float32; {hint}")
 
 
 def _check_flag(name: str, value):
@@ -148,7 +223,7 @@ def _check_flag(name: str, value):
     return bool(value)
 
 
-def is_real_dtype(dtype) -> bool:
+def is_real_dtype(dtype: Any) -> bool:
     """A float (bfloat16 included: ml_dtypes' type is not an np.floating subtype) or integer dtype."""
     dtype = np.dtype(dtype)
     return (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
@@ -181,18 +256,20 @@ def _scale_vector(scale, H: int, merged: bool):
         raise TypeError(f"scale must hold real numbers, got dtype {host.dtype}")
     host = host.astype(np.float64)
     if not np.all(np.isfinite(host)) or not np.all(host > 0):
-        raise ValueError(f"scale must be finite and > 0 for every head, got {host.tolist()}")
+        raise ValueError(f"scale must be finite and > 0 for every head, got {_quote(host.tolist())}")
     return True, host
 
 
-def canonicalize(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=False, scale=DEFAULT_SCALE,
-                 groups=1, causal=False, l2norm_qk=True, deterministic=False):
+def canonicalize(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None, attn_bias: Optional[Array] = None,
+                 attn_bias_batch_dim: bool = False, scale: Any = DEFAULT_SCALE, groups: int = 1, causal: bool = False,
+                 l2norm_qk: bool = True, deterministic: bool = False) -> tuple[Problem, Inputs]:
     """Check every argument and return (Problem, Inputs). Raises ValueError/TypeError before any work.
 
-    Shapes accepted (DESIGN.md section 1): q (B, H, Nq, D) or merged (BH, Nq, D); k, v (B, Hk, Nk, D),
+    Shapes accepted (docs/design.md section 1): q (B, H, Nq, D) or merged (BH, Nq, D); k, v (B, Hk, Nk, D),
     or (B, Nk, D) with a 4-D q (one shared kv head), or (BH, Nk, D) with a 3-D q.
-    Empty lengths are allowed: Nq = 0 gives empty outputs; Nk = 0 leaves every query without a
-    visible key, so its output row is 0 (and its lse is -inf).
+    dtypes: float16, bfloat16, float32 and float64 (float64 runs only on the reference backend, see
+    `check_kernel_dtype`). Empty lengths are allowed: Nq = 0 gives empty outputs; Nk = 0 leaves every
+    query without a visible key, so its output row is 0 (and its lse is -inf).
     """
     _check_array("q", q, (3, 4))
     _check_array("k", k, (3, 4))
@@ -216,10 +293,12 @@ def canonicalize(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=Fals
     kv_3d = (not merged) and k.ndim == 3
     if merged:
         if k.ndim != 3:
-            raise ValueError(f"with a 3-D (merged batch-heads) q, k must be 3-D (BH, Nk, D), got shape {tuple(k.shape)}")
+            raise ValueError(f"with a 3-D (merged batch-heads) q, k must be 3-D (BH, Nk, D), "
+                             f"got shape {tuple(k.shape)}")
         BH, Nq, D = q.shape
         if k.shape[0] != BH:
-            raise ValueError(f"k has {k.shape[0]} batch-heads but q has {BH} (shapes k {tuple(k.shape)}, q {tuple(q.shape)})")
+            raise ValueError(f"k has {k.shape[0]} batch-heads but q has {BH} "
+                             f"(shapes k {tuple(k.shape)}, q {tuple(q.shape)})")
         B, H, Hk, Nk = BH, 1, 1, k.shape[1]
         q4 = q.reshape(B, 1, Nq, D)
         k4 = k.reshape(B, 1, Nk, D)
@@ -229,13 +308,15 @@ def canonicalize(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=Fals
         if kv_3d:
             Hk = 1
             if k.shape[0] != B:
-                raise ValueError(f"k has batch size {k.shape[0]} but q has {B} (shapes k {tuple(k.shape)}, q {tuple(q.shape)})")
+                raise ValueError(f"k has batch size {k.shape[0]} but q has {B} "
+                                 f"(shapes k {tuple(k.shape)}, q {tuple(q.shape)})")
             Nk = k.shape[1]
             k4 = k.reshape(B, 1, Nk, k.shape[2])
             v4 = v.reshape(B, 1, Nk, v.shape[2])
         else:
             if k.shape[0] != B:
-                raise ValueError(f"k has batch size {k.shape[0]} but q has {B} (shapes k {tuple(k.shape)}, q {tuple(q.shape)})")
+                raise ValueError(f"k has batch size {k.shape[0]} but q has {B} "
+                                 f"(shapes k {tuple(k.shape)}, q {tuple(q.shape)})")
             Hk, Nk = k.shape[1], k.shape[2]
             if Hk < 1 or H % Hk != 0:
                 raise ValueError(f"q has H={H} heads, which k's Hk={Hk} kv heads must divide (grouped-query attention)")
@@ -291,7 +372,8 @@ def canonicalize(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=Fals
             bias4, layout = attn_bias, BIAS_FULL
         elif attn_bias.ndim == 3 and attn_bias_batch_dim:
             if bs != (B, Nq, Nk):
-                raise ValueError(f"attn_bias with attn_bias_batch_dim=True must have shape (B, Nq, Nk) = {(B, Nq, Nk)}, got {bs}")
+                raise ValueError(f"attn_bias with attn_bias_batch_dim=True must have shape (B, Nq, Nk) = "
+                                 f"{(B, Nq, Nk)}, got {bs}")
             bias4, layout = attn_bias.reshape(B, 1, Nq, Nk), BIAS_PER_BATCH
         elif attn_bias.ndim == 3:
             if bs != (H, Nq, Nk):
@@ -308,11 +390,12 @@ def canonicalize(q, k, v, *, mask=None, attn_bias=None, attn_bias_batch_dim=Fals
 
     prob = Problem(B=B, H=H, Hk=Hk, Nq=Nq, Nk=Nk, D=D, dtype=np.dtype(q.dtype), groups=groups, causal=causal,
                    l2norm_qk=l2norm_qk, has_mask=mask2 is not None, bias_layout=layout,
-                   per_head_scale=per_head, deterministic=deterministic, merged=merged, kv_3d=kv_3d)
+                   per_head_scale=per_head, deterministic=deterministic, merged=merged)
     return prob, Inputs(q=q4, k=k4, v=v4, mask=mask2, bias=bias4, scale=scale_vec)
 
 
-def check_backward_extras(prob: Problem, q_shape, q_device, lib: str, dout, out, lse):
+def check_backward_extras(prob: Problem, q_shape: tuple[int, ...], q_device: tuple, lib: str, dout: Array, out: Array,
+                          lse: Array) -> tuple[Array, Array, Array]:
     """Validate `backward`'s dout, out (q's shape and dtype) and lse (q.shape[:-1], float32).
 
     Returns canonical views: dout, out as (B, H, Nq, D) and lse as (B, H, Nq).

@@ -1,15 +1,19 @@
 """Compile every registered kernel instantiation with NVRTC and report its resources (no GPU needed).
 
-    python -m cupy_cosattn.resources [--arch sm_80 sm_90] [--match REGEX] [--jobs N]
+    python -m cupy_cosattn.resources [--arch sm_80 sm_90] [--match REGEX] [--jobs N] [--sass]
 
-For each kernel of ``launch.kernel_registry()`` (grouped into modules exactly as the launch layer
+For each kernel of ``launch.registry.kernel_registry()`` (grouped into modules exactly as the launch layer
 compiles them) and each architecture, NVRTC (CuPy's binding of the pip-wheel library) compiles with
 ``-arch=sm_XX -Xptxas=-v -std=c++17`` and ptxas' report gives one row: registers, shared memory
 (static from ptxas + dynamic as the launch layer requests it), spill stores/loads and stack bytes.
 
+With --sass it runs the static SASS profiler instead (``python -m cupy_cosattn.sass``: main-loop
+instruction counts and a throughput model; --match then selects its kernels by label, e.g.
+'fwd fp16 D=64').
+
 Exit status 1 on any compile error, any spill, any stack frame (local memory: a register array
 indexed at run time, or an ABI call), shared memory above the architecture's per-block limit, or a
---match that selects no kernel; 0 otherwise. This is the CI gate of DESIGN.md section 4 item 2.
+--match that selects no kernel; 0 otherwise. This is the CI gate of docs/design.md section 4 item 2.
 """
 from __future__ import annotations
 
@@ -17,35 +21,12 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Optional, TextIO
 
-# Largest shared memory per block (static + dynamic opt-in), bytes.
-SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024}
-
-_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'")
-_PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
-
-
-def parse_ptxas(log: str) -> dict:
-    """{mangled entry name: {regs, smem, stack, spill_st, spill_ld}} from an -Xptxas=-v log."""
-    out, cur = {}, None
-    for line in log.splitlines():
-        m = _ENTRY.search(line)
-        if m:
-            cur = out.setdefault(m.group(1), {"regs": 0, "smem": 0, "stack": 0, "spill_st": 0, "spill_ld": 0})
-            continue
-        if cur is None:
-            continue
-        m = _PROPS.search(line)
-        if m:
-            cur["stack"], cur["spill_st"], cur["spill_ld"] = (int(x) for x in m.groups())
-            continue
-        m = _USED.search(line)
-        if m:
-            cur["regs"] = int(m.group(1))
-            cur["smem"] = int(m.group(2) or 0)
-    return out
+from .launch.limits import SMEM_OPTIN_BY_ARCH as SMEM_LIMIT  # largest shared memory per block, bytes
+from .ptxas import parse_ptxas
 
 
 def compile_group(source: str, names: tuple, arch: str) -> tuple:
@@ -53,10 +34,10 @@ def compile_group(source: str, names: tuple, arch: str) -> tuple:
     maps each name expression to its ptxas row; error is the compile log on failure, else None."""
     from cupy.cuda import nvrtc
 
-    from . import launch
+    from .launch import sources
 
-    code = launch.load_source(source)
-    opts = [f"-arch={arch}", "-Xptxas=-v"] + list(launch.compile_options())
+    code = sources.load_source(source)
+    opts = [f"-arch={arch}", "-Xptxas=-v"] + list(sources.compile_options())
     prog = nvrtc.createProgram(code, source, [], [])
     try:
         for n in names:
@@ -78,14 +59,14 @@ def compile_group(source: str, names: tuple, arch: str) -> tuple:
         nvrtc.destroyProgram(prog)
 
 
-def run(archs, match=None, jobs=2, out=None) -> int:
+def run(archs: Sequence[str], match: Optional[str] = None, jobs: int = 2, out: Optional[TextIO] = None) -> int:
     """Compile the registry (optionally only names matching regex `match`); print rows to `out`
     (default stdout); return the number of failures (compile errors, spills, stack frames, shared
     memory over the limit; 1 when `match` selects nothing)."""
-    from . import launch
+    from .launch.registry import kernel_registry
 
     out = sys.stdout if out is None else out
-    specs = [s for s in launch.kernel_registry() if match is None or re.search(match, s.name)]
+    specs = [s for s in kernel_registry() if match is None or re.search(match, s.name)]
     if not specs:
         print(f"no registered kernel matches {match!r}", file=out, flush=True)
         return 1
@@ -132,12 +113,18 @@ def run(archs, match=None, jobs=2, out=None) -> int:
     return failures
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cupy_cosattn.resources", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"], help="target architectures (default: sm_80 sm_90)")
     ap.add_argument("--match", default=None, help="only kernels whose name expression matches this regex")
     ap.add_argument("--jobs", type=int, default=2, help="parallel NVRTC processes (default 2)")
+    ap.add_argument("--sass", action="store_true", help="run the static SASS profiler (cupy_cosattn.sass) instead")
     args = ap.parse_args(argv)
+    if args.sass:
+        from . import sass
+
+        sel = ["--kernels", args.match] if args.match else []
+        return sass.main(["--arch", *args.arch, "--jobs", str(args.jobs)] + sel)
     try:
         from cupy.cuda import nvrtc  # noqa: F401
     except Exception as e:  # noqa: BLE001

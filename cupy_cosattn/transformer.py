@@ -6,30 +6,66 @@ made correct and complete:
 - token + learned absolute position embeddings, ``depth`` blocks of (attention, feed-forward);
 - ``pre_norm=True``: x + f(LayerNorm(x)) and a final LayerNorm; ``pre_norm=False`` (default): DeepNet
   post-norm, LayerNorm(alpha·x + f(x)) with alpha = (2·depth)^(1/4), and the value, output and
-  feed-forward weights initialized Xavier-normal with gain beta = (8·depth)^(-1/4) (q and k with gain 1);
+  feed-forward weights initialized Xavier-normal with gain beta = (8·depth)^(-1/4) (q and k with gain 1)
+  and the embeddings N(0, 1e-5²), the original's initialization;
 - ``attn="cosine"``: :func:`cupy_cosattn.torch.cosine_sim_attention` (fused kernels on CUDA, torch on
   the CPU) with a fixed ``attn_scale`` or, with ``learned_scale=True``, a learned positive per-head scale,
   and ``attn_l2norm_groups`` l2norm groups; ``attn="softmax"``: regular scaled-dot-product attention,
   the baseline;
 - optional grouped-query attention (``kv_heads`` dividing ``heads``);
+- the original's constructor keywords: ``use_cuda_kernel`` (False: the non-fused
+  :func:`~cupy_cosattn.torch.plain_cosine_sim_attention`), ``non_cosine_sim_attn`` (the softmax
+  baseline) and extra keywords for the attention function (see `CosineSimCausalTransformer`);
 - :meth:`CosineSimCausalTransformer.generate` with top-k filtering, temperature (0 = greedy) and a KV
   cache: each new token is one query against the cached keys (the op's bottom-right causal alignment
-  makes that query see every cached key), so cached and uncached generation compute the same thing.
+  makes that query see every cached key), so cached and uncached generation compute the same thing;
+- context parallelism: ``forward(tokens, positions=..., attention_fn=...)`` runs the model on one shard
+  of a sequence, with the shard's global positions and an attention function that sees the whole
+  sequence, e.g. :func:`cupy_cosattn.torch.ring.ring_cosine_sim_attention` bound to a process group
+  (examples/train_toy.py ``--context-parallel``; docs/ring.md).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .torch import cosine_sim_attention
+from .torch import cosine_sim_attention, plain_cosine_sim_attention
 
 __all__ = ["CosineSimCausalTransformer", "Attention", "FeedForward", "top_k_filter"]
 
-KVCache = List[Tuple[Tensor, Tensor]]
+KVCache = list[tuple[Tensor, Tensor]]
+
+# Embedding std of the post-norm (DeepNet) model: the original project's value.
+POST_NORM_EMB_STD = 1e-5
+# Embedding std of the pre-norm model (the original leaves PyTorch's N(0, 1) there).
+PRE_NORM_EMB_STD = 0.02
+# Keywords the attention layer itself passes; the model's extra keywords may not override them.
+_LAYER_KEYWORDS = ("q", "k", "v", "causal", "scale", "groups")
+
+
+def cosine_attention_function(use_cuda_kernel: Optional[bool] = None, **kwargs: Any) -> Callable[..., Tensor]:
+    """The cosine attention a layer calls as f(q, k, v, causal=True, scale=..., groups=...).
+
+    use_cuda_kernel None or True: :func:`cupy_cosattn.torch.cosine_sim_attention` (the fused kernels on
+    CUDA, the torch implementation elsewhere); False: :func:`cupy_cosattn.torch.plain_cosine_sim_attention`
+    (the full score matrix in plain torch, the original's non-fused path). kwargs are bound to it (e.g.
+    l2norm_qk, backend, deterministic); a name it does not take raises TypeError here."""
+    if use_cuda_kernel is not None and not isinstance(use_cuda_kernel, bool):
+        raise TypeError(f"use_cuda_kernel must be a bool or None, got {type(use_cuda_kernel).__name__}")
+    fn = plain_cosine_sim_attention if use_cuda_kernel is False else cosine_sim_attention
+    takes = [n for n in inspect.signature(fn).parameters if n not in _LAYER_KEYWORDS]
+    bad = sorted(set(kwargs) - set(takes))
+    if bad:
+        raise TypeError(f"unexpected keyword argument(s) {bad}: extra keywords go to the attention function "
+                        f"{fn.__name__} (use_cuda_kernel={use_cuda_kernel}), which takes {takes}")
+    return functools.partial(fn, **kwargs) if kwargs else fn
 
 
 def top_k_filter(logits: Tensor, thres: float = 0.9) -> Tensor:
@@ -56,7 +92,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 class FeedForward(nn.Sequential):
-    def __init__(self, dim: int, mult: float = 4.0):
+    def __init__(self, dim: int, mult: float = 4.0) -> None:
         hidden = int(dim * mult)
         super().__init__(nn.Linear(dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, dim, bias=False))
 
@@ -65,7 +101,10 @@ class Attention(nn.Module):
     """Causal multi-head (or grouped-query) self-attention with an optional KV cache."""
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, kv_heads: Optional[int] = None,
-                 attn: str = "cosine", scale: float = 8.0, learned_scale: bool = False, l2norm_groups: int = 1):
+                 attn: str = "cosine", scale: float = 8.0, learned_scale: bool = False, l2norm_groups: int = 1,
+                 attend: Optional[Callable[..., Tensor]] = None) -> None:
+        """attend: the cosine attention function (default :func:`cupy_cosattn.torch.cosine_sim_attention`;
+        see `cosine_attention_function`)."""
         super().__init__()
         if attn not in ("cosine", "softmax"):
             raise ValueError(f"attn must be 'cosine' or 'softmax', got {attn!r}")
@@ -74,6 +113,7 @@ class Attention(nn.Module):
             raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads})")
         self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
         self.attn, self.l2norm_groups = attn, l2norm_groups
+        self.attend = cosine_sim_attention if attend is None else attend
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
         self.to_k = nn.Linear(dim, kv_heads * dim_head, bias=False)
         self.to_v = nn.Linear(dim, kv_heads * dim_head, bias=False)
@@ -83,11 +123,15 @@ class Attention(nn.Module):
         self.log_scale = nn.Parameter(torch.full((heads,), math.log(scale))) if learned_scale else None
 
     @property
-    def scale(self):
+    def scale(self) -> Tensor:
         return self.fixed_scale if self.log_scale is None else self.log_scale.exp()
 
-    def forward(self, x: Tensor, cache: Optional[Tuple[Tensor, Tensor]] = None):
-        """x (B, N, dim) -> (B, N, dim), plus the (k, v) cache extended by these N positions."""
+    def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None,
+                attention_fn: Optional[Callable[..., Tensor]] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x (B, N, dim) -> (B, N, dim), plus the (k, v) cache extended by these N positions.
+
+        attention_fn (cosine attention only): called as attention_fn(q, k, v, causal=True, scale=...,
+        groups=...) in place of cosine_sim_attention, e.g. ring attention over a sharded sequence."""
         B, N, _ = x.shape
         q = self.to_q(x).view(B, N, self.heads, self.dim_head).transpose(1, 2)
         k = self.to_k(x).view(B, N, self.kv_heads, self.dim_head).transpose(1, 2)
@@ -95,8 +139,11 @@ class Attention(nn.Module):
         if cache is not None:
             k = torch.cat((cache[0], k), dim=2)
             v = torch.cat((cache[1], v), dim=2)
+        if attention_fn is not None and self.attn != "cosine":
+            raise ValueError(f"attention_fn replaces cosine attention; this layer uses attn={self.attn!r}")
         if self.attn == "cosine":
-            o = cosine_sim_attention(q, k, v, causal=True, scale=self.scale, groups=self.l2norm_groups)
+            attend = self.attend if attention_fn is None else attention_fn
+            o = attend(q, k, v, causal=True, scale=self.scale, groups=self.l2norm_groups)
         else:
             o = softmax_attention(q, k, v)
         o = o.transpose(1, 2).reshape(B, N, self.heads * self.dim_head)
@@ -108,13 +155,26 @@ class CosineSimCausalTransformer(nn.Module):
 
     forward(tokens (B, N) long) -> logits (B, N, num_tokens); forward(tokens, return_loss=True) -> the
     mean next-token cross-entropy over tokens[:, 1:] (natural log).
+
+    The original project's keywords keep their meaning: ``use_cuda_kernel`` False runs
+    :func:`~cupy_cosattn.torch.plain_cosine_sim_attention` (the full score matrix; the original's
+    default), True or None (default) the op; ``non_cosine_sim_attn=True`` is ``attn="softmax"``; further
+    keywords go to the cosine attention function (`cosine_attention_function`; a name it does not take
+    raises TypeError). Unlike the original, ``attn_l2norm_groups`` takes effect (the original's
+    attention always normalized whole heads). Initialization: with ``pre_norm=False`` the original's
+    (embeddings N(0, 1e-5²), Xavier-normal gains as in the module docstring); with ``pre_norm=True``
+    embeddings N(0, 0.02²) (the original: N(0, 1)) and PyTorch's default for the linear layers.
     """
 
     def __init__(self, *, num_tokens: int, dim: int, max_seq_len: int, depth: int, heads: int = 8,
                  dim_head: int = 64, kv_heads: Optional[int] = None, attn: str = "cosine", attn_scale: float = 8.0,
                  learned_scale: bool = False, attn_l2norm_groups: int = 1, pre_norm: bool = False,
-                 ff_mult: float = 4.0):
+                 ff_mult: float = 4.0, use_cuda_kernel: Optional[bool] = None, non_cosine_sim_attn: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__()
+        if non_cosine_sim_attn:
+            attn = "softmax"
+        attend = cosine_attention_function(use_cuda_kernel, **kwargs)
         self.num_tokens, self.max_seq_len, self.depth, self.pre_norm = num_tokens, max_seq_len, depth, pre_norm
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.pos_emb = nn.Embedding(max_seq_len, dim)
@@ -125,7 +185,7 @@ class CosineSimCausalTransformer(nn.Module):
         for _ in range(depth):
             self.layers.append(nn.ModuleDict(dict(
                 attn=Attention(dim, heads=heads, dim_head=dim_head, kv_heads=kv_heads, attn=attn, scale=attn_scale,
-                               learned_scale=learned_scale, l2norm_groups=attn_l2norm_groups),
+                               learned_scale=learned_scale, l2norm_groups=attn_l2norm_groups, attend=attend),
                 attn_norm=nn.LayerNorm(dim),
                 ff=FeedForward(dim, ff_mult),
                 ff_norm=nn.LayerNorm(dim),
@@ -135,8 +195,9 @@ class CosineSimCausalTransformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        nn.init.normal_(self.token_emb.weight, std=0.02)
-        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        std = PRE_NORM_EMB_STD if self.pre_norm else POST_NORM_EMB_STD
+        nn.init.normal_(self.token_emb.weight, std=std)
+        nn.init.normal_(self.pos_emb.weight, std=std)
         if self.pre_norm:
             return
         for layer in self.layers:
@@ -148,26 +209,38 @@ class CosineSimCausalTransformer(nn.Module):
         nn.init.xavier_normal_(self.to_logits.weight, gain=1.0)
 
     def forward(self, tokens: Tensor, *, return_loss: bool = False, cache: Optional[KVCache] = None,
-                return_cache: bool = False):
+                return_cache: bool = False, positions: Optional[Tensor] = None,
+                attention_fn: Optional[Callable[..., Tensor]] = None) -> Tensor | tuple[Tensor, KVCache]:
         """Logits (B, N, num_tokens) for tokens (B, N); with `cache` (from a previous call with
-        return_cache=True) the tokens continue that sequence. return_loss: next-token cross-entropy."""
+        return_cache=True) the tokens continue that sequence. return_loss: next-token cross-entropy.
+
+        Context parallelism: `positions` (N,) int64 are the positions of `tokens` in the whole sequence
+        (default: consecutive, after the cache) and `attention_fn` replaces each layer's attention
+        (see `Attention.forward`)."""
+        n_given = tokens.shape[1]
         if return_loss:
             tokens, labels = tokens[:, :-1], tokens[:, 1:]
         offset = 0 if cache is None else cache[0][0].shape[2]
         N = tokens.shape[1]
         if offset + N > self.max_seq_len:
             raise ValueError(f"sequence of {offset + N} positions exceeds max_seq_len={self.max_seq_len}")
-        pos = torch.arange(offset, offset + N, device=tokens.device)
+        if positions is None:
+            pos = torch.arange(offset, offset + N, device=tokens.device)
+        else:
+            if positions.shape != (n_given,) or int(positions.max()) >= self.max_seq_len:
+                raise ValueError(f"positions must be ({n_given},) indices below max_seq_len={self.max_seq_len}, "
+                                 f"got shape {tuple(positions.shape)}")
+            pos = positions[:N]  # with return_loss the last token is only a label
         x = self.token_emb(tokens) + self.pos_emb(pos)
         new_cache: KVCache = []
         for i, layer in enumerate(self.layers):
             c = None if cache is None else cache[i]
             if self.pre_norm:
-                y, kv = layer["attn"](layer["attn_norm"](x), c)
+                y, kv = layer["attn"](layer["attn_norm"](x), c, attention_fn)
                 x = x + y
                 x = x + layer["ff"](layer["ff_norm"](x))
             else:
-                y, kv = layer["attn"](x, c)
+                y, kv = layer["attn"](x, c, attention_fn)
                 x = layer["attn_norm"](x * self.alpha + y)
                 x = layer["ff_norm"](x * self.alpha + layer["ff"](x))
             new_cache.append(kv)

@@ -1,21 +1,24 @@
 #!/usr/bin/env python3
 """Train a small byte-level cosine-sim attention language model on the Python standard library's source.
 
-    python examples/train_toy.py                        # CPU: about 2-3 minutes, then exits
+    python examples/train_toy.py                        # CPU: 600 steps, a few minutes (see the README)
     python examples/train_toy.py --attn softmax         # the regular-attention baseline
     torchrun --nproc_per_node=2 examples/train_toy.py   # DDP (gloo on the CPU, nccl on GPUs)
-    python examples/train_toy.py --resume runs/toy-.../checkpoint.pt --steps 600
+    torchrun --nproc_per_node=2 examples/train_toy.py --context-parallel 2   # each sequence over 2 ranks
+    python examples/train_toy.py --resume runs/toy-... --steps 1200   # continue that run, in its directory
 
 The text is read at run time from the .py files of this interpreter's standard library (a few MB,
 sorted by path, so every run sees the same data), split 90 % / 10 % into train and validation. The
 model is byte-level: its tokens, the "characters" it predicts, are the 256 byte values, so losses are
 reported in bits per byte. The script shows a progress bar, prints the validation loss in bits/byte
 every --val-every steps, prints a generated sample at the end and writes loss.png (the curves) and
-checkpoint.pt into --out. On a GPU the model runs the fused CUDA kernels under bfloat16 (or float16) autocast; on the CPU
-it runs the torch implementation of the same op in float32.
+checkpoint.pt into --out. On a GPU the model runs the fused CUDA kernels under bfloat16 (or float16)
+autocast; on the CPU it runs the torch implementation of the same op in float32.
 
-Training stops at --steps or after --time-limit seconds of training, whichever comes first, so a
-default run stays within about three minutes on a 2-core machine.
+A run trains for --steps steps, however long that takes on a busy machine, so its learning-rate
+schedule always completes. --time-limit SECONDS caps the training time instead; the schedule then
+follows whichever of the step count and the time budget is further along, so a capped run still
+decays its learning rate before it stops.
 """
 from __future__ import annotations
 
@@ -41,30 +44,54 @@ from cupy_cosattn.transformer import CosineSimCausalTransformer
 
 LN2 = math.log(2.0)
 MODEL_KEYS = ("dim", "depth", "heads", "seq_len", "attn")
+SMOOTH_WINDOW = 20  # steps averaged by the smoothed training curve of loss.png
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=600, help="total optimizer steps (a resumed run continues to this)")
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each flag's default to its help once; flags whose default is None explain it in words."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
+    p.add_argument("--steps", type=int, default=600,
+                   help="total optimizer steps; a resumed run continues up to this many")
     p.add_argument("--seq-len", type=int, default=128, help="context length in bytes")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step and process")
-    p.add_argument("--attn", choices=("cosine", "softmax"), default="cosine")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--out", default=None, help="output directory (default: runs/toy-<timestamp>)")
-    p.add_argument("--resume", default=None, metavar="PATH", help="checkpoint file (or a directory holding checkpoint.pt)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attn", choices=("cosine", "softmax"), default="cosine",
+                   help="cosine: this package's op; softmax: regular scaled-dot-product attention, the baseline")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: the --resume directory, else a new runs/toy-<timestamp>)")
+    p.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue a run: its directory or its checkpoint.pt (default: start a new run)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization, the batches and the sample")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warmup, then cosine decay)")
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--dim", type=int, default=128, help="model width")
+    p.add_argument("--depth", type=int, default=3, help="transformer blocks")
     p.add_argument("--heads", type=int, default=4, help="attention heads (head dim = dim / heads)")
     p.add_argument("--val-every", type=int, default=50, help="validate every this many steps")
-    p.add_argument("--time-limit", type=float, default=150.0, help="stop training after this many seconds (0: no limit)")
+    p.add_argument("--time-limit", type=float, default=0.0,
+                   help="stop training after this many seconds, decaying the learning rate over that time "
+                        "(0: no limit, train all --steps)")
     p.add_argument("--data-mb", type=float, default=4.0, help="megabytes of standard-library source to read")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast dtype; auto = bf16 (fp16 without bf16 support) on a GPU, fp32 on the CPU")
     p.add_argument("--sample-len", type=int, default=256, help="bytes to generate at the end")
-    return p.parse_args(argv)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads per process (0: the cores divided among this node's processes, "
+                        "or 1 when other work already keeps every core busy)")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="shard each sequence over N ranks (ring attention; under torchrun, N divides the world)")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -103,8 +130,23 @@ def decode(tokens) -> str:
 
 # ----------------------------------------------------------------------------------------- training
 
-def setup_distributed(device_arg: str):
-    """(rank, world, local_rank, device); initializes the process group under torchrun."""
+def cpu_threads(requested: int, local_world: int) -> int:
+    """Torch's intra-op threads for each process: `requested`, or (0) the cores shared among the node's
+    processes -- but only 1 when the 1-minute load average already reaches the core count: threads that
+    wait for each other at every op's barrier while other work holds the cores make each step several
+    times slower than one thread does."""
+    if requested > 0:
+        return requested
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0] >= cores
+    except OSError:  # pragma: no cover - no load average on this platform
+        busy = False
+    return 1 if busy else max(1, cores // max(1, local_world))
+
+
+def setup_distributed(device_arg: str, threads: int = 0):
+    """(rank, world, device); initializes the process group under torchrun and sets the CPU threads."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -119,8 +161,7 @@ def setup_distributed(device_arg: str):
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cpu":  # share the cores between the processes of this node
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        torch.set_num_threads(cpu_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))))
     return rank, world, device
 
 
@@ -132,13 +173,30 @@ def autocast_dtype(precision: str, device: torch.device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def lr_at(step: int, total: int, peak: float) -> float:
-    """Linear warmup over 20 steps (or 10 % of a short run), then cosine decay to 10 % of the peak."""
+def lr_at(step: int, total: int, peak: float, time_frac: float = 0.0) -> float:
+    """Linear warmup over 20 steps (or 10 % of a short run), then cosine decay to 10 % of the peak.
+
+    The decay follows the run's progress: the fraction of the post-warmup steps done, or `time_frac`
+    (the fraction of --time-limit used) when that is further along, so that a run stopped by the time
+    limit ends at the low learning rate too."""
     warm = max(1, min(20, total // 10))
     if step < warm:
         return peak * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
+    t = max((step - warm) / max(1, total - warm), time_frac)
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def trailing_mean(values, window: int):
+    """Means of the last `window` values ending at each index from window - 1 on (a trailing moving
+    average: every point averages exactly `window` values, so the curve's start is not an expanding mean)."""
+    out, acc = [], 0.0
+    for i, x in enumerate(values):
+        acc += x
+        if i >= window:
+            acc -= values[i - window]
+        if i >= window - 1:
+            out.append(acc / window)
+    return out
 
 
 @torch.no_grad()
@@ -163,15 +221,14 @@ def save_plot(path: Path, history: dict, title: str):
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if history["train"]:
-        s, l = zip(*history["train"])
-        ax.plot(s, l, lw=0.8, alpha=0.6, label="train")
-        w = min(20, len(l))
+        s, loss = zip(*history["train"])
+        ax.plot(s, loss, lw=0.8, alpha=0.6, label="train")
+        w = min(SMOOTH_WINDOW, len(loss))
         if w > 1:
-            smooth = [sum(l[max(0, i - w + 1):i + 1]) / (i - max(0, i - w + 1) + 1) for i in range(len(l))]
-            ax.plot(s, smooth, lw=1.6, label=f"train ({w}-step mean)")
+            ax.plot(s[w - 1:], trailing_mean(loss, w), lw=1.6, label=f"train (trailing {w}-step mean)")
     if history["val"]:
-        s, l = zip(*history["val"])
-        ax.plot(s, l, "o-", lw=1.6, label="validation")
+        s, loss = zip(*history["val"])
+        ax.plot(s, loss, "o-", lw=1.6, label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (bits per byte)")
     ax.set_title(title)
@@ -182,9 +239,60 @@ def save_plot(path: Path, history: dict, title: str):
     plt.close(fig)
 
 
+# ----------------------------------------------------------------- context parallelism (--context-parallel N)
+
+class ContextParallelLoss(torch.nn.Module):
+    """The training loss of `model` with each sequence sharded over the ranks of a context-parallel group.
+
+    All ranks of the group train on the group leader's batch: each embeds its zigzag shard of the
+    positions (and labels), the layers' attention runs as ring attention over the group, and each rank's
+    loss is the mean over its own tokens. The returned value is the group's mean loss (what a single
+    process computes for the whole sequence), its gradient that of the rank's own mean: DDP's average
+    over the ranks then gives the gradient of the mean loss over every token of every group."""
+
+    def __init__(self, model, group, leader: int, size: int, rank_in_group: int):
+        super().__init__()
+        from functools import partial
+
+        from cupy_cosattn.torch.ring import ring_cosine_sim_attention
+
+        self.model, self.group, self.leader, self.size, self.rank = model, group, leader, size, rank_in_group
+        self.attend = partial(ring_cosine_sim_attention, group=group, layout="zigzag")
+
+    def forward(self, x: torch.Tensor, return_loss: bool = True) -> torch.Tensor:
+        from cupy_cosattn.torch.ring import shard_indices
+
+        x = x.contiguous()
+        dist.broadcast(x, src=self.leader, group=self.group)
+        inputs, labels = x[:, :-1], x[:, 1:]
+        pos = shard_indices(inputs.shape[1], self.size, self.rank, "zigzag", device=x.device)
+        logits = self.model(inputs.index_select(1, pos), positions=pos, attention_fn=self.attend)
+        local = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.index_select(1, pos).reshape(-1))
+        mean = local.detach().clone()
+        dist.all_reduce(mean, group=self.group)
+        return local + (mean / self.size - local).detach()
+
+
+def context_parallel(model, args, rank: int, world: int, device) -> ContextParallelLoss:
+    """--context-parallel N: consecutive groups of N ranks each share one sequence (DDP spans them all)."""
+    n = args.context_parallel
+    if world % n:
+        raise SystemExit(f"--context-parallel {n} must divide the number of processes ({world})")
+    if args.seq_len % (2 * n):
+        raise SystemExit(f"--seq-len {args.seq_len} must be a multiple of 2 x --context-parallel = {2 * n} "
+                         f"(the zigzag layout cuts each sequence into {2 * n} equal chunks)")
+    if args.attn != "cosine":
+        raise SystemExit("--context-parallel runs cosine attention (ring_cosine_sim_attention)")
+    groups = [dist.new_group(list(range(g, g + n))) for g in range(0, world, n)]  # every rank creates every group
+    first = rank - rank % n
+    return ContextParallelLoss(model, groups[rank // n], first, n, rank - first)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = setup_distributed(args.device, args.threads)
     main_proc = rank == 0
 
     def log(msg):
@@ -193,7 +301,7 @@ def main(argv=None):
 
             tqdm.write(msg)
 
-    ckpt = None
+    ckpt, out = None, None
     if args.resume:
         path = Path(args.resume)
         if path.is_dir():
@@ -201,8 +309,12 @@ def main(argv=None):
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         for key in MODEL_KEYS:  # the model is the checkpoint's, whatever the flags say
             setattr(args, key, ckpt["args"][key])
+        out = path.parent  # a resumed run continues in its own directory unless --out says otherwise
         log(f"resuming from {path} at step {ckpt['step']}")
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("toy-%Y%m%d-%H%M%S")
+    if args.out:
+        out = Path(args.out)
+    elif out is None:
+        out = Path("runs") / time.strftime("toy-%Y%m%d-%H%M%S")
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -226,7 +338,10 @@ def main(argv=None):
         history, start = ckpt["history"], ckpt["step"]
     raw_model = model
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if args.context_parallel > 1:
+        model = context_parallel(model, args, rank, world, device)
 
     amp_dtype = autocast_dtype(args.precision, device)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
@@ -235,7 +350,8 @@ def main(argv=None):
     n_params = sum(p.numel() for p in raw_model.parameters())
     log(f"{args.attn} attention, {n_params / 1e6:.2f}M parameters, {len(text) / 1e6:.1f} MB of stdlib source "
         f"({train_data.numel()} train / {val_data.numel()} val bytes), device {device}"
-        f"{f' x{world} processes' if world > 1 else ''}, autocast {amp_dtype or 'off'}")
+        f"{f' x{world} processes' if world > 1 else ''}, autocast {amp_dtype or 'off'}"
+        f"{f', {torch.get_num_threads()} CPU threads' if device.type == 'cpu' else ''}")
     if start == 0 and main_proc:
         v = validate(raw_model, val_data, args, device, amp)
         history["val"].append((0, v))
@@ -249,9 +365,10 @@ def main(argv=None):
     t0 = time.time()
     step = start
     model.train()
+    time_frac = 0.0  # the fraction of --time-limit used (the same on every process)
     while step < args.steps:
         for group in optim.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr)
+            group["lr"] = lr_at(step, args.steps, args.lr, time_frac)
         x = random_batch(train_data, args.batch_size, args.seq_len, gen).to(device, non_blocking=True)
         with amp():
             loss = model(x, return_loss=True)
@@ -266,18 +383,21 @@ def main(argv=None):
         history["train"].append((step, bpb))
         bar.update(1)
         bar.set_postfix(loss=f"{bpb:.3f} bits/byte", refresh=False)
-        out_of_time = bool(args.time_limit) and time.time() - t0 > args.time_limit
-        if world > 1 and args.time_limit:  # every process must stop at the same step
-            flag = torch.tensor([float(out_of_time)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            out_of_time = bool(flag.item())
+        if args.time_limit:
+            time_frac = (time.time() - t0) / args.time_limit
+            if world > 1:  # every process follows the same schedule and stops at the same step
+                frac = torch.tensor([time_frac], dtype=torch.float64, device=device)
+                dist.all_reduce(frac, op=dist.ReduceOp.MAX)
+                time_frac = float(frac.item())
+        out_of_time = time_frac >= 1.0
         last = step == args.steps or out_of_time
         if main_proc and (step % args.val_every == 0 or last):
             v = validate(raw_model, val_data, args, device, amp)
             history["val"].append((step, v))
             log(f"step {step}: train {bpb:.3f}, validation {v:.3f} bits/byte")
         if out_of_time and step < args.steps:
-            log(f"time limit of {args.time_limit:g} s reached after {step - start} steps")
+            log(f"time limit of {args.time_limit:g} s reached after {step - start} steps "
+                f"(learning rate decayed to {lr_at(step, args.steps, args.lr, time_frac):.2g})")
             break
     bar.close()
     elapsed = time.time() - t0

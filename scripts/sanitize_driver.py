@@ -61,7 +61,7 @@ def main(argv=None) -> int:
                 dt = np.dtype(dt_name)
             rng = np.random.default_rng(1)
 
-            def arr(*shape):
+            def arr(*shape, rng=rng, dt=dt):
                 host = rng.standard_normal(shape).astype(np.float32).astype(dt)
                 return cupy.asarray(host)
 

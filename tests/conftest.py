@@ -29,6 +29,13 @@ def gpu_unavailable_reason():
 
 
 def pytest_collection_modifyitems(config, items):
+    # Exhaustive grids are marked slow: they run only when a -m expression names them (`-m slow`),
+    # so the plain CI command keeps to the covering subsets.
+    if "slow" not in (config.getoption("markexpr") or ""):
+        skip_slow = pytest.mark.skip(reason="slow exhaustive grid: select it with -m slow")
+        for item in items:
+            if item.get_closest_marker("slow") is not None:
+                item.add_marker(skip_slow)
     reason = gpu_unavailable_reason()
     if reason is None:
         return

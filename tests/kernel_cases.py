@@ -66,7 +66,7 @@ def make_case(seed, *, B=1, H=2, Hk=None, Nq=63, Nk=None, D=64, dtype="float16",
 
 
 def rel_err(x, ref) -> float:
-    """||x - ref|| / ||ref|| in float64 (DESIGN.md's accuracy measure); ||x - ref|| when ref is 0."""
+    """||x - ref|| / ||ref|| in float64 (docs/design.md's accuracy measure); ||x - ref|| when ref is 0."""
     x = np.asarray(x, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
     den = np.linalg.norm(ref)

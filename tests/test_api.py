@@ -2,7 +2,7 @@
 float16 and bfloat16, checking output/gradient shapes and dtypes, lse (float32, q.shape[:-1]), dbias
 (attn_bias's shape and dtype, None without a bias), dscale (a float for a scalar scale, an array of
 shape (H,) for per-head scales), and accuracy against the float64 reference on the same (rounded)
-inputs within DESIGN.md's tolerances."""
+inputs within docs/design.md's tolerances."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 import cupy_cosattn as ca
-from cupy_cosattn import problem, reference
+from cupy_cosattn import problem, reference, tolerances
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-TOL = {np.dtype(np.float32): (1e-5, 1e-4), np.dtype(np.float16): (3e-3, 1e-2), BF16: (2e-2, 5e-2)}
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
 
 
@@ -98,7 +97,8 @@ def test_public_api_end_to_end(dtype, layout, bias_kind, per_head):
         assert isinstance(dscale, float)
 
     want = float64_reference(q, k, v, dout, kw)
-    tol_out, tol_grad = TOL[np.dtype(dtype)]
+    name = problem.DTYPE_NAMES[np.dtype(dtype)]
+    tol_out, tol_grad = tolerances.OUT[name], tolerances.GRAD[name]
     assert rel_err(out, want[0].reshape(q.shape)) <= tol_out
     lse_ref = want[1].reshape(lse.shape)
     assert np.array_equal(np.isneginf(lse), np.isneginf(lse_ref))
@@ -215,3 +215,30 @@ def test_bfloat16_large_scale_no_nan():
     g = ca.backward(out, q, k, v, out, lse, scale=64.0, attn_bias=bias, causal=True)
     for x in (out, lse) + g[:4]:
         assert np.all(np.isfinite(np.asarray(x, dtype=np.float32)))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("layout,bias_kind", [("mha", "full"), ("gqa", "head_f32"), ("mqa3d", "batch"),
+                                              ("merged", "none")])
+def test_float64_numpy_input_on_the_reference(backend, layout, bias_kind):
+    """np.random gives float64: "reference" (and "auto" on NumPy) take it and return float64 out and
+    gradients (lse stays float32; dbias has the bias's dtype), the reference's float64 results unrounded."""
+    rng = np.random.default_rng(11)
+    q, k, v, kw = user_case(rng, layout, bias_kind, np.float64)
+    scale = np.array([3.0, 5.0, 7.0, 9.0]) if layout != "merged" else 8.0
+    out, lse = ca.forward(q, k, v, scale=scale, backend=backend, **kw)
+    assert out.dtype == np.float64 and out.shape == q.shape and lse.dtype == np.float32
+    dout = rng.standard_normal(q.shape)
+    dq, dk, dv, dbias, dscale = ca.backward(dout, q, k, v, out, lse, scale=scale, backend=backend, **kw)
+    assert dq.dtype == dk.dtype == dv.dtype == np.float64
+    bias = kw.get("attn_bias")
+    assert dbias is None if bias is None else dbias.dtype == bias.dtype
+    want = float64_reference(q, k, v, dout, dict(kw, scale=scale))
+    np.testing.assert_array_equal(out, want[0].reshape(q.shape))
+    for x, r in ((dq, want[2]), (dk, want[3]), (dv, want[4])):
+        np.testing.assert_array_equal(x, r.reshape(x.shape))
+    # and float64 carries more than float32 input does: the float32 run differs from it
+    out32 = ca.forward(*(x.astype(np.float32) for x in (q, k, v)), scale=scale, backend=backend,
+                       **{n: (a.astype(np.float32) if isinstance(a, np.ndarray) and a.dtype == np.float64 else a)
+                          for n, a in kw.items()})[0]
+    assert 0 < rel_err(out32, out) <= tolerances.OUT["float32"]

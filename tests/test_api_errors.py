@@ -1,5 +1,5 @@
 """Bad input: one test per mistake, each asserting the exception type and that the message names the
-argument (DESIGN.md section 2). A fixture makes any backend call fail, so every error is also shown to
+argument (docs/design.md section 2). A fixture makes any backend call fail, so every error is also shown to
 be raised before anything is launched. Plus the empty-length semantics (Nq = 0, Nk = 0)."""
 from __future__ import annotations
 
@@ -223,14 +223,41 @@ def test_groups_not_int(groups):
 
 # ---- dtypes and array libraries ------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [np.float64, np.int32, np.complex64, np.bool_])
+@pytest.mark.parametrize("dtype", [np.int32, np.complex64, np.bool_, np.longdouble])
 @pytest.mark.parametrize("name", ["q", "k", "v"])
 def test_unsupported_dtype(name, dtype):
     q, k, v = qkv()
     args = dict(q=q, k=k, v=v)
     args[name] = args[name].astype(dtype)
     msg = check(TypeError, rf"^{name} has dtype {np.dtype(dtype)}; supported are float16, bfloat16", **args)
-    assert "float32" in msg
+    assert "float32" in msg and "float64 on the reference backend" in msg
+
+
+def _float64_refusal(backend, call):
+    with pytest.raises(TypeError) as info:
+        call()
+    msg = str(info.value)
+    assert msg.startswith(f"q, k and v have dtype float64, which backend='{backend}' does not take: its kernels "
+                          f"take float16, bfloat16 and float32; backend='reference'"), msg
+    assert "computes in float64" in msg
+
+
+def test_float64_refused_by_the_emulator():
+    """float64 runs on the reference only: the emulator says which dtypes it takes and where float64 runs."""
+    q, k, v = qkv(np.float64)
+    _float64_refusal("emulator", lambda: ca.forward(q, k, v, backend="emulator"))
+    out, lse = np.zeros_like(q), np.zeros(q.shape[:-1], np.float32)
+    _float64_refusal("emulator", lambda: ca.backward(out, q, k, v, out, lse, backend="emulator"))
+
+
+def test_float64_refused_by_the_cuda_backend():
+    """The same check guards the cuda backend (shown on the canonical entry points, which need no GPU
+    to refuse: CuPy arrays reach them after canonicalize accepted float64)."""
+    q, k, v = qkv(np.float64)
+    prob, inp = api.canonicalize(q, k, v)
+    _float64_refusal("cuda", lambda: api.forward_canonical(prob, inp, "cuda"))
+    out, lse = np.zeros_like(q), np.zeros(q.shape[:-1], np.float32)
+    _float64_refusal("cuda", lambda: api.backward_canonical(prob, inp, out, out, lse, "cuda"))
 
 
 @pytest.mark.parametrize("name,dtype", [("k", np.float16), ("v", ml_dtypes.bfloat16), ("q", np.float16)])
@@ -476,7 +503,71 @@ def test_empty_forward_canonical_with_preallocated_outputs():
     prob, inp = canonicalize(q, k, k)
     out = np.full((1, 2, 3, D), 7.0, dtype=np.float32)
     lse = np.zeros((1, 2, 3), dtype=np.float32)
-    o, l = api.forward_canonical(prob, inp, "reference", out=out, lse=lse)
-    assert o is out and l is lse and not out.any() and np.all(np.isneginf(lse))
-    o, l = api.forward_canonical(prob, inp, "reference", out=out)
-    assert o is out and np.all(np.isneginf(l))
+    o, ls = api.forward_canonical(prob, inp, "reference", out=out, lse=lse)
+    assert o is out and ls is lse and not out.any() and np.all(np.isneginf(lse))
+    o, ls = api.forward_canonical(prob, inp, "reference", out=out)
+    assert o is out and np.all(np.isneginf(ls))
+
+
+# ---- messages stay short -------------------------------------------------------------------------
+
+MESSAGE_LIMIT = 300
+HUGE_LIST = [0.5] * 100_000
+
+
+class _HugeRepr:
+    def __repr__(self):
+        return "x" * 1_000_000
+
+
+@pytest.mark.parametrize("what", ["q", "k", "v", "mask", "attn_bias", "scale", "scale-str", "scale-object",
+                                  "scale-values", "groups", "causal", "backend", "backend-list"])
+def test_huge_values_make_short_messages(what):
+    """A value that is not an array is named by its type and length and a capped repr, never its
+    full repr (a list q of 100k elements once gave a 330,000-character message)."""
+    q, k, v = qkv()
+    args, kw = dict(q=q, k=k, v=v), {}
+    if what in ("q", "k", "v"):
+        args[what] = HUGE_LIST
+    elif what in ("mask", "attn_bias"):
+        kw[what] = HUGE_LIST
+    elif what == "scale":
+        kw["scale"] = HUGE_LIST
+    elif what == "scale-str":
+        kw["scale"] = "8" * 100_000
+    elif what == "scale-object":
+        kw["scale"] = _HugeRepr()
+    elif what == "scale-values":  # an (H,) array with one bad value is quoted by its values, capped
+        H_big = 50_000
+        args = dict(q=arr(1, H_big, 2, 8), k=arr(1, H_big, 2, 8), v=arr(1, H_big, 2, 8))
+        kw["scale"] = np.full(H_big, -1.0)
+    elif what == "groups":
+        kw["groups"] = _HugeRepr()
+    elif what == "causal":
+        kw["causal"] = HUGE_LIST
+    elif what == "backend":
+        kw["backend"] = "c" * 100_000
+    else:
+        kw["backend"] = HUGE_LIST
+    with pytest.raises((TypeError, ValueError)) as info:
+        ca.forward(args["q"], args["k"], args["v"], **kw)
+    msg = str(info.value)
+    assert len(msg) < MESSAGE_LIMIT, (len(msg), msg[:400])
+    if isinstance(kw.get("scale", args.get(what)), list) or kw.get("causal") is HUGE_LIST:
+        assert "list of len 100000" in msg, msg
+
+
+def test_huge_values_in_backward_make_short_messages():
+    q, k, v = qkv()
+    out, lse = np.zeros_like(q), np.zeros(q.shape[:-1], np.float32)
+    for args in ((HUGE_LIST, q, k, v, out, lse), (out, q, k, v, HUGE_LIST, lse), (out, q, k, v, out, HUGE_LIST)):
+        with pytest.raises(TypeError) as info:
+            ca.backward(*args)
+        assert len(str(info.value)) < MESSAGE_LIMIT and "list of len 100000" in str(info.value)
+
+
+def test_short_values_are_still_quoted_in_full():
+    msg = check(TypeError, r"^scale must be a positive finite float or a length-H array", scale=[8.0, 8.0])
+    assert msg.endswith("got list of len 2: [8.0, 8.0]"), msg
+    msg = check(ValueError, r"^backend must be one of", backend="gpu")
+    assert msg.endswith("got 'gpu'"), msg

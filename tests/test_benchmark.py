@@ -1,8 +1,8 @@
 """The benchmark kit runs end to end without a GPU.
 
-- examples/benchmark.py in its CPU smoke mode writes the CSV, the markdown table and the PNG with every
-  expected row and column; a failing implementation is recorded as an error and the run goes on; a
-  time budget stops it cleanly.
+- the benchmark (cupy_cosattn.bench, run as examples/benchmark.py) in its CPU smoke mode writes the
+  CSV, the markdown table and the PNG with every expected row and column; a failing implementation is
+  recorded as an error and the run goes on; a time budget stops it cleanly.
 - scripts/gpu_check.sh parses, and without a GPU stops at once with a clear message, writing nothing.
 - scripts/emu_vs_gpu.py's comparison accepts identical results and rejects perturbed ones.
 """
@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,10 @@ def _load(path: Path, name: str):
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load(BENCH, "cosattn_benchmark_under_test")
+    """The harness's modules, by name."""
+    from cupy_cosattn.bench import cases, cli, impls, report
+
+    return types.SimpleNamespace(cases=cases, cli=cli, impls=impls, report=report)
 
 
 def _read_csv(path: Path):
@@ -64,10 +68,10 @@ def test_smoke_mode_end_to_end(tmp_path, bench):
     assert "[   1/" in proc.stdout  # a progress line per case
 
     header, rows = _read_csv(out / "benchmark.csv")
-    assert header == bench.CSV_COLUMNS
-    dtypes, dims, lens, masks, *_ = bench.PRESETS["smoke"]
+    assert header == bench.cases.CSV_COLUMNS
+    dtypes, dims, lens, masks, *_ = bench.cases.PRESETS["smoke"]
     expected = {(dt, str(D), str(N), m, impl, p) for dt in dtypes for D in dims for N in lens for m in masks
-                for impl in bench.IMPLS for p in bench.PASSES}
+                for impl in bench.cases.IMPLS for p in bench.cases.PASSES}
     got = [(r["dtype"], r["D"], r["N"], r["mask"], r["impl"], r["pass"]) for r in rows]
     assert len(got) == len(expected) and set(got) == expected
     assert {r["mode"] for r in rows} == {"cpu-smoke"}
@@ -92,7 +96,7 @@ def test_smoke_mode_end_to_end(tmp_path, bench):
     for col in ("| dtype | D | mask | N | B×H | pass |", "cosattn / best SDPA", "sdpa_flash", "unfused"):
         assert col in md
     table = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| dtype")]
-    assert len(table) == len(expected) // len(bench.IMPLS)  # one row per case and pass
+    assert len(table) == len(expected) // len(bench.cases.IMPLS)  # one row per case and pass
     assert f"{len(rows)} rows:" in md
 
     png = (out / "benchmark.png").read_bytes()
@@ -106,48 +110,48 @@ def test_failing_case_is_recorded_and_the_run_goes_on(tmp_path, bench, monkeypat
 
         return fn
 
-    monkeypatch.setattr(bench, "_cosattn_fn", broken_op)
+    monkeypatch.setattr(bench.impls, "cosattn_fn", broken_op)
     argv = ["--smoke", "--out", str(tmp_path), "--dtypes", "fp32", "--seqlens", "32", "--head-dims", "16",
             "--masks", "none,keypad", "--impls", "cosattn,sdpa_math,unfused"]
-    assert bench.main(argv) == 0
+    assert bench.cli.main(argv) == 0
     _, rows = _read_csv(tmp_path / "benchmark.csv")
     assert len(rows) == 2 * 3 * 3
     ours = [r for r in rows if r["impl"] == "cosattn"]
     assert ours and all(r["status"] == "error" and "planted failure" in r["note"] for r in ours)
     assert all(r["status"] == "ok" for r in rows if r["impl"] != "cosattn")
     assert "**ERROR**" in (tmp_path / "benchmark.md").read_text()
-    assert bench.main(argv + ["--strict"]) == 1
+    assert bench.cli.main(argv + ["--strict"]) == 1
 
 
 def test_time_budget_stops_cleanly(tmp_path, bench):
     argv = ["--smoke", "--out", str(tmp_path), "--dtypes", "fp32", "--seqlens", "32,64", "--masks", "none",
             "--max-seconds", "0"]
-    assert bench.main(argv) == 0
+    assert bench.cli.main(argv) == 0
     _, rows = _read_csv(tmp_path / "benchmark.csv")
-    assert len(rows) == 2 * len(bench.IMPLS) * len(bench.PASSES)
+    assert len(rows) == 2 * len(bench.cases.IMPLS) * len(bench.cases.PASSES)
     assert all(r["status"] == "skip" and "time budget" in r["note"] for r in rows)
     assert (tmp_path / "benchmark.md").exists() and (tmp_path / "benchmark.png").exists()
 
 
 def test_flop_counting_and_constant_work(bench):
-    c = bench.Case("bfloat16", 64, 1024, 2, 8, "none")
+    c = bench.cases.Case("bfloat16", 64, 1024, 2, 8, "none")
     fwd = 4 * 2 * 8 * 1024 * 1024 * 64
     assert c.flops("fwd") == fwd
     assert c.flops("bwd") == 2.5 * fwd
     assert c.flops("fwd+bwd") == 3.5 * fwd
-    assert bench.Case("bfloat16", 64, 1024, 2, 8, "causal").flops("fwd") == fwd / 2
-    assert bench.Case("bfloat16", 64, 1024, 2, 8, "keypad").flops("fwd") == fwd
+    assert bench.cases.Case("bfloat16", 64, 1024, 2, 8, "causal").flops("fwd") == fwd / 2
+    assert bench.cases.Case("bfloat16", 64, 1024, 2, 8, "keypad").flops("fwd") == fwd
     work = 2**28
     for n in (512, 1024, 4096, 16384):
-        B, H = bench.split_bh(n, work, 16)
+        B, H = bench.cases.split_bh(n, work, 16)
         assert B * H * n * n == max(work, n * n) and H <= 16
 
 
 def test_versions_line_lists_cupy_not_this_package(bench):
     dists = [("cupy-cosattn", "0.1.0"), ("cupy_cosattn", "0.1.0"), ("cupy-cuda13x", "14.2.0"),
              ("cupy-cuda13x", "14.2.0"), ("numpy", "2.3.0"), ("CuPy", "13.6.0"), (None, "1")]
-    assert bench._cupy_distributions(dists) == ["CuPy 13.6.0", "cupy-cuda13x 14.2.0"]
-    parts = bench._versions(cuda=False).split(", ")
+    assert bench.report._cupy_distributions(dists) == ["CuPy 13.6.0", "cupy-cuda13x 14.2.0"]
+    parts = bench.report._versions(cuda=False).split(", ")
     ours = [p for p in parts if p.lower().replace("_", "-").startswith("cupy-cosattn")]
     assert ours == [p for p in parts if p.startswith("cupy_cosattn ")] and len(ours) == 1, parts  # once, its own
 

@@ -1,15 +1,16 @@
-"""The backward kernels (cuda_src/backward.cu, launched by cupy_cosattn/launch_backward.py) through the
+"""The backward kernels (cuda_src/backward.cu, launched by cupy_cosattn/launch/backward.py) through the
 public API, against the float64 reference (cupy_cosattn.reference.backward64), on the CPU emulator
 and, marked ``gpu``, on CuPy.
 
-Accuracy (DESIGN.md section 2), as ||x - ref|| / ||ref|| for dq, dk, dv and dbias: 1e-4 (fp32),
+Accuracy (docs/design.md section 2), as ||x - ref|| / ||ref|| for dq, dk, dv and dbias: 1e-4 (fp32),
 1e-2 (fp16), 5e-2 (bf16); no NaN/Inf; rows and keys nothing sees get exactly zero gradient.
 dscale_h = sum_bij dS_bhij <qhat_i, khat_j> is an ill-conditioned sum (its terms cancel: sum_j dS_ij
 = 0 for every row; |sum| is often 1/100 to 1/1000 of sum |terms|), and the kernels' inputs carry
 the dtype's rounding (qhat, khat and out are stored in the dtype, as in every fused attention), so
 its error is measured, with the same tolerances, relative to T_h = sum_bij |dS_bhij <qhat_i, khat_j>|,
-the norm that bounds the error of a sum of perturbed terms. ``deterministic=True`` is bitwise repeatable (checked under the emulator's interleaving
-mode with different seeds, which reorders threads and blocks).
+the norm that bounds the error of a sum of perturbed terms. ``deterministic=True`` is bitwise
+repeatable (checked under the emulator's interleaving mode with different seeds, which reorders
+threads and blocks).
 
 ``out`` and ``lse`` come from the reference forward (rounded to the dtype, as the kernels' forward
 stores them), so these tests judge the backward kernels alone; one end-to-end test chains the
@@ -22,14 +23,15 @@ import zlib
 import numpy as np
 import pytest
 
-from cupy_cosattn import api, emulator, launch, problem, reference
-from cupy_cosattn import launch_backward as LB
+from cupy_cosattn import api, emulator, problem, reference, tolerances
+from cupy_cosattn.launch import arrays, devices, limits, registry, tiles
+from cupy_cosattn.launch import backward as LB
 from cupy_cosattn.problem import BFLOAT16
 
 import kernel_cases
 from kernel_cases import DTYPES, F16, F32, rel_err  # noqa: F401
 
-GRAD_TOL = {"float16": 1e-2, "bfloat16": 5e-2, "float32": 1e-4}
+GRAD_TOL = tolerances.GRAD
 GRADS = ("dq", "dk", "dv", "dbias", "dscale")
 
 
@@ -212,16 +214,16 @@ def test_invisible_rows_and_keys_get_zero_gradient():
     assert np.all(dbias[1][..., ~m[1]] == 0)
 
 
-FWD_TOL = {"float16": 3e-3, "bfloat16": 2e-2, "float32": 1e-5}
+FWD_TOL = tolerances.OUT
 
 
 def skipped_tile_keys(dtype: str, D: int) -> int:
     """A key range of this many keys, starting at a multiple of it, is a union of whole key tiles of
     every kernel: the forward's (fwd_block_n on the emulated device), bwd_dkdv's key block and
     bwd_dq's key tile. All are powers of two, so the largest is a multiple of the others."""
-    bn = launch.fwd_block_n(dtype, launch.head_dim_pad(D), launch.EMULATED_DEVICE.smem_optin)
-    dp = LB.head_dim_pad(D)
-    return max(bn, LB.kv_config(dtype, dp).rows, LB.q_config(dtype, dp).tile)
+    bn = tiles.fwd_block_n(dtype, tiles.fwd_head_dim_pad(D), limits.EMULATED_DEVICE.smem_optin)
+    dp = tiles.bwd_head_dim_pad(D)
+    return max(bn, tiles.kv_config(dtype, dp).rows, tiles.q_config(dtype, dp).tile)
 
 
 @pytest.mark.parametrize("where", ["first", "last"])
@@ -301,9 +303,9 @@ def test_deterministic_is_bitwise_repeatable(dtype):
 def test_query_head_splits(monkeypatch):
     """GQA with the query heads of a kv head split over several blocks (partial dK/dV summed by the
     launch layer in a fixed order), in both modes."""
-    monkeypatch.setattr(LB, "TARGET_BLOCKS", 10**9)
+    monkeypatch.setattr(tiles, "TARGET_BLOCKS", 10**9)
     prob, _ = problem.canonicalize(*make_case(0, H=6, Hk=2, Nq=8, D=32)[0])
-    assert LB.choose_nsplit(prob, 1) == 3
+    assert tiles.choose_nsplit(prob, 1) == 3
     for det in (False, True):
         args, kw, dout = make_case(21 + det, B=1, H=6, Hk=2, Nq=45, Nk=70, D=32, dtype="float32", bias="head",
                                    deterministic=det)
@@ -312,7 +314,7 @@ def test_query_head_splits(monkeypatch):
 
 def test_grid_yz_limit_loops(monkeypatch):
     """B*H beyond the grid's y extent: every backward kernel loops over its y work items."""
-    monkeypatch.setattr(launch, "GRID_YZ_LIMIT", 2)
+    monkeypatch.setattr(limits, "GRID_YZ_LIMIT", 2)
     for det in (False, True):
         args, kw, dout = make_case(7 + det, B=3, H=3, Hk=1, Nq=20, Nk=70, D=32, dtype="float32", mask="random",
                                    bias="head", deterministic=det)
@@ -326,15 +328,15 @@ def test_dscale_last_and_optional(monkeypatch):
                                per_head_scale=True, deterministic=True)
     prob, inp = problem.canonicalize(*args, **kw)
     out, lse = api.forward(*args, backend="reference", **kw)
-    be = launch.Backend("emulator")
+    dev = devices.EmulatedDevice()
     events = []
-    real_launch, real_host = be.launch, LB._host
-    monkeypatch.setattr(be, "launch", lambda *a, **k: (events.append("launch"), real_launch(*a, **k))[1])
-    monkeypatch.setattr(LB, "_host", lambda b, x: (events.append("host"), real_host(b, x))[1])
-    with_ds = LB.run_backward(be, prob, inp, dout, out, lse)
+    real_launch, real_host = dev.launch, dev.to_host
+    monkeypatch.setattr(dev, "launch", lambda *a, **k: (events.append("launch"), real_launch(*a, **k))[1])
+    monkeypatch.setattr(dev, "to_host", lambda x: (events.append("host"), real_host(x))[1])
+    with_ds = LB.run_backward(dev, prob, inp, dout, out, lse)
     assert events.count("host") == 1 and events[-1] == "host" and events.count("launch") >= 4, events
     events.clear()
-    without = LB.run_backward(be, prob, inp, dout, out, lse, need_dscale=False)
+    without = LB.run_backward(dev, prob, inp, dout, out, lse, need_dscale=False)
     assert "host" not in events and without[4] is None
     for name, a, b in zip(GRADS[:4], with_ds, without):
         assert np.array_equal(np.asarray(a), np.asarray(b)), name
@@ -358,36 +360,35 @@ def test_forward_then_backward_emulated():
                                             ("float32", 128, False), ("float16", 256, True), ("bfloat16", 224, True),
                                             ("float32", 128, True), ("float32", 256, True)])
 def test_tile_config_mirrors_kernel(dtype, dp, small):
-    """launch_backward.kv_config / q_config (grids, shared memory) agree with the compiled traits, for
+    """tiles.kv_config / q_config (grids, shared memory) agree with the compiled traits, for
     the default variant and the small-shared-memory one (bwd_info<T, DP, true>)."""
-    be = launch.Backend("emulator")
-    kv, q = LB.kv_config(dtype, dp, small), LB.q_config(dtype, dp, small)
+    dev = devices.EmulatedDevice()
+    kv, q = tiles.kv_config(dtype, dp, small), tiles.q_config(dtype, dp, small)
     want = (kv.threads, kv.rows, kv.tile, kv.dc, kv.n_chunks, kv.smem, q.threads, q.rows, q.tile, q.dc, q.n_chunks,
             q.smem)
-    assert LB.tile_info(be, dtype, dp, small) == want
+    assert LB.tile_info(dev, dtype, dp, small) == want
 
 
-SM86 = launch.DeviceCaps((8, 6), launch.SMEM_OPTIN_BY_ARCH["sm_86"], 84)
+SM86 = limits.DeviceCaps((8, 6), limits.SMEM_OPTIN_BY_ARCH["sm_86"], 84)
 
 
 def test_small_variants_are_registered_where_a_device_picks_them():
     """Every (dtype, DP) fits a 99 KB device with the variant choose_small picks, and the registry holds
     every variant some architecture of SMEM_OPTIN_BY_ARCH picks (and no small one that none does)."""
-    names = {s.name for s in LB.kernel_specs()}
+    names = {s.name for s in registry.backward_kernel_specs()}
     picked = set()
-    for dt in launch.DTYPE_NAMES:
-        for dp in LB.HEAD_DIM_PADS:
-            for lim in launch.SMEM_OPTIN_BY_ARCH.values():
-                kv_s, q_s = LB.choose_small(dt, dp, lim)
-                assert max(LB.kv_config(dt, dp, kv_s).smem, LB.q_config(dt, dp, q_s).smem) <= lim, (dt, dp, lim)
-                n = LB._names(dt, dp, kv_s, q_s)
-                picked |= {n["dkdv"], n["dq"]}
+    for dt in limits.KERNEL_DTYPES:
+        for dp in tiles.HEAD_DIM_PADS:
+            for lim in limits.SMEM_OPTIN_BY_ARCH.values():
+                kv_s, q_s = tiles.choose_small(dt, dp, lim)
+                assert max(tiles.kv_config(dt, dp, kv_s).smem, tiles.q_config(dt, dp, q_s).smem) <= lim, (dt, dp, lim)
+                picked |= {registry.bwd_name("dkdv", dt, dp, kv_s), registry.bwd_name("dq", dt, dp, q_s)}
                 if kv_s or q_s:
-                    picked.add(LB._name("info", dt, dp, True))
+                    picked.add(registry.bwd_name("info", dt, dp, True))
     assert picked <= names
     assert {n for n in names if n.endswith(", true>")} <= picked
-    assert LB.choose_small("float16", 128, SM86.smem_optin) == (False, False)
-    assert LB.choose_small("float32", 192, SM86.smem_optin) == (True, False)
+    assert tiles.choose_small("float16", 128, SM86.smem_optin) == (False, False)
+    assert tiles.choose_small("float32", 192, SM86.smem_optin) == (True, False)
 
 
 # (dtype, D) whose default backward tiles exceed 99 KB: on sm_86 they run the small variants.
@@ -400,46 +401,49 @@ def test_small_shared_memory_device_runs_small_backward_tiles(monkeypatch, dtype
     """On a 99 KB device (sm_86) the backward picks the small variant of each kernel whose default
     tiles do not fit, and every gradient still meets the contract, in both modes, with a bias and a
     mask."""
-    monkeypatch.setattr(launch, "EMULATED_DEVICE", SM86)
-    dp = LB.head_dim_pad(D)
-    kv_s, q_s = LB.choose_small(dtype, dp, SM86.smem_optin)
+    monkeypatch.setattr(limits, "EMULATED_DEVICE", SM86)
+    dp = tiles.bwd_head_dim_pad(D)
+    kv_s, q_s = tiles.choose_small(dtype, dp, SM86.smem_optin)
     assert kv_s
     kernels = []
-    real_kernel = launch.Backend.kernel
-    monkeypatch.setattr(launch.Backend, "kernel",
-                        lambda self, source, name, smem=0: (kernels.append(name), real_kernel(self, source, name, smem))[1])
+    real_kernel = devices.Device.kernel
+    monkeypatch.setattr(devices.Device, "kernel",
+                        lambda self, spec: (kernels.append(spec.name), real_kernel(self, spec))[1])
     for det in (False, True):
         kernels.clear()
         args, kw, dout = make_case(4000 + D + det, B=1, H=2, Hk=1, Nq=21, Nk=37, D=D, dtype=dtype, mask="random",
                                    bias="head", deterministic=det)
         check_grads(args, kw, dout)
         ran = {n for n in kernels if "bwd_dkdv" in n or "bwd_dq" in n}
-        want = {LB._name("dkdv", dtype, dp, kv_s)} | ({LB._name("dq", dtype, dp, q_s)} if det else set())
+        want = {registry.bwd_name("dkdv", dtype, dp, kv_s)}
+        if det:
+            want.add(registry.bwd_name("dq", dtype, dp, q_s))
         assert ran == want, (det, ran)
 
 
 def test_bfloat16_cast_matches_ml_dtypes():
-    """launch_backward.cast (integer bit arithmetic, what CuPy runs for bfloat16) rounds exactly as
+    """launch.arrays.cast (integer bit arithmetic, what CuPy runs for bfloat16) rounds exactly as
     ml_dtypes does, both ways."""
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.standard_normal(5000).astype(np.float32) * 10.0 ** rng.integers(-40, 38, 5000),
                         np.array([0.0, -0.0, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 3.0e38, 1e-45], np.float32)])
     x = x.astype(np.float32)
-    got = LB.cast(np, x, BFLOAT16)
+    got = arrays.cast(np, x, BFLOAT16)
     assert got.dtype == BFLOAT16 and np.array_equal(got.view(np.uint16), x.astype(BFLOAT16).view(np.uint16))
-    back = LB.cast(np, got, np.float32)
+    back = arrays.cast(np, got, np.float32)
     assert np.array_equal(back, got.astype(np.float32))
-    assert LB.cast(np, got[-6:-2], np.float16).dtype == np.float16
+    assert arrays.cast(np, got[-6:-2], np.float16).dtype == np.float16
 
 
 def test_tile_configs_fit():
     """Every instantiation: chunks divide the padded head dim; shared memory within sm_80's limit."""
-    for dt in launch.DTYPE_NAMES:
-        for dp in LB.HEAD_DIM_PADS:
-            for c in (LB.kv_config(dt, dp), LB.q_config(dt, dp)):
+    for dt in limits.KERNEL_DTYPES:
+        for dp in tiles.HEAD_DIM_PADS:
+            for c in (tiles.kv_config(dt, dp), tiles.q_config(dt, dp)):
                 assert c.dc % 16 == 0 and c.dc * c.n_chunks == dp
-                assert c.smem <= launch.SMEM_OPTIN_LIMIT, (dt, dp, c)
-    assert [LB.head_dim_pad(d) for d in (1, 8, 16, 33, 128, 129, 200, 256)] == [16, 16, 16, 48, 128, 160, 224, 256]
+                assert c.smem <= limits.SMEM_OPTIN_LIMIT, (dt, dp, c)
+    pads = [tiles.bwd_head_dim_pad(d) for d in (1, 8, 16, 33, 128, 129, 200, 256)]
+    assert pads == [16, 16, 16, 48, 128, 160, 224, 256]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The fused forward kernels (cuda_src/forward.cu, norm.cu) through the shared launch layer, against
 the float64 reference (cupy_cosattn.reference), on the CPU emulator and, marked ``gpu``, on CuPy.
 
-Accuracy (DESIGN.md section 2): ||out - ref|| / ||ref|| <= 1e-5 (fp32), 3e-3 (fp16), 2e-2 (bf16); no
+Accuracy (docs/design.md section 2): ||out - ref|| / ||ref|| <= 1e-5 (fp32), 3e-3 (fp16), 2e-2 (bf16); no
 NaN/Inf; rows without a visible key are 0 with lse = -inf.
 """
 from __future__ import annotations
@@ -14,14 +14,16 @@ import zlib
 import numpy as np
 import pytest
 
-from cupy_cosattn import api, launch, problem, reference
+from cupy_cosattn import api, problem, reference, tolerances
+from cupy_cosattn.launch import arrays, devices, limits, norm, params, registry, staging, tiles
 from cupy_cosattn.problem import BFLOAT16
+
 from kernel_cases import DTYPES, F16, F32, make_case, rel_err  # noqa: F401
 
-OUT_TOL = {"float16": 3e-3, "bfloat16": 2e-2, "float32": 1e-5}
+OUT_TOL = tolerances.OUT
 # lse: absolute error relative to the logit bound scale * groups + max|bias| (q, k are rounded to the
 # dtype after normalization, so logits carry an error proportional to that bound).
-LSE_TOL = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-6}
+LSE_TOL = tolerances.ROUNDING
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,7 +133,7 @@ def test_forward_configs(name, dtype):
 
 def test_grid_yz_limit_loops(monkeypatch):
     """B*H beyond the grid's y extent: the kernel loops over (batch, head) by gridDim.y."""
-    monkeypatch.setattr(launch, "GRID_YZ_LIMIT", 2)
+    monkeypatch.setattr(limits, "GRID_YZ_LIMIT", 2)
     args, kw = make_case(7, B=3, H=3, Hk=1, Nq=20, Nk=70, D=32, dtype="float32", mask="random", bias="head")
     check_forward(args, kw)
 
@@ -141,8 +143,8 @@ def test_preallocated_out_and_lse():
     prob, inp = problem.canonicalize(*args, **kw)
     out = np.full((prob.B, prob.H, prob.Nq, prob.D), np.nan, dtype=prob.dtype)
     lse = np.full((prob.B, prob.H, prob.Nq), np.nan, dtype=np.float32)
-    o, l = api.forward_canonical(prob, inp, "emulator", out=out, lse=lse)
-    assert o is out and l is lse
+    o, ls = api.forward_canonical(prob, inp, "emulator", out=out, lse=lse)
+    assert o is out and ls is lse
     ref_o, ref_l = reference.forward64(prob, inp)
     assert rel_err(out, ref_o) <= OUT_TOL["float16"]
     assert np.allclose(lse, ref_l, atol=1e-2)
@@ -152,12 +154,12 @@ def test_fixed_offset_choice():
     """The running max is used exactly where the fixed offset is not provably safe."""
     args, kw = make_case(9, D=32)
     prob, inp = problem.canonicalize(*args, **kw)
-    assert launch.fixed_offset_ok(prob, inp.scale)
-    assert not launch.fixed_offset_ok(dataclasses.replace(prob, l2norm_qk=False), inp.scale)
-    assert not launch.fixed_offset_ok(dataclasses.replace(prob, bias_layout=problem.BIAS_PER_HEAD), inp.scale)
-    assert not launch.fixed_offset_ok(prob, inp.scale * 2)  # fp16: scale 16 > 10
-    assert not launch.fixed_offset_ok(dataclasses.replace(prob, groups=2), inp.scale)  # bound 16 > 10
-    assert launch.fixed_offset_ok(dataclasses.replace(prob, dtype=F32), inp.scale * 2)
+    assert tiles.fixed_offset_ok(prob, inp.scale)
+    assert not tiles.fixed_offset_ok(dataclasses.replace(prob, l2norm_qk=False), inp.scale)
+    assert not tiles.fixed_offset_ok(dataclasses.replace(prob, bias_layout=problem.BIAS_PER_HEAD), inp.scale)
+    assert not tiles.fixed_offset_ok(prob, inp.scale * 2)  # fp16: scale 16 > 10
+    assert not tiles.fixed_offset_ok(dataclasses.replace(prob, groups=2), inp.scale)  # bound 16 > 10
+    assert tiles.fixed_offset_ok(dataclasses.replace(prob, dtype=F32), inp.scale * 2)
 
 
 def test_unsupported_head_dim_raises():
@@ -179,16 +181,16 @@ def _grouped_norm64(x, groups):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("D,groups", [(64, 1), (40, 5), (256, 8), (24, 24)])
 def test_l2norm_forward(dtype, D, groups):
-    be = launch.Backend("emulator")
+    dev = devices.EmulatedDevice()
     rng = np.random.default_rng(D + groups)
     x = rng.standard_normal((3, 5, D)).astype(DTYPES[dtype])
     x[0, 0] = 0  # zero rows: x / eps = 0
     x[0, 1, : D // groups] = 1e-20  # a chunk below eps
-    cols = launch.storage_dim(D)
-    xhat, rnorm = be.l2norm(be.to_device(x), groups, cols, want_rnorm=True)
+    cols = limits.storage_dim(D)
+    xhat, rnorm = norm.l2norm(dev, dev.to_device(x), groups, cols, want_rnorm=True)
     assert xhat.shape == (3, 5, cols) and np.all(np.asarray(xhat[..., D:], dtype=np.float64) == 0)
     ref, n = _grouped_norm64(x, groups)
-    tol = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-6}[dtype]
+    tol = tolerances.ROUNDING[dtype]
     assert np.max(np.abs(np.asarray(xhat[..., :D], dtype=np.float64) - ref)) <= tol
     np.testing.assert_allclose(rnorm, 1 / np.maximum(n, problem.NORM_EPS), rtol=1e-5)
 
@@ -211,13 +213,13 @@ def test_l2norm_forward_rounds_to_nearest(dtype):
 @pytest.mark.parametrize("grad_f32", [True, False])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_l2norm_backward(dtype, grad_f32):
-    be = launch.Backend("emulator")
+    dev = devices.EmulatedDevice()
     rng = np.random.default_rng(3)
     D, groups = 48, 3
     x = rng.standard_normal((4, 7, D)).astype(DTYPES[dtype])
     x[1, 2, 16:32] = 0  # a chunk with norm 0 <= eps: dx = dxhat / eps
     dxh = rng.standard_normal((4, 7, D)).astype(F32 if grad_f32 else DTYPES[dtype])
-    dx = be.l2norm_backward(be.to_device(x), be.to_device(dxh), groups)
+    dx = norm.l2norm_backward(dev, dev.to_device(x), dev.to_device(dxh), groups)
     x64 = np.asarray(x, dtype=np.float64)
     g64 = np.asarray(dxh, dtype=np.float64)
     xhat, n = _grouped_norm64(x64, groups)
@@ -240,64 +242,64 @@ def test_l2norm_backward(dtype, grad_f32):
 
 def test_make_record_checks_fields():
     with pytest.raises(KeyError, match="missing"):
-        launch.make_record(launch.NORM_PARAMS, x=0)
+        params.make_record(params.NORM_PARAMS, x=0)
     with pytest.raises(KeyError, match="unknown"):
-        launch.make_record(launch.NORM_PARAMS, bogus=1)
+        params.make_record(params.NORM_PARAMS, bogus=1)
 
 
 def test_registry_covers_launches():
     """Every forward instantiation the launch layer can pick is in the registry (so resources.py
     compiles it), grouped fixed-offset + running-max per (dtype, head dim)."""
-    names = {s.name for s in launch.kernel_registry()}
-    for dt in launch.DTYPE_NAMES:
+    names = {s.name for s in registry.kernel_registry()}
+    for dt in limits.KERNEL_DTYPES:
         for D in (8, 16, 24, 40, 64, 96, 128, 200, 256):
-            dp = launch.head_dim_pad(D)
+            dp = tiles.fwd_head_dim_pad(D)
             for rm in (False, True):
-                assert launch.fwd_name(dt, dp, launch.fwd_block_n(dt, dp), rm) in names
-            assert launch.fwd_smem_bytes(dt, dp, launch.fwd_block_n(dt, dp)) <= launch.SMEM_OPTIN_LIMIT
-            for limit in launch.SMEM_OPTIN_BY_ARCH.values():  # the tiles each architecture picks
-                bn = launch.fwd_block_n(dt, dp, limit)
-                if launch.fwd_smem_bytes(dt, dp, bn) <= limit:
-                    assert launch.fwd_name(dt, dp, bn, False) in names and launch.fwd_name(dt, dp, bn, True) in names
-        assert launch.norm_fwd_name(dt) in names
-    n = launch.fwd_name("float16", 64, 64, False)
-    assert launch.module_members("forward.cu", n) == tuple(sorted((n, launch.fwd_name("float16", 64, 64, True))))
+                assert registry.fwd_name(dt, dp, tiles.fwd_block_n(dt, dp), rm) in names
+            assert tiles.fwd_smem_bytes(dt, dp, tiles.fwd_block_n(dt, dp)) <= limits.SMEM_OPTIN_LIMIT
+            for limit in limits.SMEM_OPTIN_BY_ARCH.values():  # the tiles each architecture picks
+                bn = tiles.fwd_block_n(dt, dp, limit)
+                if tiles.fwd_smem_bytes(dt, dp, bn) <= limit:
+                    assert {registry.fwd_name(dt, dp, bn, rm) for rm in (False, True)} <= names
+        assert registry.norm_fwd_name(dt) in names
+    n = registry.fwd_name("float16", 64, 64, False)
+    assert registry.module_members("forward.cu", n) == tuple(sorted((n, registry.fwd_name("float16", 64, 64, True))))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Device-dependent choices: tiles by the device's shared memory, a clear error where they cannot fit.
 
-SM86 = launch.DeviceCaps((8, 6), launch.SMEM_OPTIN_BY_ARCH["sm_86"], 84)  # RTX 30xx: 99 KB per block
+SM86 = limits.DeviceCaps((8, 6), limits.SMEM_OPTIN_BY_ARCH["sm_86"], 84)  # RTX 30xx: 99 KB per block
 
 
 @pytest.mark.parametrize("dtype,D", [("float16", 256), ("bfloat16", 250), ("float32", 128)])
 def test_small_shared_memory_device_gets_smaller_key_tiles(monkeypatch, dtype, D):
     """On a 99 KB device the forward halves its key tile where the sm_80 tile does not fit, and the
     smaller instantiation is as accurate."""
-    monkeypatch.setattr(launch, "EMULATED_DEVICE", SM86)
-    dp = launch.head_dim_pad(D)
-    bn = launch.fwd_block_n(dtype, dp, SM86.smem_optin)
-    assert bn < launch.fwd_block_n(dtype, dp) and launch.fwd_smem_bytes(dtype, dp, bn) <= SM86.smem_optin
+    monkeypatch.setattr(limits, "EMULATED_DEVICE", SM86)
+    dp = tiles.fwd_head_dim_pad(D)
+    bn = tiles.fwd_block_n(dtype, dp, SM86.smem_optin)
+    assert bn < tiles.fwd_block_n(dtype, dp) and tiles.fwd_smem_bytes(dtype, dp, bn) <= SM86.smem_optin
     used = []
-    real_kernel = launch.Backend.kernel
-    monkeypatch.setattr(launch.Backend, "kernel", lambda self, src, name, smem=0: (
-        used.append(name), real_kernel(self, src, name, smem))[1])
+    real_kernel = devices.Device.kernel
+    monkeypatch.setattr(devices.Device, "kernel",
+                        lambda self, spec: (used.append(spec.name), real_kernel(self, spec))[1])
     args, kw = make_case(11, Nq=40, Nk=70, D=D, dtype=dtype, causal=True)
     check_forward(args, kw)
-    assert launch.fwd_name(dtype, dp, bn, False) in used
+    assert registry.fwd_name(dtype, dp, bn, False) in used
 
 
 def test_tiles_that_do_not_fit_the_device_raise_before_any_launch(monkeypatch):
-    monkeypatch.setattr(launch, "EMULATED_DEVICE", SM86)
+    monkeypatch.setattr(limits, "EMULATED_DEVICE", SM86)
     launches = []
-    monkeypatch.setattr(launch.Backend, "launch", lambda self, *a, **k: launches.append(a))
+    monkeypatch.setattr(devices.Device, "launch", lambda self, *a, **k: launches.append(a))
     args, kw = make_case(3, Nq=8, D=256, dtype="float32")
     with pytest.raises(ValueError, match=r"forward kernel for head dim D=256 in float32 needs \d+ bytes of shared "
                                          r"memory per block; this device allows 101376"):
         api.forward(*args, backend="emulator", **kw)
     # The backward has a small-shared-memory variant that fits every head dim in 99 KB; on a device
     # with 48 KB per block even that does not fit bf16 D=192 (53120 bytes).
-    monkeypatch.setattr(launch, "EMULATED_DEVICE", launch.DeviceCaps((8, 6), 48 * 1024, 84))
+    monkeypatch.setattr(limits, "EMULATED_DEVICE", limits.DeviceCaps((8, 6), 48 * 1024, 84))
     args, kw = make_case(3, Nq=8, D=192, dtype="bfloat16")
     out, lse = api.forward(*args, backend="reference", **kw)
     with pytest.raises(ValueError, match=r"backward kernels for head dim D=192 in bfloat16 needs \d+ bytes of shared "
@@ -307,7 +309,7 @@ def test_tiles_that_do_not_fit_the_device_raise_before_any_launch(monkeypatch):
 
 
 def test_pre_ampere_device_raises(monkeypatch):
-    monkeypatch.setattr(launch, "EMULATED_DEVICE", launch.DeviceCaps((7, 5), 64 * 1024, 40))
+    monkeypatch.setattr(limits, "EMULATED_DEVICE", limits.DeviceCaps((7, 5), 64 * 1024, 40))
     args, kw = make_case(3, Nq=8, D=64)
     with pytest.raises(RuntimeError, match=r"compute capability >= 8.0.*this device has 7.5"):
         api.forward(*args, backend="emulator", **kw)
@@ -354,31 +356,30 @@ class _XpNoBf16:
 def test_cuda_array_plumbing_runs_no_bfloat16_kernel():
     """The cuda backend's copies, zero padding and column slices move bfloat16 as 16-bit integers,
     bit-exactly, so they work with any CuPy (checked on a NumPy stand-in that refuses bfloat16 work)."""
-    be = launch.Backend.__new__(launch.Backend)
-    be.name, be.xp = "cuda", _XpNoBf16()
+    dev = devices.CudaDevice(xp=_XpNoBf16())
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 3, 10)).astype(BFLOAT16).view(_NoBf16)
     strided = x[:, ::2, 1:6]  # (2, 2, 5), not contiguous
     with pytest.raises(TypeError):  # the stand-in does refuse a bfloat16 copy
         strided.copy()
 
-    padded = be.padded(strided, 16)
+    padded = staging.padded(dev, strided, 16)
     assert padded.shape == (2, 2, 16) and padded.dtype == BFLOAT16 and padded.flags.c_contiguous
     assert np.array_equal(padded.view(np.uint16)[..., :5], strided.view(np.uint16))
     assert not padded.view(np.uint16)[..., 5:].any()
 
-    dev = be.to_device(strided)
-    assert dev.flags.c_contiguous and np.array_equal(dev.view(np.uint16), strided.view(np.uint16))
-    assert be.to_device(dev) is dev  # already a contiguous, aligned device array: no copy
-    assert not be.zeros((3, 4), BFLOAT16).view(np.uint16).any()
+    copy = dev.to_device(strided)
+    assert copy.flags.c_contiguous and np.array_equal(copy.view(np.uint16), strided.view(np.uint16))
+    assert dev.to_device(copy) is copy  # already a contiguous, aligned device array: no copy
+    assert not dev.zeros((3, 4), BFLOAT16).view(np.uint16).any()
 
-    out = be.to_host_into(padded[..., :5], None)  # the forward's column slice of a padded result
+    out = staging.deliver(dev, padded[..., :5], None)  # the forward's column slice of a padded result
     assert out.flags.c_contiguous and np.array_equal(out.view(np.uint16), strided.view(np.uint16))
     dst = np.zeros((2, 2, 5), dtype=BFLOAT16).view(_NoBf16)
-    assert be.to_host_into(padded[..., :5], dst) is dst
+    assert staging.deliver(dev, padded[..., :5], dst) is dst
     assert np.array_equal(dst.view(np.uint16), strided.view(np.uint16))
     f32 = np.zeros((2, 2, 5), dtype=np.float32)
-    launch.copy_into(f32, strided.view(np.ndarray))  # different dtypes: an ordinary converting copy
+    arrays.copy_into(f32, strided.view(np.ndarray))  # different dtypes: an ordinary converting copy
     assert np.array_equal(f32, strided.view(np.ndarray).astype(np.float32))
 
 
@@ -415,7 +416,7 @@ def test_forward_configs_gpu(name, dtype):
 
 @pytest.mark.gpu
 def test_grid_yz_limit_loops_gpu(monkeypatch):
-    monkeypatch.setattr(launch, "GRID_YZ_LIMIT", 2)
+    monkeypatch.setattr(limits, "GRID_YZ_LIMIT", 2)
     args, kw = make_case(7, B=3, H=3, Hk=1, Nq=20, Nk=70, D=32, dtype="float32", mask="random", bias="head")
     check_forward(args, kw, backend="cuda")
 
@@ -424,7 +425,7 @@ def test_grid_yz_limit_loops_gpu(monkeypatch):
 def test_device_caps_gpu():
     import cupy
 
-    caps = launch.Backend("cuda").device_caps()
+    caps = devices.CudaDevice().capabilities()
     dev = cupy.cuda.Device()
     assert caps.compute_capability == (int(dev.compute_capability[:-1]), int(dev.compute_capability[-1]))
     assert caps.smem_optin >= 99 * 1024 and caps.sm_count > 0

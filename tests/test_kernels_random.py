@@ -1,6 +1,6 @@
 """Random configurations of the fused kernels through the emulator: shapes, head layouts, features and
 flags drawn by a seeded sampler (so every run checks the same cases, and a failure names its seed),
-forward and every gradient against the float64 reference within DESIGN.md's tolerances. The grids in
+forward and every gradient against the float64 reference within docs/design.md's tolerances. The grids in
 test_kernels_forward.py / test_kernels_backward.py cross the features systematically at fixed shapes;
 these cover the shapes in between."""
 from __future__ import annotations
@@ -10,8 +10,9 @@ import time
 import numpy as np
 import pytest
 
-import kernel_cases
 from cupy_cosattn import api
+
+import kernel_cases
 from test_kernels_backward import check_grads
 from test_kernels_forward import check_forward
 

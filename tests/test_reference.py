@@ -1,6 +1,6 @@
 """The float64 NumPy reference backend against an independent dense torch float64 autograd model.
 
-The torch model below is written from DESIGN.md section 1 on the *user* layouts (4-D, merged 3-D,
+The torch model below is written from docs/design.md section 1 on the *user* layouts (4-D, merged 3-D,
 multi-query 3-D kv, grouped-query), without any of cupy_cosattn's code: it builds every logit, keeps
 only the visible (mask, causal) pairs, takes a max-subtracted softmax, zeroes rows without a visible
 key, and lets autograd produce every gradient (q, k, v, bias, scale).
@@ -298,7 +298,7 @@ def test_large_logits_stay_finite_without_l2norm_and_with_bias():
     dout = rng.standard_normal(inputs["q"].shape)
     got = reference64(inputs, dout)
     want = torch_grads(inputs, dout)
-    for x, r in zip(got, want):
+    for x in got:
         assert np.all(np.isfinite(x))
     # the softmax is nearly one-hot, so dq, dk, dbias, dscale are ~0: compare those absolutely
     for i in (0, 4):
@@ -325,6 +325,68 @@ def test_minus_inf_bias_removes_pairs_like_a_mask():
     prob2, inp2 = canonical64(inputs2)
     out2, _ = reference.forward64(prob2, inp2)
     np.testing.assert_allclose(out[0, 1], out2[0, 1], rtol=1e-13, atol=1e-15)
+
+
+def test_nan_on_a_visible_pair_poisons_exactly_its_row():
+    """A NaN bias on a visible pair (i, j) makes row i NaN (out, lse: not 0 and -inf), and the gradients
+    it feeds (dq_i, dk and dv of the keys row i sees, dbias on its visible pairs); everything else is
+    exactly the clean problem's."""
+    rng = np.random.default_rng(4)
+    inputs = make_inputs(rng, bias="full", causal=True, Nq=6, Nk=6, D=8, B=1, H=2, per_head=True)
+    dout = rng.standard_normal(inputs["q"].shape)
+    clean = reference64(inputs, dout)
+    bias = inputs["bias"].copy()
+    bias[0, 1, 3, 1] = np.nan  # row 3 of head 1 sees keys 0..3
+    got = reference64(dict(inputs, bias=bias), dout)
+    out, lse, dq, dk, dv, dbias, dscale = got
+    assert np.isnan(out[0, 1, 3]).all() and np.isnan(lse[0, 1, 3]) and np.isnan(dq[0, 1, 3]).all()
+    assert np.isnan(dk[0, 1, :4]).all() and np.isnan(dv[0, 1, :4]).all() and np.isnan(dscale[1])
+    assert np.isnan(dbias[0, 1, 3, :4]).all() and np.all(dbias[0, 1, 3, 4:] == 0)
+    assert np.sum(np.isnan(out)) == 8 and np.sum(np.isnan(lse)) == 1 and np.sum(np.isnan(dq)) == 8
+    rows = np.arange(6) != 3
+    for i, name in enumerate(("out", "lse", "dq")):
+        np.testing.assert_array_equal(got[i][0, 1, rows], clean[i][0, 1, rows], err_msg=name)
+        np.testing.assert_array_equal(got[i][0, 0], clean[i][0, 0], err_msg=name)
+    for i in (3, 4):  # dk, dv: keys 4, 5 (hidden from row 3) and head 0 unchanged
+        np.testing.assert_array_equal(got[i][0, 1, 4:], clean[i][0, 1, 4:])
+        np.testing.assert_array_equal(got[i][0, 0], clean[i][0, 0])
+    np.testing.assert_array_equal(dscale[0], clean[6][0])
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nonfinite_masked_and_hidden_keys_change_nothing(value):
+    """NaN / ±Inf in the k, v and bias of masked keys and on causally hidden pairs: bitwise the clean
+    result, every gradient included (a masked key's dk and dv stay exactly 0)."""
+    rng = np.random.default_rng(6)
+    inputs = make_inputs(rng, bias="full", mask=True, causal=True, kv="gqa", Nq=5, Nk=7, D=8, B=2, H=4,
+                         per_head=True)
+    inputs["mask"][0, 2] = inputs["mask"][1, 5] = False
+    dout = rng.standard_normal(inputs["q"].shape)
+    clean = reference64(inputs, dout)
+    k, v, b = inputs["k"].copy(), inputs["v"].copy(), inputs["bias"].copy()
+    for bb, j in ((0, 2), (1, 5)):
+        k[bb, :, j, 1] = value
+        v[bb, :, j] = value
+        b[bb, :, :, j] = value
+    hidden = np.arange(7)[None, :] > np.arange(5)[:, None] + 2
+    b[..., hidden] = value
+    got = reference64(dict(inputs, k=k, v=v, bias=b), dout)
+    for x, c in zip(got, clean):
+        np.testing.assert_array_equal(x, c)
+    assert np.all(got[3][0, :, 2] == 0) and np.all(got[4][1, :, 5] == 0)
+
+
+def test_l2norm_backward_without_gradient_is_zero_for_nonfinite_rows():
+    """The norm's gradient is 0 for a chunk that receives none, even when its x holds NaN or Inf (the
+    formula would give NaN); a chunk that does receive a gradient keeps the formula."""
+    x = np.array([[np.nan, 1.0, 2.0, 3.0], [np.inf, 1.0, 1.0, 1.0], [1.0, 2.0, 2.0, 4.0]])
+    xhat, n = reference._l2norm(x, 2)
+    dxhat = np.array([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, -1.0], [0.5, -1.0, 0.0, 0.0]])
+    dx = reference._l2norm_backward(xhat, n, dxhat, 2)
+    assert np.all(dx[0] == 0) and np.all(dx[1, :2] == 0) and np.all(dx[2, 2:] == 0)
+    xc, dc = x[1, 2:], dxhat[1, 2:]
+    nc = np.linalg.norm(xc)
+    np.testing.assert_allclose(dx[1, 2:], (dc - xc / nc * np.dot(xc / nc, dc)) / nc, rtol=1e-15)
 
 
 # --------------------------------------------------------------------------------------------------

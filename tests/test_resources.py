@@ -1,4 +1,4 @@
-"""The NVRTC gate (DESIGN.md section 4 item 2): every registered kernel instantiation compiles for
+"""The NVRTC gate (docs/design.md section 4 item 2): every registered kernel instantiation compiles for
 sm_80 and sm_90 without spills and within the shared-memory limit. Needs CuPy's NVRTC binding and
 the NVRTC library (pip: cupy-cuda12x, nvidia-cuda-nvrtc-cu12), not a GPU."""
 from __future__ import annotations
@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from cupy_cosattn import launch, resources
+from cupy_cosattn import resources
+from cupy_cosattn.launch import devices, registry, sources
 
 
 def _nvrtc_unavailable():
@@ -38,13 +39,13 @@ def test_every_registered_kernel_compiles_spill_free():
     failures = resources.run(["sm_80", "sm_90"], jobs=2, out=buf)
     report = buf.getvalue()
     assert failures == 0, report
-    n = len(launch.kernel_registry())
-    rows = [l for l in report.splitlines() if l.rstrip().endswith(" ok")]
+    n = len(registry.kernel_registry())
+    rows = [line for line in report.splitlines() if line.rstrip().endswith(" ok")]
     assert len(rows) == 2 * n, report
 
 
 def test_compile_error_fails(monkeypatch):
-    monkeypatch.setattr(launch, "load_source", lambda name: "this is not CUDA;")
+    monkeypatch.setattr(sources, "load_source", lambda name: "this is not CUDA;")
     buf = io.StringIO()
     failures = resources.run(["sm_80"], match=r"l2norm_fwd<float>", jobs=1, out=buf)
     assert failures == 1 and "COMPILE ERROR" in buf.getvalue()
@@ -99,15 +100,15 @@ def test_registry_covers_backward_launches(monkeypatch):
     from cupy_cosattn import api
     from cupy_cosattn.problem import BFLOAT16
 
-    names = {(s.source, s.name) for s in launch.kernel_registry()}
+    names = {(s.source, s.name) for s in registry.kernel_registry()}
     used = set()
-    real_kernel = launch.Backend.kernel
+    real_kernel = devices.Device.kernel
 
-    def spy(self, source, name, smem=0):
-        used.add((source, name))
-        return real_kernel(self, source, name, smem)
+    def spy(self, spec):
+        used.add((spec.source, spec.name))
+        return real_kernel(self, spec)
 
-    monkeypatch.setattr(launch.Backend, "kernel", spy)
+    monkeypatch.setattr(devices.Device, "kernel", spy)
     rng = np.random.default_rng(0)
     for dt, D, det in ((np.float16, 40, False), (BFLOAT16, 64, True), (np.float32, 24, False)):
         q, k, v = (rng.standard_normal((1, 2, 9, D)).astype(dt) for _ in range(3))

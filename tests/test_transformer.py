@@ -37,7 +37,6 @@ def test_learns_copy_task(pre_norm):
     with torch.no_grad():
         acc = (model(s[:, :-1])[:, L:].argmax(-1) == s[:, L + 1:]).float().mean().item()
     assert acc >= 0.95, f"copy accuracy {acc:.3f} after 120 steps ({time.time() - t0:.0f} s)"
-    assert time.time() - t0 < 60
 
 
 @pytest.mark.parametrize("attn,kv_heads,pre_norm", [("cosine", None, False), ("cosine", 2, True),

@@ -14,9 +14,17 @@
 //    and dynamic shared memory; a fault inside a kernel is caught (signal handler on an alternate
 //    stack, siglongjmp back to the worker's scheduler) and reported, and the process goes on. A
 //    global buffer sits flush against its end guard or its start guard (the placement, chosen per
-//    allocation by the caller), so that out-of-bounds reads on either side fault.
+//    allocation by the caller), so that out-of-bounds reads on either side fault; a block's dynamic
+//    shared memory likewise (chosen per launch, or alternating by block).
 //  * Interleave mode: a seeded random choice of the next runnable thread at every scheduling point,
 //    so races between barriers show up as seed-dependent results.
+//  * Watchdog (watchdog.inc): a thread that runs long without reaching a scheduling point is
+//    preempted (so a spin-wait on another thread's store makes progress), and a launch in which
+//    nothing progresses past a bound is reported with the spinning threads' call sites.
+//  * Race mode (race.inc): kernels built with the compiler's ThreadSanitizer instrumentation report
+//    every global access here; two blocks touching the same byte in one launch, one of them
+//    writing with a plain (non-atomic) store, is reported.
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <map>
@@ -34,6 +42,10 @@
 #include <sys/mman.h>
 #include <unistd.h>
 #include <link.h>
+#include <pthread.h>
+#include <time.h>
+#include <cxxabi.h>
+#include <dlfcn.h>
 
 #if !defined(__x86_64__)
 #include <ucontext.h>
@@ -123,6 +135,8 @@ struct Fiber {
   std::vector<Copy> copies;
   uint64_t group_next = 0;  // id of the group that uncommitted copies belong to
   unsigned yield_counter = 0;
+  uintptr_t spin_pc = 0;     // where the watchdog last found the thread (0: never in this block)
+  uint64_t spin_seen = 0;    // the launch's progress count then
 };
 
 struct Pending {
@@ -149,6 +163,8 @@ struct Launch {
   bool interleave = false;
   uint64_t seed = 0;
   void* (*tls_probe)() = nullptr;  // the module's caemu_module_tls_probe (static __shared__ lives in its TLS)
+  int smem_place = 3;              // where dynamic shared memory sits in its mapping (Placement below)
+  uint64_t seq = 0;                // launch counter (the alternate shared-memory placement)
   std::vector<long long> order;
   std::atomic<long long> next{0};
   std::atomic<int> abort{0};
@@ -188,11 +204,23 @@ struct Worker {
   int fault_sig = 0;
   char* smem_map = nullptr;
   size_t smem_maplen = 0, smem_cap = 0;
-  unsigned char* smem_end = nullptr;  // first byte of the guard page after the shared memory
+  unsigned char* smem_lo = nullptr;   // the accessible pages between the shared memory's guards
+  unsigned char* smem_hi = nullptr;
+  pthread_t pth{};
+  std::atomic<uint64_t> progress{0};  // scheduling points that moved the block forward (watchdog)
+  std::atomic<int> wd_poke{0};        // the watchdog asks the running thread to check in
+  uint64_t wd_seen = 0, wd_digest = 0;
+  double wd_since = 0;
   void* altstack = nullptr;
   struct TlsRange { void* probe_fn; void* base; size_t size; };
   std::vector<TlsRange> tls;  // per module: this thread's instance of its TLS segment
 };
+
+// The sm_90a model (hopper.cpp, included at the end of this file) hooks into the scheduler here.
+void hopper_block_start(Block* B);
+void hopper_thread_exit(Fiber* f);
+bool hopper_progress(Block* B);  // no thread can run: land an in-flight TMA load; true if that changed anything
+std::string hopper_blocked_detail(Block* B);
 
 }  // namespace
 
@@ -217,6 +245,15 @@ thread_local Worker* tl_worker = nullptr;
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers.
+
+// A scheduling point that moved a block forward (a barrier or warp collective completed, copies
+// landed, a thread exited, a block started): the watchdog's notion of progress. One writer per
+// worker, read by the watchdog's monitor thread.
+inline void note_progress(Worker* w) {
+  w->progress.store(w->progress.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+}
+void race_access(const void* p, size_t n, bool write);  // race.inc
+void watchdog_point(Fiber* f, uintptr_t pc);             // watchdog.inc
 uint64_t splitmix(uint64_t& s) {
   uint64_t z = (s += 0x9E3779B97F4A7C15ull);
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -265,6 +302,7 @@ std::string op_name(uint32_t op) {
       static const char* m[] = {"mma.m16n8k16.f16", "mma.m16n8k16.bf16", "mma.m16n8k8.tf32"};
       return m[(op >> 8) % 3];
     }
+    case 6: return "elect.sync";
   }
   return "collective";
 }
@@ -441,6 +479,7 @@ extern "C" __attribute__((visibility("hidden"))) void caemu_fiber_main(void* p) 
   if (!f->copies.empty())
     fail(f, fmt("%s exited with %zu cp.async copies not yet waited for (cp.async.wait_group)", thread_str(f).c_str(),
                 f->copies.size()));
+  hopper_thread_exit(f);
   Warp& W = B->warps[f->pub.warp];
   uint32_t bit = 1u << f->pub.lane;
   for (int i = 0; i < 32 && W.npending; ++i) {
@@ -462,6 +501,7 @@ extern "C" __attribute__((visibility("hidden"))) void caemu_fiber_main(void* p) 
   f->state = F_DONE;
   B->live--;
   W.exited |= bit;
+  note_progress(f->w);
   switch_to_sched(f);
   __builtin_unreachable();
 }
@@ -501,6 +541,7 @@ extern "C" void caemu_syncthreads(void) {
       }
     for (int i = 0; i < B->nwarps; ++i) B->warps[i].at_barrier = 0;
     B->bar_count = 0;
+    note_progress(f->w);
     if (B->interleave) yield_ready(f);
     return;
   }
@@ -515,6 +556,7 @@ extern "C" void caemu_threadfence(void) {
 
 extern "C" void caemu_maybe_yield(void) {
   Fiber* f = cur_fiber();
+  if (f->w->wd_poke.load(std::memory_order_relaxed)) watchdog_point(f, (uintptr_t)__builtin_return_address(0));
   Block* B = &f->w->blk;
   if (B->interleave) {
     if (splitmix(B->rng) & 1) yield_ready(f);
@@ -593,6 +635,7 @@ void warp_release(Fiber* f, Pending* P) {
   uint32_t others = P->mask & ~(1u << f->pub.lane);
   P->used = false;
   W.npending--;
+  note_progress(f->w);
   while (others) {
     int l = __builtin_ctz(others);
     others &= others - 1;
@@ -605,7 +648,7 @@ void warp_release(Fiber* f, Pending* P) {
 
 struct ShflSlot {
   unsigned long long v, out;
-  int b, width;
+  int b, c;
 };
 struct VoteSlot {
   int pred;
@@ -623,38 +666,54 @@ struct MmaSlot {
 
 }  // namespace
 
-extern "C" unsigned long long caemu_shfl(int mode, unsigned mask, unsigned long long v, int b, int width) {
+namespace {
+// PTX ISA, shfl.sync: the lane whose `a` operand lane `lane` receives, for operands b and c, in
+// mode 0 .idx, 1 .up, 2 .down, 3 .bfly. Only b[4:0], c[4:0] (the clamp) and c[12:8] (the segment
+// mask) take part; when the computed lane is out of range the lane keeps its own value.
+int shfl_source_lane(int mode, int lane, uint32_t b, uint32_t c) {
+  const int bval = (int)(b & 31), cval = (int)(c & 31), segmask = (int)((c >> 8) & 31);
+  const int maxLane = (lane & segmask) | (cval & ~segmask);
+  const int minLane = lane & segmask;
+  int j;
+  bool in_range;
+  switch (mode) {
+    case 1: j = lane - bval; in_range = j >= maxLane; break;
+    case 2: j = lane + bval; in_range = j <= maxLane; break;
+    case 3: j = lane ^ bval; in_range = j <= maxLane; break;
+    default: j = minLane | (bval & ~segmask); in_range = j <= maxLane; break;
+  }
+  return in_range ? j : lane;
+}
+}  // namespace
+
+// shfl.sync.mode.b32 d, a=v, b, c, membermask=mask (8-byte values move as two shuffles with the
+// same b and c would).
+extern "C" unsigned long long caemu_shfl_c(int mode, unsigned mask, unsigned long long v, int b, int c) {
   Fiber* f = cur_fiber();
-  if (width < 1 || width > 32 || (width & (width - 1)))
-    fail(f, fmt("%s with width %d (must be a power of two up to 32)", op_name(1 | mode << 8).c_str(), width));
-  ShflSlot s{v, 0, b, width};
-  Pending* P = warp_arrive(f, 1u | (uint32_t)mode << 8, mask, &s);
+  ShflSlot s{v, 0, b, c};
+  Pending* P = warp_arrive(f, 1u | (uint32_t)(mode & 3) << 8, mask, &s);
   if (P) {
     ShflSlot* sl[32];
     for (int l = 0; l < 32; ++l) sl[l] = (P->mask >> l & 1) ? (ShflSlot*)P->slot[l] : nullptr;
     for (int l = 0; l < 32; ++l) {
       if (!sl[l]) continue;
-      // PTX shfl.sync: c = ((32 - width) << 8) | clamp, clamp = 0 for .up and 31 otherwise.
-      int segmask = (32 - sl[l]->width) & 31;
-      int clamp = mode == 1 ? 0 : 31;
-      int bval = sl[l]->b;
-      int minLane = l & segmask;
-      int maxLane = minLane | (clamp & ~segmask);
-      int j;
-      bool ok;
-      switch (mode) {
-        case 1: j = l - bval; ok = j >= maxLane; break;
-        case 2: j = l + bval; ok = j <= maxLane; break;
-        case 3: j = l ^ bval; ok = j <= maxLane; break;
-        default: j = minLane | (bval & 31 & ~segmask); ok = j <= maxLane; break;
-      }
-      if (!ok) j = l;
+      int j = shfl_source_lane(mode & 3, l, (uint32_t)sl[l]->b, (uint32_t)sl[l]->c);
       // Reading a lane outside the member mask is undefined: give a visible garbage value.
-      sl[l]->out = (j >= 0 && j < 32 && sl[j]) ? sl[j]->v : ~0ull;
+      sl[l]->out = sl[j] ? sl[j]->v : ~0ull;
     }
     warp_release(f, P);
   }
   return s.out;
+}
+
+// __shfl_sync / _up / _down / _xor (mode 0 .. 3) as CUDA's headers build them:
+// c = ((32 - width) << 8) | clamp, clamp 0 for .up and 31 otherwise.
+extern "C" unsigned long long caemu_shfl(int mode, unsigned mask, unsigned long long v, int b, int width) {
+  if (width < 1 || width > 32 || (width & (width - 1))) {
+    Fiber* f = cur_fiber();
+    fail(f, fmt("%s with width %d (must be a power of two up to 32)", op_name(1 | mode << 8).c_str(), width));
+  }
+  return caemu_shfl_c(mode, mask, v, b, ((32 - width) << 8) | (mode == 1 ? 0 : 31));
 }
 
 extern "C" unsigned caemu_vote(int mode, unsigned mask, int pred) {
@@ -801,7 +860,10 @@ extern "C" void caemu_cp_async(void* dst, const void* src, int cp_bytes, int src
   c.bytes = cp_bytes;
   c.group = f->group_next;
   memset(c.data, 0, sizeof c.data);
-  if (src_bytes) memcpy(c.data, src, src_bytes);
+  if (src_bytes) {
+    race_access(src, (size_t)src_bytes, false);
+    memcpy(c.data, src, src_bytes);
+  }
   // The hardware may land a copy at any moment between its issue and the wait that retires it.
   // Landing half of them (seeded) at once in interleave mode exposes the races that landing at the
   // wait hides: a buffer still being read by other threads (a missing barrier before it is
@@ -833,6 +895,7 @@ extern "C" void caemu_cp_async_wait(int n) {
       f->copies[keep++] = c;
     }
   }
+  if (keep != f->copies.size()) note_progress(f->w);
   f->copies.resize(keep);
 }
 
@@ -852,18 +915,67 @@ uint64_t g_gen = 0;
 Launch* g_launch = nullptr;
 int g_active = 0;
 
+// Dynamic shared memory: the fewest whole pages that hold it, between two guard regions. The
+// mapping is resized whenever a launch needs a different number of pages, so that the slack on the
+// side away from the guard the data sits against is under a page.
 void ensure_smem(Worker* w, size_t bytes) {
   size_t rounded = (bytes + 15) & ~(size_t)15;
-  if (!w->smem_map || w->smem_cap < rounded) {
+  size_t cap = (rounded + g_page - 1) / g_page * g_page;
+  if (cap == 0) cap = g_page;
+  if (!w->smem_map || w->smem_cap != cap) {
     if (w->smem_map) munmap(w->smem_map, w->smem_maplen);
-    size_t cap = (rounded + g_page - 1) / g_page * g_page;
-    if (cap == 0) cap = g_page;
     w->smem_maplen = cap + 2 * kGuard;
     w->smem_map = (char*)mmap(nullptr, w->smem_maplen, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     mprotect(w->smem_map + kGuard, cap, PROT_READ | PROT_WRITE);
     w->smem_cap = cap;
-    w->smem_end = (unsigned char*)w->smem_map + kGuard + cap;
+    w->smem_lo = (unsigned char*)w->smem_map + kGuard;
+    w->smem_hi = w->smem_lo + cap;
   }
+}
+
+// Places a block's dynamic shared memory (`bytes`) in the worker's mapping, flush against the start
+// guard (P_START: s[-1] faults) or the end guard (P_END after rounding to 16 bytes, P_EXACT
+// without), fills it with garbage (0xFF: NaN as any float type) and the slack around it with
+// canaries, which check_smem_canaries reads when the block is done.
+unsigned char* place_smem(Worker* w, size_t bytes, int place) {
+  size_t rounded = (bytes + 15) & ~(size_t)15;
+  unsigned char* data = place == P_START ? w->smem_lo : place == P_EXACT ? w->smem_hi - bytes : w->smem_hi - rounded;
+  memset(w->smem_lo, kCanary, data - w->smem_lo);
+  memset(data, 0xFF, bytes);
+  memset(data + bytes, kCanary, w->smem_hi - (data + bytes));
+  return data;
+}
+
+// Offset of the first byte of [p, p + n) that is not a canary, or -1.
+long long first_non_canary(const unsigned char* p, size_t n) {
+  const uint64_t word = 0x0101010101010101ull * kCanary;
+  size_t i = 0;
+  for (; i < n && ((uintptr_t)(p + i) & 7); ++i)
+    if (p[i] != kCanary) return (long long)i;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t x;
+    memcpy(&x, p + i, 8);
+    if (x != word) break;
+  }
+  for (; i < n; ++i)
+    if (p[i] != kCanary) return (long long)i;
+  return -1;
+}
+
+// An out-of-bounds write into the slack around a block's dynamic shared memory, as an error
+// message with its byte offset from the start of the shared memory, or "" when the canaries hold.
+std::string check_smem_canaries(Worker* w, const Block* B) {
+  unsigned char* data = B->pub.dyn_smem;
+  size_t bytes = B->pub.dyn_smem_bytes;
+  long long off = first_non_canary(w->smem_lo, data - w->smem_lo);
+  if (off >= 0) {
+    off -= (long long)(data - w->smem_lo);
+  } else {
+    long long o = first_non_canary(data + bytes, w->smem_hi - (data + bytes));
+    if (o < 0) return "";
+    off = (long long)bytes + o;
+  }
+  return fmt("out-of-bounds write to dynamic shared memory at byte offset %lld (shared_mem=%zu bytes)", off, bytes);
 }
 
 void record_error(Launch* L, caemu_result* res, const std::string& msg, int code) {
@@ -883,11 +995,9 @@ std::string describe_internal(Worker* w, uintptr_t a) {
     if (a >= (uintptr_t)f->map && a < (uintptr_t)f->map + kGuard)
       return fmt("stack overflow of %s (the emulator's per-thread stack is %zu bytes; raise CUPY_COSATTN_EMU_STACK)",
                  thread_str(f).c_str(), f->stack_size);
-  if (w->smem_map && a >= (uintptr_t)w->smem_map && a < (uintptr_t)w->smem_map + w->smem_maplen) {
-    unsigned char* base = w->smem_end - ((B->L->smem + 15) & ~(size_t)15);
+  if (w->smem_map && a >= (uintptr_t)w->smem_map && a < (uintptr_t)w->smem_map + w->smem_maplen)
     return fmt("out-of-bounds access to dynamic shared memory at byte offset %lld (shared_mem=%zu bytes)",
-               (long long)(a - (uintptr_t)base), B->L->smem);
-  }
+               (long long)(a - (uintptr_t)B->pub.dyn_smem), B->L->smem);
   return "";
 }
 
@@ -937,12 +1047,13 @@ void run_block(Worker* w, Launch* L, long long bl) {
   B->pub.bid.y = (unsigned)((bl / L->grid.x) % L->grid.y);
   B->pub.bid.z = (unsigned)(bl / ((long long)L->grid.x * L->grid.y));
   ensure_smem(w, L->smem);
-  size_t rounded = (L->smem + 15) & ~(size_t)15;
-  B->pub.dyn_smem = w->smem_end - rounded;
-  B->pub.dyn_smem_bytes = L->smem;
   // Fresh shared memory holds garbage (0xFF bytes: NaN as fp32/fp16/bf16), so reading what no one
-  // wrote shows up.
-  memset(w->smem_end - rounded, 0xFF, rounded);
+  // wrote shows up. With the alternate placement, blocks sit against the start or the end guard by
+  // the parity of their index and the launch counter, so that both sides are checked.
+  int place = L->smem_place;
+  if (place != P_START && place != P_END && place != P_EXACT) place = ((uint64_t)bl + L->seq) & 1 ? P_END : P_START;
+  B->pub.dyn_smem = place_smem(w, L->smem, place);
+  B->pub.dyn_smem_bytes = L->smem;
   // Static __shared__ variables are the module's thread_local variables (see shim.h), one copy per
   // worker: garbage them too, so a block never sees what an earlier block (or launch) left there.
   if (L->tls_probe) poison_static_shared(w, L->tls_probe);
@@ -973,6 +1084,7 @@ void run_block(Worker* w, Launch* L, long long bl) {
   B->rng = L->seed * 0x9E3779B97F4A7C15ull + (uint64_t)bl * 0xD1B54A32D192ED03ull + 0x632BE59BD9B4E019ull;
   B->failed = false;
   B->err.clear();
+  hopper_block_start(B);
   for (int i = 0; i < n; ++i) {
     Fiber* f = B->fibers[i];
     fiber_init_stack(f);
@@ -985,11 +1097,13 @@ void run_block(Worker* w, Launch* L, long long bl) {
     f->copies.clear();
     f->group_next = 0;
     f->yield_counter = 0;
+    f->spin_pc = 0;
     f->state = F_READY;
     fiber_prepare(f);
     rq_push(B, i);
   }
   caemu_tl_block = &B->pub;
+  note_progress(w);
   w->faulted = 0;
   w->cur = nullptr;
   if (sigsetjmp(w->jb, 1)) {
@@ -1031,6 +1145,7 @@ void run_block(Worker* w, Launch* L, long long bl) {
     if (L->abort.load(std::memory_order_relaxed)) break;
     if (B->count == 0) {
       if (B->live == 0) break;
+      if (hopper_progress(B)) continue;
       // Nothing can run but threads are alive: a deadlock.
       int at_bar = 0, at_warp = 0;
       std::string detail;
@@ -1043,6 +1158,7 @@ void run_block(Worker* w, Launch* L, long long bl) {
           if (p.used)
             detail += fmt("; warp %d: lanes %s wait at %s (mask 0x%08x) for lanes %s", i, lanes_str(p.arrived).c_str(),
                           op_name(p.op).c_str(), p.mask, lanes_str(p.mask & ~p.arrived).c_str());
+      detail += hopper_blocked_detail(B);
       record_error(L, g_res,
                    block_prefix(B) + fmt(": deadlock: %d thread(s) wait at __syncthreads(), %d at warp collectives, "
                                          "none can proceed%s",
@@ -1060,6 +1176,13 @@ void run_block(Worker* w, Launch* L, long long bl) {
   w->in_kernel = 0;
   w->cur = nullptr;
   caemu_tl_thread = nullptr;
+  if (B->live == 0 && !B->failed) {
+    std::string err = check_smem_canaries(w, B);
+    if (!err.empty()) {
+      record_error(L, g_res, block_prefix(B) + ": " + err, 1);
+      L->abort.store(1);
+    }
+  }
 }
 
 void worker_run(Worker* w, Launch* L) {
@@ -1080,6 +1203,7 @@ void worker_main(Worker* w) {
   ss.ss_sp = w->altstack;
   ss.ss_flags = 0;
   sigaltstack(&ss, nullptr);
+  w->pth = pthread_self();
   uint64_t seen = 0;
   for (;;) {
     Launch* L;
@@ -1143,11 +1267,30 @@ void install_handlers() {
 
 }  // namespace
 
+#include "watchdog.inc"
+#include "race.inc"
+
+namespace {
+// Settings (caemu_set_option), read by each launch.
+int g_opt_smem_place = 3;  // Placement of dynamic shared memory; 3: alternate
+bool g_opt_race = false;
+uint64_t g_launch_seq = 0;
+}  // namespace
+
 // ---------------------------------------------------------------------------------------------
 // C API used by cupy_cosattn/emulator.py.
 extern "C" {
 
 int caemu_abi_version(void) { return 3; }
+
+// key 1: placement of dynamic shared memory (0 end, 1 start, 2 exact, 3 alternate); 2: watchdog
+// bound in milliseconds (<= 0: off); 3: race mode (kernels must come from an instrumented build).
+void caemu_set_option(int key, long long value) {
+  std::lock_guard<std::mutex> lk(g_launch_mu);
+  if (key == 1) g_opt_smem_place = (int)value;
+  if (key == 2) g_wd_bound_ms.store(value);
+  if (key == 3) g_opt_race = value != 0;
+}
 
 void caemu_configure(size_t stack_bytes) {
   std::lock_guard<std::mutex> lk(g_launch_mu);
@@ -1172,6 +1315,9 @@ int caemu_launch(void* entry, const char* name, const unsigned* grid, const unsi
   L.interleave = interleave != 0;
   L.seed = seed;
   L.tls_probe = (void* (*)())tls_probe;
+  L.smem_place = g_opt_smem_place;
+  L.seq = g_launch_seq++;
+  if (g_opt_race) nworkers = 1;  // the race shadow is not locked
   if (nworkers < 1) nworkers = 1;
   if (nworkers > 64) nworkers = 64;
   if (L.nblocks < nworkers) nworkers = (int)(L.nblocks > 0 ? L.nblocks : 1);
@@ -1184,6 +1330,8 @@ int caemu_launch(void* entry, const char* name, const unsigned* grid, const unsi
     for (long long i = L.nblocks - 1; i > 0; --i) std::swap(L.order[i], L.order[(long long)(splitmix(s) % (uint64_t)(i + 1))]);
   }
   install_handlers();
+  watchdog_begin(entry);
+  if (g_opt_race) race_begin(L);
   g_res = res;
   {
     std::unique_lock<std::mutex> plk(g_pool_mu);
@@ -1202,6 +1350,8 @@ int caemu_launch(void* entry, const char* name, const unsigned* grid, const unsi
     g_launch = nullptr;
   }
   g_res = nullptr;
+  watchdog_end();
+  if (g_opt_race) race_end(L, res);
   if (res->code == 2) {
     // Which guarded allocation (if any) holds the faulting address?
     std::lock_guard<std::mutex> alk(g_alloc_mu);
@@ -1301,3 +1451,5 @@ int caemu_check_canaries(int64_t* ids, int64_t* offsets, int max) {
 }
 
 }  // extern "C"
+
+#include "hopper.cpp"

@@ -28,6 +28,7 @@
 #define __noinline__ __attribute__((noinline))
 #define __forceinline__ inline
 #define __constant__
+#define __grid_constant__
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 // Static shared memory: one copy per OS worker thread. A worker runs one block at a time (all of
@@ -72,6 +73,7 @@ void caemu_syncwarp(unsigned mask);
 void caemu_threadfence(void);
 void caemu_maybe_yield(void);
 unsigned long long caemu_shfl(int mode, unsigned mask, unsigned long long v, int b, int width);
+unsigned long long caemu_shfl_c(int mode, unsigned mask, unsigned long long v, int b, int c);
 unsigned caemu_vote(int mode, unsigned mask, int pred);
 void caemu_ldmatrix(uint32_t* r, int num, int trans, const void* row);
 void caemu_mma(int kind, float* d, const uint32_t* a, const uint32_t* b);
@@ -97,29 +99,34 @@ inline void __trap() { caemu_trap("__trap()"); }
 
 // ---------------------------------------------------------------------------------------------
 // Warp shuffles and votes (4- and 8-byte types). Modes follow PTX shfl: 0 idx, 1 up, 2 down, 3 bfly.
+// The intrinsics build PTX's c operand from the width as CUDA's headers do; emu::shfl_sync takes b
+// and c as shfl.sync.{idx,up,down,bfly}.b32 d, a, b, c, membermask does.
 namespace emu {
 template <class T>
-inline T shfl_(int mode, unsigned mask, T var, int b, int width) {
+inline T shfl_(int mode, unsigned mask, T var, int b, int width_or_c, bool raw_c) {
   static_assert(sizeof(T) == 4 || sizeof(T) == 8, "emulated shuffles take 4- or 8-byte values");
   unsigned long long u = 0;
   memcpy(&u, &var, sizeof(T));
-  u = caemu_shfl(mode, mask, u, b, width);
+  u = raw_c ? caemu_shfl_c(mode, mask, u, b, width_or_c) : caemu_shfl(mode, mask, u, b, width_or_c);
   T r;
   memcpy(&r, &u, sizeof(T));
   return r;
 }
+template <class T> inline T shfl_sync(int mode, unsigned mask, T var, unsigned b, unsigned c) {
+  return shfl_(mode, mask, var, (int)b, (int)c, true);
+}
 }  // namespace emu
 template <class T> inline T __shfl_sync(unsigned mask, T var, int srcLane, int width = 32) {
-  return emu::shfl_(0, mask, var, srcLane, width);
+  return emu::shfl_(0, mask, var, srcLane, width, false);
 }
 template <class T> inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32) {
-  return emu::shfl_(1, mask, var, (int)delta, width);
+  return emu::shfl_(1, mask, var, (int)delta, width, false);
 }
 template <class T> inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32) {
-  return emu::shfl_(2, mask, var, (int)delta, width);
+  return emu::shfl_(2, mask, var, (int)delta, width, false);
 }
 template <class T> inline T __shfl_xor_sync(unsigned mask, T var, int laneMask, int width = 32) {
-  return emu::shfl_(3, mask, var, laneMask, width);
+  return emu::shfl_(3, mask, var, laneMask, width, false);
 }
 inline unsigned __ballot_sync(unsigned mask, int pred) { return caemu_vote(0, mask, pred); }
 inline int __any_sync(unsigned mask, int pred) { return caemu_vote(1, mask, pred) != 0; }

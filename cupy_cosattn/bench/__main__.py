@@ -1,0 +1,6 @@
+"""python -m cupy_cosattn.bench"""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,52 @@
+"""The launch layer (docs/design.md section 3): one code path runs the kernels of cuda_src/ on a GPU and,
+through the emulator, on the CPU.
+
+Modules, each importing only those above it:
+
+- ``limits``: device limits, :class:`DeviceCaps`, dimension arithmetic;
+- ``tiles``: tile shapes of every kernel (pure arithmetic);
+- ``registry``: every instantiation the package can launch and its name expression;
+- ``dispatch``: :func:`select`, the one function that picks a kernel, its grid and its tile;
+- ``sources``: the kernel sources with project headers inlined; ``params``: the parameter records;
+- ``arrays``: 2-byte-float-safe copies and casts;
+- ``devices``: the device adapters (:class:`CudaDevice`, :class:`EmulatedDevice`);
+- ``norm``, ``staging``: the l2 norm passes and what forward and backward both stage;
+- ``forward``, ``backward``: :func:`run_forward`, :func:`run_backward`.
+
+Importing this package imports neither CuPy nor the emulator: creating a :class:`CudaDevice` imports
+CuPy, an :class:`EmulatedDevice` the emulator. docs/architecture.md shows how a call flows through it.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from ..problem import Inputs, Problem
+from .backward import run_backward
+from .devices import CudaDevice, Device, EmulatedDevice
+from .dispatch import KernelChoice, select
+from .forward import run_forward
+from .limits import DeviceCaps
+from .registry import KernelSpec, kernel_registry
+from .sources import compile_options, load_source
+
+__all__ = ["KernelBackend", "Device", "CudaDevice", "EmulatedDevice", "DeviceCaps", "KernelChoice", "KernelSpec",
+           "select", "kernel_registry", "load_source", "compile_options", "run_forward", "run_backward"]
+
+
+class KernelBackend:
+    """The fused kernels on one device: what ``api`` runs for the "cuda" and "emulator" backends."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+
+    def forward(self, prob: Problem, inp: Inputs, out: Optional[Any] = None,
+                lse: Optional[Any] = None) -> tuple[Any, Any]:
+        """(out (B, H, Nq, D), lse (B, H, Nq) float32): :func:`run_forward`."""
+        return run_forward(self.device, prob, inp, out=out, lse=lse)
+
+    def backward(self, prob: Problem, inp: Inputs, dout: Any, out: Any, lse: Any,
+                 need_dscale: bool = True) -> tuple[Any, Any, Any, Optional[Any], Optional[np.ndarray]]:
+        """(dq, dk, dv, dbias | None, dscale float64 (H,) | None): :func:`run_backward`."""
+        return run_backward(self.device, prob, inp, dout, out, lse, need_dscale=need_dscale)

@@ -1,0 +1,165 @@
+"""The backward on any device: the three kernels of cuda_src/backward.cu and the post-passes around them.
+
+1. the norm pre-pass (``staging.stage``, non-finite elements zeroed): qhat, khat (or q, k when
+   ``l2norm_qk=False``), v;
+2. ``bwd_prep``: per query row D_i = sum(dO * O) and lse2 = lse * log2(e) (+inf for empty rows);
+3. ``bwd_dkdv``: dK-hat, dV per key tile in registers (GQA heads summed in the block), dS -> dbias,
+   and in the default (fast) mode dQ-hat by fp32 atomicAdd;
+4. ``bwd_dq`` (``deterministic=True`` only): dQ-hat per query tile in registers, no atomics;
+5. post-passes with ``xp``: partial dK/dV of query-head splits summed in a fixed order, broadcast
+   dbias summed, and the gradient through the l2 norm (norm.cu ``l2norm_bwd``), or a cast to the
+   input dtype;
+6. last, unless the caller opts out (``need_dscale=False``): dscale_h = sum_i <qhat_i, dqhat_i> /
+   scale_h (= sum_ij dS_ij <qhat_i, khat_j>), reduced on the device and copied to the host once
+   everything else is queued (the call's only device-to-host copy, so the host never waits for the
+   GPU between launches).
+
+Every kernel reads one ``BwdParams`` record (params.BWD_PARAMS); the kernels, tiles and grids are
+``dispatch.select``'s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from ..problem import Inputs, Problem
+from .arrays import cast
+from .devices import Device
+from .dispatch import DKDV, DQ, NORM_BWD_K, NORM_BWD_Q, PREP, KernelChoice, select
+from .limits import check_smem, check_supported
+from .norm import l2norm_backward
+from .params import BWD_PARAMS, DBIAS_ATOMIC, DBIAS_NONE, DBIAS_STORE, make_record
+from .registry import BACKWARD_SOURCE, KernelSpec, bwd_name
+from .staging import Staged, attn_fields, deliver, padded, stage
+from .tiles import INFO_THREADS, nq_padded
+
+F32 = np.dtype(np.float32)
+
+
+def tile_info(dev: Device, dtype_name: str, dp: int, small: bool = False) -> tuple[int, ...]:
+    """The 12 ints bwd_info<T, DP, SMALL> writes: (dkdv threads, BC, BR, DC, chunks, smem, dq threads,
+    BR, BC, DC, chunks, smem), as compiled."""
+    out = dev.zeros((12,), np.int32)
+    info = KernelChoice(KernelSpec(BACKWARD_SOURCE, bwd_name("info", dtype_name, dp, small), INFO_THREADS), (1, 1, 1))
+    dev.launch(info, out)
+    return tuple(int(x) for x in dev.to_host(out))
+
+
+@dataclass
+class _DBias:
+    """Where bwd_dkdv puts dS for the bias gradient."""
+
+    mode: int = DBIAS_NONE
+    f32: bool = False
+    buf: Any = None
+    strides: tuple[int, int, int] = (0, 0, 0)
+
+
+def _dbias_target(dev: Device, prob: Problem, bias_f32: bool) -> _DBias:
+    """dbias is written in place for a bias of the full (B, H, Nq, Nk) size; a broadcast bias gets dS
+    summed over its broadcast dims, from a full fp32 buffer (deterministic) or by fp32 atomics (fast
+    mode)."""
+    if not prob.has_bias:
+        return _DBias()
+    B, H, Nq, Nk = prob.B, prob.H, prob.Nq, prob.Nk
+    full = (H * Nq * Nk, Nq * Nk, Nk)
+    if prob.bias_dense:
+        return _DBias(DBIAS_STORE, bias_f32, dev.zeros((B, H, Nq, Nk), F32 if bias_f32 else prob.dtype), full)
+    if prob.deterministic:
+        return _DBias(DBIAS_STORE, True, dev.zeros((B, H, Nq, Nk), F32), full)
+    Bb, Hb = prob.bias_shape[:2]
+    return _DBias(DBIAS_ATOMIC, True, dev.zeros((Bb, Hb, Nq, Nk), F32),
+                  (Hb * Nq * Nk if Bb > 1 else 0, Nq * Nk if Hb > 1 else 0, Nk))
+
+
+def _finish(dev: Device, x: Any, D: int, dtype: np.dtype) -> Any:
+    """x[..., :D] as a new contiguous array of `dtype` (of the device's array library)."""
+    y = cast(dev.xp, x, dtype)
+    return deliver(dev, y if y.shape[-1] == D else y[..., :D], None)
+
+
+def run_backward(dev: Device, prob: Problem, inp: Inputs, dout: Any, out: Any, lse: Any,
+                 need_dscale: bool = True) -> tuple[Any, Any, Any, Optional[Any], Optional[np.ndarray]]:
+    """Gradients of one canonical problem on `dev`: (dq (B, H, Nq, D), dk (B, Hk, Nk, D), dv,
+    dbias (inp.bias.shape, bias dtype) | None, dscale float64 NumPy (H,)).
+
+    dscale is reduced after every kernel is queued; its host copy is the call's only device-to-host
+    transfer (on the CUDA path the only point where the host waits for the GPU). With
+    ``need_dscale=False`` it is not computed at all and None is returned in its place (no reduction,
+    no copy, no wait): for callers whose scale is a constant (a float scale in torch)."""
+    check_supported(prob)
+    caps = dev.capabilities()
+    caps.check()
+    prep, dkdv, dqk = (select(prob, caps, kind) for kind in (PREP, DKDV, DQ))
+    check_smem("the backward kernels", prob, max(dkdv.smem, dqk.smem), caps)
+    xp = dev.xp
+    B, H, Hk, Nq, Nk, D = prob.B, prob.H, prob.Hk, prob.Nq, prob.Nk, prob.D
+
+    # bwd_dq skips the key tiles (of its own size) whose keys are all masked; bwd_dkdv finds its own.
+    # q, k, v with non-finite elements zeroed: a pair that is not visible (P = 0) must add exactly 0 to
+    # dP = dO·Vᵀ, dQ = dS·K̂, dK = dSᵀ·Q̂ and dscale (a poisoned row is NaN already through its lse).
+    st: Staged = stage(dev, prob, inp, caps, tile=dqk.tile if prob.deterministic else 0, zero_nonfinite=True)
+    Ds = st.cols
+    dO = padded(dev, dout, Ds)
+    out_d = padded(dev, out, Ds)
+    lse_d = dev.to_device(lse.astype(F32, copy=False) if lse.dtype != F32 else lse)
+
+    nq_pad = nq_padded(Nq)
+    lse2 = dev.empty((B * H, nq_pad), F32)
+    dvec = dev.empty((B * H, nq_pad), F32)
+    dq = dev.empty((B, H, Nq, Ds), F32) if prob.deterministic else dev.zeros((B, H, Nq, Ds), F32)
+
+    nsplit = dkdv.nsplit
+    dk_f32 = nsplit > 1 or prob.l2norm_qk
+    dv_f32 = nsplit > 1
+    dk = dev.empty((B, Hk * nsplit, Nk, Ds), F32 if dk_f32 else prob.dtype)
+    dv = dev.empty((B, Hk * nsplit, Nk, Ds), F32 if dv_f32 else prob.dtype)
+    db = _dbias_target(dev, prob, st.bias_f32)
+
+    fields = dict(
+        attn_fields(dev, prob, st, out_d, lse_d),
+        dout=dev.ptr(dO), lse2=dev.ptr(lse2), dvec=dev.ptr(dvec), dbias=dev.ptr(db.buf), dq=dev.ptr(dq),
+        dk=dev.ptr(dk), dv=dev.ptr(dv),
+        do_sb=H * Nq * Ds, do_sh=Nq * Ds, do_sn=Ds,
+        dq_sb=H * Nq * Ds, dq_sh=Nq * Ds, dq_sn=Ds,
+        dkv_sb=Hk * nsplit * Nk * Ds, dkv_sh=Nk * Ds, dkv_sn=Ds,
+        dbias_sb=db.strides[0], dbias_sh=db.strides[1], dbias_sq=db.strides[2],
+        nq_pad=nq_pad, dbias_mode=db.mode, dbias_f32=int(db.f32), dq_atomic=int(not prob.deterministic),
+        dk_f32=int(dk_f32), dv_f32=int(dv_f32), nsplit=nsplit, heads_per_split=prob.q_per_kv // nsplit,
+    )
+
+    # 1. D and lse2. 2. dK, dV (+ dS -> dbias, + dQ atomics in fast mode). 3. Deterministic dQ.
+    for choice in (prep, dkdv) + ((dqk,) if prob.deterministic else ()):
+        dev.launch(choice, make_record(BWD_PARAMS, **fields, n_y=choice.n_y, n_chunks=choice.n_chunks))
+
+    # 4. Post-passes (fixed reduction orders throughout).
+    if nsplit > 1:
+        dk = dk.reshape(B, Hk, nsplit, Nk, Ds).sum(axis=2)
+        dv = dv.reshape(B, Hk, nsplit, Nk, Ds).sum(axis=2)
+
+    if prob.l2norm_qk:
+        dq_out = l2norm_backward(dev, dev.to_device(inp.q), dq, prob.groups, choice=select(prob, caps, NORM_BWD_Q))
+        dk_out = l2norm_backward(dev, dev.to_device(inp.k), dev.to_device(dk), prob.groups,
+                                 choice=select(prob, caps, NORM_BWD_K))
+    else:
+        dq_out = _finish(dev, dq, D, prob.dtype)
+        dk_out = _finish(dev, dk, D, prob.dtype)
+    dv_out = _finish(dev, dv, D, prob.dtype)
+
+    dbias = None
+    if prob.has_bias:
+        buf = db.buf
+        if db.mode == DBIAS_STORE and not prob.bias_dense:
+            buf = buf.sum(axis=prob.bias_sum_axes, keepdims=True)
+        dbias = _finish(dev, buf, Nk, np.dtype(inp.bias.dtype))
+
+    # 5. dscale last: its reduction is queued behind everything above, and the copy to the host (a
+    # stream sync on the CUDA path) waits for work that is already queued instead of stalling the
+    # launches. Skipped entirely (None) when the caller does not need it.
+    dscale = None
+    if need_dscale:
+        dscale = xp.sum(cast(xp, st.q, F32) * dq, axis=(0, 2, 3), dtype=np.float64)
+        dscale = dev.to_host(dscale) / np.asarray(inp.scale, dtype=np.float64)
+    return dq_out, dk_out, dv_out, dbias, dscale

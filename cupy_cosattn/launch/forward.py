@@ -1,0 +1,41 @@
+"""The fused forward on any device: cuda_src/forward.cu attn_fwd after the norm pre-pass."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from ..problem import Inputs, Problem
+from .devices import Device
+from .dispatch import FORWARD, select
+from .limits import cdiv, check_smem, check_supported
+from .params import FWD_PARAMS, make_record
+from .staging import attn_fields, deliver, stage
+
+
+def run_forward(dev: Device, prob: Problem, inp: Inputs, out: Optional[Any] = None,
+                lse: Optional[Any] = None) -> tuple[Any, Any]:
+    """Fused forward of one canonical problem on `dev`: (out (B, H, Nq, D) in prob.dtype, lse
+    (B, H, Nq) float32). `out` / `lse`, when given (canonical shapes, arrays of dev's library), are
+    written and returned; the kernel writes them in place where they are device arrays it may write."""
+    check_supported(prob)
+    caps = dev.capabilities()
+    caps.check()
+    fwd = select(prob, caps, FORWARD, scale=inp.scale)
+    check_smem("the forward kernel", prob, fwd.smem, caps)
+
+    st = stage(dev, prob, inp, caps, tile=fwd.tile)
+    Ds = st.cols
+    direct_out = out is not None and Ds == prob.D and dev.is_device_array(out)
+    o = out if direct_out else dev.empty((prob.B, prob.H, prob.Nq, Ds), prob.dtype)
+    direct_lse = lse is not None and dev.is_device_array(lse)
+    lse_d = lse if direct_lse else dev.empty((prob.B, prob.H, prob.Nq), np.float32)
+
+    rec = make_record(FWD_PARAMS, **attn_fields(dev, prob, st, o, lse_d), n_key_tiles=cdiv(prob.Nk, fwd.tile),
+                      groups=prob.groups)
+    dev.launch(fwd, rec)
+
+    res_o = o if Ds == prob.D else o[..., : prob.D]
+    res_o = res_o if direct_out else deliver(dev, res_o, out)
+    res_l = lse_d if direct_lse else deliver(dev, lse_d, lse)
+    return res_o, res_l

@@ -1,0 +1,155 @@
+"""The kernel registry: every instantiation the launch layer can pick, its name expression, and how
+instantiations group into compiled modules.
+
+The name expressions are built here and nowhere else. ``python -m cupy_cosattn.resources`` compiles
+exactly :func:`kernel_registry` with NVRTC, and tests check that every kernel :func:`dispatch.select`
+picks is in it.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from .limits import CTYPES, KERNEL_DTYPES, MAX_HEAD_DIM, SMEM_OPTIN_BY_ARCH
+from .tiles import (
+    FWD_THREADS,
+    HEAD_DIM_PADS,
+    INFO_THREADS,
+    NORM_THREADS,
+    PREP_THREADS,
+    choose_small,
+    fwd_block_n,
+    fwd_smem_bytes,
+    kv_config,
+    q_config,
+)
+
+FORWARD_SOURCE, NORM_SOURCE, BACKWARD_SOURCE = "forward.cu", "norm.cu", "backward.cu"
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One launchable kernel instantiation: its source file in cuda_src/, its NVRTC name expression,
+    its block size and the dynamic shared memory the launch layer requests for it."""
+
+    source: str
+    name: str
+    threads: int
+    smem: int = 0
+
+    @property
+    def group(self) -> tuple:
+        """Kernels with the same group are compiled into one module (see :func:`module_group`)."""
+        return module_group(self.source, self.name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Name expressions.
+
+
+def fwd_name(dtype_name: str, dp: int, bn: int, running_max: bool) -> str:
+    return f"ca::fwd::attn_fwd<{CTYPES[dtype_name]}, {dp}, {bn}, {'true' if running_max else 'false'}>"
+
+
+def norm_fwd_name(dtype_name: str) -> str:
+    return f"ca::norm::l2norm_fwd<{CTYPES[dtype_name]}>"
+
+
+def norm_bwd_name(dtype_name: str, grad_dtype_name: str) -> str:
+    """l2norm_bwd reading dxhat of dtype grad_dtype_name ('float32' or the input's dtype)."""
+    return f"ca::norm::l2norm_bwd<{CTYPES[dtype_name]}, {CTYPES[grad_dtype_name]}>"
+
+
+def bwd_name(kind: str, dtype_name: str, dp: int, small: bool = False) -> str:
+    """Name expression of backward kernel `kind` ("prep", "dkdv", "dq", "info"); the default variant
+    keeps its two-argument name (SMALL defaults to false)."""
+    return f"ca::bwd::bwd_{kind}<{CTYPES[dtype_name]}, {dp}{', true' if small else ''}>"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The registry.
+
+
+def forward_kernel_specs() -> list[KernelSpec]:
+    """Both forward instantiations (fixed offset, running max) of every key tile some architecture
+    of SMEM_OPTIN_BY_ARCH picks, for every dtype and padded head dim."""
+    specs = []
+    for dt in KERNEL_DTYPES:
+        for dp in range(16, MAX_HEAD_DIM + 1, 16):
+            bns = {fwd_block_n(dt, dp, lim) for lim in SMEM_OPTIN_BY_ARCH.values()
+                   if fwd_smem_bytes(dt, dp, fwd_block_n(dt, dp, lim)) <= lim}
+            for bn in sorted(bns, reverse=True):
+                for rm in (False, True):
+                    specs.append(KernelSpec(FORWARD_SOURCE, fwd_name(dt, dp, bn, rm), FWD_THREADS,
+                                            fwd_smem_bytes(dt, dp, bn)))
+    return specs
+
+
+def norm_kernel_specs() -> list[KernelSpec]:
+    specs = []
+    for dt in KERNEL_DTYPES:
+        specs.append(KernelSpec(NORM_SOURCE, norm_fwd_name(dt), NORM_THREADS))
+        for gdt in sorted({"float32", dt}):
+            specs.append(KernelSpec(NORM_SOURCE, norm_bwd_name(dt, gdt), NORM_THREADS))
+    return specs
+
+
+def backward_kernel_specs() -> list[KernelSpec]:
+    """Every backward instantiation: the default variants, and the small ones that some architecture
+    of SMEM_OPTIN_BY_ARCH picks (with their bwd_info). The kernels of one (dtype, head-dim pad) form
+    one module."""
+    specs = []
+    for dt in KERNEL_DTYPES:
+        for dp in HEAD_DIM_PADS:
+            kv, q = kv_config(dt, dp), q_config(dt, dp)
+            specs += [KernelSpec(BACKWARD_SOURCE, bwd_name("prep", dt, dp), PREP_THREADS),
+                      KernelSpec(BACKWARD_SOURCE, bwd_name("dkdv", dt, dp), kv.threads, kv.smem),
+                      KernelSpec(BACKWARD_SOURCE, bwd_name("dq", dt, dp), q.threads, q.smem),
+                      KernelSpec(BACKWARD_SOURCE, bwd_name("info", dt, dp), INFO_THREADS)]
+            picks = {choose_small(dt, dp, lim) for lim in SMEM_OPTIN_BY_ARCH.values()}
+            kv_s = any(p[0] for p in picks)
+            q_s = any(p[1] for p in picks)
+            if kv_s:
+                c = kv_config(dt, dp, True)
+                specs.append(KernelSpec(BACKWARD_SOURCE, bwd_name("dkdv", dt, dp, True), c.threads, c.smem))
+            if q_s:
+                c = q_config(dt, dp, True)
+                specs.append(KernelSpec(BACKWARD_SOURCE, bwd_name("dq", dt, dp, True), c.threads, c.smem))
+            if kv_s or q_s:
+                specs.append(KernelSpec(BACKWARD_SOURCE, bwd_name("info", dt, dp, True), INFO_THREADS))
+    return specs
+
+
+def kernel_registry() -> list[KernelSpec]:
+    """Every (source, name expression) the package can launch, with block size and dynamic shared
+    memory."""
+    return norm_kernel_specs() + forward_kernel_specs() + backward_kernel_specs()
+
+
+_TEMPLATE_ARGS = re.compile(r"<(.*)>$")
+
+
+def module_group(source: str, name: str) -> tuple:
+    """Which instantiations share a compiled module: those of one source file with the same first
+    two template arguments (element type, head dim), e.g. the fixed-offset and running-max forward
+    kernels of one (dtype, D). Small enough to compile fast, few enough modules for the emulator."""
+    m = _TEMPLATE_ARGS.search(name)
+    args = [a.strip() for a in m.group(1).split(",")] if m else []
+    return (source,) + tuple(args[:2] if source != NORM_SOURCE else args[:1])
+
+
+@functools.lru_cache(maxsize=1)
+def _registry_cached() -> tuple[KernelSpec, ...]:
+    return tuple(kernel_registry())
+
+
+def module_members(source: str, name: str, registry: Optional[list[KernelSpec]] = None) -> tuple[str, ...]:
+    """Name expressions compiled together with `name` (always includes `name`)."""
+    grp = module_group(source, name)
+    specs = registry if registry is not None else _registry_cached()
+    names = [s.name for s in specs if s.source == source and s.group == grp]
+    if name not in names:
+        names.append(name)
+    return tuple(sorted(names))
