@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cupy_cosattn import emulator, launch, problem
-from cupy_cosattn import launch_backward as LB
+from cupy_cosattn import emulator, problem
+from cupy_cosattn.launch import limits, tiles
 
 import kernel_cases
 from kernel_cases import DTYPES
@@ -44,22 +44,22 @@ SWEEP_DIFFS = tuple(range(TILE_PERIOD)) + NEGATIVE_DIFFS + LARGE_DIFFS
 # the float16 sweep covers modulo 64); float32's query tiles (bwd_dkdv) and key tiles (bwd_dq) are 16
 # rows, so its causal bounds q_first and k_end depend on diff modulo 16 only.
 SHORT_DIFFS = tuple(range(16)) + (31, 32, 33, 47, 48, 63, 64, 65) + (-1, -16, -17, -33, -64, -(NQ - 2))
-SM86 = launch.DeviceCaps((8, 6), launch.SMEM_OPTIN_BY_ARCH["sm_86"], 84)
+SM86 = limits.DeviceCaps((8, 6), limits.SMEM_OPTIN_BY_ARCH["sm_86"], 84)
 
 
-def kernel_tiles(dtype: str, D: int, caps: launch.DeviceCaps = launch.EMULATED_DEVICE) -> dict:
+def kernel_tiles(dtype: str, D: int, caps: limits.DeviceCaps = limits.EMULATED_DEVICE) -> dict:
     """The tile sizes the diagonal's position is taken modulo, as the launch layer picks them on
     `caps`: forward key tile and warp slab, bwd_dkdv key block / query tile, bwd_dq query block / key
     tile."""
-    dp = launch.head_dim_pad(D)
-    bdp = LB.head_dim_pad(D)
-    kv_small, q_small = LB.choose_small(dtype, bdp, caps.smem_optin)
-    kv, q = LB.kv_config(dtype, bdp, kv_small), LB.q_config(dtype, bdp, q_small)
-    return {"fwd_bn": launch.fwd_block_n(dtype, dp, caps.smem_optin), "warp_rows": 16, "dkdv_keys": kv.rows,
+    dp = tiles.fwd_head_dim_pad(D)
+    bdp = tiles.bwd_head_dim_pad(D)
+    kv_small, q_small = tiles.choose_small(dtype, bdp, caps.smem_optin)
+    kv, q = tiles.kv_config(dtype, bdp, kv_small), tiles.q_config(dtype, bdp, q_small)
+    return {"fwd_bn": tiles.fwd_block_n(dtype, dp, caps.smem_optin), "warp_rows": 16, "dkdv_keys": kv.rows,
             "dkdv_queries": kv.tile, "dq_queries": q.rows, "dq_keys": q.tile}
 
 
-@pytest.mark.parametrize("caps", [launch.EMULATED_DEVICE, SM86], ids=["sm80", "sm86"])
+@pytest.mark.parametrize("caps", [limits.EMULATED_DEVICE, SM86], ids=["sm80", "sm86"])
 def test_tile_period_covers_every_kernel_tile(caps):
     """Residues modulo TILE_PERIOD are residues modulo every tile size of every kernel (so the sweeps
     below cover each tile's every diagonal position)."""
@@ -229,7 +229,7 @@ def test_backward_bounds_at_tile_edges(dtype):
 def test_forward_grid_y_loop_causal_gqa_per_head_scale(monkeypatch):
     """B*H = 8 work items on a grid y of 3 (blocks take 3, 3, 2): per-head scales, GQA and the causal
     bound (with Nq != Nk) are recomputed per work item."""
-    monkeypatch.setattr(launch, "GRID_YZ_LIMIT", 3)
+    monkeypatch.setattr(limits, "GRID_YZ_LIMIT", 3)
     args, kw = kernel_cases.make_case(61, B=2, H=4, Hk=2, Nq=70, Nk=90, D=32, dtype="float16", causal=True,
                                       per_head_scale=True, scale=2.0)
     check_forward(args, kw)
@@ -239,7 +239,7 @@ def test_forward_grid_y_loop_causal_gqa_per_head_scale(monkeypatch):
 def test_forward_grid_y_loop_single_row_of_blocks(monkeypatch, dtype):
     """Grid y of 1: each block runs every (batch, head) in turn, with a full bias and a mask (running
     max; the staging area of one work item's output is the next one's Q tile)."""
-    monkeypatch.setattr(launch, "GRID_YZ_LIMIT", 1)
+    monkeypatch.setattr(limits, "GRID_YZ_LIMIT", 1)
     args, kw = kernel_cases.make_case(62, B=2, H=3, Nq=40, Nk=75, D=32, dtype=dtype, causal=True, bias="full",
                                       mask="random")
     check_forward(args, kw)
@@ -250,7 +250,7 @@ def test_backward_grid_y_loop_causal_gqa(monkeypatch, deterministic):
     """Every backward kernel loops over its y work items (grid y 3 for 8 (b, h) items, and for bwd_dkdv
     8 (b, kv head, query-head split) items), causal with more queries than keys, GQA and a per-batch
     bias (atomics in the default mode)."""
-    monkeypatch.setattr(launch, "GRID_YZ_LIMIT", 3)
+    monkeypatch.setattr(limits, "GRID_YZ_LIMIT", 3)
     args, kw, dout = kernel_cases.make_case(63 + deterministic, B=2, H=4, Hk=2, Nq=70, Nk=50, D=32, dtype="float16",
                                             causal=True, bias="batch", deterministic=deterministic, with_dout=True)
     check_grads(args, kw, dout)
@@ -260,12 +260,12 @@ def test_backward_grid_y_loop_causal_gqa(monkeypatch, deterministic):
 def test_backward_grid_y_loop_head_splits(monkeypatch, deterministic):
     """Grid y of 1 with query-head splits (bwd_dkdv work items are (b, hk, split)): each block walks
     every item, fp32, with a mask."""
-    monkeypatch.setattr(launch, "GRID_YZ_LIMIT", 1)
-    monkeypatch.setattr(LB, "TARGET_BLOCKS", 10**9)
+    monkeypatch.setattr(limits, "GRID_YZ_LIMIT", 1)
+    monkeypatch.setattr(tiles, "TARGET_BLOCKS", 10**9)
     args, kw, dout = kernel_cases.make_case(65 + deterministic, B=2, H=4, Hk=1, Nq=33, Nk=70, D=32, dtype="float32",
                                             mask="random", causal=True, deterministic=deterministic, with_dout=True)
     prob, _ = problem.canonicalize(*args, **kw)
-    assert LB.choose_nsplit(prob, 1) == 4
+    assert tiles.choose_nsplit(prob, 1) == 4
     check_grads(args, kw, dout)
 
 
@@ -303,10 +303,10 @@ def test_query_head_splits_with_several_heads_per_split(monkeypatch, determinist
     args, kw, dout = kernel_cases.make_case(74 + deterministic, B=1, H=8, Hk=2, Nq=40, Nk=70, D=32, dtype="float32",
                                             causal=True, bias="head", deterministic=deterministic, with_dout=True)
     prob, _ = problem.canonicalize(*args, **kw)
-    kv = LB.kv_config("float32", LB.head_dim_pad(32))
-    base = launch.cdiv(prob.Nk, kv.rows) * kv.n_chunks * prob.B * prob.Hk
-    monkeypatch.setattr(LB, "TARGET_BLOCKS", 2 * base)
-    assert LB.choose_nsplit(prob, launch.cdiv(prob.Nk, kv.rows) * kv.n_chunks) == 2
+    kv = tiles.kv_config("float32", tiles.bwd_head_dim_pad(32))
+    base = limits.cdiv(prob.Nk, kv.rows) * kv.n_chunks * prob.B * prob.Hk
+    monkeypatch.setattr(tiles, "TARGET_BLOCKS", 2 * base)
+    assert tiles.choose_nsplit(prob, limits.cdiv(prob.Nk, kv.rows) * kv.n_chunks) == 2
     check_grads(args, kw, dout)
 
 
@@ -317,9 +317,9 @@ def test_query_head_splits_with_several_heads_per_split(monkeypatch, determinist
 def test_small_smem_forward_causal_diffs(monkeypatch, dtype, D):
     """Forward with the 16-key tiles an sm_86 picks, at every residue of the diff modulo 16 and
     negative diffs, both instantiations."""
-    monkeypatch.setattr(launch, "EMULATED_DEVICE", SM86)
+    monkeypatch.setattr(limits, "EMULATED_DEVICE", SM86)
     t = kernel_tiles(dtype, D, SM86)
-    assert t["fwd_bn"] == 16 < launch.fwd_block_n(dtype, launch.head_dim_pad(D))
+    assert t["fwd_bn"] == 16 < tiles.fwd_block_n(dtype, tiles.fwd_head_dim_pad(D))
     _sweep_forward(dtype, tuple(range(16)) + (-1, -16, -17, 33), D=D, Nq=37)
 
 
@@ -328,8 +328,8 @@ def test_small_smem_backward_causal_diffs(monkeypatch, dtype, D):
     """Backward with the small variants an sm_86 picks (2-warp blocks, 16-row streamed tiles), at
     every residue of the diff modulo 16 and negative diffs in deterministic mode (which runs both
     kernels, so both causal bounds), and at tile edges in the default mode."""
-    monkeypatch.setattr(launch, "EMULATED_DEVICE", SM86)
-    assert LB.choose_small(dtype, LB.head_dim_pad(D), SM86.smem_optin) == (True, True)
+    monkeypatch.setattr(limits, "EMULATED_DEVICE", SM86)
+    assert tiles.choose_small(dtype, tiles.bwd_head_dim_pad(D), SM86.smem_optin) == (True, True)
     edges = (0, 1, 15, 16, 17, -1, -17)
     diffs = tuple(range(16)) + (-1, -16, -17, 33) if dtype == "float32" else edges
     _sweep_backward(dtype, diffs, D=D, Nq=37, modes=(True,))

@@ -201,10 +201,10 @@ def test_l2norm_forward_rounds_to_nearest(dtype):
     quotient rounded to the dtype except where the fp32 computation's error (a few fp32 ulps) straddles
     a rounding midpoint, a fraction far below 1 %. A truncating conversion (cvt.rz) misses on about
     half the elements while staying within the accuracy tolerances."""
-    be = launch.Backend("emulator")
+    dev = devices.EmulatedDevice()
     rng = np.random.default_rng(17)
     x = rng.standard_normal((32, 16, 64)).astype(DTYPES[dtype])
-    xhat, _ = be.l2norm(be.to_device(x), 2, 64)
+    xhat, _ = norm.l2norm(dev, dev.to_device(x), 2, limits.storage_dim(64))
     want = _grouped_norm64(x, 2)[0].astype(DTYPES[dtype])
     same = np.asarray(xhat).view(np.uint16) == want.view(np.uint16)
     assert same.mean() >= 0.99, f"only {same.mean():.1%} of xhat equal the correctly rounded quotient"
