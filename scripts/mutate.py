@@ -54,8 +54,12 @@ FORWARD_CU = "cuda_src/forward.cu"
 BACKWARD_CU = "cuda_src/backward.cu"
 NORM_CU = "cuda_src/norm.cu"
 COMMON = "cuda_src/common.cuh"
-LAUNCH = "cupy_cosattn/launch.py"
-LAUNCH_BWD = "cupy_cosattn/launch_backward.py"
+DISPATCH = "cupy_cosattn/launch/dispatch.py"
+TILES = "cupy_cosattn/launch/tiles.py"
+STAGING = "cupy_cosattn/launch/staging.py"
+LAUNCH_FWD = "cupy_cosattn/launch/forward.py"
+LAUNCH_BWD = "cupy_cosattn/launch/backward.py"
+ARRAYS = "cupy_cosattn/launch/arrays.py"
 
 
 @dataclass(frozen=True)
@@ -104,11 +108,15 @@ BWD_BIAS = k(BWD, expr="configs and (bias or per_head_scale or fully_masked_rows
 # not by results: these selections run with it on (fast-mode backward cases with several blocks
 # adding to one dq row, and broadcast biases whose dS several blocks sum).
 RACE_ENV = (("CUPY_COSATTN_EMU_RACE", "1"),)
+# Non-finite semantics and the float16 range of dS (each file runs in about 20 s).
+NONFINITE = ("tests/test_nonfinite.py",)
+FP16_RANGE = ("tests/test_fp16_range.py",)
 BWD_RACE = k(BWD, expr=f"configs and {F16} and (gqa or per_head_scale or merged_3d)")
 
-MUTANTS: tuple = (
-    # ------------------------------------------------------------------------------------------------
-    # forward.cu
+# ----------------------------------------------------------------------------------------------------
+# cuda_src/forward.cu
+
+FORWARD_MUTANTS: tuple = (
     Mutant("fwd_sync_tile_ready", FORWARD_CU,
            "      __syncthreads();                             // ... for every thread's copies\n", "",
            FWD_F16, "no barrier after cp.async wait: warps read K/V chunks other threads' copies have not landed"),
@@ -148,7 +156,8 @@ MUTANTS: tuple = (
            "fp32 V fragment b1 from key 2t+4 instead of the permuted key 2t+1"),
     Mutant("fwd_causal_strict", FORWARD_CU, "kr < keys_left && kr - rr <= cdiff", "kr < keys_left && kr - rr < cdiff",
            FWD_CAUSAL, "causal off-by-one: the diagonal key itself hidden"),
-    Mutant("fwd_causal_check_skip", FORWARD_CU, "mask != nullptr || cdiff < BN - 1;", "mask != nullptr || cdiff < BN - 2;",
+    Mutant("fwd_causal_check_skip", FORWARD_CU, "mask != nullptr || cdiff < BN - 1 ||",
+           "mask != nullptr || cdiff < BN - 2 ||",
            FWD_CAUSAL, "per-element check skipped when the diagonal only cuts the tile's corner (cdiff = BN - 2)"),
     Mutant("fwd_tail_unchecked", FORWARD_CU, "const bool check = keys_left < BN ||",
            "const bool check = keys_left < BN - 1 ||", k(FWD, expr=f"grid and {F16}"),
@@ -191,25 +200,55 @@ MUTANTS: tuple = (
            "output rows past Nq stored (out of bounds)"),
     Mutant("fwd_f32_row_sum", FORWARD_CU, "const float l = F32 ? quad_sum(lsum[2 * r]) : lsum[2 * r];",
            "const float l = lsum[2 * r];", FWD_F32, "fp32 row sum not reduced across the quad"),
-    # ------------------------------------------------------------------------------------------------
-    # norm.cu
-    Mutant("norm_eps_fwd", NORM_CU, "const float r = 1.f / fmaxf(sqrtf(chunk_sum_sq(v, lane, lo, hi)), EPS);",
-           "const float r = 1.f / sqrtf(chunk_sum_sq(v, lane, lo, hi));", FWD_NORM,
+    # non-finite values (a NaN or Inf never reaches a row that cannot see it)
+    Mutant("fwd_masked_v_not_zeroed", FORWARD_CU, "if constexpr (MASKED) inside &= (r < rows_left && row_ok[r]) ? -1 : 0;",
+           "", NONFINITE, "masked keys' V rows loaded as they are: their NaN reaches P V through 0 * NaN"),
+    Mutant("fwd_scrub_last_row", FORWARD_CU, "const bool scrub = p.causal && key0 + keys_left - 1 > m0 + diag;",
+           "const bool scrub = p.causal && key0 + keys_left - 1 > m0 + BLOCK_M - 1 + diag;", NONFINITE,
+           "V scrubbed only on tiles past the block's last row's diagonal, not its first row's"),
+    Mutant("fwd_flag_running_max", FORWARD_CU, "              if (check && flagged(j, e)) x = quiet_nan();\n", "",
+           NONFINITE, "running max: a visible key whose V was scrubbed does not poison the row"),
+    Mutant("fwd_lse_poison", FORWARD_CU, "p.lse[b * p.lse_sb + h * p.lse_sh + row] = lse + poison;",
+           "p.lse[b * p.lse_sb + h * p.lse_sh + row] = lse;", NONFINITE,
+           "an Inf value row seen by a row leaves its lse finite"),
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# cuda_src/norm.cu
+
+NORM_MUTANTS: tuple = (
+    Mutant("norm_eps_fwd", NORM_CU,
+           "sqrtf(chunk_sum_sq(v, lane, lo, hi));\n        const float r = 1.f / fmaxf(n, EPS);",
+           "sqrtf(chunk_sum_sq(v, lane, lo, hi));\n        const float r = 1.f / n;", FWD_NORM,
            "eps clamp dropped: a zero chunk divides by 0"),
-    Mutant("norm_eps_bwd", NORM_CU, "const float r = 1.f / fmaxf(n, EPS);", "const float r = 1.f / n;", FWD_NORM,
+    Mutant("norm_eps_bwd", NORM_CU,
+           "sqrtf(chunk_sum_sq(x, lane, lo, hi));\n      const float r = 1.f / fmaxf(n, EPS);",
+           "sqrtf(chunk_sum_sq(x, lane, lo, hi));\n      const float r = 1.f / n;", FWD_NORM,
            "eps clamp dropped in the gradient: a zero chunk gets dxhat / 0"),
     Mutant("norm_pad_cols", NORM_CU, "if (e < p.xhat_cols) y[e] = from_float<T>(v[i]);",
            "if (e < p.D) y[e] = from_float<T>(v[i]);", k(FWD, expr="l2norm or d24 or d33 or d40"),
            "padding columns D..DP of xhat not written (garbage reaches the logits on a GPU)"),
     Mutant("norm_chunk_hi", NORM_CU, "if (e >= lo && e < hi) s += v[i] * v[i];",
            "if (e >= lo && e <= hi) s += v[i] * v[i];", FWD_NORM, "group norm includes the next chunk's first element"),
-    Mutant("norm_bwd_missing_r", NORM_CU, "if (e >= lo && e < hi) dy[i] = (dy[i] - x[i] * r * dot) * r;",
-           "if (e >= lo && e < hi) dy[i] = dy[i] - x[i] * r * dot;", FWD_NORM,
+    Mutant("norm_bwd_missing_r", NORM_CU, "dy[i] = (dot != 0.f ? dy[i] - x[i] * r * dot : dy[i]) * r;",
+           "dy[i] = dot != 0.f ? dy[i] - x[i] * r * dot : dy[i];", FWD_NORM,
            "norm gradient not divided by the norm"),
     Mutant("norm_rnorm_index", NORM_CU, "p.rnorm[row * p.groups + g] = r;", "p.rnorm[row + g] = r;", FWD_NORM,
            "rnorm row index without the groups stride"),
-    # ------------------------------------------------------------------------------------------------
-    # common.cuh
+    Mutant("norm_zero_nonfinite", NORM_CU, "v[i] = zero ? 0.f : v[i] * r;", "v[i] = v[i] * r;", NONFINITE,
+           "the backward's qhat/khat keep non-finite rows: invisible pairs meet them in dQ = dS khat"),
+    Mutant("norm_copy_nonfinite", NORM_CU, "v[i] = fabsf(v[i]) <= FLT_MAX_ ? v[i] : 0.f;", "v[i] = v[i];",
+           NONFINITE, "the backward's v copy keeps NaN/Inf: masked keys' NaN reaches dP = dO V^T"),
+    Mutant("norm_bwd_zero_dy", NORM_CU, "if (e >= lo && e < hi && dy[i] != 0.f) dot +=", "if (e >= lo && e < hi) dot +=",
+           NONFINITE, "a masked key with a NaN k gets NaN dk through 0 * NaN in <xhat, dxhat>"),
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# cuda_src/common.cuh
+
+COMMON_MUTANTS: tuple = (
     Mutant("common_quad_sum", COMMON, "  x += __shfl_xor_sync(0xffffffffu, x, 2);\n  return x;",
            "  x += __shfl_xor_sync(0xffffffffu, x, 4);\n  return x;", FWD_F32,
            "quad reduction crosses into the neighbouring row group"),
@@ -225,8 +264,13 @@ MUTANTS: tuple = (
            "  { uint32_t u_; __builtin_memcpy(&u_, &x, 4); h.bits = (uint16_t)(u_ >> 16); }",
            k(FWD, expr="l2norm or (configs and bfloat16)"),
            "fp32 -> bf16 conversion truncates (cvt.rz) instead of rounding to nearest even"),
-    # ------------------------------------------------------------------------------------------------
-    # backward.cu
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# cuda_src/backward.cu
+
+BACKWARD_MUTANTS: tuple = (
     Mutant("bwd_sok_sync", BACKWARD_CU, "    __syncthreads();\n    int any = 0;", "    int any = 0;", BWD_MASK,
            "no barrier between writing the key flags and every thread reading them"),
     Mutant("bwd_dkdv_stage_sync", BACKWARD_CU,
@@ -331,58 +375,91 @@ MUTANTS: tuple = (
     Mutant("bwd_dp_unzeroed", BACKWARD_CU,
            "      float acc_dp[NT][4];\n      fill_zero(acc_dp);\n      gemm_nk<T, NT, D_PAD>(acc_dp, sV",
            "      float acc_dp[NT][4];\n      gemm_nk<T, NT, D_PAD>(acc_dp, sV", BWD_F16,
-           "dP^T accumulators not zeroed per query tile"),
-    # ------------------------------------------------------------------------------------------------
-    # launch layer
-    Mutant("launch_fwd_grid_x", LAUNCH, "grid = (cdiv(Nq, FWD_BLOCK_M), min(B * H, GRID_YZ_LIMIT), 1)",
-           "grid = (Nq // FWD_BLOCK_M, min(B * H, GRID_YZ_LIMIT), 1)", FWD_F16,
+           "dP^T accumulators not zeroed per query tile"),)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The launch layer (cupy_cosattn/launch/).
+
+LAUNCH_MUTANTS: tuple = (
+    # dispatch.py: kernels and grids
+    Mutant("launch_fwd_grid_x", DISPATCH, "(cdiv(Nq, FWD_BLOCK_M), _grid_y(B * H), 1), tile=bn",
+           "(Nq // FWD_BLOCK_M, _grid_y(B * H), 1), tile=bn", FWD_F16,
            "forward grid misses the last partial query tile"),
-    Mutant("launch_fwd_tile_any", LAUNCH, "tiles = self.tile_any(inp.mask, bn)",
-           "tiles = self.tile_any(inp.mask, FWD_BLOCK_M)",
-           k(BWD, FWD, expr="fully_masked or (configs and mask and float32)"),
-           "key-tile flags computed for 64-key tiles while fp32 tiles have 32 keys"),
-    Mutant("launch_fixed_offset_bound", LAUNCH, 'FIXED_OFFSET_MAX_BOUND = {"float16": 10.0,',
+    Mutant("lb_dkdv_chunks", DISPATCH, "n_x = cdiv(Nk, kv.rows) * kv.n_chunks", "n_x = cdiv(Nk, kv.rows)",
+           k(BWD, expr="configs and (d200 or d256)"), "bwd_dkdv grid without the head-dim chunks"),
+    Mutant("lb_dq_chunks", DISPATCH, "(cdiv(Nq, qc.rows) * qc.n_chunks, _grid_y(B * H), 1)",
+           "(cdiv(Nq, qc.rows), _grid_y(B * H), 1)", k(BWD, expr="configs and det"),
+           "bwd_dq grid without the head-dim chunks"),
+    Mutant("lb_tile_any_size", DISPATCH, "tile=qc.tile, n_y=B * H", "tile=qc.rows, n_y=B * H", BWD_MASK,
+           "bwd_dq key-tile flags computed for tiles of its query rows, not its key tile (fp32: 64 vs 16 keys)"),
+    # tiles.py: tile sizes, paths, variants
+    Mutant("launch_fixed_offset_bound", TILES, 'FIXED_OFFSET_MAX_BOUND = {"float16": 10.0,',
            'FIXED_OFFSET_MAX_BOUND = {"float16": 20.0,', k(FWD, expr=f"fixed_offset or (configs and {F16})"),
            "fp16 fixed offset allowed for logit bounds that push P out of fp16's range"),
-    Mutant("launch_fixed_offset_groups", LAUNCH, "bound = float(np.max(scale)) * prob.groups",
+    Mutant("launch_fixed_offset_groups", TILES, "bound = float(np.max(scale)) * prob.groups",
            "bound = float(np.max(scale))", k(FWD, expr=f"fixed_offset or (configs and {F16})"),
            "logit bound without the l2norm groups factor"),
-    Mutant("launch_fwd_bn_halving", LAUNCH, "while bn > 16 and fwd_smem_bytes(dtype_name, dp, bn) > smem_limit:",
+    Mutant("launch_fwd_bn_halving", TILES, "while bn > 16 and fwd_smem_bytes(dtype_name, dp, bn) > smem_limit:",
            "while bn > 32 and fwd_smem_bytes(dtype_name, dp, bn) > smem_limit:", k(FWD, CAUSAL, expr="small"),
            "key tile not halved below 32 on small-shared-memory devices"),
-    Mutant("launch_bias_strides", LAUNCH, "strides = (Hb * Nq * Nk if Bb > 1 else 0, Nq * Nk if Hb > 1 else 0, Nk)",
-           "strides = (Hb * Nq * Nk, Nq * Nk, Nk)", k(FWD, expr=f"configs and bias and {F16}"),
-           "broadcast bias dims given real strides (reads past the bias)"),
-    Mutant("lb_dq_uninitialized", LAUNCH_BWD,
-           "dq = be.empty((B, H, Nq, Ds), f32) if prob.deterministic else be.zeros((B, H, Nq, Ds), f32)",
-           "dq = be.empty((B, H, Nq, Ds), f32)", BWD_F16, "atomic dQ accumulates onto uninitialized memory"),
-    Mutant("lb_dbias_strides", LAUNCH_BWD,
-           "dbs = (Hb * Nq * Nk if Bb > 1 else 0, Nq * Nk if Hb > 1 else 0, Nk)", "dbs = (Hb * Nq * Nk, Nq * Nk, Nk)",
-           BWD_BIAS, "broadcast dbias (atomic mode) given real strides: writes past the buffer"),
-    Mutant("lb_tile_any_size", LAUNCH_BWD, "tiles = be.tile_any(inp.mask, qc.tile) if prob.deterministic",
-           "tiles = be.tile_any(inp.mask, kv.rows) if prob.deterministic", BWD_MASK,
-           "bwd_dq key-tile flags computed for bwd_dkdv's key blocks (fp32: 64 vs 16 keys)"),
-    Mutant("lb_split_sum", LAUNCH_BWD, "dk = dk.reshape(B, Hk, nsplit, Nk, Ds).sum(axis=2)",
-           "dk = dk.reshape(B, Hk, nsplit, Nk, Ds)[:, :, 0]", BWD_GQA, "partial dK of query-head splits not summed"),
-    Mutant("lb_dkdv_chunks", LAUNCH_BWD, "(n_kt * kv.n_chunks, min(ny, lim), 1)", "(n_kt, min(ny, lim), 1)",
-           k(BWD, expr="configs and (d200 or d256)"), "bwd_dkdv grid without the head-dim chunks"),
-    Mutant("lb_dq_chunks", LAUNCH_BWD, "(L.cdiv(Nq, qc.rows) * qc.n_chunks, min(B * H, lim), 1)",
-           "(L.cdiv(Nq, qc.rows), min(B * H, lim), 1)", k(BWD, expr="configs and det"),
-           "bwd_dq grid without the head-dim chunks"),
-    Mutant("lb_dscale_unscaled", LAUNCH_BWD,
-           "dscale = _host(be, dscale) / np.asarray(inp.scale, dtype=np.float64)", "dscale = _host(be, dscale)",
-           BWD_F16, "dscale not divided by the scale"),
-    Mutant("lb_choose_small_swapped", LAUNCH_BWD,
+    Mutant("lb_choose_small_swapped", TILES,
            "return (kv_config(dtype_name, dp).smem > smem_limit, q_config(dtype_name, dp).smem > smem_limit)",
            "return (q_config(dtype_name, dp).smem > smem_limit, kv_config(dtype_name, dp).smem > smem_limit)",
            BWD_SMALL, "small-variant choice of the two kernels swapped"),
-    Mutant("lb_nq_pad", LAUNCH_BWD, "nq_pad = L.round_up(Nq, NQ_PAD)", "nq_pad = L.round_up(Nq, PREP_ROWS)",
-           BWD_F16, "lse2 / D rows padded to 32 while query tiles read 64 rows"),
-    Mutant("lb_bf16_cast_truncates", LAUNCH_BWD,
+    Mutant("lb_nq_pad", TILES, "return round_up(Nq, NQ_PAD)", "return round_up(Nq, PREP_ROWS)", BWD_F16,
+           "lse2 / D rows padded to 32 while query tiles read 64 rows"),
+    # staging.py, forward.py: the forward's buffers and parameters
+    Mutant("launch_bias_strides", STAGING,
+           "bias_sb=Hb * Nq * Nk if Bb > 1 else 0, bias_sh=Nq * Nk if Hb > 1 else 0,",
+           "bias_sb=Hb * Nq * Nk, bias_sh=Nq * Nk,", k(FWD, expr=f"configs and bias and {F16}"),
+           "broadcast bias dims given real strides (reads past the bias)"),
+    Mutant("launch_fwd_tile_any", LAUNCH_FWD, "st = stage(dev, prob, inp, caps, tile=fwd.tile)",
+           "st = stage(dev, prob, inp, caps, tile=64)",
+           k(BWD, FWD, expr="fully_masked or (configs and mask and float32)"),
+           "key-tile flags computed for 64-key tiles while fp32 tiles have 32 keys"),
+    # backward.py: the backward's buffers and post-passes
+    Mutant("lb_dq_uninitialized", LAUNCH_BWD,
+           "dq = dev.empty((B, H, Nq, Ds), F32) if prob.deterministic else dev.zeros((B, H, Nq, Ds), F32)",
+           "dq = dev.empty((B, H, Nq, Ds), F32)", BWD_F16, "atomic dQ accumulates onto uninitialized memory"),
+    Mutant("lb_dbias_strides", LAUNCH_BWD,
+           "(Hb * Nq * Nk if Bb > 1 else 0, Nq * Nk if Hb > 1 else 0, Nk))", "(Hb * Nq * Nk, Nq * Nk, Nk))",
+           BWD_BIAS, "broadcast dbias (atomic mode) given real strides: writes past the buffer"),
+    Mutant("lb_split_sum", LAUNCH_BWD, "dk = dk.reshape(B, Hk, nsplit, Nk, Ds).sum(axis=2)",
+           "dk = dk.reshape(B, Hk, nsplit, Nk, Ds)[:, :, 0]", BWD_GQA, "partial dK of query-head splits not summed"),
+    Mutant("lb_dscale_unscaled", LAUNCH_BWD,
+           "dscale = dev.to_host(dscale) / np.asarray(inp.scale, dtype=np.float64)", "dscale = dev.to_host(dscale)",
+           BWD_F16, "dscale not divided by the scale"),
+    # arrays.py
+    Mutant("lb_bf16_cast_truncates", ARRAYS,
            "u = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)",
            "u = u >> np.uint32(16)", k(BWD, expr="bfloat16_cast or (configs and bfloat16)"),
            "bf16 cast of the post-passes truncates"),
+    # non-finite values and the float16 range of dS
+    Mutant("bwd_prep_nan_dvec", BACKWARD_CU, "        if (!(fabsf(dsum) <= 3.402823466e38f)) dsum = 0.f;\n", "",
+           NONFINITE, "a poisoned row's D = rowsum(dO O) stays NaN and reaches its invisible pairs"),
+    Mutant("bwd_ds_range_dkdv", BACKWARD_CU,
+           "      if constexpr (DsRange<T>::value) ds_range_f16(acc_dp, ds_f, acc_dk);  // acc_dp = scale_h dS f\n", "",
+           FP16_RANGE, "bwd_dkdv rounds scale_h dS to float16 unscaled: large values overflow to Inf"),
+    Mutant("bwd_ds_range_dq", BACKWARD_CU,
+           "      if constexpr (DsRange<T>::value) ds_range_f16(acc_dp, ds_f, acc_dq);  // acc_dp = scale_h dS f\n", "",
+           FP16_RANGE, "deterministic bwd_dq rounds scale_h dS to float16 unscaled"),
+    Mutant("bwd_ds_range_no_rescale", BACKWARD_CU, "      for (int e = 0; e < 4; ++e) acc[n][e] *= ratio;\n",
+           "      for (int e = 0; e < 4; ++e) {}\n", FP16_RANGE,
+           "a shrinking factor leaves the accumulators in units of the old one"),
+    Mutant("bwd_ds_range_target", BACKWARD_CU, "constexpr int DS_F16_TARGET_EXP = 13;",
+           "constexpr int DS_F16_TARGET_EXP = 16;", FP16_RANGE,
+           "the factor maps |scale_h dS| to [2^16, 2^17): rounded operands overflow float16"),
+    Mutant("bwd_ds_inv_f_warp", BACKWARD_CU, "const float inv = sInvF[k0 / 16];", "const float inv = sInvF[warp];",
+           FP16_RANGE, "fast-mode dQ undoes its own warp's factor, not that of the warp whose keys it sums"),
+    Mutant("bwd_dk_factor_kept", BACKWARD_CU, "        for (int e = 0; e < 4; ++e) acc_dk[n][e] *= inv;\n",
+           "        for (int e = 0; e < 4; ++e) {}\n", FP16_RANGE, "float16 dK stored still multiplied by the factor"),
+    Mutant("bwd_dq_factor_kept", BACKWARD_CU, "gdq[i * p.dq_sn + d] = acc_dq[n][e] * inv_f;",
+           "gdq[i * p.dq_sn + d] = acc_dq[n][e];", FP16_RANGE, "deterministic float16 dQ stored still multiplied by the factor"),
 )
+
+# Every mutant, one group per source file. A new kernel adds its group above and here.
+MUTANTS: tuple = FORWARD_MUTANTS + NORM_MUTANTS + COMMON_MUTANTS + BACKWARD_MUTANTS + LAUNCH_MUTANTS
 
 
 # ---------------------------------------------------------------------------------------------------
