@@ -36,9 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TIMEOUT_S = 1200
@@ -141,8 +142,8 @@ FORWARD_MUTANTS: tuple = (
     Mutant("fwd_pv_no_trans", FORWARD_CU, "      ldmatrix_x4_trans(b, sV + (16 * ks",
            "      ldmatrix_x4(b, sV + (16 * ks", FWD_F16, "V's B operand loaded without .trans"),
     Mutant("fwd_p_frag_order", FORWARD_CU,
-           "pack2<T>(s[2 * ks][2], s[2 * ks][3]),\n                           pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),",
-           "pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),\n                           pack2<T>(s[2 * ks][2], s[2 * ks][3]),",
+           "pack2<T>(s[2 * ks][2], s[2 * ks][3]),\n" + " " * 27 + "pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),",
+           "pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),\n" + " " * 27 + "pack2<T>(s[2 * ks][2], s[2 * ks][3]),",
            FWD_F16, "P's A fragment registers a1/a2 swapped (rows g+8 vs keys 8..15)"),
     Mutant("fwd_k_b_frag", FORWARD_CU, "      mma_m16n8k16(s[2 * jj + 1], a, b + 2, T());",
            "      mma_m16n8k16(s[2 * jj + 1], a, b, T());", FWD_BF16,
@@ -201,8 +202,9 @@ FORWARD_MUTANTS: tuple = (
     Mutant("fwd_f32_row_sum", FORWARD_CU, "const float l = F32 ? quad_sum(lsum[2 * r]) : lsum[2 * r];",
            "const float l = lsum[2 * r];", FWD_F32, "fp32 row sum not reduced across the quad"),
     # non-finite values (a NaN or Inf never reaches a row that cannot see it)
-    Mutant("fwd_masked_v_not_zeroed", FORWARD_CU, "if constexpr (MASKED) inside &= (r < rows_left && row_ok[r]) ? -1 : 0;",
-           "", NONFINITE, "masked keys' V rows loaded as they are: their NaN reaches P V through 0 * NaN"),
+    Mutant("fwd_masked_v_not_zeroed", FORWARD_CU,
+           "if constexpr (MASKED) inside &= (r < rows_left && row_ok[r]) ? -1 : 0;", "", NONFINITE,
+           "masked keys' V rows loaded as they are: their NaN reaches P V through 0 * NaN"),
     Mutant("fwd_scrub_last_row", FORWARD_CU, "const bool scrub = p.causal && key0 + keys_left - 1 > m0 + diag;",
            "const bool scrub = p.causal && key0 + keys_left - 1 > m0 + BLOCK_M - 1 + diag;", NONFINITE,
            "V scrubbed only on tiles past the block's last row's diagonal, not its first row's"),
@@ -240,8 +242,9 @@ NORM_MUTANTS: tuple = (
            "the backward's qhat/khat keep non-finite rows: invisible pairs meet them in dQ = dS khat"),
     Mutant("norm_copy_nonfinite", NORM_CU, "v[i] = fabsf(v[i]) <= FLT_MAX_ ? v[i] : 0.f;", "v[i] = v[i];",
            NONFINITE, "the backward's v copy keeps NaN/Inf: masked keys' NaN reaches dP = dO V^T"),
-    Mutant("norm_bwd_zero_dy", NORM_CU, "if (e >= lo && e < hi && dy[i] != 0.f) dot +=", "if (e >= lo && e < hi) dot +=",
-           NONFINITE, "a masked key with a NaN k gets NaN dk through 0 * NaN in <xhat, dxhat>"),
+    Mutant("norm_bwd_zero_dy", NORM_CU, "if (e >= lo && e < hi && dy[i] != 0.f) dot +=",
+           "if (e >= lo && e < hi) dot +=", NONFINITE,
+           "a masked key with a NaN k gets NaN dk through 0 * NaN in <xhat, dxhat>"),
 )
 
 
@@ -313,7 +316,8 @@ BACKWARD_MUTANTS: tuple = (
     Mutant("bwd_f32_kn_c", BACKWARD_CU, "    set_b(b[0], p[0], p[ld]);", "    set_b(b[0], p[0], p[4 * ld]);", BWD_F32,
            "fp32 B rows in the plain k order, not the one a_from_c's permutation needs"),
     Mutant("bwd_f32_km", BACKWARD_CU, "set_a(a, p[0], p[8], p[4 * ld], p[4 * ld + 8]);",
-           "set_a(a, p[0], p[4 * ld], p[8], p[4 * ld + 8]);", BWD_F32, "fp32 A fragment a1/a2 swapped (transposed load)"),
+           "set_a(a, p[0], p[4 * ld], p[8], p[4 * ld + 8]);", BWD_F32,
+           "fp32 A fragment a1/a2 swapped (transposed load)"),
     Mutant("bwd_dkdv_causal_strict", BACKWARD_CU, "key[e >> 1] <= i0 + col + off", "key[e >> 1] < i0 + col + off",
            BWD_CAUSAL, "bwd_dkdv causal off-by-one"),
     Mutant("bwd_dq_causal_strict", BACKWARD_CU, "j0 + col <= row[r] + off", "j0 + col < row[r] + off",
@@ -332,7 +336,8 @@ BACKWARD_MUTANTS: tuple = (
     Mutant("bwd_dq_gqa", BACKWARD_CU, "h = (int)(y % p.H), hk = h / qpk;", "h = (int)(y % p.H), hk = h % p.Hk;",
            BWD_GQA, "deterministic dQ reads kv head h % Hk instead of h / (H / Hk)"),
     Mutant("bwd_h_first_split", BACKWARD_CU, "const int h_first = hk * qpk + s * p.heads_per_split;",
-           "const int h_first = hk * qpk + s;", BWD_GQA, "query-head split s starts at head s, not s * heads_per_split"),
+           "const int h_first = hk * qpk + s;", BWD_GQA,
+           "query-head split s starts at head s, not s * heads_per_split"),
     Mutant("bwd_head_of_iteration", BACKWARD_CU, "      const int h = h_first + it / per_head;",
            "      const int h = h_first;", BWD_GQA, "GQA: scale, bias, dbias and dQ use the first head for every head"),
     Mutant("bwd_dq_unscaled", BACKWARD_CU, "(acc_dp[n][e] - dvv[e >> 1]) * scale_h;", "(acc_dp[n][e] - dvv[e >> 1]);",
@@ -455,7 +460,8 @@ LAUNCH_MUTANTS: tuple = (
     Mutant("bwd_dk_factor_kept", BACKWARD_CU, "        for (int e = 0; e < 4; ++e) acc_dk[n][e] *= inv;\n",
            "        for (int e = 0; e < 4; ++e) {}\n", FP16_RANGE, "float16 dK stored still multiplied by the factor"),
     Mutant("bwd_dq_factor_kept", BACKWARD_CU, "gdq[i * p.dq_sn + d] = acc_dq[n][e] * inv_f;",
-           "gdq[i * p.dq_sn + d] = acc_dq[n][e];", FP16_RANGE, "deterministic float16 dQ stored still multiplied by the factor"),
+           "gdq[i * p.dq_sn + d] = acc_dq[n][e];", FP16_RANGE,
+           "deterministic float16 dQ stored still multiplied by the factor"),
 )
 
 # Every mutant, one group per source file. A new kernel adds its group above and here.
@@ -624,7 +630,7 @@ def run_all(mutants: Sequence[Mutant], *, jobs: int, timeout_s: float, cache_dir
         root = copy_repo(scratch / f"tree{j}")
         check_import_location(root, scratch_env(root, cache_dir, emu_threads))
         roots.append(root)
-    free: "queue.Queue[Path]" = queue.Queue()
+    free: queue.Queue[Path] = queue.Queue()
     for r in roots:
         free.put(r)
 

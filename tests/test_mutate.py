@@ -85,3 +85,18 @@ def test_scratch_env_imports_the_scratch_package(tmp_path):
     env = mutate.scratch_env(root, tmp_path / "cache", 1)
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(root) and env["CUPY_COSATTN_EMU_THREADS"] == "1"
     mutate.check_import_location(root, env)  # raises SystemExit otherwise
+
+
+def test_a_listed_mutant_is_killed_by_its_tests(monkeypatch):
+    """End to end on one cheap mutant of the list: norm.cu without its eps clamp, planted through the
+    launch layer (tests/planting.py), fails the norm test its selection names, which passes without it."""
+    import test_kernels_forward
+    from planting import plant
+
+    m = next(m for m in mutate.MUTANTS if m.id == "norm_eps_fwd")
+    assert m.file == "cuda_src/norm.cu" and any("l2norm" in a for a in m.tests)
+    case = ("float32", 64, 1)  # a zero row and a chunk below eps among its rows
+    test_kernels_forward.test_l2norm_forward(*case)
+    plant(monkeypatch, "norm.cu", m.original, m.replacement)
+    with pytest.raises(AssertionError):
+        test_kernels_forward.test_l2norm_forward(*case)
