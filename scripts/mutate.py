@@ -206,7 +206,7 @@ FORWARD_MUTANTS: tuple = (
            "const bool scrub = p.causal && key0 + keys_left - 1 > m0 + BLOCK_M - 1 + diag;", NONFINITE,
            "V scrubbed only on tiles past the block's last row's diagonal, not its first row's"),
     Mutant("fwd_flag_running_max", FORWARD_CU, "              if (check && flagged(j, e)) x = quiet_nan();\n", "",
-           NONFINITE, "running max: a visible key whose V was scrubbed does not poison the row"),
+           k(CAUSAL, expr="running_max"), "running max: a visible key whose V was scrubbed does not poison the row"),
     Mutant("fwd_check_no_scrub", FORWARD_CU, "cdiff < BN - 1 || scrub;", "cdiff < BN - 1;", NONFINITE,
            "a warp that sees a whole scrubbed tile skips the per-element pass: its NaN V key no longer poisons"),
     Mutant("fwd_lse_poison", FORWARD_CU, "p.lse[b * p.lse_sb + h * p.lse_sh + row] = lse + poison;",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cupy_cosattn import emulator, problem
+from cupy_cosattn import api, emulator, problem
 from cupy_cosattn.launch import limits, tiles
 
 import kernel_cases
@@ -267,6 +267,33 @@ def test_backward_grid_y_loop_head_splits(monkeypatch, deterministic):
     prob, _ = problem.canonicalize(*args, **kw)
     assert tiles.choose_nsplit(prob, 1) == 4
     check_grads(args, kw, dout)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Non-finite values on the diagonal's tiles, running-max instantiation (test_nonfinite.py covers the
+# fixed-offset one): V rows of a tile that some row of the block must not see are scrubbed, and a
+# visible scrubbed key must still poison its rows.
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_causal_nonfinite_value_poisons_its_rows_under_running_max(dtype):
+    """A bias (so the running-max kernel), causal with Nq - Nk = 60: a NaN or Inf in v_j makes out and
+    lse NaN on exactly the rows that see key j (keys in the first, a middle and the last key tile);
+    every other row is bitwise its clean value."""
+    Nq, Nk = 130, 70
+    args, kw = kernel_cases.make_case(80, B=1, H=2, Hk=1, Nq=Nq, Nk=Nk, D=32, dtype=dtype, causal=True, bias="head")
+    prob, _ = problem.canonicalize(*args, **kw)
+    assert not prob.fixed_offset_safe
+    clean_o, clean_l = (np.asarray(x, dtype=np.float64) for x in api.forward(*args, backend="emulator", **kw))
+    q, k, v = args
+    for j, value in ((1, np.nan), (31, np.inf), (65, -np.inf)):
+        pv = v.copy()
+        pv[0, 0, j, 3] = value
+        out, lse = (np.asarray(x, dtype=np.float64) for x in api.forward(q, k, pv, backend="emulator", **kw))
+        sees = j <= np.arange(Nq) + (Nk - Nq)
+        assert sees.any() and not sees.all()
+        assert np.all(np.isnan(out[:, :, sees])) and np.all(np.isnan(lse[:, :, sees])), f"v[{j}] = {value}"
+        assert np.array_equal(out[:, :, ~sees], clean_o[:, :, ~sees]), f"v[{j}] = {value}"
+        assert np.array_equal(lse[:, :, ~sees], clean_l[:, :, ~sees]), f"v[{j}] = {value}"
 
 
 # ---------------------------------------------------------------------------------------------------
