@@ -13,14 +13,14 @@ and every survivor with its rationale.
     python3 scripts/mutate.py --list
     python3 scripts/mutate.py [--jobs 1] [--only ID ...] [--json out.json] [--timeout 1200]
 
-Not part of CI (a full run takes hours on two cores); tests/test_mutate.py checks in CI that every
-snippet still occurs exactly once in today's sources, so the list cannot silently rot: a change to a
-kernel that breaks a snippet must come with an updated mutant. Every new kernel comes with its mutants.
-Before the mutants, each distinct test selection runs once on the unmutated copy (the baseline; skip
-it with --no-baseline): a selection that fails there would count every mutant as killed. Emulator
-builds of a run go to their own cache (--cache-dir, default a temporary directory), so the mutated
-modules do not accumulate in the shared one. The latest result is recorded in docs/emulator.md
-("Mutation testing").
+Not part of CI (a full run takes about 30 minutes on two cores with --jobs 2); tests/test_mutate.py
+checks in CI that every snippet still occurs exactly once in today's sources, so the list cannot
+silently rot: a change to a kernel that breaks a snippet must come with an updated mutant. Every new
+kernel comes with its mutants (docs/emulator.md, "Adding mutants"). Before the mutants, each distinct
+test selection runs once on the unmutated copy (the baseline; skip it with --no-baseline): a selection
+that fails there would count every mutant as killed. Emulator builds of a run go to their own cache
+(--cache-dir, default a temporary directory), so the mutated modules do not accumulate in the shared
+one. The latest result is recorded in docs/emulator.md ("Mutation testing").
 """
 from __future__ import annotations
 

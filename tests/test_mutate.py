@@ -1,7 +1,8 @@
 """scripts/mutate.py (mutation testing, not run in CI) is kept usable by CI: every mutant's original
 snippet occurs exactly once in today's sources (so a kernel change that breaks one fails here and the
 list is updated with it), the list spans the kernels and the launch layer, and planting, running and
-restoring work, checked on a trivial mutant with a stand-in test command instead of the suite."""
+restoring work, checked on a trivial mutant with a stand-in test command instead of the suite, and
+one cheap listed mutant is killed by its own test."""
 from __future__ import annotations
 
 import importlib.util
