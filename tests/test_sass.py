@@ -543,6 +543,9 @@ def test_profiled_kernels_resolve_to_registered_instantiations(arch):
     registry = {(s.source, s.name): s for s in launch.kernel_registry()}
     for p in sass.PROFILED_KERNELS:
         inst = p.resolve(arch)
+        if inst is None:  # a kernel that does not exist on this architecture: the sm_90a-only Hopper forward
+            assert p.kind.startswith("fwd_sm90") and arch != "sm_90a", (p.label, arch)
+            continue
         spec = registry[(inst.source, inst.name)]
         assert (inst.threads, inst.smem) == (spec.threads, spec.smem)
         assert inst.smem <= sass.arch_model(arch).smem_per_block

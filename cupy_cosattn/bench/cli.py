@@ -15,7 +15,18 @@ from typing import Any, Optional
 import torch
 
 from . import __doc__ as _DOC
-from .cases import DTYPE_ALIASES, DTYPES, IMPLS, MASKS, PASSES, PRESETS, make_cases, make_inputs, n_rotation_sets
+from .cases import (
+    DTYPE_ALIASES,
+    DTYPES,
+    IMPLS,
+    MASKS,
+    PASSES,
+    PRESETS,
+    cosattn_forward_kernels,
+    make_cases,
+    make_inputs,
+    n_rotation_sets,
+)
 from .report import CsvSink, _tf, _versions, write_markdown, write_png
 from .runner import Bench, Interrupted, Row, fill_ratios, short_error
 
@@ -144,6 +155,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      f"cosattn l2norm_qk={args.l2norm_qk}" + ("; deterministic" if args.deterministic else "")),
     }
     cases = make_cases(dtypes, head_dims, seqlens, masks, args.work, args.max_heads)
+    if cuda:  # the report says which of our kernels the timings are of
+        meta["settings"] += "; " + cosattn_forward_kernels(
+            cases, (props.major, props.minor), int(getattr(props, "shared_memory_per_block_optin", 0)))
     n_total = len(cases) * len(impls) * len(passes)
     banner = "CPU SMOKE MODE (tiny sizes, wall clock; NOT performance)" if not cuda else f"GPU: {device}"
     print(f"benchmark: {banner}; {len(cases)} cases x {len(impls)} impls x {len(passes)} passes = {n_total} "

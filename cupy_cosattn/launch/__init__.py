@@ -4,7 +4,8 @@ through the emulator, on the CPU.
 Modules, each importing only those above it:
 
 - ``limits``: device limits, :class:`DeviceCaps`, dimension arithmetic;
-- ``tiles``: tile shapes of every kernel (pure arithmetic);
+- ``tiles``: tile shapes of every kernel (pure arithmetic); ``sm90``: the sm_90a (Hopper) forward's
+  tiles, when it runs, and its argument record (tensor maps + FwdParams);
 - ``registry``: every instantiation the package can launch and its name expression;
 - ``dispatch``: :func:`select`, the one function that picks a kernel, its grid and its tile;
 - ``sources``: the kernel sources with project headers inlined; ``params``: the parameter records;

@@ -7,7 +7,9 @@
 kind                  kernel
 ====================  =======================================================================
 ``NORM_Q``/``NORM_K`` norm.cu l2norm_fwd over the rows of q / k (the l2norm_qk pre-pass)
-``FORWARD``           forward.cu attn_fwd (fixed offset or running max: needs the scale vector)
+``FORWARD``           hopper_fwd.cu attn_fwd_sm90 on a compute capability 9.0 device where it covers
+                      the problem (:func:`hopper_forward`), else forward.cu attn_fwd
+                      (:func:`portable_forward`); fixed offset or running max: needs the scale vector
 ``PREP``              backward.cu bwd_prep
 ``DKDV``              backward.cu bwd_dkdv (with its query-head split ``nsplit``)
 ``DQ``                backward.cu bwd_dq (``deterministic=True``)
@@ -29,7 +31,7 @@ import numpy as np
 
 from ..kvcache import MAX_NUM_SPLITS, KVCacheProblem
 from ..problem import Problem
-from . import limits
+from . import limits, sm90
 from .limits import DeviceCaps, cdiv
 from .registry import (
     BACKWARD_SOURCE,
@@ -44,6 +46,7 @@ from .registry import (
     fwd_name,
     norm_bwd_name,
     norm_fwd_name,
+    sm90_fwd_name,
 )
 from .tiles import (
     APPEND_THREADS,
@@ -110,6 +113,28 @@ def _grid_y(n: int) -> int:
     return min(n, limits.GRID_YZ_LIMIT)
 
 
+def portable_forward(prob: Problem, caps: DeviceCaps, scale: np.ndarray) -> KernelChoice:
+    """forward.cu attn_fwd for `prob` on a device of capabilities `caps` (any architecture)."""
+    dt = prob.dtype_name
+    dp = fwd_head_dim_pad(prob.D)
+    bn = fwd_block_n(dt, dp, caps.smem_optin)
+    spec = KernelSpec(FORWARD_SOURCE, fwd_name(dt, dp, bn, not fixed_offset_ok(prob, scale)), FWD_THREADS,
+                      fwd_smem_bytes(dt, dp, bn))
+    BH = prob.B * prob.H
+    return KernelChoice(spec, (cdiv(prob.Nq, FWD_BLOCK_M), _grid_y(BH), 1), tile=bn, n_y=BH)
+
+
+def hopper_forward(prob: Problem, caps: DeviceCaps, scale: np.ndarray) -> Optional[KernelChoice]:
+    """hopper_fwd.cu attn_fwd_sm90 for `prob` on a compute capability 9.0 device, or None where it does
+    not cover the problem or the device (sm90.fallback_reason)."""
+    dt, dp, BH = prob.dtype_name, fwd_head_dim_pad(prob.D), prob.B * prob.H
+    if sm90.fallback_reason(dt, prob.D, dp, BH, caps.compute_capability, caps.smem_optin) is not None:
+        return None
+    spec = KernelSpec(sm90.SOURCE, sm90_fwd_name(dt, dp, not fixed_offset_ok(prob, scale)), sm90.THREADS,
+                      sm90.smem_bytes(dp), sm90.ARCH)
+    return KernelChoice(spec, (cdiv(prob.Nq, sm90.BLOCK_M), _grid_y(BH), 1), tile=sm90.BLOCK_N, n_y=BH)
+
+
 def decode_fixed_offset(prob: KVCacheProblem, scale: np.ndarray) -> bool:
     """Whether decode_fwd's fixed-offset instantiation is correct for `prob` (the forward's rule)."""
     return fixed_offset_ok(prob.dense(prob.max_len, prob.B), scale)
@@ -159,11 +184,7 @@ def select(prob: Problem | KVCacheProblem, caps: DeviceCaps, kind: str,
     if kind == FORWARD:
         if scale is None:
             raise TypeError("select(..., FORWARD) needs the scale vector")
-        dp = fwd_head_dim_pad(prob.D)
-        bn = fwd_block_n(dt, dp, caps.smem_optin)
-        spec = KernelSpec(FORWARD_SOURCE, fwd_name(dt, dp, bn, not fixed_offset_ok(prob, scale)), FWD_THREADS,
-                          fwd_smem_bytes(dt, dp, bn))
-        return KernelChoice(spec, (cdiv(Nq, FWD_BLOCK_M), _grid_y(B * H), 1), tile=bn, n_y=B * H)
+        return hopper_forward(prob, caps, scale) or portable_forward(prob, caps, scale)
     dp = bwd_head_dim_pad(prob.D)
     kv_small, q_small = choose_small(dt, dp, caps.smem_optin)
     if kind == PREP:

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from . import sm90
 from .limits import CTYPES, KERNEL_DTYPES, MAX_HEAD_DIM, SMEM_OPTIN_BY_ARCH
 from .tiles import (
     APPEND_THREADS,
@@ -38,12 +39,14 @@ FORWARD_SOURCE, NORM_SOURCE, BACKWARD_SOURCE, DECODE_SOURCE = "forward.cu", "nor
 @dataclass(frozen=True)
 class KernelSpec:
     """One launchable kernel instantiation: its source file in cuda_src/, its NVRTC name expression,
-    its block size and the dynamic shared memory the launch layer requests for it."""
+    its block size, the dynamic shared memory the launch layer requests for it, and the NVRTC target it
+    needs when it uses arch-specific instructions (None: it compiles for every architecture)."""
 
     source: str
     name: str
     threads: int
     smem: int = 0
+    arch: Optional[str] = None  # e.g. "sm_90a" (wgmma, setmaxnreg): compiled with -arch=<arch>
 
     @property
     def group(self) -> tuple:
@@ -57,6 +60,11 @@ class KernelSpec:
 
 def fwd_name(dtype_name: str, dp: int, bn: int, running_max: bool) -> str:
     return f"ca::fwd::attn_fwd<{CTYPES[dtype_name]}, {dp}, {bn}, {'true' if running_max else 'false'}>"
+
+
+def sm90_fwd_name(dtype_name: str, dp: int, running_max: bool) -> str:
+    """The Hopper forward (hopper_fwd.cu), fixed offset or running max."""
+    return f"ca::fwd90::attn_fwd_sm90<{CTYPES[dtype_name]}, {dp}, {'true' if running_max else 'false'}>"
 
 
 def norm_fwd_name(dtype_name: str) -> str:
@@ -163,10 +171,18 @@ def decode_kernel_specs() -> list[KernelSpec]:
     return specs
 
 
+def sm90_kernel_specs() -> list[KernelSpec]:
+    """The Hopper forward (hopper_fwd.cu, sm_90a only): both variants of each 16-bit dtype and padded
+    head dim it takes."""
+    return [KernelSpec(sm90.SOURCE, sm90_fwd_name(dt, dp, rm), sm90.THREADS, sm90.smem_bytes(dp), sm90.ARCH)
+            for dt in sm90.DTYPES for dp in sm90.HEAD_DIM_PADS for rm in (False, True)]
+
+
 def kernel_registry() -> list[KernelSpec]:
-    """Every (source, name expression) the package can launch, with block size and dynamic shared
-    memory."""
-    return norm_kernel_specs() + forward_kernel_specs() + backward_kernel_specs() + decode_kernel_specs()
+    """Every (source, name expression) the package can launch, with block size, dynamic shared
+    memory and NVRTC target."""
+    return (norm_kernel_specs() + forward_kernel_specs() + sm90_kernel_specs() + backward_kernel_specs()
+            + decode_kernel_specs())
 
 
 _TEMPLATE_ARGS = re.compile(r"<(.*)>$")
