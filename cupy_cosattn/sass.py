@@ -574,6 +574,37 @@ def _bwd(kind: str, dtype: str, D: int, arch: str) -> Instantiation:
     return Instantiation(spec.source, spec.name, spec.threads, spec.smem, rec.tobytes())
 
 
+# The representative decode problem: single-token decoding with GQA 8:1 (H = 64 query heads on Hk = 8
+# kv heads: 8 rows per block, the WM = 1 shape), a paged cache of 16-slot pages (the shift path of the
+# slot lookup), on-the-fly key normalization, causal, the fixed offset, and the key range split.
+REP_DECODE_B, REP_DECODE_H, REP_DECODE_HK, REP_DECODE_N, REP_DECODE_PAGE, REP_DECODE_SPLITS = 8, 64, 8, 32768, 16, 2
+
+
+def _decode(dtype: str, D: int, arch: str) -> Instantiation:
+    """decode_fwd (fixed offset) as the dispatch picks it for the representative decode problem."""
+    import numpy as np
+
+    from .kvcache import KVCacheProblem
+
+    B, H, Hk, N, ps = REP_DECODE_B, REP_DECODE_H, REP_DECODE_HK, REP_DECODE_N, REP_DECODE_PAGE
+    pages = N // ps
+    caps = DeviceCaps((int(arch[3]), int(arch[4])), SMEM_OPTIN_BY_ARCH[arch.rstrip("a")], _SM_COUNT)
+    prob = KVCacheProblem(B=B, H=H, Hk=Hk, Nq=1, D=D, dtype=_dtype(dtype), paged=True, page_size=ps,
+                          num_pages=B * pages, max_pages=pages, append=True, causal=True,
+                          num_splits=REP_DECODE_SPLITS, max_len=N)
+    choice = _dispatch.select(prob, caps, _dispatch.DECODE, scale=np.full((H,), 8.0))
+    spec = choice.spec
+    if (spec.source, spec.name) not in {(x.source, x.name) for x in _registry.kernel_registry()}:
+        raise SassError(f"{spec.source}: {spec.name} is picked by the dispatch but missing from the registry")
+    rec = _params.make_record(
+        _params.DECODE_PARAMS, **_ptrs(("q", "k", "v", "k_new", "v_new", "seqlens", "block_table", "scale", "o",
+                                        "lse", "opart", "lpart", "mpart"), null=("k_new", "v_new", "o", "mpart")),
+        q_sn=D, k_sp=Hk * ps * D, k_sh=ps * D, k_sn=D, v_sp=Hk * ps * D, v_sh=ps * D, v_sn=D, o_sn=D, bt_sb=pages,
+        part_rows=B * H, B=B, H=H, Hk=Hk, Nq=1, D=D, new_keys=1, page_size=ps, page_shift=ps.bit_length() - 1,
+        num_splits=choice.nsplit, n_row_tiles=choice.grid[0] // choice.nsplit, causal=1, groups=1, norm_qk=1)
+    return Instantiation(spec.source, spec.name, spec.threads, spec.smem, rec.tobytes())
+
+
 def _module_group(source: str, name: str) -> tuple:
     return _registry.module_group(source, name)
 
@@ -593,12 +624,14 @@ KINDS: dict = {
     "fwd_rm": lambda dt, D, arch: _fwd(dt, D, arch, running_max=True),
     "bwd_dkdv": lambda dt, D, arch: _bwd("dkdv", dt, D, arch),
     "bwd_dq": lambda dt, D, arch: _bwd("dq", dt, D, arch),
+    "decode": _decode,
     "fwd_sm90": lambda dt, D, arch: _fwd_sm90(dt, D, arch, running_max=False),
     "fwd_sm90_rm": lambda dt, D, arch: _fwd_sm90(dt, D, arch, running_max=True),
 }
 KIND_LABELS = {"fwd": "forward, fixed offset", "fwd_rm": "forward, running max", "bwd_dkdv": "bwd_dkdv (fast mode)",
-               "bwd_dq": "bwd_dq (deterministic mode)", "fwd_sm90": "Hopper forward (hopper_fwd.cu), fixed offset",
-               "fwd_sm90_rm": "Hopper forward, running max"}
+               "bwd_dq": "bwd_dq (deterministic mode)",
+               "decode": "decode_fwd (KV cache, GQA 8:1 single-token, paged, fixed offset)",
+               "fwd_sm90": "Hopper forward (hopper_fwd.cu), fixed offset", "fwd_sm90_rm": "Hopper forward, running max"}
 DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
@@ -619,7 +652,7 @@ class Profiled:
         return KINDS[self.kind](self.dtype, self.head_dim, arch)
 
 
-PROFILED_KERNELS = (tuple(Profiled(k, dt, d) for k in ("fwd", "fwd_rm", "bwd_dkdv", "bwd_dq")
+PROFILED_KERNELS = (tuple(Profiled(k, dt, d) for k in ("fwd", "fwd_rm", "bwd_dkdv", "bwd_dq", "decode")
                           for dt in ("float16", "bfloat16", "float32") for d in (64, 128))
                     + tuple(Profiled(k, dt, d) for k in ("fwd_sm90", "fwd_sm90_rm") for dt in ("float16", "bfloat16")
                             for d in (64, 128)))

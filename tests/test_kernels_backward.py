@@ -187,6 +187,11 @@ CONFIGS = {
     "d80_mask": dict(D=80, Nq=30, Nk=45, mask="random"),
     "d200_causal_det": dict(D=200, Nq=20, Nk=33, causal=True, deterministic=True),
     "d256_bias": dict(D=256, Nq=40, Nk=70, bias="head", B=1),
+    # two head-dim chunks (DP = 160) summing a broadcast bias's dS by atomics: only chunk 0 adds it
+    "d160_batch_bias": dict(D=160, Nq=24, Nk=40, bias="batch"),
+    # one key block streams five query tiles through bwd_dkdv's two stages (each refilled while the
+    # other is read) in deterministic mode, where no dQ barrier sits inside an iteration
+    "long_q_det": dict(Nq=300, Nk=40, D=64, B=1, H=1, deterministic=True),
 }
 
 

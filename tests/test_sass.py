@@ -582,6 +582,28 @@ def test_forward_kernel_counts_match_its_tile_shape(fwd_rows):
     assert row.model.tensor == pytest.approx(4 * 68 * 2048 / 256 / 4)
 
 
+@needs_tools
+def test_decode_kernel_counts_match_its_tile_shape():
+    """decode_fwd for single-token GQA 8:1 (WM = 1: four warps share 16 rows, KT = BN / 4 keys each)."""
+    (row,) = sass.profile(["sm_80"], sass.select(r"^decode fp16 D=64$"), jobs=1)
+    assert row.error is None, row.error
+    dp, threads = 64, tiles.DECODE_THREADS
+    wm, bn = tiles.decode_config("float16", dp, sass.REP_DECODE_H // sass.REP_DECODE_HK,
+                                 limits.SMEM_OPTIN_BY_ARCH["sm_80"])
+    assert (wm, bn) == (1, 64)
+    assert row.inst.name == registry.decode_name("float16", dp, bn, wm, False)
+    kt = bn // (threads // 32)  # each warp's keys of a tile
+    c = row.cost
+    assert c.tensor == (kt // 8) * (dp // 16) + (dp // 8) * (kt // 16) + kt // 16 == 17
+    assert c.classes["ldsm"] == 2 * (dp // 16) * (kt // 16)
+    assert c.classes["mufu"] == 16 * kt // 32
+    # the next tile's K and V in 16-byte cp.async pieces, and one block-table entry per warp (its
+    # 16-key group's page)
+    assert c.opcodes["LDGSTS"] == 2 * bn * dp * 2 // 16 // threads
+    assert c.opcodes["LDG"] == 1
+    assert row.regs > 0 and row.spills == (0, 0) and row.blocks >= 2
+
+
 def test_main_prints_the_tables(monkeypatch, capsys, fwd_rows):
     if fwd_rows[0].error is not None:
         pytest.skip(f"the forward kernel did not compile here: {fwd_rows[0].error}")

@@ -82,6 +82,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--plot-d", type=int, help="head dim of the PNG chart (default the largest measured)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failing cases")
+    ap.add_argument("--decode", action="store_true",
+                    help="run the decode section instead (bench.decode: KV-cache decoding, tokens/s against SDPA; "
+                         "writes decode.csv and decode.md; takes --out, --smoke, --dtypes, --repeats, --warmup, "
+                         "--scale, --max-seconds, --seed)")
     args = ap.parse_args(argv)
     for name, allowed in (("masks", MASKS), ("passes", PASSES), ("impls", IMPLS)):
         bad = [x for x in (getattr(args, name) or ()) if x not in allowed]
@@ -91,8 +95,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 
+def run_decode_section(args: argparse.Namespace) -> int:
+    """The decode section (bench.decode) with this command line's common options."""
+    from . import decode
+
+    argv = ["--out", str(args.out), "--scale", str(args.scale), "--seed", str(args.seed)]
+    argv += ["--smoke"] if args.smoke else []
+    argv += ["--dtypes", ",".join(args.dtypes)] if args.dtypes else []
+    argv += ["--repeats", str(args.repeats)] if args.repeats else []
+    argv += ["--warmup", str(args.warmup)] if args.warmup is not None else []
+    argv += ["--max-seconds", str(args.max_seconds)] if args.max_seconds is not None else []
+    return decode.main(argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.decode:
+        return run_decode_section(args)
     cuda = torch.cuda.is_available() and not args.smoke
     threads = None
     if args.require_gpu and not cuda:

@@ -61,6 +61,11 @@ class Device:
         """Whether kernels may write `arr` directly (C-contiguous, 16-byte aligned device memory)."""
         raise NotImplementedError
 
+    def holds(self, arr: Any) -> bool:
+        """Whether `arr` lies in this device's memory, whatever its layout (a strided view of a cache
+        the kernels write in place)."""
+        raise NotImplementedError
+
     def address(self, arr: Any) -> int:
         raise NotImplementedError
 
@@ -167,6 +172,9 @@ class CudaDevice(Device):
     def is_device_array(self, arr: Any) -> bool:
         return bool(arr.flags.c_contiguous and arr.data.ptr % 16 == 0)
 
+    def holds(self, arr: Any) -> bool:
+        return isinstance(arr, self.xp.ndarray)
+
     def address(self, arr: Any) -> int:
         return int(arr.data.ptr)
 
@@ -215,6 +223,9 @@ class EmulatedDevice(Device):
 
     def is_device_array(self, arr: Any) -> bool:
         return bool(self._emu.is_device_array(arr) and arr.flags.c_contiguous and self.address(arr) % 16 == 0)
+
+    def holds(self, arr: Any) -> bool:
+        return bool(self._emu.is_device_array(arr))
 
     def address(self, arr: Any) -> int:
         return int(self._emu.device_ptr(arr))

@@ -15,19 +15,25 @@ from typing import Optional
 from . import sm90
 from .limits import CTYPES, KERNEL_DTYPES, MAX_HEAD_DIM, SMEM_OPTIN_BY_ARCH
 from .tiles import (
+    APPEND_THREADS,
+    COMBINE_WARPS,
+    DECODE_THREADS,
     FWD_THREADS,
     HEAD_DIM_PADS,
     INFO_THREADS,
+    MMA_ROWS,
     NORM_THREADS,
     PREP_THREADS,
     choose_small,
+    decode_config,
+    decode_smem_bytes,
     fwd_block_n,
     fwd_smem_bytes,
     kv_config,
     q_config,
 )
 
-FORWARD_SOURCE, NORM_SOURCE, BACKWARD_SOURCE = "forward.cu", "norm.cu", "backward.cu"
+FORWARD_SOURCE, NORM_SOURCE, BACKWARD_SOURCE, DECODE_SOURCE = "forward.cu", "norm.cu", "backward.cu", "decode.cu"
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,18 @@ def bwd_name(kind: str, dtype_name: str, dp: int, small: bool = False) -> str:
     """Name expression of backward kernel `kind` ("prep", "dkdv", "dq", "info"); the default variant
     keeps its two-argument name (SMALL defaults to false)."""
     return f"ca::bwd::bwd_{kind}<{CTYPES[dtype_name]}, {dp}{', true' if small else ''}>"
+
+
+def decode_name(dtype_name: str, dp: int, bn: int, wm: int, running_max: bool) -> str:
+    return f"ca::dec::decode_fwd<{CTYPES[dtype_name]}, {dp}, {bn}, {wm}, {'true' if running_max else 'false'}>"
+
+
+def combine_name(dtype_name: str, running_max: bool) -> str:
+    return f"ca::dec::decode_combine<{CTYPES[dtype_name]}, {'true' if running_max else 'false'}>"
+
+
+def append_name(dtype_name: str) -> str:
+    return f"ca::dec::kv_append<{CTYPES[dtype_name]}>"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -130,6 +148,29 @@ def backward_kernel_specs() -> list[KernelSpec]:
     return specs
 
 
+def decode_kernel_specs() -> list[KernelSpec]:
+    """Every decode.cu instantiation some architecture of SMEM_OPTIN_BY_ARCH picks: decode_fwd for
+    both row regimes (few rows: WM = 1; many: WM = 4) and both softmax variants, the combines and the
+    appends."""
+    specs = []
+    for dt in KERNEL_DTYPES:
+        for dp in range(16, MAX_HEAD_DIM + 1, 16):
+            configs = set()
+            for lim in SMEM_OPTIN_BY_ARCH.values():
+                for rows in (1, MMA_ROWS + 1):
+                    wm, bn = decode_config(dt, dp, rows, lim)
+                    if decode_smem_bytes(dt, dp, bn, wm) <= lim:
+                        configs.add((wm, bn))
+            for wm, bn in sorted(configs):
+                for rm in (False, True):
+                    specs.append(KernelSpec(DECODE_SOURCE, decode_name(dt, dp, bn, wm, rm), DECODE_THREADS,
+                                            decode_smem_bytes(dt, dp, bn, wm)))
+        for rm in (False, True):
+            specs.append(KernelSpec(DECODE_SOURCE, combine_name(dt, rm), COMBINE_WARPS * 32))
+        specs.append(KernelSpec(DECODE_SOURCE, append_name(dt), APPEND_THREADS))
+    return specs
+
+
 def sm90_kernel_specs() -> list[KernelSpec]:
     """The Hopper forward (hopper_fwd.cu, sm_90a only): both variants of each 16-bit dtype and padded
     head dim it takes."""
@@ -140,7 +181,8 @@ def sm90_kernel_specs() -> list[KernelSpec]:
 def kernel_registry() -> list[KernelSpec]:
     """Every (source, name expression) the package can launch, with block size, dynamic shared
     memory and NVRTC target."""
-    return norm_kernel_specs() + forward_kernel_specs() + sm90_kernel_specs() + backward_kernel_specs()
+    return (norm_kernel_specs() + forward_kernel_specs() + sm90_kernel_specs() + backward_kernel_specs()
+            + decode_kernel_specs())
 
 
 _TEMPLATE_ARGS = re.compile(r"<(.*)>$")

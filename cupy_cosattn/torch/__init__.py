@@ -17,15 +17,19 @@ this package does not import CuPy.
 Modules: ``checks`` (argument checks), ``cpu`` (the torch CPU implementation), ``bridge`` (tensors <->
 kernel-backend arrays), ``backends`` (which implementation runs a call), ``ops`` (the custom ops and
 autograd), ``functional`` (the public functions), ``ring`` (ring attention over torch.distributed: context
-parallelism, docs/ring.md), ``compat`` (the function names of lucidrains/flash-cosine-sim-attention).
+parallelism, docs/ring.md), ``compat`` (the function names of lucidrains/flash-cosine-sim-attention),
+``kvcache`` (``kvcache_attention``: decoding from a KV cache, the custom op ``cupy_cosattn::kvcache_fwd``;
+inference only).
 """
 from . import ring
 from .backends import BACKENDS, CPU_BACKENDS, cpu_backend, get_cpu_backend, set_cpu_backend
 from .compat import flash_cosine_sim_attention, l2norm_tensors, plain_cosine_sim_attention
 from .functional import cosine_sim_attention, forward
+from .kvcache import OP_KVCACHE, kvcache_attention
 from .ops import OP_BACKWARD, OP_FORWARD
 from .ring import ring_cosine_sim_attention
 
 __all__ = ["cosine_sim_attention", "forward", "OP_FORWARD", "OP_BACKWARD", "BACKENDS", "CPU_BACKENDS",
            "get_cpu_backend", "set_cpu_backend", "cpu_backend", "ring", "ring_cosine_sim_attention",
-           "flash_cosine_sim_attention", "plain_cosine_sim_attention", "l2norm_tensors"]
+           "flash_cosine_sim_attention", "plain_cosine_sim_attention", "l2norm_tensors", "kvcache_attention",
+           "OP_KVCACHE"]
