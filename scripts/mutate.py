@@ -54,6 +54,7 @@ CAUSAL = "tests/test_kernels_causal.py"
 FORWARD_CU = "cuda_src/forward.cu"
 BACKWARD_CU = "cuda_src/backward.cu"
 NORM_CU = "cuda_src/norm.cu"
+FIXED_OFFSET = "cuda_src/fixed_offset.cuh"  # Headroom<T>, shared by forward.cu and hopper_fwd.cu
 COMMON = "cuda_src/common.cuh"
 DISPATCH = "cupy_cosattn/launch/dispatch.py"
 TILES = "cupy_cosattn/launch/tiles.py"
@@ -184,7 +185,8 @@ FORWARD_MUTANTS: tuple = (
     Mutant("fwd_m_use", FORWARD_CU, "const float m_use = m_new == neg_inf() ? 0.f : m_new;",
            "const float m_use = m_new;", k(FWD, expr=f"configs and (mask or bias) and {F16}"),
            "running max: a row with nothing visible yet computes exp2(-inf - -inf) = NaN"),
-    Mutant("fwd_headroom", FORWARD_CU, "template <> struct Headroom<half_t> { static constexpr float value = 10.5f; };",
+    Mutant("fwd_headroom", FIXED_OFFSET,
+           "template <> struct Headroom<half_t> { static constexpr float value = 10.5f; };",
            "template <> struct Headroom<half_t> { static constexpr float value = 20.5f; };", FWD_F16,
            "fixed-offset headroom beyond fp16's range: P overflows to inf"),
     Mutant("fwd_scale_head0", FORWARD_CU, "const float scale_log2 = p.scale[h] * LOG2E;",
@@ -387,8 +389,8 @@ BACKWARD_MUTANTS: tuple = (
 
 LAUNCH_MUTANTS: tuple = (
     # dispatch.py: kernels and grids
-    Mutant("launch_fwd_grid_x", DISPATCH, "(cdiv(Nq, FWD_BLOCK_M), _grid_y(B * H), 1), tile=bn",
-           "(Nq // FWD_BLOCK_M, _grid_y(B * H), 1), tile=bn", FWD_F16,
+    Mutant("launch_fwd_grid_x", DISPATCH, "(cdiv(prob.Nq, FWD_BLOCK_M), _grid_y(BH), 1), tile=bn",
+           "(prob.Nq // FWD_BLOCK_M, _grid_y(BH), 1), tile=bn", FWD_F16,
            "forward grid misses the last partial query tile"),
     Mutant("lb_dkdv_chunks", DISPATCH, "n_x = cdiv(Nk, kv.rows) * kv.n_chunks", "n_x = cdiv(Nk, kv.rows)",
            k(BWD, expr="configs and (d200 or d256)"), "bwd_dkdv grid without the head-dim chunks"),
@@ -644,9 +646,73 @@ DECODE_MUTANTS: tuple = (
            "block-table entries past a sequence's pages are checked (they may hold anything)"),
 )
 
+# ----------------------------------------------------------------------------------------------------
+# The Hopper forward: cuda_src/hopper_fwd.cu, through the emulator presenting itself as an H100 (the
+# tests set it). Its synchronization faults (skipped full/empty waits, reads before wgmma.wait, the
+# ping-pong hand-off, the fix-up's proxy fence, per-warpgroup release, expect_tx miscounts) are planted
+# by tests/test_kernels_hopper.py::test_planted_fault_is_caught itself; these are the other bugs.
+HOPPER_FWD_CU = "cuda_src/hopper_fwd.cu"
+HOPPER = "tests/test_kernels_hopper.py"
+HOP_GRID_F16 = k(HOPPER, expr=f"test_hopper_forward_grid and {F16}")  # fp16 D = 64, 128: every feature
+HOP_GRID_Y = (f"{HOPPER}::test_hopper_forward_grid_y_loop",)
+HOP_NONFINITE = k(HOPPER, "tests/test_nonfinite.py", expr="causally_invisible or hopper_forward_agrees")
+
+HOPPER_MUTANTS: tuple = (
+    Mutant("h90_causal_limit", HOPPER_FWD_CU, "    const int causal_limit = g + 8 * h + cdiff + 1;\n",
+           "    const int causal_limit = g + 8 * h + cdiff;\n", HOP_GRID_F16,
+           "causal off-by-one on diagonal tiles: each row loses its diagonal key"),
+    Mutant("h90_gqa_head", HOPPER_FWD_CU, "    hk = h / (p.H / p.Hk);\n", "    hk = h % p.Hk;\n", HOP_GRID_F16,
+           "GQA kv head as h % Hk instead of h / (H / Hk)"),
+    Mutant("h90_scale_d_first_kstep", HOPPER_FWD_CU, "    wgmma_ss<BLOCK_N, T>(s, dq, dk, kk > 0);\n",
+           "    wgmma_ss<BLOCK_N, T>(s, dq, dk, true);\n", HOP_GRID_F16,
+           "scale-d set on the first k-step: S_j accumulates onto the previous tile's P"),
+    Mutant("h90_v_desc_kstep", HOPPER_FWD_CU,
+           "    const uint64_t dv = make_smem_desc(sV + ks * 16 * 128, L::KV_CB, 1024, Swizzle::B128);\n",
+           "    const uint64_t dv = make_smem_desc(sV + ks * 8 * 128, L::KV_CB, 1024, Swizzle::B128);\n",
+           HOP_GRID_F16, "V's MN-major descriptor advances 8 keys per k-step of 16"),
+    Mutant("h90_o_not_rescaled", HOPPER_FWD_CU,
+           "    for (int i = 0; i < DP / 2; ++i) r.o[i] *= r.alpha[(i >> 1) & 1];\n",
+           "    for (int i = 0; i < DP / 2; ++i) r.o[i] *= 1.f;\n", HOP_GRID_F16,
+           "running max: O not rescaled when a row's maximum grows"),
+    Mutant("h90_tail_keys_visible", HOPPER_FWD_CU,
+           "    vis[h] = mbits & prefix_bits(causal_limit < keys_left ? causal_limit : keys_left, t);\n",
+           "    vis[h] = mbits & prefix_bits(causal_limit, t);\n", HOP_GRID_F16,
+           "keys past Nk (the TMA's zero fill) count as visible on the last tile"),
+    Mutant("h90_fast_path_ignores_mask", HOPPER_FWD_CU,
+           "  if (keys_left == BLOCK_N && p.mask == nullptr && cdiff >= BLOCK_N - 1 && !scrubbed) {\n",
+           "  if (keys_left == BLOCK_N && cdiff >= BLOCK_N - 1 && !scrubbed) {\n", HOP_GRID_F16,
+           "full tiles take the unchecked exponentials even with a key mask"),
+    Mutant("h90_running_max_empty_row", HOPPER_FWD_CU,
+           "      const float m_use = m_new == neg_inf() ? 0.f : m_new;\n", "      const float m_use = m_new;\n",
+           HOP_GRID_F16, "running max: a row with nothing visible yet computes (-inf) - (-inf) = NaN"),
+    Mutant("h90_mask_bytes_past_nk", HOPPER_FWD_CU,
+           "dst[r] = r < left ? w.mask[(int64_t)j * BLOCK_N + r] : 0;", "dst[r] = w.mask[(int64_t)j * BLOCK_N + r];",
+           HOP_GRID_F16, "the mask warp reads mask bytes past Nk (out of the (B, Nk) mask's bounds)"),
+    Mutant("h90_bias_column_past_nk", HOPPER_FWD_CU,
+           "if constexpr (CHECK) kr = kr < keys_left ? kr : 0;", "", HOP_GRID_F16,
+           "running max: the bias of keys past Nk is read (out of bounds on the last row)"),
+    Mutant("h90_next_q_before_out_stored", HOPPER_FWD_CU,
+           "    mbar_wait(bar.empty_q, (q_round & 1) ^ 1);", "", HOP_GRID_Y,
+           "grid-y loop: the next Q lands in the buffer the out TMA stores still read"),
+    Mutant("h90_launch_grid_x", DISPATCH, "(cdiv(prob.Nq, sm90.BLOCK_M), _grid_y(BH), 1)",
+           "(prob.Nq // sm90.BLOCK_M, _grid_y(BH), 1)", HOP_GRID_F16,
+           "the sm_90a forward's grid misses the last partial 128-row query tile"),
+    Mutant("h90_lse_not_poisoned", HOPPER_FWD_CU,
+           "        p.lse[w.b * p.lse_sb + w.h * p.lse_sh + row] = lse + poison;\n",
+           "        p.lse[w.b * p.lse_sb + w.h * p.lse_sh + row] = lse;\n", HOP_NONFINITE,
+           "a row poisoned by a visible NaN / Inf value keeps a finite lse"),
+    Mutant("h90_scrub_flags_ignored", HOPPER_FWD_CU, "  if (scrubbed) bad = column_bits(sFlag, t);\n", "",
+           HOP_NONFINITE, "a visible key whose non-finite V the fix-up zeroed no longer poisons its rows"),
+)
+# Not listed because the emulator cannot expose it: releasing V_{j-1} (empty_v) before the middle
+# slot's wgmma_wait<0>() is a race on the GPU, but the emulator's fibers do not yield at an mbarrier
+# arrive and the first thread of a warpgroup to wait performs its wgmma, so the producer never refills
+# the stage inside that window.
+
 
 # Every mutant, one group per source file. A new kernel adds its group above and here.
-MUTANTS: tuple = FORWARD_MUTANTS + NORM_MUTANTS + COMMON_MUTANTS + BACKWARD_MUTANTS + LAUNCH_MUTANTS + DECODE_MUTANTS
+MUTANTS: tuple = (FORWARD_MUTANTS + NORM_MUTANTS + COMMON_MUTANTS + BACKWARD_MUTANTS + LAUNCH_MUTANTS + DECODE_MUTANTS
+             + HOPPER_MUTANTS)
 
 
 # ---------------------------------------------------------------------------------------------------
