@@ -55,6 +55,7 @@ FORWARD_CU = "cuda_src/forward.cu"
 BACKWARD_CU = "cuda_src/backward.cu"
 NORM_CU = "cuda_src/norm.cu"
 COMMON = "cuda_src/common.cuh"
+FIXED_OFFSET = "cuda_src/fixed_offset.cuh"
 DISPATCH = "cupy_cosattn/launch/dispatch.py"
 TILES = "cupy_cosattn/launch/tiles.py"
 STAGING = "cupy_cosattn/launch/staging.py"
@@ -184,7 +185,7 @@ FORWARD_MUTANTS: tuple = (
     Mutant("fwd_m_use", FORWARD_CU, "const float m_use = m_new == neg_inf() ? 0.f : m_new;",
            "const float m_use = m_new;", k(FWD, expr=f"configs and (mask or bias) and {F16}"),
            "running max: a row with nothing visible yet computes exp2(-inf - -inf) = NaN"),
-    Mutant("fwd_headroom", FORWARD_CU, "template <> struct Headroom<half_t> { static constexpr float value = 10.5f; };",
+    Mutant("fwd_headroom", FIXED_OFFSET, "template <> struct Headroom<half_t> { static constexpr float value = 10.5f; };",
            "template <> struct Headroom<half_t> { static constexpr float value = 20.5f; };", FWD_F16,
            "fixed-offset headroom beyond fp16's range: P overflows to inf"),
     Mutant("fwd_scale_head0", FORWARD_CU, "const float scale_log2 = p.scale[h] * LOG2E;",
@@ -387,8 +388,8 @@ BACKWARD_MUTANTS: tuple = (
 
 LAUNCH_MUTANTS: tuple = (
     # dispatch.py: kernels and grids
-    Mutant("launch_fwd_grid_x", DISPATCH, "(cdiv(Nq, FWD_BLOCK_M), _grid_y(B * H), 1), tile=bn",
-           "(Nq // FWD_BLOCK_M, _grid_y(B * H), 1), tile=bn", FWD_F16,
+    Mutant("launch_fwd_grid_x", DISPATCH, "(cdiv(prob.Nq, FWD_BLOCK_M), _grid_y(BH), 1), tile=bn",
+           "(prob.Nq // FWD_BLOCK_M, _grid_y(BH), 1), tile=bn", FWD_F16,
            "forward grid misses the last partial query tile"),
     Mutant("lb_dkdv_chunks", DISPATCH, "n_x = cdiv(Nk, kv.rows) * kv.n_chunks", "n_x = cdiv(Nk, kv.rows)",
            k(BWD, expr="configs and (d200 or d256)"), "bwd_dkdv grid without the head-dim chunks"),
