@@ -15,7 +15,7 @@
 //                dP^T = V dO^T
 //                dS^T = P^T (dP^T - D)             -> dbias (the unscaled dS)
 //                dK  += (scale_h dS^T) Qhat
-//                dQ  += (scale_h dS) Khat          (only when dq_atomic: fp32 atomicAdd)
+//                dQ  += (scale_h dS) Khat          (only when dq_atomic: fp32 atomics, atomic_add2)
 //   bwd_dq     deterministic mode's dQ: one block per (query tile, batch, query head), dQ in
 //              registers while streaming the key tiles that can be visible (recomputes S, P, dP, dS;
 //              no atomics anywhere). Fully masked key tiles are skipped here as in bwd_dkdv.
@@ -182,7 +182,11 @@ struct Mma<float> {
 template <typename T, int NT, int K>
 CA_DEVICE void gemm_nk(float (&acc)[NT][4], const T* sA, int lda, int m0, const T* sB, int ldb, int n0, int lane) {
   typedef Mma<T> M;
-#pragma unroll 1
+  // Unrolled (fragment loads run ahead of the mma) while the registers allow: 16-bit fully up to 64
+  // columns and by two steps up to 128; fp32 (3xTF32 fragments take twice the registers) and wider
+  // 16-bit rows rolled (unrolled, bwd_dkdv spills there).
+  constexpr int UNROLL = sizeof(T) == 4 || K > 128 ? 1 : (K <= 64 ? K / M::KSTEP : 2);
+#pragma unroll UNROLL
   for (int k0 = 0; k0 < K; k0 += M::KSTEP) {
     typename M::A a;
     M::load_a_mk(a, sA, lda, m0, k0, lane);
@@ -307,10 +311,16 @@ CA_DEVICE void load_rows_async(T* s, const T* g, int64_t g_sn, int rows_valid, i
       const int full = rem >= EPC ? 16 : (rem > 0 ? rem * (int)sizeof(T) : 0);
       const T* src = g + r0 * g_sn + col;
       T* dst = s + r0 * SK + col;
-#pragma unroll 1
-      for (int r = r0; r < ROWS; r += STEP) {
-        const int bytes = r < rows_valid ? full : 0;
-        cp_async_16(dst, bytes > 0 ? src : g, bytes);
+      // r0 < STEP, so pass k covers row r0 + k STEP: a compile-time trip count, unrolled when short
+      // (a long unrolled walk keeps too many addresses live for the wide-row kernels' registers).
+      constexpr int PASSES = (ROWS + STEP - 1) / STEP;
+#pragma unroll (PASSES <= 4 ? PASSES : 1)
+      for (int k = 0; k < PASSES; ++k) {
+        const int r = r0 + k * STEP;
+        if (ROWS % STEP == 0 || r < ROWS) {
+          const int bytes = r < rows_valid ? full : 0;
+          cp_async_16(dst, bytes > 0 ? src : g, bytes);
+        }
         src += STEP * g_sn;
         dst += STEP * SK;
       }
@@ -503,8 +513,11 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
       sOk[tid] = j < p.Nk && (p.mask == nullptr || p.mask[b * p.mask_sb + j]);
     }
     __syncthreads();
-    int any = 0;
-    for (int r = 0; r < BC; ++r) any |= sOk[r];
+    int any = 0, all_ok = 1;
+    for (int r = 0; r < BC; ++r) {
+      any |= sOk[r];
+      all_ok &= sOk[r];
+    }
     int key[2], key_ok[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -521,8 +534,8 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
     fill_zero(acc_dk);
     fill_zero(acc_dv);
     float ds_f = 1.f;  // float16: acc_dk holds dK times this warp's factor (DsRange)
-    // dscale's row sums (file comment) come with the dqhat atomics; one chunk adds them.
-    const bool stats = p.dscale_stats && p.dq_atomic && chunk == 0;
+    // dscale's row sums (file comment) come with the dqhat atomics; chunk 0 adds them.
+    const bool stats = p.dscale_stats != 0;
 
     if (n_it > 0) {
       const T* gk = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + (int64_t)j0 * p.k_sn;
@@ -531,10 +544,10 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
       load_rows_async<T, BC, D_PAD, SK, NTH>(sV, gv, p.v_sn, p.Nk - j0, p.D, tid);
     }
 
-    // Stage loads of iteration it: query head h_first + it / per_head, query tile qt0 + it % per_head.
-#define CA_BWD_KV_LOAD_STAGE(it_, st_)                                                                 \
+    // Stage loads of query head h_, query rows i0_.. (iteration it runs head h_first + it / per_head,
+    // query tile qt0 + it % per_head; the loop below steps both without dividing).
+#define CA_BWD_KV_LOAD_STAGE(h_, i0_, st_)                                                             \
     {                                                                                                  \
-      const int h_ = h_first + (it_) / per_head, i0_ = (qt0 + (it_) % per_head) * BR;                  \
       const T* gq_ = static_cast<const T*>(p.q) + b * p.q_sb + h_ * p.q_sh + (int64_t)i0_ * p.q_sn;    \
       const T* gd_ = static_cast<const T*>(p.dout) + b * p.do_sb + h_ * p.do_sh + (int64_t)i0_ * p.do_sn; \
       load_rows_async<T, BR, D_PAD, SK, NTH>(sQ + (st_) * BR * SK, gq_, p.q_sn, p.Nq - i0_, p.D, tid);   \
@@ -545,25 +558,27 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
       cp_async_commit();                                                                               \
     }
 
-    if (n_it > 0) CA_BWD_KV_LOAD_STAGE(0, 0)  // commits K, V and stage 0 as one group
+    if (n_it > 0) CA_BWD_KV_LOAD_STAGE(h_first, qt0 * BR, 0)  // commits K, V and stage 0 as one group
 
+    // This iteration's head h, query rows i0.. and scale (loaded once per head).
+    int h = h_first, i0 = qt0 * BR;
+    float scale_h = n_it > 0 ? p.scale[h_first] : 0.f;
     for (int it = 0; it < n_it; ++it) {
       const int st = it & 1;
+      const bool head_ends = i0 + BR >= nqt * BR;
+      const int h_next = head_ends ? h + 1 : h, i0_next = head_ends ? qt0 * BR : i0 + BR;
       if (it + 1 < n_it) {
-        CA_BWD_KV_LOAD_STAGE(it + 1, st ^ 1)
+        CA_BWD_KV_LOAD_STAGE(h_next, i0_next, st ^ 1)
         cp_async_wait<1>();
       } else {
         cp_async_wait<0>();
       }
-      __syncthreads();
+      __syncthreads();  // this stage's copies (every thread's) have landed
 
-      const int h = h_first + it / per_head;
-      const int i0 = (qt0 + it % per_head) * BR;
       const T* cQ = sQ + st * BR * SK;
       const T* cdO = sdO + st * BR * SK;
       const float* cL = sL + st * BR;
       const float* cDv = sDv + st * BR;
-      const float scale_h = p.scale[h];
       const float sl2 = scale_h * LOG2E;
 
       // Bias for this warp's slab (issued early; log2-scaled), element (key row, query column).
@@ -576,13 +591,16 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
       fill_zero(acc_s);
       gemm_nk<T, NT, D_PAD>(acc_s, sK, SK, 16 * warp, cQ, SK, 0, lane);
       float cs[2 * NT];
-      auto probs = [&](const bool with_c) {
+      // check = false: every pair of the tile is visible (all keys in range and unmasked, and under
+      // causal the block's last key at or before the tile's first query's horizon).
+      const bool check = !all_ok || (p.causal && j0 + BC - 1 > i0 + off);
+      auto probs = [&](const bool with_c, const bool check) {
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int col = n * 8 + 2 * t + (e & 1);
-            const bool vis = key_ok[e >> 1] && (!p.causal || key[e >> 1] <= i0 + col + off);
+            const bool vis = !check || (key_ok[e >> 1] && (!p.causal || key[e >> 1] <= i0 + col + off));
             const float sv = acc_s[n][e];
             const float x = fmaf(sv, sl2, bias2[n][e] - cL[col]);
             acc_s[n][e] = vis ? exp2_fast(x) : 0.f;  // x = -inf (lse2 = +inf) gives exactly 0
@@ -591,7 +609,7 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
           }
       };
       if (stats) {
-        probs(true);
+        probs(true, true);
         int base = 0;
         bool owner = true;
         sum_over_row_groups<2 * NT, 0>(cs, lane, base, owner);
@@ -599,10 +617,12 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
 #pragma unroll
         for (int r = 0; r < (2 * NT >= 8 ? 2 * NT / 8 : 1); ++r) {
           const int k = base + r, col = (k >> 1) * 8 + 2 * t + (k & 1);
-          if (owner && i0 + col < p.Nq) atomicAdd(rows_c + col, cs[r]);
+          if (owner && chunk == 0 && i0 + col < p.Nq) atomicAdd(rows_c + col, cs[r]);
         }
+      } else if (check) {
+        probs(false, true);
       } else {
-        probs(false);
+        probs(false, false);
       }
 
       // dV += P^T dO.
@@ -612,20 +632,24 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
       float acc_dp[NT][4];
       fill_zero(acc_dp);
       gemm_nk<T, NT, D_PAD>(acc_dp, sV, SK, 16 * warp, cdO, SK, 0, lane);
-      const bool write_dbias = p.dbias_mode != 0 && chunk == 0;
-      const int64_t dbb = write_dbias ? b * p.dbias_sb + h * p.dbias_sh : 0;
+      // One uniform branch per tile: without a bias the element loop has no dbias code at all.
+      auto grad_s = [&](const bool write_dbias) {
+        const int64_t dbb = write_dbias ? b * p.dbias_sb + h * p.dbias_sh : 0;
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
+        for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = n * 8 + 2 * t + (e & 1);
-          const float ds = acc_s[n][e] * (acc_dp[n][e] - cDv[col]);
-          if (write_dbias) {
-            const int i = i0 + col, j = key[e >> 1];
-            if (i < p.Nq && j < p.Nk) store_dbias<T>(p, dbb + i * p.dbias_sq + j, ds);
+          for (int e = 0; e < 4; ++e) {
+            const int col = n * 8 + 2 * t + (e & 1);
+            const float ds = acc_s[n][e] * (acc_dp[n][e] - cDv[col]);
+            if (write_dbias) {
+              const int i = i0 + col, j = key[e >> 1];
+              if (i < p.Nq && j < p.Nk) store_dbias<T>(p, dbb + i * p.dbias_sq + j, ds);
+            }
+            acc_dp[n][e] = ds * scale_h;
           }
-          acc_dp[n][e] = ds * scale_h;
-        }
+      };
+      if (p.dbias_mode != 0) grad_s(chunk == 0);
+      else grad_s(false);
       if constexpr (DsRange<T>::value) ds_range_f16(acc_dp, ds_f, acc_dk);  // acc_dp = scale_h dS f
 
       // dK += (scale_h dS^T) Qhat.
@@ -647,14 +671,19 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
         if constexpr (DsRange<T>::value) {
           if (lane == 0) sInvF[warp] = 1.f / ds_f;
         }
-        __syncthreads();
+        __syncthreads();  // every warp's dS^T is staged before the dQ products read it
         constexpr int MT = BR / 16;
         const int mt = warp % MT;
         float* gdq = p.dq + b * p.dq_sb + h * p.dq_sh;
-        for (int u = warp / MT; u < DC / 16; u += C::NW / MT) {
+        // Units u = warp / MT + uu USTEP: a compile-time count per warp (the last may be short).
+        constexpr int UNITS = DC / 16, USTEP = C::NW / MT, UPW = (UNITS + USTEP - 1) / USTEP;
+#pragma unroll 1
+        for (int uu = 0; uu < UPW; ++uu) {
+          const int u = warp / MT + uu * USTEP;
+          if (UNITS % USTEP != 0 && u >= UNITS) break;
           float acc[2][4];
           fill_zero(acc);
-#pragma unroll 1
+#pragma unroll (sizeof(T) == 4 || D_PAD > 128 ? 1 : BC / M::KSTEP)  // as gemm_nk: registers
           for (int k0 = 0; k0 < BC; k0 += M::KSTEP) {
             typename M::A a;
             typename M::B bf[2];
@@ -675,15 +704,16 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
               M::mma(acc[1], a, bf[1]);
             }
           }
+          // Columns d, d + 1 (d even; p.D, the padded row, is a multiple of 16) in one reduction.
 #pragma unroll
           for (int n = 0; n < 2; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int i = i0 + mt * 16 + g + 8 * (e >> 1), d = c0 + u * 16 + n * 8 + 2 * t + (e & 1);
-              if (i < p.Nq && d < p.D) atomicAdd(gdq + i * p.dq_sn + d, acc[n][e]);
+            for (int r = 0; r < 2; ++r) {
+              const int i = i0 + mt * 16 + g + 8 * r, d = c0 + u * 16 + n * 8 + 2 * t;
+              if (i < p.Nq && d < p.D) atomic_add2(gdq + i * p.dq_sn + d, acc[n][2 * r], acc[n][2 * r + 1]);
             }
         }
-        if (stats && warp < MT) {  // r_i: this m-tile's rows of the same operand against ones
+        if (stats && chunk == 0 && warp < MT) {  // r_i: this m-tile's rows of the operand against ones
           float acc_r[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 1
           for (int k0 = 0; k0 < BC; k0 += M::KSTEP) {
@@ -704,6 +734,9 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
         }
       }
       __syncthreads();  // everyone is done with this stage (and sdS) before it is refilled
+      if (head_ends && it + 1 < n_it) scale_h = p.scale[h_next];
+      h = h_next;
+      i0 = i0_next;
     }
 #undef CA_BWD_KV_LOAD_STAGE
 
@@ -783,8 +816,8 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
     fill_zero(acc_dq);
     float ds_f = 1.f;  // float16: acc_dq holds dQ times this warp's factor (DsRange)
     // dscale's row sums (file comment): c_part[r] = this lane's part of c of row[r]; acc_r = r_i of
-    // rows g, g + 8 (columns 0 and 2) in units of ds_f. One chunk writes them.
-    const bool stats = p.dscale_stats && chunk == 0;
+    // rows g, g + 8 (columns 0 and 2) in units of ds_f. Chunk 0 writes them.
+    const bool stats = p.dscale_stats != 0;
     float c_part[2] = {0.f, 0.f}, acc_r[4] = {0.f, 0.f, 0.f, 0.f};
 
     const T* gk = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
@@ -834,7 +867,7 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
       } else {
         cp_async_wait<0>();
       }
-      __syncthreads();
+      __syncthreads();  // key tile kt's copies and flags have landed
       const int j0 = kt * BC;
       const T* cK = sK + st * BC * SK;
       const T* cV = sV + st * BC * SK;
@@ -847,21 +880,25 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
       float acc_s[NT][4];
       fill_zero(acc_s);
       gemm_nk<T, NT, D_PAD>(acc_s, sQ, SK, 16 * warp, cK, SK, 0, lane);
-      auto probs = [&](const bool with_c) {
+      // check = false: every pair of the tile is visible (no mask, all keys in range, and under
+      // causal the tile's last key at or before the block's first query's horizon).
+      const bool check = p.mask != nullptr || j0 + BC > p.Nk || (p.causal && j0 + BC - 1 > i0 + off);
+      auto probs = [&](const bool with_c, const bool check) {
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int col = n * 8 + 2 * t + (e & 1), r = e >> 1;
-            const bool vis = cOk[col] && (!p.causal || j0 + col <= row[r] + off);
+            const bool vis = !check || (cOk[col] && (!p.causal || j0 + col <= row[r] + off));
             const float sv = acc_s[n][e];
             const float x = fmaf(sv, sl2, bias2[n][e] - lse2[r]);
             acc_s[n][e] = vis ? exp2_fast(x) : 0.f;
             if (with_c) c_part[r] = fmaf(acc_s[n][e], sv, c_part[r]);
           }
       };
-      if (stats) probs(true);
-      else probs(false);
+      if (stats) probs(true, true);
+      else if (check) probs(false, true);
+      else probs(false, false);
 
       // dP = dO V^T -> scale_h dS in place.
       float acc_dp[NT][4];
@@ -906,7 +943,7 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const float c = quad_sum(c_part[r]);
-        if (t == 0 && row[r] < p.Nq) {
+        if (t == 0 && chunk == 0 && row[r] < p.Nq) {
           rows_c[row[r]] = c;
           rows_r[row[r]] = acc_r[2 * r] * inv_f;
         }
