@@ -38,15 +38,13 @@
 // and combine by the log-sum-exp rule (weights exp(m_s - max m)).
 //
 // Element types, tiles and fragment loads are the forward's (forward.cu is included for its tile
-// products, shared-memory pitch and fp16 headroom).
+// products and shared-memory pitch; the fp16 headroom is fixed_offset.cuh's).
 #include "forward.cu"
 
 namespace ca {
 namespace dec {
 
-using fwd::Headroom;
 using fwd::is_f32;
-using fwd::LN2;
 using fwd::quiet_nan;
 using fwd::scrub_v;
 using fwd::Smem;

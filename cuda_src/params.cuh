@@ -72,6 +72,9 @@ struct BwdParams : AttnParams {
   float* dq;                      // (B, H, Nq, D) fp32 dqhat
   void* dk;                       // (B, Hk * nsplit, Nk, D) dkhat, fp32 (dk_f32) or T
   void* dv;                       // same layout as dk, fp32 (dv_f32) or T
+  float* dscale_rows;             // (2, B*H, nq_pad) zeroed: per query row c_i = sum_j P_ij S_ij and
+                                  // r_i = sum_j scale_h dS_ij as rounded for dqhat (dscale's
+                                  // cancellation-free form, backward.cu), written when dscale_stats
   int64_t do_sb, do_sh, do_sn;
   int64_t dq_sb, dq_sh, dq_sn;
   int64_t dkv_sb, dkv_sh, dkv_sn;       // head index of dk/dv: hk * nsplit + split
@@ -86,6 +89,7 @@ struct BwdParams : AttnParams {
   int nsplit;                     // query-head splits per kv head
   int heads_per_split;            // query heads one bwd_dkdv block loops over: (H / Hk) / nsplit
   int n_chunks;                   // head-dim chunks (= D_PAD / DC of the launched kernel)
+  int dscale_stats;               // write dscale_rows (dscale is needed)
 };
 
 // decode.cu (decode_fwd, decode_combine, kv_append): attention of Nq new queries per sequence against

@@ -565,12 +565,13 @@ def _bwd(kind: str, dtype: str, D: int, arch: str) -> Instantiation:
                for d, s in zip("bhn", (H * N * dp, N * dp, dp))}
     rec = _params.make_record(
         _params.BWD_PARAMS, **_ptrs(("q", "k", "v", "o", "dout", "lse", "lse2", "dvec", "scale", "mask", "tile_any",
-                                     "bias", "dbias", "dq", "dk", "dv"), null=("mask", "tile_any", "bias", "dbias")),
+                                     "bias", "dbias", "dq", "dk", "dv", "dscale_rows"),
+                                    null=("mask", "tile_any", "bias", "dbias", "dscale_rows")),
         **strides, lse_sb=H * N, lse_sh=N, bias_sb=0, bias_sh=0, bias_sq=0, dbias_sb=0, dbias_sh=0, dbias_sq=0,
         mask_sb=0, tile_any_sb=0, n_y=B * H, B=B, H=H, Hk=H, Nq=N, Nk=N, D=dp, nq_pad=nq_padded(N), causal=0,
         bias_f32=0, dbias_mode=_params.DBIAS_NONE, dbias_f32=0, dq_atomic=int(kind == "dkdv"), dk_f32=1, dv_f32=0,
         nsplit=choice.nsplit, heads_per_split=H // choice.nsplit if kind == "dkdv" else 1,
-        n_chunks=choice.n_chunks)
+        n_chunks=choice.n_chunks, dscale_stats=0)
     return Instantiation(spec.source, spec.name, spec.threads, spec.smem, rec.tobytes())
 
 

@@ -44,10 +44,10 @@ STRUCTS: dict[str, Struct] = {
                                "bias_sq", "mask_sb", "tile_any_sb")
                          + _of(I32, "B", "H", "Hk", "Nq", "Nk", "D", "causal", "bias_f32")),
     "FwdParams": Struct("AttnParams", _of(I32, "n_key_tiles", "groups")),
-    "BwdParams": Struct("AttnParams", _of(PTR, "dout", "lse2", "dvec", "dbias", "dq", "dk", "dv")
+    "BwdParams": Struct("AttnParams", _of(PTR, "dout", "lse2", "dvec", "dbias", "dq", "dk", "dv", "dscale_rows")
                         + _of(I64, *_strides("do", "dq", "dkv"), "dbias_sb", "dbias_sh", "dbias_sq", "n_y")
                         + _of(I32, "nq_pad", "dbias_mode", "dbias_f32", "dq_atomic", "dk_f32", "dv_f32", "nsplit",
-                              "heads_per_split", "n_chunks")),
+                              "heads_per_split", "n_chunks", "dscale_stats")),
     # decode.cu: KV-cache attention (decode_fwd, decode_combine, kv_append).
     "DecodeParams": Struct(None, _of(PTR, "q", "k", "v", "k_new", "v_new", "seqlens", "block_table", "scale", "o",
                                      "lse", "opart", "lpart", "mpart")
