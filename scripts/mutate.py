@@ -54,7 +54,6 @@ CAUSAL = "tests/test_kernels_causal.py"
 FORWARD_CU = "cuda_src/forward.cu"
 BACKWARD_CU = "cuda_src/backward.cu"
 NORM_CU = "cuda_src/norm.cu"
-FIXED_OFFSET = "cuda_src/fixed_offset.cuh"  # Headroom<T>, shared by forward.cu and hopper_fwd.cu
 COMMON = "cuda_src/common.cuh"
 FIXED_OFFSET = "cuda_src/fixed_offset.cuh"
 DISPATCH = "cupy_cosattn/launch/dispatch.py"
