@@ -36,6 +36,7 @@
 // FwdParams, branched on uniformly.
 #include "common.cuh"
 #include "params.cuh"
+#include "fixed_offset.cuh"
 
 namespace ca {
 namespace fwd {
@@ -43,20 +44,13 @@ namespace fwd {
 constexpr int BLOCK_M = 64;  // query rows per block
 constexpr int WARPS = 4;     // 16 rows each
 constexpr int THREADS = 32 * WARPS;
-constexpr float LN2 = 0.6931471805599453f;
 
 template <typename T> struct is_f32 { static constexpr bool value = false; };
 template <> struct is_f32<float> { static constexpr bool value = true; };
 template <typename T> struct is_half { static constexpr bool value = false; };
 template <> struct is_half<half_t> { static constexpr bool value = true; };
 
-// Fixed-offset headroom: with b = scale_h groups the logit bound, P = exp(s - (b - HEADROOM)) lies in
-// [exp(HEADROOM - 2b), exp(HEADROOM)]. For fp16, P is rounded to fp16 before P V, so the range is moved
-// into fp16's normal range [6.1e-5, 65504] = [exp(-9.70), exp(11.09)]: with HEADROOM = 10.5 and the
-// launch layer's limit b <= 10, P lies in [exp(-9.5), exp(10.5)] = [7.5e-5, 36316]. bf16 and fp32
-// share fp32's exponent range (the launch layer's limit b <= 40 keeps P >= exp(-80), a normal float).
-template <typename T> struct Headroom { static constexpr float value = 0.f; };
-template <> struct Headroom<half_t> { static constexpr float value = 10.5f; };
+// Fixed-offset headroom (Headroom<T>) and LN2: fixed_offset.cuh, shared with hopper_fwd.cu.
 
 // Shared memory: Q (BLOCK_M rows), K and V (2 buffers of BN rows each), and the mask bytes of the two
 // K/V buffers. Each row is padded by one 16-byte chunk: row starts then move 4 banks apart, which makes

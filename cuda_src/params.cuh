@@ -74,6 +74,9 @@ struct BwdParams : AttnParams {
   float* dq;                      // (B, H, Nq, D) fp32 dqhat
   void* dk;                       // (B, Hk * nsplit, Nk, D) dkhat, fp32 (dk_f32) or T
   void* dv;                       // same layout as dk, fp32 (dv_f32) or T
+  float* dscale_rows;             // (B*H, 2, nq_pad) zeroed: per query row c_i = sum_j P_ij S_ij and
+                                  // r_i = sum_j scale_h dS_ij as rounded for dqhat (dscale's
+                                  // cancellation-free form, backward.cu), written when dscale_stats
   int64_t do_sb, do_sh, do_sn;
   int64_t dq_sb, dq_sh, dq_sn;
   int64_t dkv_sb, dkv_sh, dkv_sn;       // head index of dk/dv: hk * nsplit + split
@@ -88,6 +91,45 @@ struct BwdParams : AttnParams {
   int nsplit;                     // query-head splits per kv head
   int heads_per_split;            // query heads one bwd_dkdv block loops over: (H / Hk) / nsplit
   int n_chunks;                   // head-dim chunks (= D_PAD / DC of the launched kernel)
+  int dscale_stats;               // write dscale_rows (dscale is needed)
+};
+
+// decode.cu (decode_fwd, decode_combine, kv_append): attention of Nq new queries per sequence against
+// a (paged) KV cache, split over the keys. Rows of q, out and the partials are
+// flattened (b, h, i) -> (b H + h) Nq + i. A cache row (page, kv head, slot) starts at
+// base + page * sp + hk * sh + slot * sn elements; a contiguous cache is one page per sequence
+// (page = b, slot = key, no block table). Every row starts 16-byte aligned and holds D elements.
+struct DecodeParams {
+  const void* q;              // (B, H, Nq, D) raw queries, dtype T, row stride q_sn
+  void* k;                    // key cache (kv_append writes it), dtype T
+  void* v;                    // value cache
+  const void* k_new;          // kv_append: (B, Hk, Nq, D) keys to append, rows of D elements
+  const void* v_new;
+  const int* seqlens;         // (B,) valid keys per sequence before the append
+  const int* block_table;     // (B, bt_sb) physical page of each logical page; null: contiguous
+  const float* scale;         // (H,) per-head logit scale
+  void* o;                    // (B*H*Nq, o_sn) final output, dtype T (decode_fwd with one split,
+                              // decode_combine)
+  float* lse;                 // (B*H*Nq) final log-sum-exp (-inf: no visible key)
+  float* opart;               // (num_splits, B*H*Nq, D) fp32 partial numerators
+  float* lpart;               // (num_splits, B*H*Nq) partial denominators
+  float* mpart;               // (num_splits, B*H*Nq) partial maxima in log2 units (running max only)
+  int64_t q_sn;
+  int64_t k_sp, k_sh, k_sn;   // element strides of the key cache over (page, kv head, slot)
+  int64_t v_sp, v_sh, v_sn;
+  int64_t o_sn;
+  int64_t bt_sb;              // row stride of block_table
+  int64_t part_rows;          // B*H*Nq: rows per split of the partials
+  int B, H, Hk, Nq, D;        // D: the head dim (a whole number of 16-byte chunks)
+  int new_keys;               // keys appended before this launch (0 or Nq): L_b = seqlens[b] + new_keys
+  int page_size;              // slots per page (a multiple of 16); unused without a block table
+  int page_shift;             // log2(page_size) when it is a power of two, else -1
+  int num_splits;             // key-range splits per (batch, kv head, row tile)
+  int n_row_tiles;            // row tiles of the G*Nq rows of a kv head (grid x = tile + n_row_tiles*split)
+  int causal;                 // query i sees key j iff j <= L_b - Nq + i
+  int groups;                 // l2norm groups: |logit| <= scale_h groups on the fixed-offset path
+  int norm_qk;                // normalize q and the cached keys on the fly (l2norm_qk)
+  int pad_;
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Public functions: forward, backward, cosine_sim_attention (docs/design.md section 2).
+"""Public functions: forward, backward, cosine_sim_attention (docs/design.md section 2), and
+kvcache_forward (attention of new queries against a KV cache; cupy_cosattn.kvcache).
 
 Each call checks its arguments once (problem.canonicalize), resolves the backend name once
 (backends.resolve_backend), runs its implementation (backends.backend_impl) on the canonical 4-D
@@ -212,3 +213,27 @@ def varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: 
     check_varlen_backward_extras(prob, lib, _problem._device_of(q), dout, out, lse)
     dq, dk, dv, dscale = varlen_backward_canonical(prob, inp, dout, out, lse, name)
     return dq, dk, dv, _user_dscale(dscale, scale, prob)
+
+
+def kvcache_forward(q: Array, k_cache: Array, v_cache: Array, cache_seqlens: Array, *,
+                    block_table: Optional[Array] = None, k_new: Optional[Array] = None, v_new: Optional[Array] = None,
+                    scale: Any = _problem.DEFAULT_SCALE, groups: int = 1, causal: bool = True, l2norm_qk: bool = True,
+                    num_splits: int = 0, backend: str = "auto") -> tuple[Array, Array]:
+    """KV-cache attention (inference): q (B, H, Nq, D) against a contiguous (B, Hk, N_max, D) or, with
+    block_table int32 (B, max_pages), paged (num_pages, Hk, page_size, D) cache holding cache_seqlens
+    (int32 (B,)) raw keys per sequence; k_new, v_new (B, Hk, Nq, D), when given, are first written into
+    the cache in place at positions cache_seqlens[b] ... + Nq - 1. Causal is bottom-right per sequence.
+    num_splits: key-range splits per sequence (0: chosen from the problem and the device). See
+    cupy_cosattn.kvcache for the layouts and the cache contract.
+
+    Returns (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32, -inf for a query without a visible
+    key). Every argument is checked, on the host copy of cache_seqlens and of the block table entries
+    in use, before anything is launched or written."""
+    from .kvcache import check_kvcache
+
+    prob, inp = check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=block_table, k_new=k_new,
+                              v_new=v_new, scale=scale, groups=groups, causal=causal, l2norm_qk=l2norm_qk,
+                              num_splits=num_splits)
+    name = resolve_backend(backend, array_library(q))
+    check_backend_dtype(prob, name)
+    return backend_impl(name).kvcache(prob, inp)

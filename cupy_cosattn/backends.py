@@ -37,8 +37,9 @@ def resolve_backend(backend: Any, lib: str) -> str:
     return name
 
 
-def check_backend_dtype(prob: Problem, name: str) -> None:
-    """Raise TypeError when backend `name` cannot run prob's dtype (float64 runs on the reference only)."""
+def check_backend_dtype(prob: Any, name: str) -> None:
+    """Raise TypeError when backend `name` cannot run prob's dtype (float64 runs on the reference only);
+    prob is a Problem or a kvcache.KVCacheProblem."""
     if not _TAKES_FLOAT64[name]:
         _problem.check_kernel_dtype(prob.dtype, name)
 
@@ -72,6 +73,13 @@ class ReferenceBackend:
         from . import reference
 
         return reference.backward(prob, inp, dout, out, lse)
+
+    def kvcache(self, prob: Any, inp: Any) -> tuple[Any, Any]:
+        """KV-cache attention (kvcache.KVCacheProblem, KVCacheInputs): kvcache.reference_kvcache, which
+        appends on the caller's arrays."""
+        from . import kvcache
+
+        return kvcache.reference_kvcache(prob, inp)
 
 
 def _cuda() -> Any:

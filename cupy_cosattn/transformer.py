@@ -16,9 +16,12 @@ made correct and complete:
 - the original's constructor keywords: ``use_cuda_kernel`` (False: the non-fused
   :func:`~cupy_cosattn.torch.plain_cosine_sim_attention`), ``non_cosine_sim_attn`` (the softmax
   baseline) and extra keywords for the attention function (see `CosineSimCausalTransformer`);
-- :meth:`CosineSimCausalTransformer.generate` with top-k filtering, temperature (0 = greedy) and a KV
-  cache: each new token is one query against the cached keys (the op's bottom-right causal alignment
-  makes that query see every cached key), so cached and uncached generation compute the same thing;
+- :meth:`CosineSimCausalTransformer.generate` with top-k filtering, temperature (0 = greedy) and a
+  preallocated, paged KV cache (:class:`KVCache`: per layer a pool of key and value pages
+  (num_pages, Hk, page_size, D) and a block table; or, with page_size=None, a contiguous
+  (B, Hk, max_seq_len, D) buffer): the prompt and then each new token are appended in place and attended to by
+  :func:`cupy_cosattn.torch.kvcache_attention` (no ``torch.cat`` per token; bottom-right causal, so a new
+  token sees every cached key), so cached and uncached generation compute the same thing;
 - context parallelism: ``forward(tokens, positions=..., attention_fn=...)`` runs the model on one shard
   of a sequence, with the shard's global positions and an attention function that sees the whole
   sequence, e.g. :func:`cupy_cosattn.torch.ring.ring_cosine_sim_attention` bound to a process group
@@ -40,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .torch import cosine_sim_attention, plain_cosine_sim_attention, varlen_cosine_sim_attention
+from .torch import cosine_sim_attention, kvcache_attention, plain_cosine_sim_attention, varlen_cosine_sim_attention
 
-__all__ = ["CosineSimCausalTransformer", "Attention", "FeedForward", "top_k_filter"]
+__all__ = ["CosineSimCausalTransformer", "Attention", "FeedForward", "KVCache", "top_k_filter"]
 
-KVCache = list[tuple[Tensor, Tensor]]
+LayerCaches = list[tuple[Tensor, Tensor]]  # per layer (k, v) (B, Hk, N, D), grown by torch.cat
 
 # Embedding std of the post-norm (DeepNet) model: the original project's value.
 POST_NORM_EMB_STD = 1e-5
@@ -121,6 +124,84 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i + (Nk - Nq))
 
 
+DEFAULT_PAGE_SIZE = 16  # KVCache's page size (the KV-cache kernels take multiples of 16)
+
+
+class KVCache:
+    """A preallocated key/value cache for :meth:`CosineSimCausalTransformer.generate`.
+
+    Paged (the default, ``page_size`` a multiple of 16): per layer a pool of k and v pages of shape
+    (num_pages, Hk, page_size, D) with num_pages = B * pages_per_seq, pages_per_seq = ceil(max_len /
+    page_size), and one ``block_table`` int32 (B, pages_per_seq) for all layers: page j of sequence b
+    is pool page j * B + b, so a sequence's pages are not adjacent (as a server's allocator leaves
+    them) and the kernels find them through the table. ``page_size=None``: a contiguous (B, Hk,
+    max_len, D) buffer per layer and no table. Buffers are allocated at a layer's first append in the
+    dtype of its keys (so autocast works). ``seqlens`` int32 (B,): the positions cached so far (the
+    same for every sequence of the batch; ``length`` is that number). A forward call with ``cache=``
+    appends its tokens' keys and values in place in every layer, then advances ``seqlens`` by its
+    token count (:meth:`advance`)."""
+
+    def __init__(self, depth: int, batch: int, max_len: int, device: Optional[torch.device] = None,
+                 page_size: Optional[int] = DEFAULT_PAGE_SIZE) -> None:
+        if page_size is not None and (page_size < 1 or page_size % 16 != 0):
+            raise ValueError(f"page_size must be a positive multiple of 16 or None, got {page_size}")
+        self.max_len, self.batch, self.page_size = max_len, batch, page_size
+        self.layers: list[Optional[tuple[Tensor, Tensor]]] = [None] * depth
+        self.seqlens = torch.zeros((batch,), dtype=torch.int32, device=device)
+        self.length = 0
+        self.block_table: Optional[Tensor] = None
+        if page_size is not None:
+            pages = -(-max_len // page_size)
+            self.block_table = (torch.arange(pages, dtype=torch.int32, device=device).view(1, -1) * batch
+                                + torch.arange(batch, dtype=torch.int32, device=device).view(-1, 1))
+
+    def buffers(self, i: int, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Layer i's (k, v) buffers, allocated like k (B, Hk, N, D) at the first call: pages
+        (num_pages, Hk, page_size, D), or (B, Hk, max_len, D) without paging."""
+        if self.layers[i] is None:
+            B, Hk, _, D = k.shape
+            shape = ((B, Hk, self.max_len, D) if self.block_table is None
+                     else (self.block_table.numel(), Hk, self.page_size, D))
+            self.layers[i] = tuple(k.new_zeros(shape) for _ in range(2))
+        return self.layers[i]
+
+    def write(self, i: int, k: Tensor, v: Tensor) -> None:
+        """Store k, v (B, Hk, N, D) at positions length .. length + N - 1 of layer i, in place."""
+        kc, vc = self.buffers(i, k)
+        end = self.length + k.shape[2]
+        if self.block_table is None:
+            kc[:, :, self.length:end] = k
+            vc[:, :, self.length:end] = v
+            return
+        pos = torch.arange(self.length, end, device=k.device)
+        page = self.block_table[:, pos // self.page_size].long()  # (B, N)
+        row = (pos % self.page_size).expand_as(page)
+        kc[page, :, row] = k.transpose(1, 2)  # (B, N, Hk, D) into the slots
+        vc[page, :, row] = v.transpose(1, 2)
+
+    def prefix(self, i: int, end: int) -> tuple[Tensor, Tensor]:
+        """Layer i's first `end` positions as (B, Hk, end, D) k and v (views, or gathered pages)."""
+        kc, vc = self.layers[i]
+        if self.block_table is None:
+            return kc[:, :, :end], vc[:, :, :end]
+        pages = self.block_table[:, :-(-end // self.page_size)].long()  # (B, n)
+
+        def gather(c: Tensor) -> Tensor:
+            g = c[pages]  # (B, n, Hk, page_size, D)
+            return g.transpose(1, 2).reshape(g.shape[0], g.shape[2], -1, g.shape[4])[:, :, :end]
+
+        return gather(kc), gather(vc)
+
+    def advance(self, n: int) -> None:
+        self.seqlens += n
+        self.length += n
+
+    def reset(self) -> None:
+        """Forget the cached positions (the buffers stay allocated)."""
+        self.seqlens.zero_()
+        self.length = 0
+
+
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, mult: float = 4.0) -> None:
         hidden = int(dim * mult)
@@ -161,11 +242,14 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None,
                 attention_fn: Optional[Callable[..., Tensor]] = None,
-                cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                kv_cache: Optional[tuple[KVCache, int]] = None, cu_seqlens: Optional[Tensor] = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor] | KVCache]:
         """x (B, N, dim) -> (B, N, dim), plus the (k, v) cache extended by these N positions.
 
         attention_fn (cosine attention only): called as attention_fn(q, k, v, causal=True, scale=...,
         groups=...) in place of cosine_sim_attention, e.g. ring attention over a sharded sequence.
+        kv_cache (KVCache, layer index): append k, v to the preallocated cache in place and attend over
+        it (returned in place of the (k, v) pair).
         cu_seqlens: x (1, T, dim) holds packed documents (int32 (docs + 1,) offsets); each attends
         causally within itself (no cache, no attention_fn)."""
         if cu_seqlens is not None:
@@ -174,6 +258,8 @@ class Attention(nn.Module):
         q = self.to_q(x).view(B, N, self.heads, self.dim_head).transpose(1, 2)
         k = self.to_k(x).view(B, N, self.kv_heads, self.dim_head).transpose(1, 2)
         v = self.to_v(x).view(B, N, self.kv_heads, self.dim_head).transpose(1, 2)
+        if kv_cache is not None:
+            return self._attend_cached(q, k, v, *kv_cache), kv_cache[0]
         if cache is not None:
             k = torch.cat((cache[0], k), dim=2)
             v = torch.cat((cache[1], v), dim=2)
@@ -198,6 +284,37 @@ class Attention(nn.Module):
         else:
             o = packed_softmax_attention(q, k, v, cu_seqlens)
         return self.to_out(o.reshape(1, T, self.heads * self.dim_head)), (k, v)
+
+    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int) -> Tensor:
+        """Append k, v (B, Hk, N, D) at positions cache.length.. of layer `layer` and attend over the
+        cache: the KV-cache op when this layer's attention is the fused op, else (softmax, the plain
+        function, other bound keywords) that attention over the cache's valid prefix."""
+        B, N = q.shape[0], q.shape[2]
+        kc, vc = cache.buffers(layer, k)
+        kw = kvcache_keywords(self.attend) if self.attn == "cosine" else None
+        if kw is not None:
+            o = kvcache_attention(q, kc, vc, cache.seqlens, block_table=cache.block_table, k_new=k.contiguous(),
+                                  v_new=v.contiguous(), causal=True, scale=self.scale, groups=self.l2norm_groups,
+                                  **kw)
+        else:
+            cache.write(layer, k, v)
+            kp, vp = cache.prefix(layer, cache.length + N)
+            if self.attn == "cosine":
+                o = self.attend(q, kp, vp, causal=True, scale=self.scale, groups=self.l2norm_groups)
+            else:
+                o = softmax_attention(q, kp, vp)
+        return self.to_out(o.transpose(1, 2).reshape(B, N, self.heads * self.dim_head))
+
+
+def kvcache_keywords(attend: Callable[..., Tensor]) -> Optional[dict[str, Any]]:
+    """The keywords for :func:`cupy_cosattn.torch.kvcache_attention` that compute what `attend` does,
+    when it is the fused op, possibly with keywords the KV-cache op shares (l2norm_qk, backend) or that
+    do not change a forward (deterministic) bound to it; None otherwise."""
+    fn, kw = (attend.func, dict(attend.keywords)) if isinstance(attend, functools.partial) else (attend, {})
+    if fn is not cosine_sim_attention or not set(kw) <= {"l2norm_qk", "backend", "deterministic"}:
+        return None
+    kw.pop("deterministic", None)
+    return kw
 
 
 class CosineSimCausalTransformer(nn.Module):
@@ -261,12 +378,13 @@ class CosineSimCausalTransformer(nn.Module):
                 nn.init.xavier_normal_(lin.weight, gain=self.beta)
         nn.init.xavier_normal_(self.to_logits.weight, gain=1.0)
 
-    def forward(self, tokens: Tensor, *, return_loss: bool = False, cache: Optional[KVCache] = None,
-                return_cache: bool = False, positions: Optional[Tensor] = None,
-                attention_fn: Optional[Callable[..., Tensor]] = None,
-                cu_seqlens: Optional[Tensor] = None) -> Tensor | tuple[Tensor, KVCache]:
+    def forward(self, tokens: Tensor, *, return_loss: bool = False,
+                cache: Optional[LayerCaches | KVCache] = None, return_cache: bool = False,
+                positions: Optional[Tensor] = None, attention_fn: Optional[Callable[..., Tensor]] = None,
+                cu_seqlens: Optional[Tensor] = None) -> Tensor | tuple[Tensor, LayerCaches | KVCache]:
         """Logits (B, N, num_tokens) for tokens (B, N); with `cache` (from a previous call with
-        return_cache=True) the tokens continue that sequence. return_loss: next-token cross-entropy.
+        return_cache=True, or a :class:`KVCache`, which is appended to in place) the tokens continue
+        that sequence. return_loss: next-token cross-entropy.
 
         Context parallelism: `positions` (N,) int64 are the positions of `tokens` in the whole sequence
         (default: consecutive, after the cache) and `attention_fn` replaces each layer's attention
@@ -281,7 +399,10 @@ class CosineSimCausalTransformer(nn.Module):
         n_given = tokens.shape[1]
         if return_loss:
             tokens, labels = tokens[:, :-1], tokens[:, 1:]
-        offset = 0 if cache is None else cache[0][0].shape[2]
+        preallocated = isinstance(cache, KVCache)
+        if preallocated and attention_fn is not None:
+            raise ValueError("attention_fn cannot be combined with a preallocated KVCache")
+        offset = 0 if cache is None else cache.length if preallocated else cache[0][0].shape[2]
         N = tokens.shape[1]
         if offset + N > self.max_seq_len:
             raise ValueError(f"sequence of {offset + N} positions exceeds max_seq_len={self.max_seq_len}")
@@ -293,18 +414,22 @@ class CosineSimCausalTransformer(nn.Module):
                                  f"got shape {tuple(positions.shape)}")
             pos = positions[:N]  # with return_loss the last token is only a label
         x = self.token_emb(tokens) + self.pos_emb(pos)
-        new_cache: KVCache = []
+        new_cache: LayerCaches = []
         for i, layer in enumerate(self.layers):
-            c = None if cache is None else cache[i]
+            c = None if cache is None or preallocated else cache[i]
+            kvc = (cache, i) if preallocated else None
             if self.pre_norm:
-                y, kv = layer["attn"](layer["attn_norm"](x), c, attention_fn)
+                y, kv = layer["attn"](layer["attn_norm"](x), c, attention_fn, kvc)
                 x = x + y
                 x = x + layer["ff"](layer["ff_norm"](x))
             else:
-                y, kv = layer["attn"](x, c, attention_fn)
+                y, kv = layer["attn"](x, c, attention_fn, kvc)
                 x = layer["attn_norm"](x * self.alpha + y)
                 x = layer["ff_norm"](x * self.alpha + layer["ff"](x))
             new_cache.append(kv)
+        if preallocated:
+            cache.advance(N)
+            new_cache = cache
         logits = self.to_logits(self.final_norm(x))
         if return_loss:
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
@@ -347,30 +472,38 @@ class CosineSimCausalTransformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
-                 use_cache: bool = True) -> Tensor:
+                 use_cache: bool = True, page_size: Optional[int] = DEFAULT_PAGE_SIZE) -> Tensor:
         """Sample `seq_len` tokens after `prompt` (B, N); returns them (B, seq_len).
 
         temperature 0 is greedy decoding; otherwise the top ceil((1 − filter_thres)·num_tokens) logits are
-        sampled at `temperature`. With use_cache each step runs only the newest token against the KV
-        cache; once the sequence outgrows max_seq_len the window slides and positions shift, so every
-        later step recomputes the window (exactly what the uncached path does)."""
+        sampled at `temperature`. With use_cache a preallocated :class:`KVCache` of max_seq_len positions
+        (pages of `page_size` slots; None: one contiguous buffer per layer) takes the prompt, then each
+        step runs only the newest token against it; once the sequence outgrows max_seq_len the window
+        slides and positions shift, so every later step refills the cache with the window (exactly what
+        the uncached path computes)."""
         was_training = self.training
         self.eval()
         try:
-            out = prompt
-            cache = None
-            for _ in range(seq_len):
-                if use_cache and cache is not None and out.shape[1] <= self.max_seq_len:
-                    logits, cache = self(out[:, -1:], cache=cache, return_cache=True)
+            B, P = prompt.shape
+            tokens = prompt.new_empty((B, P + seq_len))  # filled one column per step
+            tokens[:, :P] = prompt
+            cache = KVCache(self.depth, B, self.max_seq_len, prompt.device, page_size) if use_cache else None
+            for n in range(P, P + seq_len):
+                window = tokens[:, max(0, n - self.max_seq_len):n]
+                if use_cache and cache.length > 0 and n <= self.max_seq_len:
+                    logits = self(tokens[:, n - 1:n], cache=cache)
+                elif use_cache:
+                    cache.reset()
+                    logits = self(window, cache=cache)
                 else:
-                    logits, cache = self(out[:, -self.max_seq_len:], return_cache=True)
+                    logits = self(window)
                 logits = logits[:, -1].float()
                 if temperature == 0:
                     sample = logits.argmax(dim=-1, keepdim=True)
                 else:
                     probs = F.softmax(top_k_filter(logits, filter_thres) / temperature, dim=-1)
                     sample = torch.multinomial(probs, 1)
-                out = torch.cat((out, sample), dim=-1)
-            return out[:, prompt.shape[1]:]
+                tokens[:, n] = sample[:, 0]
+            return tokens[:, P:]
         finally:
             self.train(was_training)

@@ -474,9 +474,17 @@ def main(argv=None):
         at = head.find(b"\ndef ") + 1  # start the prompt at a function definition (0 if there is none)
         prompt_tokens = val_data[at:at + 48].long().unsqueeze(0).to(device)
         torch.manual_seed(args.seed)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_gen = time.time()
         with amp():
             sample = raw_model.generate(prompt_tokens, args.sample_len, temperature=0.8, filter_thres=0.9)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_gen = time.time() - t_gen
         log("sample (prompt | generated):\n" + decode(prompt_tokens[0].tolist()) + " | " + decode(sample[0].tolist()))
+        log(f"generation: {sample.numel()} tokens in {t_gen:.2f} s ({sample.numel() / max(t_gen, 1e-9):.1f} tokens/s, "
+            f"KV cache of {raw_model.max_seq_len} positions)")
         log(f"wrote {out / 'checkpoint.pt'} and {out / 'loss.png'}")
     if world > 1:
         dist.barrier()

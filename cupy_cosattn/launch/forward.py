@@ -1,4 +1,5 @@
-"""The fused forward on any device: cuda_src/forward.cu attn_fwd after the norm pre-pass."""
+"""The fused forward on any device: cuda_src/forward.cu attn_fwd, or on an H100 / H200 hopper_fwd.cu
+attn_fwd_sm90 (dispatch.select decides), after the norm pre-pass."""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -6,6 +7,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..problem import Inputs, Problem
+from . import sm90
 from .devices import Device
 from .dispatch import FORWARD, select
 from .limits import cdiv, check_smem, check_supported
@@ -41,6 +43,8 @@ def run_forward(dev: Device, prob: Problem, inp: Inputs, out: Optional[Any] = No
             choice, f = sub_launch(fwd, fields, b0, nb, prob.H)
             dev.launch(choice, make_record(FWD_PARAMS, **f))
         lse_d = lse_d.T
+    elif fwd.spec.source == sm90.SOURCE:  # the Hopper forward takes the record with its tensor maps
+        dev.launch(fwd, sm90.make_args(make_record(FWD_PARAMS, **fields), st.q, st.k, st.v, o, dev.tensormap_target))
     else:
         dev.launch(fwd, make_record(FWD_PARAMS, **fields))
 

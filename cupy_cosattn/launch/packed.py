@@ -41,15 +41,16 @@ def batch_ranges(prob: Problem, items_per_batch: int) -> Iterator[tuple[int, int
 
 
 def sub_launch(choice: KernelChoice, fields: dict, b0: int, nb: int, items_per_batch: int,
-               row_buffers: tuple[str, ...] = (), rows_per_batch: int = 0) -> tuple[KernelChoice, dict]:
+               row_buffers: Optional[dict[str, int]] = None) -> tuple[KernelChoice, dict]:
     """The choice and record fields of the launch over sequences b0 .. b0 + nb - 1: B = nb, grid y =
     its work items, cu_seqlens advanced by b0 entries, and each fp32 buffer named in `row_buffers`
-    ((B, rows_per_batch) floats) advanced by b0 of its rows."""
+    (name -> floats per sequence) advanced by b0 sequences (a null pointer stays null)."""
     n_y = nb * items_per_batch
     f = dict(fields, B=nb, cu_seqlens_q=fields["cu_seqlens_q"] + b0 * INT32_BYTES,
              cu_seqlens_k=fields["cu_seqlens_k"] + b0 * INT32_BYTES)
-    for name in row_buffers:
-        f[name] = fields[name] + b0 * rows_per_batch * F32_BYTES
+    for name, per_batch in (row_buffers or {}).items():
+        if fields[name]:
+            f[name] = fields[name] + b0 * per_batch * F32_BYTES
     if "n_y" in fields:
         f["n_y"] = n_y
     return dataclasses.replace(choice, grid=(choice.grid[0], n_y, 1), n_y=n_y), f

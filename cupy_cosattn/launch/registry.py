@@ -12,21 +12,28 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from . import sm90
 from .limits import CTYPES, KERNEL_DTYPES, MAX_HEAD_DIM, SMEM_OPTIN_BY_ARCH
 from .tiles import (
+    APPEND_THREADS,
+    COMBINE_WARPS,
+    DECODE_THREADS,
     FWD_THREADS,
     HEAD_DIM_PADS,
     INFO_THREADS,
+    MMA_ROWS,
     NORM_THREADS,
     PREP_THREADS,
     choose_small,
+    decode_config,
+    decode_smem_bytes,
     fwd_block_n,
     fwd_smem_bytes,
     kv_config,
     q_config,
 )
 
-FORWARD_SOURCE, NORM_SOURCE, BACKWARD_SOURCE = "forward.cu", "norm.cu", "backward.cu"
+FORWARD_SOURCE, NORM_SOURCE, BACKWARD_SOURCE, DECODE_SOURCE = "forward.cu", "norm.cu", "backward.cu", "decode.cu"
 # Dtypes whose kernels have packed-batch (VARLEN) instantiations (cuda_src/params.cuh SeqView): the
 # moved pointers and lengths need registers that the float32 kernels do not have (they would spill),
 # so a float32 packed batch runs the dense kernels once per sequence (launch/packed.py).
@@ -36,12 +43,14 @@ VARLEN_DTYPES = ("float16", "bfloat16")
 @dataclass(frozen=True)
 class KernelSpec:
     """One launchable kernel instantiation: its source file in cuda_src/, its NVRTC name expression,
-    its block size and the dynamic shared memory the launch layer requests for it."""
+    its block size, the dynamic shared memory the launch layer requests for it, and the NVRTC target it
+    needs when it uses arch-specific instructions (None: it compiles for every architecture)."""
 
     source: str
     name: str
     threads: int
     smem: int = 0
+    arch: Optional[str] = None  # e.g. "sm_90a" (wgmma, setmaxnreg): compiled with -arch=<arch>
 
     @property
     def group(self) -> tuple:
@@ -57,6 +66,11 @@ def fwd_name(dtype_name: str, dp: int, bn: int, running_max: bool, varlen: bool 
     """attn_fwd's name expression; the packed-batch (VARLEN) instantiation spells its fifth argument."""
     tail = ", true" if varlen else ""
     return f"ca::fwd::attn_fwd<{CTYPES[dtype_name]}, {dp}, {bn}, {'true' if running_max else 'false'}{tail}>"
+
+
+def sm90_fwd_name(dtype_name: str, dp: int, running_max: bool) -> str:
+    """The Hopper forward (hopper_fwd.cu), fixed offset or running max."""
+    return f"ca::fwd90::attn_fwd_sm90<{CTYPES[dtype_name]}, {dp}, {'true' if running_max else 'false'}>"
 
 
 def norm_fwd_name(dtype_name: str) -> str:
@@ -89,6 +103,18 @@ def is_varlen_name(source: str, name: str) -> bool:
         want = 3 if "bwd_prep<" in name else 4
         return len(args) == want and args[-1] == "true" and "bwd_info<" not in name
     return False
+
+
+def decode_name(dtype_name: str, dp: int, bn: int, wm: int, running_max: bool) -> str:
+    return f"ca::dec::decode_fwd<{CTYPES[dtype_name]}, {dp}, {bn}, {wm}, {'true' if running_max else 'false'}>"
+
+
+def combine_name(dtype_name: str, running_max: bool) -> str:
+    return f"ca::dec::decode_combine<{CTYPES[dtype_name]}, {'true' if running_max else 'false'}>"
+
+
+def append_name(dtype_name: str) -> str:
+    return f"ca::dec::kv_append<{CTYPES[dtype_name]}>"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -149,10 +175,41 @@ def backward_kernel_specs() -> list[KernelSpec]:
     return specs
 
 
+def decode_kernel_specs() -> list[KernelSpec]:
+    """Every decode.cu instantiation some architecture of SMEM_OPTIN_BY_ARCH picks: decode_fwd for
+    both row regimes (few rows: WM = 1; many: WM = 4) and both softmax variants, the combines and the
+    appends."""
+    specs = []
+    for dt in KERNEL_DTYPES:
+        for dp in range(16, MAX_HEAD_DIM + 1, 16):
+            configs = set()
+            for lim in SMEM_OPTIN_BY_ARCH.values():
+                for rows in (1, MMA_ROWS + 1):
+                    wm, bn = decode_config(dt, dp, rows, lim)
+                    if decode_smem_bytes(dt, dp, bn, wm) <= lim:
+                        configs.add((wm, bn))
+            for wm, bn in sorted(configs):
+                for rm in (False, True):
+                    specs.append(KernelSpec(DECODE_SOURCE, decode_name(dt, dp, bn, wm, rm), DECODE_THREADS,
+                                            decode_smem_bytes(dt, dp, bn, wm)))
+        for rm in (False, True):
+            specs.append(KernelSpec(DECODE_SOURCE, combine_name(dt, rm), COMBINE_WARPS * 32))
+        specs.append(KernelSpec(DECODE_SOURCE, append_name(dt), APPEND_THREADS))
+    return specs
+
+
+def sm90_kernel_specs() -> list[KernelSpec]:
+    """The Hopper forward (hopper_fwd.cu, sm_90a only): both variants of each 16-bit dtype and padded
+    head dim it takes."""
+    return [KernelSpec(sm90.SOURCE, sm90_fwd_name(dt, dp, rm), sm90.THREADS, sm90.smem_bytes(dp), sm90.ARCH)
+            for dt in sm90.DTYPES for dp in sm90.HEAD_DIM_PADS for rm in (False, True)]
+
+
 def kernel_registry() -> list[KernelSpec]:
-    """Every (source, name expression) the package can launch, with block size and dynamic shared
-    memory."""
-    return norm_kernel_specs() + forward_kernel_specs() + backward_kernel_specs()
+    """Every (source, name expression) the package can launch, with block size, dynamic shared
+    memory and NVRTC target."""
+    return (norm_kernel_specs() + forward_kernel_specs() + sm90_kernel_specs() + backward_kernel_specs()
+            + decode_kernel_specs())
 
 
 _TEMPLATE_ARGS = re.compile(r"<(.*)>$")
