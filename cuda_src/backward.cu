@@ -15,15 +15,24 @@
 //                dP^T = V dO^T
 //                dS^T = P^T (dP^T - D)             -> dbias (the unscaled dS)
 //                dK  += (scale_h dS^T) Qhat
-//                dQ  += (scale_h dS) Khat          (only when dq_atomic: fp32 atomicAdd)
+//                dQ  += (scale_h dS) Khat          (only when dq_atomic: fp32 atomics, atomic_add2)
 //   bwd_dq     deterministic mode's dQ: one block per (query tile, batch, query head), dQ in
 //              registers while streaming the key tiles that can be visible (recomputes S, P, dP, dS;
 //              no atomics anywhere). Fully masked key tiles are skipped here as in bwd_dkdv.
 //
 // No running maximum anywhere: P = exp(s - lse) is bounded by 1 because lse >= every visible logit
-// of its row, whatever the bias or the norm of q and k. dscale is not reduced here: since
-// dqhat = scale_h dS khat, sum_ij dS_ij <qhat_i, khat_j> = sum_i <qhat_i, dqhat_i> / scale_h, which
-// the launch layer reduces from the fp32 dqhat in a fixed order.
+// of its row, whatever the bias or the norm of q and k.
+//
+// dscale_h = sum_ij dS_ij S_ij (S = <qhat_i, khat_j>) is reduced by the launch layer from
+// sum_i <qhat_i, dqhat_i> = scale_h sum_ij dS_ij S_ij. That sum cancels: sum_j dS_ij = 0 exactly, but
+// D_i comes from the rounded O, and its error e_i adds -e_i c_i to row i, with c_i = sum_j P_ij S_ij
+// (large against the true sum when a row's S_ij are close to each other). With p.dscale_rows the
+// kernels that produce dqhat also write, per query row, c_i and r_i = sum_j scale_h dS_ij, the latter
+// from the same rounded operand (times 1/f) as dqhat: the launch layer then takes
+// sum_i (<qhat_i, dqhat_i> - c_i r_i) = scale_h sum_ij dS_ij (S_ij - c_i), in which the error of D_i
+// drops out (its coefficient is sum_j P_ij (S_ij - c_i) = 0). r_i is one extra mma per k-step against
+// an all-ones B operand; c_i a product per score, summed over the row's keys (across lanes in
+// bwd_dkdv, whose accumulator rows are keys).
 //
 // Non-finite values (docs/kernels.md "Non-finite values"): a row poisoned in the forward has lse = NaN,
 // so lse2 and with it P and dS are NaN on exactly its visible pairs. Invisible pairs (P = 0) must add
@@ -93,6 +102,12 @@ struct Mma16 {
     a.r[3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
   }
   static CA_DEVICE void mma(float* d, const A& a, const B& b) { mma_m16n8k16(d, a.r, b.r, T()); }
+  // A B operand of ones: an mma with it sums each row of A.
+  static CA_DEVICE B ones() {
+    B b;
+    b.r[0] = b.r[1] = pack2<T>(1.f, 1.f);
+    return b;
+  }
   // Two adjacent elements (columns c, c+1) of a row of a shared-memory tile.
   static CA_DEVICE void store2(T* s, float x0, float x1) { *reinterpret_cast<uint32_t*>(s) = pack2<T>(x0, x1); }
 };
@@ -155,6 +170,11 @@ struct Mma<float> {
     set_a(a, c[kk][0], c[kk][2], c[kk][1], c[kk][3]);
   }
   static CA_DEVICE void mma(float* d, const A& a, const B& b) { mma_3xtf32(d, a.big, a.small, b.big, b.small); }
+  static CA_DEVICE B ones() {
+    B b;
+    set_b(b, 1.f, 1.f);
+    return b;
+  }
   static CA_DEVICE void store2(float* s, float x0, float x1) { s[0] = x0; s[1] = x1; }
 };
 
@@ -162,7 +182,11 @@ struct Mma<float> {
 template <typename T, int NT, int K>
 CA_DEVICE void gemm_nk(float (&acc)[NT][4], const T* sA, int lda, int m0, const T* sB, int ldb, int n0, int lane) {
   typedef Mma<T> M;
-#pragma unroll 1
+  // Unrolled (fragment loads run ahead of the mma) while the registers allow: 16-bit fully up to 64
+  // columns and by two steps up to 128; fp32 (3xTF32 fragments take twice the registers) and wider
+  // 16-bit rows rolled (unrolled, bwd_dkdv spills there).
+  constexpr int UNROLL = sizeof(T) == 4 || K > 128 ? 1 : (K <= 64 ? K / M::KSTEP : 2);
+#pragma unroll UNROLL
   for (int k0 = 0; k0 < K; k0 += M::KSTEP) {
     typename M::A a;
     M::load_a_mk(a, sA, lda, m0, k0, lane);
@@ -287,10 +311,16 @@ CA_DEVICE void load_rows_async(T* s, const T* g, int64_t g_sn, int rows_valid, i
       const int full = rem >= EPC ? 16 : (rem > 0 ? rem * (int)sizeof(T) : 0);
       const T* src = g + r0 * g_sn + col;
       T* dst = s + r0 * SK + col;
-#pragma unroll 1
-      for (int r = r0; r < ROWS; r += STEP) {
-        const int bytes = r < rows_valid ? full : 0;
-        cp_async_16(dst, bytes > 0 ? src : g, bytes);
+      // r0 < STEP, so pass k covers row r0 + k STEP: a compile-time trip count, unrolled when short
+      // (a long unrolled walk keeps too many addresses live for the wide-row kernels' registers).
+      constexpr int PASSES = (ROWS + STEP - 1) / STEP;
+#pragma unroll (PASSES <= 4 ? PASSES : 1)
+      for (int k = 0; k < PASSES; ++k) {
+        const int r = r0 + k * STEP;
+        if (ROWS % STEP == 0 || r < ROWS) {
+          const int bytes = r < rows_valid ? full : 0;
+          cp_async_16(dst, bytes > 0 ? src : g, bytes);
+        }
         src += STEP * g_sn;
         dst += STEP * SK;
       }
@@ -349,8 +379,10 @@ CA_DEVICE float warp_max(float x) {
 // largest finite |c| times the current f exceeds DS_F16_LIMIT, f shrinks to a power of two that maps
 // it into [2^13, 2^14) and the accumulators acc (in units of the old f) are multiplied by new f / old f
 // (an exact power of two). An Inf or NaN in c is left to propagate. Warp-uniform.
+// Returns new f / old f (1 when f is unchanged), for accumulators the caller keeps elsewhere.
 template <int NT, int NA>
-CA_DEVICE void ds_range_f16(float (&c)[NT][4], float& f, float (&acc)[NA][4]) {
+CA_DEVICE float ds_range_f16(float (&c)[NT][4], float& f, float (&acc)[NA][4]) {
+  float ratio = 1.f;
   float mx = 0.f;
 #pragma unroll
   for (int n = 0; n < NT; ++n)
@@ -363,7 +395,7 @@ CA_DEVICE void ds_range_f16(float (&c)[NT][4], float& f, float (&acc)[NA][4]) {
   if (mx * f > DS_F16_LIMIT) {
     const int ex = (int)((__float_as_uint(mx) >> 23) & 0xffu) - 127;  // floor(log2 mx), mx is normal
     const float f_new = bits_as_float((uint32_t)(127 + DS_F16_TARGET_EXP - ex) << 23);
-    const float ratio = f_new / f;
+    ratio = f_new / f;
 #pragma unroll
     for (int n = 0; n < NA; ++n)
 #pragma unroll
@@ -374,6 +406,35 @@ CA_DEVICE void ds_range_f16(float (&c)[NT][4], float& f, float (&acc)[NA][4]) {
   for (int n = 0; n < NT; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) c[n][e] *= f;
+  return ratio;
+}
+
+// Sums v (a lane's K values, K a power of two) over the 8 row groups g = lane / 4 of a warp, for
+// accumulators whose rows are g and g + 8 and whose K values are the lane's columns: a reduce-scatter
+// (each xor step halves the values a lane keeps). Afterwards v[0 .. max(K / 8, 1)) hold the sums of
+// values base, base + 1, ...; with K < 8 several lanes hold the same sum and only `owner` lanes hold
+// it once. SIZE: values still held; STAGE: 0, 1, 2 for lane masks 16, 8, 4.
+template <int SIZE, int STAGE, int K>
+CA_DEVICE void sum_over_row_groups(float (&v)[K], int lane, int& base, bool& owner) {
+  if constexpr (STAGE < 3) {
+    const int m = 16 >> STAGE;
+    const bool hi = (lane & m) != 0;
+    if constexpr (SIZE > 1) {
+      constexpr int HALF = SIZE / 2;
+#pragma unroll
+      for (int k = 0; k < HALF; ++k) {
+        const float send = hi ? v[k] : v[k + HALF];
+        const float keep = hi ? v[k + HALF] : v[k];
+        v[k] = keep + __shfl_xor_sync(0xffffffffu, send, m);
+      }
+      if (hi) base += HALF;
+      sum_over_row_groups<HALF, STAGE + 1>(v, lane, base, owner);
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], m);
+      if (hi) owner = false;
+      sum_over_row_groups<1, STAGE + 1>(v, lane, base, owner);
+    }
+  }
 }
 
 // =============================================================================================
@@ -382,8 +443,9 @@ constexpr int PREP_WARPS = 4;
 constexpr int PREP_ROWS_PER_WARP = 8;
 constexpr int PREP_ROWS = PREP_WARPS * PREP_ROWS_PER_WARP;  // rows per block; divides nq_pad
 
-template <typename T, int D_PAD>
-__global__ void __launch_bounds__(32 * PREP_WARPS) bwd_prep(const BwdParams p) {
+template <typename T, int D_PAD, bool VARLEN = false>
+__global__ void __launch_bounds__(32 * PREP_WARPS) bwd_prep(const BwdParams params) {
+  const BwdParams& p = SeqView<VARLEN>::template of<T>(params, (int)(blockIdx.y / params.H));  // params.cuh
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t y = blockIdx.y; y < p.n_y; y += gridDim.y) {
     const int b = (int)(y / p.H), h = (int)(y % p.H);
@@ -414,8 +476,8 @@ __global__ void __launch_bounds__(32 * PREP_WARPS) bwd_prep(const BwdParams p) {
 
 // =============================================================================================
 // bwd_dkdv: see the file comment. Grid: x = key tile * n_chunks + chunk, y = (b, hk, split).
-template <typename T, int D_PAD, bool SMALL = false>
-__global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkdv(const BwdParams p) {
+template <typename T, int D_PAD, bool SMALL = false, bool VARLEN = false>
+__global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkdv(const BwdParams params) {
   typedef KVTraits<T, D_PAD, SMALL> C;
   typedef Mma<T> M;
   constexpr int BC = C::BC, BR = C::BR, DC = C::DC, SK = C::SK, SDS = C::SDS, NTH = C::THREADS;
@@ -433,8 +495,10 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
   int* sOk = reinterpret_cast<int*>(sDv + 2 * BR);        // [BC] key visible (in range and unmasked)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const BwdParams& p = SeqView<VARLEN>::template of<T>(params, (int)(blockIdx.y / ((int64_t)params.nsplit * params.Hk)));
   const int chunk = blockIdx.x % p.n_chunks;
   const int j0 = (blockIdx.x / p.n_chunks) * BC;
+  if (VARLEN && j0 >= p.Nk) return;  // a key tile past its sequence's end
   const int c0 = chunk * DC;
   const int off = p.Nk - p.Nq;
   const int cdiff = p.causal ? off : 0x7fffffff;  // tiles.cuh visible(): key - row <= cdiff
@@ -453,8 +517,11 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
       sOk[tid] = j < p.Nk && (p.mask == nullptr || p.mask[b * p.mask_sb + j]);
     }
     __syncthreads();
-    int any = 0;
-    for (int r = 0; r < BC; ++r) any |= sOk[r];
+    int any = 0, all_ok = 1;
+    for (int r = 0; r < BC; ++r) {
+      any |= sOk[r];
+      all_ok &= sOk[r];
+    }
     int key[2], key_ok[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -471,6 +538,8 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
     fill_zero(acc_dk);
     fill_zero(acc_dv);
     float ds_f = 1.f;  // float16: acc_dk holds dK times this warp's factor (DsRange)
+    // dscale's row sums (file comment) come with the dqhat atomics; chunk 0 adds them.
+    const bool stats = p.dscale_stats != 0;
 
     if (n_it > 0) {
       const T* gk = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + (int64_t)j0 * p.k_sn;
@@ -479,10 +548,10 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
       load_rows_async<T, BC, D_PAD, SK, NTH>(sV, gv, p.v_sn, p.Nk - j0, p.D, tid);
     }
 
-    // Stage loads of iteration it: query head h_first + it / per_head, query tile qt0 + it % per_head.
-#define CA_BWD_KV_LOAD_STAGE(it_, st_)                                                                 \
+    // Stage loads of query head h_, query rows i0_.. (iteration it runs head h_first + it / per_head,
+    // query tile qt0 + it % per_head; the loop below steps both without dividing).
+#define CA_BWD_KV_LOAD_STAGE(h_, i0_, st_)                                                             \
     {                                                                                                  \
-      const int h_ = h_first + (it_) / per_head, i0_ = (qt0 + (it_) % per_head) * BR;                  \
       const T* gq_ = static_cast<const T*>(p.q) + b * p.q_sb + h_ * p.q_sh + (int64_t)i0_ * p.q_sn;    \
       const T* gd_ = static_cast<const T*>(p.dout) + b * p.do_sb + h_ * p.do_sh + (int64_t)i0_ * p.do_sn; \
       load_rows_async<T, BR, D_PAD, SK, NTH>(sQ + (st_) * BR * SK, gq_, p.q_sn, p.Nq - i0_, p.D, tid);   \
@@ -493,44 +562,72 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
       cp_async_commit();                                                                               \
     }
 
-    if (n_it > 0) CA_BWD_KV_LOAD_STAGE(0, 0)  // commits K, V and stage 0 as one group
+    if (n_it > 0) CA_BWD_KV_LOAD_STAGE(h_first, qt0 * BR, 0)  // commits K, V and stage 0 as one group
 
+    // This iteration's head h, query rows i0.. and scale (loaded once per head).
+    int h = h_first, i0 = qt0 * BR;
+    float scale_h = n_it > 0 ? p.scale[h_first] : 0.f;
     for (int it = 0; it < n_it; ++it) {
       const int st = it & 1;
+      const bool head_ends = i0 + BR >= nqt * BR;
+      const int h_next = head_ends ? h + 1 : h, i0_next = head_ends ? qt0 * BR : i0 + BR;
       if (it + 1 < n_it) {
-        CA_BWD_KV_LOAD_STAGE(it + 1, st ^ 1)
+        CA_BWD_KV_LOAD_STAGE(h_next, i0_next, st ^ 1)
         cp_async_wait<1>();
       } else {
         cp_async_wait<0>();
       }
-      __syncthreads();
+      __syncthreads();  // this stage's copies (every thread's) have landed
 
-      const int h = h_first + it / per_head;
-      const int i0 = (qt0 + it % per_head) * BR;
       const T* cQ = sQ + st * BR * SK;
       const T* cdO = sdO + st * BR * SK;
       const float* cL = sL + st * BR;
       const float* cDv = sDv + st * BR;
-      const float scale_h = p.scale[h];
       const float sl2 = scale_h * LOG2E;
 
       // Bias for this warp's slab (issued early; log2-scaled), element (key row, query column).
       float bias2[NT][4];
       load_bias_frag<T>(bias2, p, b, h, [&](int n, int e) { return RowCol{i0 + n * 8 + 2 * t + (e & 1), key[e >> 1]}; });
 
-      // S^T = Khat Qhat^T, then P^T in place.
+      // S^T = Khat Qhat^T, then P^T in place (with stats: cs = sum over this lane's two keys of P S
+      // per query column, value 2n + c for column n * 8 + 2t + c).
       float acc_s[NT][4];
       fill_zero(acc_s);
       gemm_nk<T, NT, D_PAD>(acc_s, sK, SK, 16 * warp, cQ, SK, 0, lane);
+      float cs[2 * NT];
+      // check = false: every pair of the tile is visible (all keys in range and unmasked, and under
+      // causal the block's last key at or before the tile's first query's horizon).
+      const bool check = !all_ok || (p.causal && j0 + BC - 1 > i0 + off);
+      auto probs = [&](const bool with_c, const bool check) {
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
+        for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = n * 8 + 2 * t + (e & 1);
-          const bool vis = visible(key[e >> 1], i0 + col, cdiff, key_ok[e >> 1]);
-          const float x = fmaf(acc_s[n][e], sl2, bias2[n][e] - cL[col]);
-          acc_s[n][e] = vis ? exp2_fast(x) : 0.f;  // x = -inf (lse2 = +inf) gives exactly 0
+          for (int e = 0; e < 4; ++e) {
+            const int col = n * 8 + 2 * t + (e & 1);
+            const bool vis = !check || visible(key[e >> 1], i0 + col, cdiff, key_ok[e >> 1]);
+            const float sv = acc_s[n][e];
+            const float x = fmaf(sv, sl2, bias2[n][e] - cL[col]);
+            acc_s[n][e] = vis ? exp2_fast(x) : 0.f;  // x = -inf (lse2 = +inf) gives exactly 0
+            if (with_c)
+              cs[2 * n + (e & 1)] = e < 2 ? acc_s[n][e] * sv : fmaf(acc_s[n][e], sv, cs[2 * n + (e & 1)]);
+          }
+      };
+      if (stats) {
+        probs(true, true);
+        int base = 0;
+        bool owner = true;
+        sum_over_row_groups<2 * NT, 0>(cs, lane, base, owner);
+        float* const rows_c = p.dscale_rows + ((int64_t)b * p.H + h) * 2 * p.nq_pad + i0;
+#pragma unroll
+        for (int r = 0; r < (2 * NT >= 8 ? 2 * NT / 8 : 1); ++r) {
+          const int k = base + r, col = (k >> 1) * 8 + 2 * t + (k & 1);
+          if (owner && chunk == 0 && i0 + col < p.Nq) atomicAdd(rows_c + col, cs[r]);
         }
+      } else if (check) {
+        probs(false, true);
+      } else {
+        probs(false, false);
+      }
 
       // dV += P^T dO.
       gemm_ck<T, ND, NT>(acc_dv, acc_s, cdO, SK, c0, lane);
@@ -539,20 +636,24 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
       float acc_dp[NT][4];
       fill_zero(acc_dp);
       gemm_nk<T, NT, D_PAD>(acc_dp, sV, SK, 16 * warp, cdO, SK, 0, lane);
-      const bool write_dbias = p.dbias_mode != 0 && chunk == 0;
-      const int64_t dbb = write_dbias ? b * p.dbias_sb + h * p.dbias_sh : 0;
+      // One uniform branch per tile: without a bias the element loop has no dbias code at all.
+      auto grad_s = [&](const bool write_dbias) {
+        const int64_t dbb = write_dbias ? b * p.dbias_sb + h * p.dbias_sh : 0;
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
+        for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = n * 8 + 2 * t + (e & 1);
-          const float ds = acc_s[n][e] * (acc_dp[n][e] - cDv[col]);
-          if (write_dbias) {
-            const int i = i0 + col, j = key[e >> 1];
-            if (i < p.Nq && j < p.Nk) store_dbias<T>(p, dbb + i * p.dbias_sq + j, ds);
+          for (int e = 0; e < 4; ++e) {
+            const int col = n * 8 + 2 * t + (e & 1);
+            const float ds = acc_s[n][e] * (acc_dp[n][e] - cDv[col]);
+            if (write_dbias) {
+              const int i = i0 + col, j = key[e >> 1];
+              if (i < p.Nq && j < p.Nk) store_dbias<T>(p, dbb + i * p.dbias_sq + j, ds);
+            }
+            acc_dp[n][e] = ds * scale_h;
           }
-          acc_dp[n][e] = ds * scale_h;
-        }
+      };
+      if (p.dbias_mode != 0) grad_s(chunk == 0);
+      else grad_s(false);
       if constexpr (DsRange<T>::value) ds_range_f16(acc_dp, ds_f, acc_dk);  // acc_dp = scale_h dS f
 
       // dK += (scale_h dS^T) Qhat.
@@ -574,14 +675,19 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
         if constexpr (DsRange<T>::value) {
           if (lane == 0) sInvF[warp] = 1.f / ds_f;
         }
-        __syncthreads();
+        __syncthreads();  // every warp's dS^T is staged before the dQ products read it
         constexpr int MT = BR / 16;
         const int mt = warp % MT;
         float* gdq = p.dq + b * p.dq_sb + h * p.dq_sh;
-        for (int u = warp / MT; u < DC / 16; u += C::NW / MT) {
+        // Units u = warp / MT + uu USTEP: a compile-time count per warp (the last may be short).
+        constexpr int UNITS = DC / 16, USTEP = C::NW / MT, UPW = (UNITS + USTEP - 1) / USTEP;
+#pragma unroll 1
+        for (int uu = 0; uu < UPW; ++uu) {
+          const int u = warp / MT + uu * USTEP;
+          if (UNITS % USTEP != 0 && u >= UNITS) break;
           float acc[2][4];
           fill_zero(acc);
-#pragma unroll 1
+#pragma unroll (sizeof(T) == 4 || D_PAD > 128 ? 1 : BC / M::KSTEP)  // as gemm_nk: registers
           for (int k0 = 0; k0 < BC; k0 += M::KSTEP) {
             typename M::A a;
             typename M::B bf[2];
@@ -602,16 +708,39 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
               M::mma(acc[1], a, bf[1]);
             }
           }
+          // Columns d, d + 1 (d even; p.D, the padded row, is a multiple of 16) in one reduction.
 #pragma unroll
           for (int n = 0; n < 2; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int i = i0 + mt * 16 + g + 8 * (e >> 1), d = c0 + u * 16 + n * 8 + 2 * t + (e & 1);
-              if (i < p.Nq && d < p.D) atomicAdd(gdq + i * p.dq_sn + d, acc[n][e]);
+            for (int r = 0; r < 2; ++r) {
+              const int i = i0 + mt * 16 + g + 8 * r, d = c0 + u * 16 + n * 8 + 2 * t;
+              if (i < p.Nq && d < p.D) atomic_add2(gdq + i * p.dq_sn + d, acc[n][2 * r], acc[n][2 * r + 1]);
             }
+        }
+        if (stats && chunk == 0 && warp < MT) {  // r_i: this m-tile's rows of the operand against ones
+          float acc_r[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 1
+          for (int k0 = 0; k0 < BC; k0 += M::KSTEP) {
+            typename M::A a;
+            M::load_a_km(a, tdS, SDS, mt * 16, k0, lane);
+            float part[4] = {0.f, 0.f, 0.f, 0.f};
+            M::mma(part, a, M::ones());
+            const float inv = DsRange<T>::value ? sInvF[k0 / 16] : 1.f;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_r[e] = fmaf(part[e], inv, acc_r[e]);
+          }
+          float* const rows_r = p.dscale_rows + (((int64_t)b * p.H + h) * 2 + 1) * p.nq_pad;
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int i = i0 + mt * 16 + g + 8 * r;
+            if (t == 0 && i < p.Nq) atomicAdd(rows_r + i, acc_r[2 * r]);
+          }
         }
       }
       __syncthreads();  // everyone is done with this stage (and sdS) before it is refilled
+      if (head_ends && it + 1 < n_it) scale_h = p.scale[h_next];
+      h = h_next;
+      i0 = i0_next;
     }
 #undef CA_BWD_KV_LOAD_STAGE
 
@@ -645,9 +774,10 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
 // 16 query rows and keeps their dQ columns [c0, c0 + DC) in registers; key tiles stream through
 // double-buffered shared memory, skipping those beyond the causal bound and those whose keys are all
 // masked (tile_any, as in the forward). Every dq element is written exactly once: no atomics.
-template <typename T, int D_PAD, bool SMALL = false>
-__global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(const BwdParams p) {
+template <typename T, int D_PAD, bool SMALL = false, bool VARLEN = false>
+__global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(const BwdParams params) {
   typedef QTraits<T, D_PAD, SMALL> C;
+  typedef Mma<T> M;
   constexpr int BR = C::BR, BC = C::BC, DC = C::DC, SK = C::SK, NTH = C::THREADS;
   constexpr int NT = BC / 8;   // n8 tiles of a 16 x BC slab of S
   constexpr int ND = DC / 8;
@@ -660,8 +790,10 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
   int* sOk = reinterpret_cast<int*>(sV + 2 * BC * SK);  // [2][BC]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const BwdParams& p = SeqView<VARLEN>::template of<T>(params, (int)(blockIdx.y / params.H));  // params.cuh
   const int chunk = blockIdx.x % p.n_chunks;
   const int i0 = (blockIdx.x / p.n_chunks) * BR;
+  if (VARLEN && i0 >= p.Nq) return;  // a query tile past its sequence's end
   const int c0 = chunk * DC;
   const int off = p.Nk - p.Nq;
   const int cdiff = p.causal ? off : 0x7fffffff;  // tiles.cuh visible(): key - row <= cdiff
@@ -690,6 +822,10 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
     float acc_dq[ND][4];
     fill_zero(acc_dq);
     float ds_f = 1.f;  // float16: acc_dq holds dQ times this warp's factor (DsRange)
+    // dscale's row sums (file comment): c_part[r] = this lane's part of c of row[r]; acc_r = r_i of
+    // rows g, g + 8 (columns 0 and 2) in units of ds_f. Chunk 0 writes them.
+    const bool stats = p.dscale_stats != 0;
+    float c_part[2] = {0.f, 0.f}, acc_r[4] = {0.f, 0.f, 0.f, 0.f};
 
     const T* gk = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
     const T* gv = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
@@ -738,7 +874,7 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
       } else {
         cp_async_wait<0>();
       }
-      __syncthreads();
+      __syncthreads();  // key tile kt's copies and flags have landed
       const int j0 = kt * BC;
       const T* cK = sK + st * BC * SK;
       const T* cV = sV + st * BC * SK;
@@ -751,15 +887,25 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
       float acc_s[NT][4];
       fill_zero(acc_s);
       gemm_nk<T, NT, D_PAD>(acc_s, sQ, SK, 16 * warp, cK, SK, 0, lane);
+      // check = false: every pair of the tile is visible (no mask, all keys in range, and under
+      // causal the tile's last key at or before the block's first query's horizon).
+      const bool check = p.mask != nullptr || j0 + BC > p.Nk || (p.causal && j0 + BC - 1 > i0 + off);
+      auto probs = [&](const bool with_c, const bool check) {
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
+        for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = n * 8 + 2 * t + (e & 1), r = e >> 1;
-          const bool vis = visible(j0 + col, row[r], cdiff, cOk[col] != 0);
-          const float x = fmaf(acc_s[n][e], sl2, bias2[n][e] - lse2[r]);
-          acc_s[n][e] = vis ? exp2_fast(x) : 0.f;
-        }
+          for (int e = 0; e < 4; ++e) {
+            const int col = n * 8 + 2 * t + (e & 1), r = e >> 1;
+            const bool vis = !check || visible(j0 + col, row[r], cdiff, cOk[col] != 0);
+            const float sv = acc_s[n][e];
+            const float x = fmaf(sv, sl2, bias2[n][e] - lse2[r]);
+            acc_s[n][e] = vis ? exp2_fast(x) : 0.f;
+            if (with_c) c_part[r] = fmaf(acc_s[n][e], sv, c_part[r]);
+          }
+      };
+      if (stats) probs(true, true);
+      else if (check) probs(false, true);
+      else probs(false, false);
 
       // dP = dO V^T -> scale_h dS in place.
       float acc_dp[NT][4];
@@ -769,10 +915,21 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_dp[n][e] = acc_s[n][e] * (acc_dp[n][e] - dvv[e >> 1]) * scale_h;
-      if constexpr (DsRange<T>::value) ds_range_f16(acc_dp, ds_f, acc_dq);  // acc_dp = scale_h dS f
+      float ratio = 1.f;
+      if constexpr (DsRange<T>::value) ratio = ds_range_f16(acc_dp, ds_f, acc_dq);  // acc_dp = scale_h dS f
 
       // dQ += (scale_h dS) Khat.
       gemm_ck<T, ND, NT>(acc_dq, acc_dp, cK, SK, c0, lane);
+      if (stats) {  // r_i += the same rounded operand against ones
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_r[e] *= ratio;
+#pragma unroll
+        for (int kk = 0; kk < NT * 8 / M::KSTEP; ++kk) {
+          typename M::A a;
+          M::a_from_c(a, acc_dp, kk);
+          M::mma(acc_r, a, M::ones());
+        }
+      }
       __syncthreads();  // this stage may be refilled next iteration
       kt = kt_next;
     }
@@ -787,6 +944,18 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
         const int i = row[e >> 1], d = c0 + n * 8 + 2 * t + (e & 1);
         if (i < p.Nq && d < p.D) gdq[i * p.dq_sn + d] = acc_dq[n][e] * inv_f;
       }
+    if (stats) {
+      float* const rows_c = p.dscale_rows + (int64_t)y * 2 * p.nq_pad;
+      float* const rows_r = rows_c + p.nq_pad;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float c = quad_sum(c_part[r]);
+        if (t == 0 && chunk == 0 && row[r] < p.Nq) {
+          rows_c[row[r]] = c;
+          rows_r[row[r]] = acc_r[2 * r] * inv_f;
+        }
+      }
+    }
   }
 }
 

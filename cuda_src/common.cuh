@@ -356,6 +356,20 @@ CA_DEVICE void mma_3xtf32(float* d, const uint32_t* a_big, const uint32_t* a_sma
 }
 
 // ---------------------------------------------------------------------------------------------
+// Two fp32 atomic adds to p[0] and p[1] (global memory, p 8-byte aligned), each atomic on its own,
+// as two atomicAdd are: one vector reduction (red.global.add.v2.f32, PTX ISA 8.1) on sm_90 and later,
+// two scalar atomics before (and in the emulator, which models it as exactly those two).
+CA_DEVICE void atomic_add2(float* p, float a, float b) {
+#if !defined(CA_EMULATOR) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("{\n .reg .u64 g;\n cvta.to.global.u64 g, %0;\n red.global.add.v2.f32 [g], {%1, %2};\n}"
+               :: "l"(p), "f"(a), "f"(b) : "memory");
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
 // cp.async (16 bytes, bypassing L1). src_bytes < 16 copies that many bytes and zero-fills the rest,
 // which is how tile loads past the end of a tensor become zeros without a branch around the copy.
 // The data is only guaranteed to be in shared memory after the matching wait.

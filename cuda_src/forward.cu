@@ -43,13 +43,13 @@
 // uniformly.
 #include "tiles.cuh"
 #include "params.cuh"
+#include "fixed_offset.cuh"
 
 namespace ca {
 namespace fwd {
 
 constexpr int WARPS = 4;
 constexpr int THREADS = 32 * WARPS;
-constexpr float LN2 = 0.6931471805599453f;
 
 // MODE: how P is formed. FIXED_OFFSET: exp(s - off) with the fixed offset (no bias, q and k normalized
 // here, the logit bound within the dtype's range); RUNNING_MAX_ONLY: the online softmax without a
@@ -62,13 +62,7 @@ template <> struct is_f32<float> { static constexpr bool value = true; };
 template <typename T> struct is_half { static constexpr bool value = false; };
 template <> struct is_half<half_t> { static constexpr bool value = true; };
 
-// Fixed-offset headroom: with b = scale_h groups the logit bound, P = exp(s - (b - HEADROOM)) lies in
-// [exp(HEADROOM - 2b), exp(HEADROOM)]. For fp16, P is rounded to fp16 before P V, so the range is moved
-// into fp16's normal range [6.1e-5, 65504] = [exp(-9.70), exp(11.09)]: with HEADROOM = 10.5 and the
-// launch layer's limit b <= 10, P lies in [exp(-9.5), exp(10.5)] = [7.5e-5, 36316]. bf16 and fp32
-// share fp32's exponent range (the launch layer's limit b <= 40 keeps P >= exp(-80), a normal float).
-template <typename T> struct Headroom { static constexpr float value = 0.f; };
-template <> struct Headroom<half_t> { static constexpr float value = 10.5f; };
+// Fixed-offset headroom (Headroom<T>) and LN2: fixed_offset.cuh, shared with hopper_fwd.cu.
 
 // Shared memory (byte offsets): Q (BM rows), K and V (KV_BUFS buffers of BN rows each), and the mask
 // bytes of two key tiles. Each row is padded by one 16-byte chunk: row starts then move 4 banks apart,
@@ -256,8 +250,8 @@ CA_DEVICE Work<T> block_work(const FwdParams& p, int64_t bh) {
 // ---------------------------------------------------------------------------------------------
 // The kernel. Grid: x = query tile (reversed under causal so the longest tiles start first),
 // y = (batch, head), looping by gridDim.y when B*H exceeds the grid's y limit.
-template <typename T, int DP, int BM, int BN, int KV_BUFS, int MODE>
-__global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
+template <typename T, int DP, int BM, int BN, int KV_BUFS, int MODE, bool VARLEN = false>
+__global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
   using L = Layout<T, DP, BM, BN, KV_BUFS>;
   constexpr bool F32 = is_f32<T>::value;
   constexpr bool RUNNING_MAX = MODE != FIXED_OFFSET, BIAS = MODE == RUNNING_MAX_BIAS;
@@ -284,6 +278,7 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams p) {
   const saddr_t sKa = s0 + L::K_OFF + bn_lane_off<PITCH>(lane);
   const saddr_t sVa = F32 ? s0 + L::V_OFF + 2 * t * PITCH + 4 * g : s0 + L::V_OFF + bk_lane_off<PITCH>(lane);
 
+  const FwdParams& p = SeqView<VARLEN>::template of<T>(params, (int)(blockIdx.y / params.H));  // params.cuh
   const int qtile = p.causal ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x;
   const int64_t BH = (int64_t)p.B * p.H;
   for (int64_t bh = blockIdx.y; bh < BH; bh += gridDim.y) {

@@ -1,4 +1,5 @@
-"""Public functions: forward, backward, cosine_sim_attention (docs/design.md section 2).
+"""Public functions: forward, backward, cosine_sim_attention (docs/design.md section 2), and
+kvcache_forward (attention of new queries against a KV cache; cupy_cosattn.kvcache).
 
 Each call checks its arguments once (problem.canonicalize), resolves the backend name once
 (backends.resolve_backend), runs its implementation (backends.backend_impl) on the canonical 4-D
@@ -129,3 +130,110 @@ def cosine_sim_attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] 
     return forward(q, k, v, mask=mask, attn_bias=attn_bias, attn_bias_batch_dim=attn_bias_batch_dim, scale=scale,
                    groups=groups, causal=causal, l2norm_qk=l2norm_qk, deterministic=deterministic,
                    backend=backend)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packed variable-length batches (cupy_cosattn/varlen.py).
+
+def _varlen_empty(prob: Problem) -> bool:
+    """No kernel to run: no query rows, or no key in any sequence (every row then has none)."""
+    return prob.total_q == 0 or prob.Nk == 0
+
+
+def varlen_forward_canonical(prob: Problem, inp: Inputs, backend: str, out: Optional[Array] = None,
+                             lse: Optional[Array] = None) -> tuple[Array, Array]:
+    """varlen_forward of a checked problem (out (total_q, H, D), lse (total_q, H); optionally preallocated)."""
+    check_backend_dtype(prob, backend)
+    xp = _xp(array_library(inp.q))
+    if _varlen_empty(prob):
+        o = xp.zeros((prob.total_q, prob.H, prob.D), dtype=prob.dtype)
+        ls = xp.full((prob.total_q, prob.H), -np.inf, dtype=np.float32)
+        if out is not None:
+            out[...] = o
+            o = out
+        if lse is not None:
+            lse[...] = ls
+            ls = lse
+        return o, ls
+    return backend_impl(backend).forward(prob, inp, out=out, lse=lse)
+
+
+def varlen_backward_canonical(prob: Problem, inp: Inputs, dout: Array, out: Array, lse: Array, backend: str,
+                              need_dscale: bool = True) -> tuple[Array, Array, Array, Optional[np.ndarray]]:
+    """(dq, dk, dv, dscale (H,) float64 | None) of a checked varlen problem, packed like q, k, v."""
+    check_backend_dtype(prob, backend)
+    xp = _xp(array_library(inp.q))
+    if _varlen_empty(prob):
+        zeros = [xp.zeros(x.shape, dtype=prob.dtype) for x in (inp.q, inp.k, inp.v)]
+        return (*zeros, np.zeros((prob.H,), dtype=np.float64))
+    dq, dk, dv, _, dscale = backend_impl(backend).backward(prob, inp, dout, out, lse, need_dscale=need_dscale)
+    return dq, dk, dv, dscale
+
+
+def varlen_forward(q: Array, k: Array, v: Array, cu_seqlens_q: Array, cu_seqlens_k: Array, *,
+                   max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
+                   scale: Any = _problem.DEFAULT_SCALE, groups: int = 1, causal: bool = False, l2norm_qk: bool = True,
+                   backend: str = "auto") -> tuple[Array, Array]:
+    """Cosine-sim attention over a packed batch of variable-length sequences.
+
+    q (total_q, H, D); k, v (total_k, Hk, D) with H % Hk == 0 (any strides); cu_seqlens_q,
+    cu_seqlens_k int32 (batch + 1,), starting at 0, non-decreasing, ending at total_q / total_k:
+    sequence b is q[cu_seqlens_q[b]:cu_seqlens_q[b+1]] attending to k, v[cu_seqlens_k[b]:cu_seqlens_k[b+1]]
+    only (causal: bottom-right per sequence). max_seqlen_q / _k, when given, must be at least the
+    longest sequence (they are checked against the cu_seqlens; the host copy of cu_seqlens that this
+    check and the launch read costs one device-to-host copy on CuPy arrays). Other keywords as `forward`.
+
+    Returns (out (total_q, H, D) in q's dtype, lse (total_q, H) float32; -inf for a row without keys).
+    """
+    from .varlen import canonicalize_varlen
+
+    prob, inp = canonicalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                                    max_seqlen_k=max_seqlen_k, scale=scale, groups=groups, causal=causal,
+                                    l2norm_qk=l2norm_qk)
+    name = resolve_backend(backend, array_library(q))
+    return varlen_forward_canonical(prob, inp, name)
+
+
+def varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array, cu_seqlens_q: Array,
+                    cu_seqlens_k: Array, *, max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
+                    scale: Any = _problem.DEFAULT_SCALE, groups: int = 1, causal: bool = False,
+                    l2norm_qk: bool = True, deterministic: bool = False,
+                    backend: str = "auto") -> tuple[Array, Array, Array, Any]:
+    """Gradients of `varlen_forward` given dout = dL/dout (total_q, H, D) and its out, lse.
+
+    Returns (dq, dk, dv, dscale): dq, dk, dv shaped and typed like q, k, v; dscale a float for a scalar
+    scale, else an array of shape (H,) like the scale. deterministic=True: bitwise repeatable."""
+    from .varlen import canonicalize_varlen, check_varlen_backward_extras
+
+    prob, inp = canonicalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                                    max_seqlen_k=max_seqlen_k, scale=scale, groups=groups, causal=causal,
+                                    l2norm_qk=l2norm_qk, deterministic=deterministic)
+    lib = array_library(q)
+    name = resolve_backend(backend, lib)
+    check_varlen_backward_extras(prob, lib, _problem._device_of(q), dout, out, lse)
+    dq, dk, dv, dscale = varlen_backward_canonical(prob, inp, dout, out, lse, name)
+    return dq, dk, dv, _user_dscale(dscale, scale, prob)
+
+
+def kvcache_forward(q: Array, k_cache: Array, v_cache: Array, cache_seqlens: Array, *,
+                    block_table: Optional[Array] = None, k_new: Optional[Array] = None, v_new: Optional[Array] = None,
+                    scale: Any = _problem.DEFAULT_SCALE, groups: int = 1, causal: bool = True, l2norm_qk: bool = True,
+                    num_splits: int = 0, backend: str = "auto") -> tuple[Array, Array]:
+    """KV-cache attention (inference): q (B, H, Nq, D) against a contiguous (B, Hk, N_max, D) or, with
+    block_table int32 (B, max_pages), paged (num_pages, Hk, page_size, D) cache holding cache_seqlens
+    (int32 (B,)) raw keys per sequence; k_new, v_new (B, Hk, Nq, D), when given, are first written into
+    the cache in place at positions cache_seqlens[b] ... + Nq - 1. Causal is bottom-right per sequence.
+    num_splits: key-range splits per sequence (0: chosen from the problem and the device). See
+    cupy_cosattn.kvcache for the layouts and the cache contract.
+
+    Returns (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32, -inf for a query without a visible
+    key). Every argument is checked, on the host copy of cache_seqlens and of the block table entries
+    in use, before anything is launched or written."""
+    from .kvcache import check_kvcache
+
+    prob, inp = check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=block_table, k_new=k_new,
+                              v_new=v_new, scale=scale, groups=groups, causal=causal, l2norm_qk=l2norm_qk,
+                              num_splits=num_splits)
+    name = resolve_backend(backend, array_library(q))
+    check_backend_dtype(prob, name)
+    return backend_impl(name).kvcache(prob, inp)

@@ -37,8 +37,9 @@ def resolve_backend(backend: Any, lib: str) -> str:
     return name
 
 
-def check_backend_dtype(prob: Problem, name: str) -> None:
-    """Raise TypeError when backend `name` cannot run prob's dtype (float64 runs on the reference only)."""
+def check_backend_dtype(prob: Any, name: str) -> None:
+    """Raise TypeError when backend `name` cannot run prob's dtype (float64 runs on the reference only);
+    prob is a Problem or a kvcache.KVCacheProblem."""
     if not _TAKES_FLOAT64[name]:
         _problem.check_kernel_dtype(prob.dtype, name)
 
@@ -54,6 +55,10 @@ class ReferenceBackend:
 
     def forward(self, prob: Problem, inp: Inputs, out: Optional[Any] = None,
                 lse: Optional[Any] = None) -> tuple[Any, Any]:
+        if prob.varlen:
+            from .varlen import VarlenReference
+
+            return VarlenReference.forward(prob, inp, out=out, lse=lse)
         from . import reference
 
         return reference.forward(prob, inp, out=out, lse=lse)
@@ -61,9 +66,20 @@ class ReferenceBackend:
     def backward(self, prob: Problem, inp: Inputs, dout: Any, out: Any, lse: Any,
                  need_dscale: bool = True) -> tuple[Any, Any, Any, Optional[Any], np.ndarray]:
         """The reference computes dscale whether or not it is needed (it has no copy to save)."""
+        if prob.varlen:
+            from .varlen import VarlenReference
+
+            return VarlenReference.backward(prob, inp, dout)
         from . import reference
 
         return reference.backward(prob, inp, dout, out, lse)
+
+    def kvcache(self, prob: Any, inp: Any) -> tuple[Any, Any]:
+        """KV-cache attention (kvcache.KVCacheProblem, KVCacheInputs): kvcache.reference_kvcache, which
+        appends on the caller's arrays."""
+        from . import kvcache
+
+        return kvcache.reference_kvcache(prob, inp)
 
 
 def _cuda() -> Any:

@@ -72,6 +72,11 @@ class Problem:
     per_head_scale: bool = False
     deterministic: bool = False
     merged: bool = False  # the caller passed 3-D (BH, N, D) arrays
+    # A packed variable-length batch (cupy_cosattn/varlen.py): B sequences, Nq / Nk the longest, q, o
+    # (total_q, H, D) and k, v (total_k, Hk, D); no mask or bias.
+    varlen: bool = False
+    total_q: int = 0
+    total_k: int = 0
 
     @property
     def dtype_name(self) -> str:
@@ -99,6 +104,16 @@ class Problem:
     def bias_sum_axes(self) -> tuple[int, ...]:
         """The axes of (B, H, Nq, Nk) over which dS sums to dbias: those the bias has size 1 along."""
         return tuple(ax for ax in (0, 1) if self.bias_shape[ax] == 1)
+
+    @property
+    def q_rows(self) -> int:
+        """Rows of D elements in q (and o, dout): B·H·Nq, or total_q·H for a packed batch."""
+        return self.total_q * self.H if self.varlen else self.B * self.H * self.Nq
+
+    @property
+    def k_rows(self) -> int:
+        """Rows of D elements in k (and v): B·Hk·Nk, or total_k·Hk for a packed batch."""
+        return self.total_k * self.Hk if self.varlen else self.B * self.Hk * self.Nk
 
     @property
     def q_per_kv(self) -> int:
@@ -137,6 +152,8 @@ class Inputs:
     mask: Any = None
     bias: Any = None
     scale: Any = None  # float64 (H,), on the host (NumPy)
+    cu_seqlens_q: Any = None  # packed batches: int32 (B + 1,) host copies (cupy_cosattn/varlen.py)
+    cu_seqlens_k: Any = None
 
 
 def array_library(x: Any) -> str:

@@ -6,6 +6,9 @@ For each kernel of ``launch.registry.kernel_registry()`` (grouped into modules e
 compiles them) and each architecture, NVRTC (CuPy's binding of the pip-wheel library) compiles with
 ``-arch=sm_XX -Xptxas=-v -std=c++17`` and ptxas' report gives one row: registers, shared memory
 (static from ptxas + dynamic as the launch layer requests it), spill stores/loads and stack bytes.
+A kernel that needs an arch-specific target (KernelSpec.arch, e.g. the sm_90a Hopper forward) is
+compiled for that target whenever its base architecture (sm_90) or the target itself is asked for,
+e.g. ``--arch sm_90a``.
 
 With --sass it runs the static SASS profiler instead (``python -m cupy_cosattn.sass``: main-loop
 instruction counts and a throughput model; --match then selects its kernels by label, e.g.
@@ -26,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Optional, TextIO
 
 from .launch.limits import SMEM_OPTIN_BY_ARCH as SMEM_LIMIT  # largest shared memory per block, bytes
+from .launch.registry import KernelSpec
 from .ptxas import parse_ptxas
 
 
@@ -59,6 +63,15 @@ def compile_group(source: str, names: tuple, arch: str) -> tuple:
         nvrtc.destroyProgram(prog)
 
 
+def spec_archs(spec: KernelSpec, archs: Sequence[str]) -> list[str]:
+    """The architectures of `archs` to compile `spec` for: all of them for a portable kernel; for one
+    that needs an arch-specific target (spec.arch, e.g. "sm_90a"), that target when `archs` holds it
+    or its base architecture ("sm_90")."""
+    if spec.arch is None:
+        return list(archs)
+    return [spec.arch] if any(a in (spec.arch, spec.arch.rstrip("a")) for a in archs) else []
+
+
 def run(archs: Sequence[str], match: Optional[str] = None, jobs: int = 2, out: Optional[TextIO] = None) -> int:
     """Compile the registry (optionally only names matching regex `match`); print rows to `out`
     (default stdout); return the number of failures (compile errors, spills, stack frames, shared
@@ -66,7 +79,7 @@ def run(archs: Sequence[str], match: Optional[str] = None, jobs: int = 2, out: O
     from .launch.registry import kernel_registry
 
     out = sys.stdout if out is None else out
-    specs = [s for s in kernel_registry() if match is None or re.search(match, s.name)]
+    specs = [s for s in kernel_registry() if (match is None or re.search(match, s.name)) and spec_archs(s, archs)]
     if not specs:
         print(f"no registered kernel matches {match!r}", file=out, flush=True)
         return 1
@@ -74,7 +87,8 @@ def run(archs: Sequence[str], match: Optional[str] = None, jobs: int = 2, out: O
     groups = {}
     for s in specs:
         groups.setdefault((s.source, s.group), []).append(s.name)
-    tasks = [(src, tuple(sorted(names)), arch) for (src, _), names in groups.items() for arch in archs]
+    tasks = [(src, tuple(sorted(names)), arch) for (src, _), names in groups.items()
+             for arch in spec_archs(by_name[(src, names[0])], archs)]
     print(f"compiling {len(specs)} kernels in {len(groups)} modules for {', '.join(archs)} "
           f"({len(tasks)} NVRTC programs, {jobs} jobs)", file=out, flush=True)
     hdr = f"{'kernel':<58} {'arch':<6} {'regs':>4} {'smem st+dyn':>14} {'spill st/ld':>11} {'stack':>5}  status"
@@ -109,7 +123,8 @@ def run(archs: Sequence[str], match: Optional[str] = None, jobs: int = 2, out: O
                 failures += bool(problems)
                 print(f"{n:<58} {arch:<6} {r['regs']:>4} {r['smem']:>6}+{dyn:<7} {r['spill_st']:>5}/{r['spill_ld']:<5} "
                       f"{r['stack']:>5}  {' '.join(problems) or 'ok'}", file=out, flush=True)
-    print(f"{len(specs) * len(archs)} rows, {failures} failures, {time.time() - t0:.0f} s", file=out, flush=True)
+    rows = sum(len(spec_archs(s, archs)) for s in specs)
+    print(f"{rows} rows, {failures} failures, {time.time() - t0:.0f} s", file=out, flush=True)
     return failures
 
 

@@ -53,10 +53,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from .sass_cfg import (  # noqa: F401 (re-exported)
     BLOCK_DIM_CBANK,
@@ -451,6 +451,7 @@ def model(arch: str, cost: Cost, warps: int) -> Model:
 from .launch import dispatch as _dispatch  # noqa: E402  (kept next to the code that uses it)
 from .launch import params as _params  # noqa: E402
 from .launch import registry as _registry  # noqa: E402
+from .launch import sm90 as _sm90  # noqa: E402
 from .launch import sources as _sources  # noqa: E402
 from .launch.limits import SMEM_OPTIN_BY_ARCH, DeviceCaps, cdiv  # noqa: E402
 from .launch.tiles import nq_padded  # noqa: E402
@@ -476,19 +477,26 @@ class Instantiation:
     threads: int
     smem: int
     params: bytes
+    loop_warps: int = 0  # warps that run the main loop (warp-specialized kernels); 0: all of the block's
 
 
-def _choice(kind: str, dtype: str, D: int, arch: str, scale: float = 8.0, bias: bool = False) -> _dispatch.KernelChoice:
-    """What the dispatch (launch.select) picks for the representative problem (with a full bias when
-    `bias`) on `arch`; SassError when that instantiation is missing from the registry."""
+def _choice(kind: str, dtype: str, D: int, arch: str, scale: float = 8.0, bias: bool = False,
+            varlen: bool = False, pick: Optional[Callable] = None) -> Optional[_dispatch.KernelChoice]:
+    """What the dispatch (launch.select, or `pick`(prob, caps, scale) for the forward) picks for the
+    representative problem (with a full bias when `bias`; as a packed batch of REP_B sequences of REP_N
+    with `varlen`) on `arch`; SassError when that instantiation is missing from the registry."""
     import numpy as np
 
     from .problem import BIAS_FULL, BIAS_NONE
 
     caps = DeviceCaps((int(arch[3]), int(arch[4])), SMEM_OPTIN_BY_ARCH[arch.rstrip("a")], _SM_COUNT)
     prob = Problem(B=REP_B, H=REP_H, Hk=REP_H, Nq=REP_N, Nk=REP_N, D=D, dtype=_dtype(dtype),
-                   deterministic=kind == _dispatch.DQ, bias_layout=BIAS_FULL if bias else BIAS_NONE)
-    choice = _dispatch.select(prob, caps, kind, scale=np.full((REP_H,), scale))
+                   deterministic=kind == _dispatch.DQ, bias_layout=BIAS_FULL if bias else BIAS_NONE, varlen=varlen,
+                   total_q=REP_B * REP_N if varlen else 0, total_k=REP_B * REP_N if varlen else 0)
+    scales = np.full((REP_H,), scale)
+    choice = _dispatch.select(prob, caps, kind, scale=scales) if pick is None else pick(prob, caps, scales)
+    if choice is None:
+        return None
     spec = choice.spec
     if (spec.source, spec.name) not in {(s.source, s.name) for s in _registry.kernel_registry()}:
         raise SassError(f"{spec.source}: {spec.name} is picked by the dispatch but missing from the registry")
@@ -508,19 +516,40 @@ def _ptrs(names: tuple, null: tuple = ()) -> dict:
     return {n: 0 if n in null else _FAKE_PTR + (i << 32) for i, n in enumerate(names)}
 
 
-def _fwd(dtype: str, D: int, arch: str, running_max: bool, bias: bool = False) -> Instantiation:
-    """The forward: fixed offset, running max (a scale beyond the fixed-offset bound), or with a full
-    fp16/bf16/fp32 bias of q's dtype (`bias`, the running max with a bias)."""
-    choice = _choice(_dispatch.FORWARD, dtype, D, arch, _RUNNING_MAX_SCALE if running_max else 8.0, bias)
-    spec, dp, bn = choice.spec, _dp_of(choice), choice.tile
+def _strides(tensors: tuple, dp: int, varlen: bool) -> dict:
+    """(batch, head, row) strides of rows of dp elements: (B, H, N, dp), or packed (B N, H, dp)."""
+    H, N = REP_H, REP_N
+    s = (0, dp, H * dp) if varlen else (H * N * dp, N * dp, dp)
+    return {f"{t}_s{d}": x for t in tensors for d, x in zip("bhn", s)}
+
+
+def _seqlens(varlen: bool) -> tuple:
+    """The cu_seqlens pointer fields: fake addresses of a packed batch, else null."""
+    return () if varlen else ("cu_seqlens_q", "cu_seqlens_k")
+
+
+def _fwd_record(dp: int, bn: int, varlen: bool = False, bias: bool = False) -> Any:
+    """The FwdParams record of the representative problem (padded head dim dp, key tile bn; a full bias
+    of q's dtype with `bias`)."""
     B, H, N = REP_B, REP_H, REP_N
-    rec = _params.make_record(
-        _params.FWD_PARAMS, **_ptrs(("q", "k", "v", "o", "lse", "scale", "mask", "tile_any", "bias"),
-                                    null=("mask", "tile_any") + (() if bias else ("bias",))),
-        **{f"{t}_s{d}": s for t in "qkvo" for d, s in zip("bhn", (H * N * dp, N * dp, dp))},
-        lse_sb=H * N, lse_sh=N, bias_sb=H * N * N if bias else 0, bias_sh=N * N if bias else 0,
-        bias_sq=N if bias else 0, mask_sb=0, tile_any_sb=0,
-        B=B, H=H, Hk=H, Nq=N, Nk=N, D=dp, causal=0, bias_f32=0, n_key_tiles=cdiv(N, bn), groups=1)
+    return _params.make_record(
+        _params.FWD_PARAMS, **_ptrs(("q", "k", "v", "o", "lse", "scale", "mask", "tile_any", "bias", "cu_seqlens_q",
+                                     "cu_seqlens_k"),
+                                    null=("mask", "tile_any") + (() if bias else ("bias",)) + _seqlens(varlen)),
+        **_strides(("q", "k", "v", "o"), dp, varlen),
+        lse_sb=0 if varlen else H * N, lse_sh=B * N if varlen else N, bias_sb=H * N * N if bias else 0,
+        bias_sh=N * N if bias else 0, bias_sq=N if bias else 0, mask_sb=0,
+        tile_any_sb=0, B=B, H=H, Hk=H, Nq=N, Nk=N, D=dp, causal=0, bias_f32=0, n_key_tiles=cdiv(N, bn), groups=1)
+
+
+def _fwd(dtype: str, D: int, arch: str, running_max: bool, bias: bool = False, varlen: bool = False) -> Instantiation:
+    """forward.cu attn_fwd on every architecture (on sm_90 the dispatch runs the Hopper forward where
+    it covers the problem: kind fwd_sm90): fixed offset, running max (a scale beyond the fixed-offset
+    bound), or with a full bias of q's dtype (`bias`, the running max with a bias)."""
+    choice = _choice(_dispatch.FORWARD, dtype, D, arch, _RUNNING_MAX_SCALE if running_max else 8.0, bias, varlen,
+                     pick=_dispatch.portable_forward)
+    spec = choice.spec
+    rec = _fwd_record(_dp_of(choice), choice.tile, varlen, bias)
     return Instantiation(spec.source, spec.name, spec.threads, spec.smem, rec.tobytes())
 
 
@@ -529,21 +558,72 @@ def _dp_of(choice: _dispatch.KernelChoice) -> int:
     return int(choice.spec.name.split("<", 1)[1].rstrip(">").split(",")[1])
 
 
-def _bwd(kind: str, dtype: str, D: int, arch: str) -> Instantiation:
+def _fwd_sm90(dtype: str, D: int, arch: str, running_max: bool) -> Optional[Instantiation]:
+    """The Hopper forward, where the dispatch picks it (sm_90a; None elsewhere): its argument is the
+    tensor maps (opaque to the profile) and the forward's record; only its consumer warps run the main
+    loop."""
+    if arch != _sm90.ARCH:
+        return None
+    choice = _choice(_dispatch.FORWARD, dtype, D, arch, _RUNNING_MAX_SCALE if running_max else 8.0,
+                     pick=_dispatch.hopper_forward)
+    if choice is None:
+        return None
+    spec, dp = choice.spec, _dp_of(choice)
+    rec = _fwd_record(dp, choice.tile)
+    layout = _sm90.args_dtype(_params.FWD_PARAMS)
+    head = layout.fields["p"][1]  # the four tensor maps: zero bytes here
+    params = (bytes(head) + rec.tobytes()).ljust(layout.itemsize, b"\0")
+    return Instantiation(spec.source, spec.name, spec.threads, spec.smem, params, loop_warps=_sm90.CONSUMER_WARPS)
+
+
+def _bwd(kind: str, dtype: str, D: int, arch: str, varlen: bool = False) -> Instantiation:
     """bwd_dkdv in the default (fast) mode, bwd_dq in deterministic mode (the only one it runs in)."""
-    choice = _choice(_dispatch.DKDV if kind == "dkdv" else _dispatch.DQ, dtype, D, arch)
+    choice = _choice(_dispatch.DKDV if kind == "dkdv" else _dispatch.DQ, dtype, D, arch, varlen=varlen)
     spec, dp = choice.spec, _dp_of(choice)
     B, H, N = REP_B, REP_H, REP_N
-    strides = {f"{t}_s{d}": s for t in ("q", "k", "v", "o", "do", "dq", "dkv")
-               for d, s in zip("bhn", (H * N * dp, N * dp, dp))}
+    strides = _strides(("q", "k", "v", "o", "do", "dq", "dkv"), dp, varlen)
     rec = _params.make_record(
         _params.BWD_PARAMS, **_ptrs(("q", "k", "v", "o", "dout", "lse", "lse2", "dvec", "scale", "mask", "tile_any",
-                                     "bias", "dbias", "dq", "dk", "dv"), null=("mask", "tile_any", "bias", "dbias")),
-        **strides, lse_sb=H * N, lse_sh=N, bias_sb=0, bias_sh=0, bias_sq=0, dbias_sb=0, dbias_sh=0, dbias_sq=0,
+                                     "bias", "dbias", "dq", "dk", "dv", "dscale_rows", "cu_seqlens_q",
+                                     "cu_seqlens_k"),
+                                    null=("mask", "tile_any", "bias", "dbias", "dscale_rows") + _seqlens(varlen)),
+        **strides, lse_sb=0 if varlen else H * N, lse_sh=B * N if varlen else N, bias_sb=0, bias_sh=0, bias_sq=0,
+        dbias_sb=0, dbias_sh=0, dbias_sq=0,
         mask_sb=0, tile_any_sb=0, n_y=B * H, B=B, H=H, Hk=H, Nq=N, Nk=N, D=dp, nq_pad=nq_padded(N), causal=0,
         bias_f32=0, dbias_mode=_params.DBIAS_NONE, dbias_f32=0, dq_atomic=int(kind == "dkdv"), dk_f32=1, dv_f32=0,
         nsplit=choice.nsplit, heads_per_split=H // choice.nsplit if kind == "dkdv" else 1,
-        n_chunks=choice.n_chunks)
+        n_chunks=choice.n_chunks, dscale_stats=0)
+    return Instantiation(spec.source, spec.name, spec.threads, spec.smem, rec.tobytes())
+
+
+# The representative decode problem: single-token decoding with GQA 8:1 (H = 64 query heads on Hk = 8
+# kv heads: 8 rows per block, the WM = 1 shape), a paged cache of 16-slot pages (the shift path of the
+# slot lookup), on-the-fly key normalization, causal, the fixed offset, and the key range split.
+REP_DECODE_B, REP_DECODE_H, REP_DECODE_HK, REP_DECODE_N, REP_DECODE_PAGE, REP_DECODE_SPLITS = 8, 64, 8, 32768, 16, 2
+
+
+def _decode(dtype: str, D: int, arch: str) -> Instantiation:
+    """decode_fwd (fixed offset) as the dispatch picks it for the representative decode problem."""
+    import numpy as np
+
+    from .kvcache import KVCacheProblem
+
+    B, H, Hk, N, ps = REP_DECODE_B, REP_DECODE_H, REP_DECODE_HK, REP_DECODE_N, REP_DECODE_PAGE
+    pages = N // ps
+    caps = DeviceCaps((int(arch[3]), int(arch[4])), SMEM_OPTIN_BY_ARCH[arch.rstrip("a")], _SM_COUNT)
+    prob = KVCacheProblem(B=B, H=H, Hk=Hk, Nq=1, D=D, dtype=_dtype(dtype), paged=True, page_size=ps,
+                          num_pages=B * pages, max_pages=pages, append=True, causal=True,
+                          num_splits=REP_DECODE_SPLITS, max_len=N)
+    choice = _dispatch.select(prob, caps, _dispatch.DECODE, scale=np.full((H,), 8.0))
+    spec = choice.spec
+    if (spec.source, spec.name) not in {(x.source, x.name) for x in _registry.kernel_registry()}:
+        raise SassError(f"{spec.source}: {spec.name} is picked by the dispatch but missing from the registry")
+    rec = _params.make_record(
+        _params.DECODE_PARAMS, **_ptrs(("q", "k", "v", "k_new", "v_new", "seqlens", "block_table", "scale", "o",
+                                        "lse", "opart", "lpart", "mpart"), null=("k_new", "v_new", "o", "mpart")),
+        q_sn=D, k_sp=Hk * ps * D, k_sh=ps * D, k_sn=D, v_sp=Hk * ps * D, v_sh=ps * D, v_sn=D, o_sn=D, bt_sb=pages,
+        part_rows=B * H, B=B, H=H, Hk=Hk, Nq=1, D=D, new_keys=1, page_size=ps, page_shift=ps.bit_length() - 1,
+        num_splits=choice.nsplit, n_row_tiles=choice.grid[0] // choice.nsplit, causal=1, groups=1, norm_qk=1)
     return Instantiation(spec.source, spec.name, spec.threads, spec.smem, rec.tobytes())
 
 
@@ -567,10 +647,21 @@ KINDS: dict = {
     "fwd_bias": lambda dt, D, arch: _fwd(dt, D, arch, running_max=True, bias=True),
     "bwd_dkdv": lambda dt, D, arch: _bwd("dkdv", dt, D, arch),
     "bwd_dq": lambda dt, D, arch: _bwd("dq", dt, D, arch),
+    # packed batches (cu_seqlens): the VARLEN instantiations, 16-bit dtypes only (registry.VARLEN_DTYPES)
+    "fwd_varlen": lambda dt, D, arch: _fwd(dt, D, arch, running_max=False, varlen=True),
+    "bwd_dkdv_varlen": lambda dt, D, arch: _bwd("dkdv", dt, D, arch, varlen=True),
+    "bwd_dq_varlen": lambda dt, D, arch: _bwd("dq", dt, D, arch, varlen=True),
+    "decode": _decode,
+    "fwd_sm90": lambda dt, D, arch: _fwd_sm90(dt, D, arch, running_max=False),
+    "fwd_sm90_rm": lambda dt, D, arch: _fwd_sm90(dt, D, arch, running_max=True),
 }
 KIND_LABELS = {"fwd": "forward, fixed offset", "fwd_rm": "forward, running max",
                "fwd_bias": "forward, running max with a bias", "bwd_dkdv": "bwd_dkdv (fast mode)",
-               "bwd_dq": "bwd_dq (deterministic mode)"}
+               "bwd_dq": "bwd_dq (deterministic mode)", "fwd_varlen": "forward, fixed offset, packed batch",
+               "bwd_dkdv_varlen": "bwd_dkdv (fast mode), packed batch",
+               "bwd_dq_varlen": "bwd_dq (deterministic mode), packed batch",
+               "decode": "decode_fwd (KV cache, GQA 8:1 single-token, paged, fixed offset)",
+               "fwd_sm90": "Hopper forward (hopper_fwd.cu), fixed offset", "fwd_sm90_rm": "Hopper forward, running max"}
 DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
@@ -586,12 +677,17 @@ class Profiled:
     def label(self) -> str:
         return f"{self.kind} {DTYPE_SHORT[self.dtype]} D={self.head_dim}"
 
-    def resolve(self, arch: str) -> Instantiation:
+    def resolve(self, arch: str) -> Optional[Instantiation]:
+        """The instantiation on `arch`, or None where this kind does not exist (sm_90a-only kernels)."""
         return KINDS[self.kind](self.dtype, self.head_dim, arch)
 
 
-PROFILED_KERNELS = tuple(Profiled(k, dt, d) for k in ("fwd", "fwd_rm", "fwd_bias", "bwd_dkdv", "bwd_dq")
-                         for dt in ("float16", "bfloat16", "float32") for d in (64, 128))
+PROFILED_KERNELS = (tuple(Profiled(k, dt, d) for k in ("fwd", "fwd_rm", "fwd_bias", "bwd_dkdv", "bwd_dq", "decode")
+                          for dt in ("float16", "bfloat16", "float32") for d in (64, 128))
+                    + tuple(Profiled(k, dt, d) for k in ("fwd_varlen", "bwd_dkdv_varlen", "bwd_dq_varlen")
+                            for dt in ("float16", "bfloat16") for d in (64, 128))
+                    + tuple(Profiled(k, dt, d) for k in ("fwd_sm90", "fwd_sm90_rm") for dt in ("float16", "bfloat16")
+                            for d in (64, 128)))
 
 
 def constant_bank(arch: str, params: bytes, threads: int) -> dict:
@@ -745,12 +841,15 @@ def profile(archs: list, kernels: Optional[list] = None, jobs: int = 2) -> list:
     for p in kernels:
         for arch in archs:
             row = Row(p, arch)
-            rows.append(row)
             try:
                 row.inst = p.resolve(arch)
             except Exception as e:  # noqa: BLE001 - reported in the row
                 row.error = f"{type(e).__name__}: {e}"
+                rows.append(row)
                 continue
+            if row.inst is None:  # no such kernel on this architecture
+                continue
+            rows.append(row)
             key = (row.inst.source, _module_group(row.inst.source, row.inst.name), arch)
             groups.setdefault(key, set()).add(row.inst.name)
     results = {}
@@ -786,7 +885,7 @@ def _fill(row: Row, res: dict) -> None:
     row.regs, row.smem_static, row.spills = pt["regs"], pt["smem"], (pt["spill_st"], pt["spill_ld"])
     row.blocks, row.limiter = blocks_per_sm(row.arch, row.regs, row.inst.threads, row.smem_static + row.inst.smem)
     row.analysis = analyze(funcs[low], constant_bank(row.arch, row.inst.params, row.inst.threads))
-    row.model = model(row.arch, row.cost, -(-row.inst.threads // 32))
+    row.model = model(row.arch, row.cost, row.inst.loop_warps or -(-row.inst.threads // 32))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,13 +16,20 @@ made correct and complete:
 - the original's constructor keywords: ``use_cuda_kernel`` (False: the non-fused
   :func:`~cupy_cosattn.torch.plain_cosine_sim_attention`), ``non_cosine_sim_attn`` (the softmax
   baseline) and extra keywords for the attention function (see `CosineSimCausalTransformer`);
-- :meth:`CosineSimCausalTransformer.generate` with top-k filtering, temperature (0 = greedy) and a KV
-  cache: each new token is one query against the cached keys (the op's bottom-right causal alignment
-  makes that query see every cached key), so cached and uncached generation compute the same thing;
+- :meth:`CosineSimCausalTransformer.generate` with top-k filtering, temperature (0 = greedy) and a
+  preallocated, paged KV cache (:class:`KVCache`: per layer a pool of key and value pages
+  (num_pages, Hk, page_size, D) and a block table; or, with page_size=None, a contiguous
+  (B, Hk, max_seq_len, D) buffer): the prompt and then each new token are appended in place and attended to by
+  :func:`cupy_cosattn.torch.kvcache_attention` (no ``torch.cat`` per token; bottom-right causal, so a new
+  token sees every cached key), so cached and uncached generation compute the same thing;
 - context parallelism: ``forward(tokens, positions=..., attention_fn=...)`` runs the model on one shard
   of a sequence, with the shard's global positions and an attention function that sees the whole
   sequence, e.g. :func:`cupy_cosattn.torch.ring.ring_cosine_sim_attention` bound to a process group
-  (examples/train_toy.py ``--context-parallel``; docs/ring.md).
+  (examples/train_toy.py ``--context-parallel``; docs/ring.md);
+- packed documents: ``forward(tokens (1, total), cu_seqlens=...)`` runs several documents of different
+  lengths as one row without padding: positions restart at 0 in every document, attention is
+  :func:`cupy_cosattn.torch.varlen_cosine_sim_attention` (no token sees another document), and the
+  loss predicts each token from its own document only (examples/train_toy.py ``--pack``).
 """
 from __future__ import annotations
 
@@ -36,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .torch import cosine_sim_attention, plain_cosine_sim_attention
+from .torch import cosine_sim_attention, kvcache_attention, plain_cosine_sim_attention, varlen_cosine_sim_attention
 
-__all__ = ["CosineSimCausalTransformer", "Attention", "FeedForward", "top_k_filter"]
+__all__ = ["CosineSimCausalTransformer", "Attention", "FeedForward", "KVCache", "top_k_filter"]
 
-KVCache = list[tuple[Tensor, Tensor]]
+LayerCaches = list[tuple[Tensor, Tensor]]  # per layer (k, v) (B, Hk, N, D), grown by torch.cat
 
 # Embedding std of the post-norm (DeepNet) model: the original project's value.
 POST_NORM_EMB_STD = 1e-5
@@ -48,6 +55,8 @@ POST_NORM_EMB_STD = 1e-5
 PRE_NORM_EMB_STD = 0.02
 # Keywords the attention layer itself passes; the model's extra keywords may not override them.
 _LAYER_KEYWORDS = ("q", "k", "v", "causal", "scale", "groups")
+# The model's extra attention keywords that the packed-document attention takes too.
+_VARLEN_KEYWORDS = ("l2norm_qk", "deterministic", "backend")
 
 
 def cosine_attention_function(use_cuda_kernel: Optional[bool] = None, **kwargs: Any) -> Callable[..., Tensor]:
@@ -75,6 +84,30 @@ def top_k_filter(logits: Tensor, thres: float = 0.9) -> Tensor:
     return torch.full_like(logits, float("-inf")).scatter_(-1, ind, val)
 
 
+def packed_softmax_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """Causal softmax attention within each packed document: q (T, H, D), k, v (T, Hk, D) -> (T, H, D)."""
+    T = q.shape[0]
+    doc = document_index(cu_seqlens, T)
+    i = torch.arange(T, device=q.device)
+    allowed = (doc.unsqueeze(1) == doc.unsqueeze(0)) & (i.unsqueeze(0) <= i.unsqueeze(1))
+    return softmax_attention_masked(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                    v.transpose(0, 1).unsqueeze(0), allowed)[0].transpose(0, 1)
+
+
+def softmax_attention_masked(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    H, Hk = q.shape[1], k.shape[1]
+    if Hk != H:
+        k = k.repeat_interleave(H // Hk, dim=1)
+        v = v.repeat_interleave(H // Hk, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+def document_index(cu_seqlens: Tensor, total: int) -> Tensor:
+    """(total,) the document of every packed position (cu_seqlens int32 (docs + 1,))."""
+    pos = torch.arange(total, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].to(torch.int64), pos, right=True)
+
+
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Regular causal softmax attention (1/sqrt(D) scaling), bottom-right aligned like the cosine op.
 
@@ -91,6 +124,84 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i + (Nk - Nq))
 
 
+DEFAULT_PAGE_SIZE = 16  # KVCache's page size (the KV-cache kernels take multiples of 16)
+
+
+class KVCache:
+    """A preallocated key/value cache for :meth:`CosineSimCausalTransformer.generate`.
+
+    Paged (the default, ``page_size`` a multiple of 16): per layer a pool of k and v pages of shape
+    (num_pages, Hk, page_size, D) with num_pages = B * pages_per_seq, pages_per_seq = ceil(max_len /
+    page_size), and one ``block_table`` int32 (B, pages_per_seq) for all layers: page j of sequence b
+    is pool page j * B + b, so a sequence's pages are not adjacent (as a server's allocator leaves
+    them) and the kernels find them through the table. ``page_size=None``: a contiguous (B, Hk,
+    max_len, D) buffer per layer and no table. Buffers are allocated at a layer's first append in the
+    dtype of its keys (so autocast works). ``seqlens`` int32 (B,): the positions cached so far (the
+    same for every sequence of the batch; ``length`` is that number). A forward call with ``cache=``
+    appends its tokens' keys and values in place in every layer, then advances ``seqlens`` by its
+    token count (:meth:`advance`)."""
+
+    def __init__(self, depth: int, batch: int, max_len: int, device: Optional[torch.device] = None,
+                 page_size: Optional[int] = DEFAULT_PAGE_SIZE) -> None:
+        if page_size is not None and (page_size < 1 or page_size % 16 != 0):
+            raise ValueError(f"page_size must be a positive multiple of 16 or None, got {page_size}")
+        self.max_len, self.batch, self.page_size = max_len, batch, page_size
+        self.layers: list[Optional[tuple[Tensor, Tensor]]] = [None] * depth
+        self.seqlens = torch.zeros((batch,), dtype=torch.int32, device=device)
+        self.length = 0
+        self.block_table: Optional[Tensor] = None
+        if page_size is not None:
+            pages = -(-max_len // page_size)
+            self.block_table = (torch.arange(pages, dtype=torch.int32, device=device).view(1, -1) * batch
+                                + torch.arange(batch, dtype=torch.int32, device=device).view(-1, 1))
+
+    def buffers(self, i: int, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Layer i's (k, v) buffers, allocated like k (B, Hk, N, D) at the first call: pages
+        (num_pages, Hk, page_size, D), or (B, Hk, max_len, D) without paging."""
+        if self.layers[i] is None:
+            B, Hk, _, D = k.shape
+            shape = ((B, Hk, self.max_len, D) if self.block_table is None
+                     else (self.block_table.numel(), Hk, self.page_size, D))
+            self.layers[i] = tuple(k.new_zeros(shape) for _ in range(2))
+        return self.layers[i]
+
+    def write(self, i: int, k: Tensor, v: Tensor) -> None:
+        """Store k, v (B, Hk, N, D) at positions length .. length + N - 1 of layer i, in place."""
+        kc, vc = self.buffers(i, k)
+        end = self.length + k.shape[2]
+        if self.block_table is None:
+            kc[:, :, self.length:end] = k
+            vc[:, :, self.length:end] = v
+            return
+        pos = torch.arange(self.length, end, device=k.device)
+        page = self.block_table[:, pos // self.page_size].long()  # (B, N)
+        row = (pos % self.page_size).expand_as(page)
+        kc[page, :, row] = k.transpose(1, 2)  # (B, N, Hk, D) into the slots
+        vc[page, :, row] = v.transpose(1, 2)
+
+    def prefix(self, i: int, end: int) -> tuple[Tensor, Tensor]:
+        """Layer i's first `end` positions as (B, Hk, end, D) k and v (views, or gathered pages)."""
+        kc, vc = self.layers[i]
+        if self.block_table is None:
+            return kc[:, :, :end], vc[:, :, :end]
+        pages = self.block_table[:, :-(-end // self.page_size)].long()  # (B, n)
+
+        def gather(c: Tensor) -> Tensor:
+            g = c[pages]  # (B, n, Hk, page_size, D)
+            return g.transpose(1, 2).reshape(g.shape[0], g.shape[2], -1, g.shape[4])[:, :, :end]
+
+        return gather(kc), gather(vc)
+
+    def advance(self, n: int) -> None:
+        self.seqlens += n
+        self.length += n
+
+    def reset(self) -> None:
+        """Forget the cached positions (the buffers stay allocated)."""
+        self.seqlens.zero_()
+        self.length = 0
+
+
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, mult: float = 4.0) -> None:
         hidden = int(dim * mult)
@@ -102,9 +213,11 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, kv_heads: Optional[int] = None,
                  attn: str = "cosine", scale: float = 8.0, learned_scale: bool = False, l2norm_groups: int = 1,
-                 attend: Optional[Callable[..., Tensor]] = None) -> None:
+                 attend: Optional[Callable[..., Tensor]] = None,
+                 varlen_attend: Optional[Callable[..., Tensor]] = None) -> None:
         """attend: the cosine attention function (default :func:`cupy_cosattn.torch.cosine_sim_attention`;
-        see `cosine_attention_function`)."""
+        see `cosine_attention_function`); varlen_attend: that of packed documents (default
+        :func:`cupy_cosattn.torch.varlen_cosine_sim_attention`)."""
         super().__init__()
         if attn not in ("cosine", "softmax"):
             raise ValueError(f"attn must be 'cosine' or 'softmax', got {attn!r}")
@@ -114,6 +227,7 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
         self.attn, self.l2norm_groups = attn, l2norm_groups
         self.attend = cosine_sim_attention if attend is None else attend
+        self.varlen_attend = varlen_cosine_sim_attention if varlen_attend is None else varlen_attend
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
         self.to_k = nn.Linear(dim, kv_heads * dim_head, bias=False)
         self.to_v = nn.Linear(dim, kv_heads * dim_head, bias=False)
@@ -127,15 +241,25 @@ class Attention(nn.Module):
         return self.fixed_scale if self.log_scale is None else self.log_scale.exp()
 
     def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None,
-                attention_fn: Optional[Callable[..., Tensor]] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                attention_fn: Optional[Callable[..., Tensor]] = None,
+                kv_cache: Optional[tuple[KVCache, int]] = None, cu_seqlens: Optional[Tensor] = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor] | KVCache]:
         """x (B, N, dim) -> (B, N, dim), plus the (k, v) cache extended by these N positions.
 
         attention_fn (cosine attention only): called as attention_fn(q, k, v, causal=True, scale=...,
-        groups=...) in place of cosine_sim_attention, e.g. ring attention over a sharded sequence."""
+        groups=...) in place of cosine_sim_attention, e.g. ring attention over a sharded sequence.
+        kv_cache (KVCache, layer index): append k, v to the preallocated cache in place and attend over
+        it (returned in place of the (k, v) pair).
+        cu_seqlens: x (1, T, dim) holds packed documents (int32 (docs + 1,) offsets); each attends
+        causally within itself (no cache, no attention_fn)."""
+        if cu_seqlens is not None:
+            return self._forward_packed(x, cu_seqlens)
         B, N, _ = x.shape
         q = self.to_q(x).view(B, N, self.heads, self.dim_head).transpose(1, 2)
         k = self.to_k(x).view(B, N, self.kv_heads, self.dim_head).transpose(1, 2)
         v = self.to_v(x).view(B, N, self.kv_heads, self.dim_head).transpose(1, 2)
+        if kv_cache is not None:
+            return self._attend_cached(q, k, v, *kv_cache), kv_cache[0]
         if cache is not None:
             k = torch.cat((cache[0], k), dim=2)
             v = torch.cat((cache[1], v), dim=2)
@@ -148,6 +272,49 @@ class Attention(nn.Module):
             o = softmax_attention(q, k, v)
         o = o.transpose(1, 2).reshape(B, N, self.heads * self.dim_head)
         return self.to_out(o), (k, v)
+
+    def _forward_packed(self, x: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        T = x.shape[1]
+        q = self.to_q(x[0]).view(T, self.heads, self.dim_head)
+        k = self.to_k(x[0]).view(T, self.kv_heads, self.dim_head)
+        v = self.to_v(x[0]).view(T, self.kv_heads, self.dim_head)
+        if self.attn == "cosine":
+            o = self.varlen_attend(q, k, v, cu_seqlens, cu_seqlens, causal=True, scale=self.scale,
+                                   groups=self.l2norm_groups)
+        else:
+            o = packed_softmax_attention(q, k, v, cu_seqlens)
+        return self.to_out(o.reshape(1, T, self.heads * self.dim_head)), (k, v)
+
+    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int) -> Tensor:
+        """Append k, v (B, Hk, N, D) at positions cache.length.. of layer `layer` and attend over the
+        cache: the KV-cache op when this layer's attention is the fused op, else (softmax, the plain
+        function, other bound keywords) that attention over the cache's valid prefix."""
+        B, N = q.shape[0], q.shape[2]
+        kc, vc = cache.buffers(layer, k)
+        kw = kvcache_keywords(self.attend) if self.attn == "cosine" else None
+        if kw is not None:
+            o = kvcache_attention(q, kc, vc, cache.seqlens, block_table=cache.block_table, k_new=k.contiguous(),
+                                  v_new=v.contiguous(), causal=True, scale=self.scale, groups=self.l2norm_groups,
+                                  **kw)
+        else:
+            cache.write(layer, k, v)
+            kp, vp = cache.prefix(layer, cache.length + N)
+            if self.attn == "cosine":
+                o = self.attend(q, kp, vp, causal=True, scale=self.scale, groups=self.l2norm_groups)
+            else:
+                o = softmax_attention(q, kp, vp)
+        return self.to_out(o.transpose(1, 2).reshape(B, N, self.heads * self.dim_head))
+
+
+def kvcache_keywords(attend: Callable[..., Tensor]) -> Optional[dict[str, Any]]:
+    """The keywords for :func:`cupy_cosattn.torch.kvcache_attention` that compute what `attend` does,
+    when it is the fused op, possibly with keywords the KV-cache op shares (l2norm_qk, backend) or that
+    do not change a forward (deterministic) bound to it; None otherwise."""
+    fn, kw = (attend.func, dict(attend.keywords)) if isinstance(attend, functools.partial) else (attend, {})
+    if fn is not cosine_sim_attention or not set(kw) <= {"l2norm_qk", "backend", "deterministic"}:
+        return None
+    kw.pop("deterministic", None)
+    return kw
 
 
 class CosineSimCausalTransformer(nn.Module):
@@ -175,6 +342,8 @@ class CosineSimCausalTransformer(nn.Module):
         if non_cosine_sim_attn:
             attn = "softmax"
         attend = cosine_attention_function(use_cuda_kernel, **kwargs)
+        varlen_kw = {name: value for name, value in kwargs.items() if name in _VARLEN_KEYWORDS}
+        varlen_attend = functools.partial(varlen_cosine_sim_attention, **varlen_kw)
         self.num_tokens, self.max_seq_len, self.depth, self.pre_norm = num_tokens, max_seq_len, depth, pre_norm
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.pos_emb = nn.Embedding(max_seq_len, dim)
@@ -185,7 +354,8 @@ class CosineSimCausalTransformer(nn.Module):
         for _ in range(depth):
             self.layers.append(nn.ModuleDict(dict(
                 attn=Attention(dim, heads=heads, dim_head=dim_head, kv_heads=kv_heads, attn=attn, scale=attn_scale,
-                               learned_scale=learned_scale, l2norm_groups=attn_l2norm_groups, attend=attend),
+                               learned_scale=learned_scale, l2norm_groups=attn_l2norm_groups, attend=attend,
+                               varlen_attend=varlen_attend),
                 attn_norm=nn.LayerNorm(dim),
                 ff=FeedForward(dim, ff_mult),
                 ff_norm=nn.LayerNorm(dim),
@@ -208,19 +378,31 @@ class CosineSimCausalTransformer(nn.Module):
                 nn.init.xavier_normal_(lin.weight, gain=self.beta)
         nn.init.xavier_normal_(self.to_logits.weight, gain=1.0)
 
-    def forward(self, tokens: Tensor, *, return_loss: bool = False, cache: Optional[KVCache] = None,
-                return_cache: bool = False, positions: Optional[Tensor] = None,
-                attention_fn: Optional[Callable[..., Tensor]] = None) -> Tensor | tuple[Tensor, KVCache]:
+    def forward(self, tokens: Tensor, *, return_loss: bool = False,
+                cache: Optional[LayerCaches | KVCache] = None, return_cache: bool = False,
+                positions: Optional[Tensor] = None, attention_fn: Optional[Callable[..., Tensor]] = None,
+                cu_seqlens: Optional[Tensor] = None) -> Tensor | tuple[Tensor, LayerCaches | KVCache]:
         """Logits (B, N, num_tokens) for tokens (B, N); with `cache` (from a previous call with
-        return_cache=True) the tokens continue that sequence. return_loss: next-token cross-entropy.
+        return_cache=True, or a :class:`KVCache`, which is appended to in place) the tokens continue
+        that sequence. return_loss: next-token cross-entropy.
 
         Context parallelism: `positions` (N,) int64 are the positions of `tokens` in the whole sequence
         (default: consecutive, after the cache) and `attention_fn` replaces each layer's attention
-        (see `Attention.forward`)."""
+        (see `Attention.forward`).
+
+        Packed documents: `cu_seqlens` int32 (docs + 1,) splits tokens (1, T) into documents of
+        different lengths (each at most max_seq_len); positions restart per document, no position
+        attends across a boundary, and return_loss averages over the tokens that have a successor in
+        their own document (logits (1, T, num_tokens) otherwise)."""
+        if cu_seqlens is not None:
+            return self._forward_packed(tokens, cu_seqlens, return_loss)
         n_given = tokens.shape[1]
         if return_loss:
             tokens, labels = tokens[:, :-1], tokens[:, 1:]
-        offset = 0 if cache is None else cache[0][0].shape[2]
+        preallocated = isinstance(cache, KVCache)
+        if preallocated and attention_fn is not None:
+            raise ValueError("attention_fn cannot be combined with a preallocated KVCache")
+        offset = 0 if cache is None else cache.length if preallocated else cache[0][0].shape[2]
         N = tokens.shape[1]
         if offset + N > self.max_seq_len:
             raise ValueError(f"sequence of {offset + N} positions exceeds max_seq_len={self.max_seq_len}")
@@ -232,49 +414,96 @@ class CosineSimCausalTransformer(nn.Module):
                                  f"got shape {tuple(positions.shape)}")
             pos = positions[:N]  # with return_loss the last token is only a label
         x = self.token_emb(tokens) + self.pos_emb(pos)
-        new_cache: KVCache = []
+        new_cache: LayerCaches = []
         for i, layer in enumerate(self.layers):
-            c = None if cache is None else cache[i]
+            c = None if cache is None or preallocated else cache[i]
+            kvc = (cache, i) if preallocated else None
             if self.pre_norm:
-                y, kv = layer["attn"](layer["attn_norm"](x), c, attention_fn)
+                y, kv = layer["attn"](layer["attn_norm"](x), c, attention_fn, kvc)
                 x = x + y
                 x = x + layer["ff"](layer["ff_norm"](x))
             else:
-                y, kv = layer["attn"](x, c, attention_fn)
+                y, kv = layer["attn"](x, c, attention_fn, kvc)
                 x = layer["attn_norm"](x * self.alpha + y)
                 x = layer["ff_norm"](x * self.alpha + layer["ff"](x))
             new_cache.append(kv)
+        if preallocated:
+            cache.advance(N)
+            new_cache = cache
         logits = self.to_logits(self.final_norm(x))
         if return_loss:
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
         return (logits, new_cache) if return_cache else logits
 
+    def _forward_packed(self, tokens: Tensor, cu_seqlens: Tensor, return_loss: bool) -> Tensor:
+        if tokens.dim() != 2 or tokens.shape[0] != 1:
+            raise ValueError(f"packed tokens must have shape (1, total), got {tuple(tokens.shape)}")
+        T = tokens.shape[1]
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+            raise ValueError(f"cu_seqlens must be an int32 tensor of shape (docs + 1,), got {cu_seqlens.dtype} "
+                             f"{tuple(cu_seqlens.shape)}")
+        if not torch.compiler.is_compiling():  # values: eager only (a traced tensor has none)
+            lengths = torch.diff(cu_seqlens)
+            if int(cu_seqlens[-1]) != T:
+                raise ValueError(f"cu_seqlens[-1] = {int(cu_seqlens[-1])} must be the number of tokens {T}")
+            if lengths.numel() and int(lengths.max()) > self.max_seq_len:
+                raise ValueError(f"a document of {int(lengths.max())} tokens exceeds max_seq_len={self.max_seq_len}")
+        doc = document_index(cu_seqlens, T)
+        pos = torch.arange(T, device=tokens.device) - cu_seqlens.to(torch.int64)[doc]
+        x = self.token_emb(tokens) + self.pos_emb(pos)
+        for layer in self.layers:
+            if self.pre_norm:
+                y, _ = layer["attn"](layer["attn_norm"](x), cu_seqlens=cu_seqlens)
+                x = x + y
+                x = x + layer["ff"](layer["ff_norm"](x))
+            else:
+                y, _ = layer["attn"](x, cu_seqlens=cu_seqlens)
+                x = layer["attn_norm"](x * self.alpha + y)
+                x = layer["ff_norm"](x * self.alpha + layer["ff"](x))
+        logits = self.to_logits(self.final_norm(x))
+        if not return_loss:
+            return logits
+        # the target of position i is token i + 1 of the same document; a document's last token has none
+        labels = torch.roll(tokens[0], -1)
+        ends = cu_seqlens[1:].to(torch.int64)  # one past each document's last token
+        last = torch.isin(torch.arange(T, device=tokens.device) + 1, ends)
+        labels = labels.masked_fill(last, -100)
+        return F.cross_entropy(logits[0].float(), labels, ignore_index=-100)
+
     @torch.no_grad()
     def generate(self, prompt: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
-                 use_cache: bool = True) -> Tensor:
+                 use_cache: bool = True, page_size: Optional[int] = DEFAULT_PAGE_SIZE) -> Tensor:
         """Sample `seq_len` tokens after `prompt` (B, N); returns them (B, seq_len).
 
         temperature 0 is greedy decoding; otherwise the top ceil((1 − filter_thres)·num_tokens) logits are
-        sampled at `temperature`. With use_cache each step runs only the newest token against the KV
-        cache; once the sequence outgrows max_seq_len the window slides and positions shift, so every
-        later step recomputes the window (exactly what the uncached path does)."""
+        sampled at `temperature`. With use_cache a preallocated :class:`KVCache` of max_seq_len positions
+        (pages of `page_size` slots; None: one contiguous buffer per layer) takes the prompt, then each
+        step runs only the newest token against it; once the sequence outgrows max_seq_len the window
+        slides and positions shift, so every later step refills the cache with the window (exactly what
+        the uncached path computes)."""
         was_training = self.training
         self.eval()
         try:
-            out = prompt
-            cache = None
-            for _ in range(seq_len):
-                if use_cache and cache is not None and out.shape[1] <= self.max_seq_len:
-                    logits, cache = self(out[:, -1:], cache=cache, return_cache=True)
+            B, P = prompt.shape
+            tokens = prompt.new_empty((B, P + seq_len))  # filled one column per step
+            tokens[:, :P] = prompt
+            cache = KVCache(self.depth, B, self.max_seq_len, prompt.device, page_size) if use_cache else None
+            for n in range(P, P + seq_len):
+                window = tokens[:, max(0, n - self.max_seq_len):n]
+                if use_cache and cache.length > 0 and n <= self.max_seq_len:
+                    logits = self(tokens[:, n - 1:n], cache=cache)
+                elif use_cache:
+                    cache.reset()
+                    logits = self(window, cache=cache)
                 else:
-                    logits, cache = self(out[:, -self.max_seq_len:], return_cache=True)
+                    logits = self(window)
                 logits = logits[:, -1].float()
                 if temperature == 0:
                     sample = logits.argmax(dim=-1, keepdim=True)
                 else:
                     probs = F.softmax(top_k_filter(logits, filter_thres) / temperature, dim=-1)
                     sample = torch.multinomial(probs, 1)
-                out = torch.cat((out, sample), dim=-1)
-            return out[:, prompt.shape[1]:]
+                tokens[:, n] = sample[:, 0]
+            return tokens[:, P:]
         finally:
             self.train(was_training)

@@ -7,6 +7,7 @@ checkout without installing anything:
     python examples/benchmark.py --quick --out /tmp/bench      # ~1 minute on an H100
     python examples/benchmark.py --out /tmp/bench              # the full grid
     python examples/benchmark.py --smoke --out /tmp/smoke      # CPU smoke (automatic without CUDA)
+    python examples/benchmark.py --decode --out /tmp/decode    # the decode section (KV cache, tokens/s)
     python examples/benchmark.py --help                        # every option
 """
 from __future__ import annotations

@@ -5,6 +5,7 @@
     python examples/train_toy.py --attn softmax         # the regular-attention baseline
     torchrun --nproc_per_node=2 examples/train_toy.py   # DDP (gloo on the CPU, nccl on GPUs)
     torchrun --nproc_per_node=2 examples/train_toy.py --context-parallel 2   # each sequence over 2 ranks
+    python examples/train_toy.py --pack                 # variable-length documents packed, no padding
     python examples/train_toy.py --resume runs/toy-... --steps 1200   # continue that run, in its directory
 
 The text is read at run time from the .py files of this interpreter's standard library (a few MB,
@@ -14,6 +15,12 @@ reported in bits per byte. The script shows a progress bar, prints the validatio
 every --val-every steps, prints a generated sample at the end and writes loss.png (the curves) and
 checkpoint.pt into --out. On a GPU the model runs the fused CUDA kernels under bfloat16 (or float16)
 autocast; on the CPU it runs the torch implementation of the same op in float32.
+
+--pack trains on documents of different lengths instead of fixed windows: each document is a piece
+of one source file (a random length up to --seq-len, shorter where the file is), and every step packs
+documents into one row of --batch-size x --seq-len tokens with their cu_seqlens: no padding, positions
+restart per document, and attention never crosses a document (varlen attention). The run reports the
+tokens per second it trained either way.
 
 A run trains for --steps steps, however long that takes on a busy machine, so its learning-rate
 schedule always completes. --time-limit SECONDS caps the training time instead; the schedule then
@@ -85,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads per process (0: the cores divided among this node's processes, "
                         "or 1 when other work already keeps every core busy)")
+    p.add_argument("--pack", action="store_true",
+                   help="train on variable-length documents (pieces of single source files) packed into one "
+                        "row per step with cu_seqlens, without padding")
     p.add_argument("--context-parallel", type=int, default=1, metavar="N",
                    help="shard each sequence over N ranks (ring attention; under torchrun, N divides the world)")
     return p
@@ -98,6 +108,11 @@ def parse_args(argv=None):
 
 def stdlib_text(max_bytes: int) -> bytes:
     """Up to max_bytes of this interpreter's standard-library .py sources, in a fixed (sorted) order."""
+    return b"".join(stdlib_files(max_bytes))[:max_bytes]
+
+
+def stdlib_files(max_bytes: int) -> list[bytes]:
+    """The standard-library .py sources that stdlib_text joins, one bytes object per file."""
     root = Path(sysconfig.get_paths()["stdlib"])
     top = sorted(root.glob("*.py"))
     rest = sorted(f for f in root.rglob("*.py")
@@ -114,7 +129,7 @@ def stdlib_text(max_bytes: int) -> bytes:
         total += len(b)
     if total < 10_000:
         raise SystemExit(f"found only {total} bytes of Python source under {root}; is the standard library installed?")
-    return b"".join(chunks)[:max_bytes]
+    return chunks
 
 
 def random_batch(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
@@ -122,6 +137,36 @@ def random_batch(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Genera
     starts = torch.randint(0, data.numel() - seq_len - 1, (batch,), generator=gen)
     idx = starts.unsqueeze(1) + torch.arange(seq_len + 1).unsqueeze(0)
     return data[idx].long()
+
+
+def file_bounds(files: list[bytes], limit: int) -> list[tuple[int, int]]:
+    """(start, end) byte offsets of each file in the joined text, cut at `limit` (the train split)."""
+    bounds, at = [], 0
+    for f in files:
+        start, at = at, at + len(f)
+        if min(at, limit) - start >= 2:
+            bounds.append((start, min(at, limit)))
+        if at >= limit:
+            break
+    return bounds
+
+
+def packed_batch(data: torch.Tensor, bounds: list[tuple[int, int]], tokens: int, seq_len: int,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (1, `tokens`) long, cu_seqlens int32): documents packed into one row without padding.
+    Each document is a piece of one file, of a random length in [2, seq_len] (the file's length where
+    it is shorter; the last one is cut to fill the row exactly), at a random offset in the file."""
+    pieces, lengths, total = [], [], 0
+    while total < tokens:
+        start, end = bounds[int(torch.randint(len(bounds), (1,), generator=gen))]
+        n = min(int(torch.randint(2, seq_len + 1, (1,), generator=gen)), end - start, tokens - total)
+        off = start + int(torch.randint(end - start - n + 1, (1,), generator=gen))
+        pieces.append(data[off:off + n])
+        lengths.append(n)
+        total += n
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    return torch.cat(pieces).long().unsqueeze(0), cu
 
 
 def decode(tokens) -> str:
@@ -319,10 +364,14 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(args.seed)
-    text = stdlib_text(int(args.data_mb * 1e6))
+    files = stdlib_files(int(args.data_mb * 1e6))
+    text = b"".join(files)[:int(args.data_mb * 1e6)]
     data = torch.frombuffer(bytearray(text), dtype=torch.uint8)
     split = int(0.9 * data.numel())
     train_data, val_data = data[:split], data[split:]
+    if args.pack and args.context_parallel > 1:
+        raise SystemExit("--pack and --context-parallel do not combine (a packed row is not split across ranks)")
+    train_files = file_bounds(files, split) if args.pack else []
 
     if args.dim % args.heads:
         raise SystemExit(f"--dim {args.dim} must be divisible by --heads {args.heads}")
@@ -363,15 +412,24 @@ def main(argv=None):
     bar = tqdm(total=args.steps, initial=start, desc="training", disable=not main_proc, dynamic_ncols=True,
                mininterval=1.0)
     t0 = time.time()
+    trained_tokens = 0
     step = start
     model.train()
     time_frac = 0.0  # the fraction of --time-limit used (the same on every process)
     while step < args.steps:
         for group in optim.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, time_frac)
-        x = random_batch(train_data, args.batch_size, args.seq_len, gen).to(device, non_blocking=True)
-        with amp():
-            loss = model(x, return_loss=True)
+        if args.pack:
+            x, cu = packed_batch(data, train_files, args.batch_size * args.seq_len, args.seq_len, gen)
+            x, cu = x.to(device, non_blocking=True), cu.to(device, non_blocking=True)
+            with amp():
+                loss = model(x, cu_seqlens=cu, return_loss=True)
+            trained_tokens += x.shape[1]
+        else:
+            x = random_batch(train_data, args.batch_size, args.seq_len, gen).to(device, non_blocking=True)
+            with amp():
+                loss = model(x, return_loss=True)
+            trained_tokens += args.batch_size * args.seq_len
         optim.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optim)
@@ -409,14 +467,24 @@ def main(argv=None):
         save_plot(out / "loss.png", history, f"{args.attn} attention, byte-level Python stdlib")
         first = history["val"][0][1] if history["val"] else float("nan")
         last_v = history["val"][-1][1] if history["val"] else float("nan")
-        log(f"trained {done - start} steps in {elapsed:.0f} s; validation {first:.3f} -> {last_v:.3f} bits/byte")
+        tok_s = trained_tokens * world / args.context_parallel / max(elapsed, 1e-9)  # sequences, not shards
+        log(f"trained {done - start} steps in {elapsed:.0f} s ({tok_s:.0f} "
+            f"tokens/s{', packed documents' if args.pack else ''}); validation {first:.3f} -> {last_v:.3f} bits/byte")
         head = bytes(val_data[:100_000].tolist())
         at = head.find(b"\ndef ") + 1  # start the prompt at a function definition (0 if there is none)
         prompt_tokens = val_data[at:at + 48].long().unsqueeze(0).to(device)
         torch.manual_seed(args.seed)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_gen = time.time()
         with amp():
             sample = raw_model.generate(prompt_tokens, args.sample_len, temperature=0.8, filter_thres=0.9)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_gen = time.time() - t_gen
         log("sample (prompt | generated):\n" + decode(prompt_tokens[0].tolist()) + " | " + decode(sample[0].tolist()))
+        log(f"generation: {sample.numel()} tokens in {t_gen:.2f} s ({sample.numel() / max(t_gen, 1e-9):.1f} tokens/s, "
+            f"KV cache of {raw_model.max_seq_len} positions)")
         log(f"wrote {out / 'checkpoint.pt'} and {out / 'loss.png'}")
     if world > 1:
         dist.barrier()

@@ -54,6 +54,10 @@ CONFIGS = {
     "fp16-causal-mask-gqa": ("float16", 2, 2, 1, 77, 77, 64, dict(causal=True, mask=True)),
     "bf16-bias-cross": ("bfloat16", 1, 2, 2, 40, 96, 64, dict(bias=True)),
     "fp32-perhead-scale-d128": ("float32", 1, 2, 2, 65, 65, 128, dict(per_head_scale=True)),
+    # the sm_90a forward on an H100: several 128-key tiles, the fix-up and mask warps, running max
+    "bf16-hopper-d128-causal-mask-bias": ("bfloat16", 2, 1, 1, 200, 300, 128, dict(causal=True, mask=True, bias=True)),
+    # and in float16 (CuPy without bfloat16 still reaches it): GQA, a bias (running max), D = 128
+    "fp16-hopper-d128-bias-gqa": ("float16", 1, 2, 1, 130, 260, 128, dict(bias=True)),
 }
 
 
@@ -75,6 +79,16 @@ def make_inputs(name, seed=0):
     if kw.get("per_head_scale"):
         keywords["scale"] = np.linspace(6.0, 10.0, H).astype(np.float32)
     return dtype_name, (q, k, v, dout), keywords
+
+
+def forward_kernel(device, arrays, keywords):
+    """The forward kernel the launch layer picks for these inputs on `device` (a launch.devices Device):
+    on an H100 / H200 the report shows which configurations ran the sm_90a forward."""
+    from cupy_cosattn import problem
+    from cupy_cosattn.launch import dispatch
+
+    prob, inp = problem.canonicalize(*arrays[:3], **keywords)
+    return dispatch.select(prob, device.capabilities(), dispatch.FORWARD, scale=inp.scale).spec.name
 
 
 def run_backend(backend, arrays, keywords, to_device):
@@ -152,6 +166,12 @@ def main(argv=None) -> int:
         props = cupy.cuda.runtime.getDeviceProperties(0)
         dev = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         print(f"emu_vs_gpu: GPU {dev}, CuPy {cupy.__version__}", flush=True)
+        if cupy.cuda.Device(0).compute_capability == "90":
+            # the emulator runs the GPU's kernels: on an H100 / H200 the sm_90a forward too
+            from cupy_cosattn.launch import limits
+
+            limits.set_emulated_arch("sm_90a")
+            print("emu_vs_gpu: the emulator runs as sm_90a (the Hopper forward on both sides)", flush=True)
     except Exception as e:  # noqa: BLE001
         print(f"emu_vs_gpu: needs CuPy and a CUDA GPU ({type(e).__name__}: {e})", flush=True)
         return 2
@@ -170,6 +190,9 @@ def main(argv=None) -> int:
         dt, B, H, Hk, Nq, Nk, D, _ = CONFIGS[name]
         print(f"[{name}] {dt} B={B} H={H} Hk={Hk} Nq={Nq} Nk={Nk} D={D} "
               f"{sorted(k for k in keywords if k not in ('scale',))}", flush=True)
+        from cupy_cosattn.launch import devices
+
+        print(f"  forward kernel: {forward_kernel(devices.CudaDevice(), arrays, keywords)}", flush=True)
         try:
             if dtype_name == "bfloat16":
                 try:

@@ -30,6 +30,9 @@ CONFIGS = {
     "fp16-bias-det": ("float16", 2, 2, 2, 33, 47, 128, dict(bias=True, deterministic=True)),
     "fp32-plain": ("float32", 1, 1, 1, 65, 65, 64, dict()),
     "bf16-plain": ("bfloat16", 1, 2, 2, 40, 40, 64, dict()),
+    # on an H100 / H200 the 16-bit D = 64 / 128 configurations above run the sm_90a forward (TMA,
+    # mbarriers, wgmma); this one adds its mask and fix-up warps over several 128-key tiles
+    "fp16-hopper-mask-causal-d128": ("float16", 1, 1, 1, 150, 300, 128, dict(causal=True, mask=True)),
 }
 
 
@@ -73,6 +76,12 @@ def main(argv=None) -> int:
                 keywords["mask"] = cupy.asarray(m)
             if kw.get("bias"):
                 keywords["attn_bias"] = cupy.asarray((0.5 * rng.standard_normal((H, Nq, Nk))).astype(np.float32))
+            from cupy_cosattn import problem
+            from cupy_cosattn.launch import devices, dispatch
+
+            prob, inp = problem.canonicalize(q, k, v, **keywords)
+            fwd = dispatch.select(prob, devices.CudaDevice().capabilities(), dispatch.FORWARD, scale=inp.scale)
+            print(f"[{name}] forward kernel: {fwd.spec.name}", flush=True)
             out, lse = ca.forward(q, k, v, backend="cuda", **keywords)
             dq, dk, dv, dbias, dscale = ca.backward(dout, q, k, v, out, lse, backend="cuda", **keywords)
             cupy.cuda.runtime.deviceSynchronize()

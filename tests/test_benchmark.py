@@ -187,3 +187,32 @@ def test_emu_vs_gpu_comparison():
     bumped[2] = (np.asarray(ref[2], dtype=np.float32) * 1.05).astype(ref[2].dtype)  # dq 5% off
     ok, lines = emu.compare("x", dtype_name, bumped, ref, ref)
     assert not ok and any("FAIL" in line and line.strip().startswith("dq") for line in lines)
+
+
+def test_report_names_the_forward_kernel_of_the_device(bench):
+    """The settings line says which of our forwards the timings are of: the sm_90a forward on an H100 for
+    the 16-bit cases with D = 64 / 128, forward.cu elsewhere and on other devices."""
+    cases = bench.cases.make_cases(("bfloat16", "float32"), (64, 96, 128), (1024,), ("none",), 2**22, 16)
+    line = bench.cases.cosattn_forward_kernels(cases, (9, 0), 227 * 1024)
+    assert "hopper_fwd.cu (sm_90a: TMA, wgmma) for bf16 D=64, bf16 D=128, forward.cu" in line, line
+    assert "fp32" not in line and "D=96" not in line
+    for cc, smem in (((8, 0), 163 * 1024), ((10, 0), 227 * 1024), ((9, 0), 100 * 1024)):
+        line = bench.cases.cosattn_forward_kernels(cases, cc, smem)
+        assert line == "cosattn forward: forward.cu (mma.sync) in every case", (cc, smem, line)
+
+
+def test_emu_vs_gpu_and_sanitizer_name_the_forward_kernel():
+    """On an H100 both GPU scripts print the forward kernel each configuration runs (here: the emulator
+    as one), and their configurations include the sm_90a forward's fixed-offset and running-max
+    instantiations."""
+    from cupy_cosattn.launch import devices, limits
+
+    emu = _load(REPO / "scripts" / "emu_vs_gpu.py", "cosattn_emu_vs_gpu_kernels")
+    san = _load(REPO / "scripts" / "sanitize_driver.py", "cosattn_sanitize_driver_kernels")
+    with limits.emulated_arch("sm_90a"):
+        dev = devices.EmulatedDevice()
+        names = {n: emu.forward_kernel(dev, *emu.make_inputs(n)[1:]) for n in emu.CONFIGS}
+    hopper = {n for n, k in names.items() if k.startswith("ca::fwd90::attn_fwd_sm90<")}
+    assert {names[n].split(", ")[2] for n in hopper} == {"false>", "true>"}, names  # both variants
+    assert "fp32-perhead-scale-d128" not in hopper and len(hopper) >= 3
+    assert any(c[0] != "float32" and c[6] == 128 and c[7].get("mask") for c in san.CONFIGS.values())

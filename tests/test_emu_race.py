@@ -2,8 +2,8 @@
 
 Small kernels with and without races between blocks (plain read-modify-writes, a read of what
 another block wrote, cp.async and memcpy reads and writes, vector stores) against atomics and
-block-private data; the planted faults: backward.cu's dQ atomicAdd, and its broadcast-dbias
-atomicAdd, each replaced by a plain `+=` in a scratch copy of the source, must be reported; and a
+block-private data; the planted faults: backward.cu's dQ atomic_add2, and its broadcast-dbias
+atomicAdd, each replaced by plain `+=` in a scratch copy of the source, must be reported; and a
 small forward + backward of the real kernels, in both backward modes, must run clean in this mode."""
 import os
 import re
@@ -159,8 +159,8 @@ def test_race_check_setting_and_environment_variable():
 
 CASE = dict(B=2, H=2, Nq=40, Nk=72, D=24, dtype="float16")  # 2 key tiles of bwd_dkdv per query row
 
-DQ_ATOMIC = "atomicAdd(gdq + i * p.dq_sn + d, acc[n][e]);"
-DQ_PLAIN = "gdq[i * p.dq_sn + d] += acc[n][e];"
+DQ_ATOMIC = "atomic_add2(gdq + i * p.dq_sn + d, acc[n][2 * r], acc[n][2 * r + 1]);"
+DQ_PLAIN = "{ gdq[i * p.dq_sn + d] += acc[n][2 * r]; gdq[i * p.dq_sn + d + 1] += acc[n][2 * r + 1]; }"
 DBIAS_ATOMIC = "atomicAdd(static_cast<float*>(p.dbias) + off, x);"
 DBIAS_PLAIN = "static_cast<float*>(p.dbias)[off] += x;"
 

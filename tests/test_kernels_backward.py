@@ -47,9 +47,10 @@ def _to(xp, x):
     return xp.asarray(x) if isinstance(x, np.ndarray) else x
 
 
-def run_backward(args, kw, dout, backend="emulator"):
-    """(dq, dk, dv, dbias, dscale) from `backend` as NumPy values, with out/lse of the reference."""
-    out, lse = api.forward(*args, backend="reference", **kw)
+def run_backward(args, kw, dout, backend="emulator", forward="reference"):
+    """(dq, dk, dv, dbias, dscale) from `backend` as NumPy values, with out/lse of the `forward` backend
+    (the reference, or "emulator": the kernels' own, e.g. the Hopper forward's in test_kernels_hopper)."""
+    out, lse = api.forward(*args, backend=forward, **kw)
     if backend == "cuda":
         import cupy
 
@@ -82,11 +83,11 @@ def dscale_term_norm(args, kw, dout):
     return t if prob.per_head_scale else float(np.sum(t))
 
 
-def check_grads(args, kw, dout, backend="emulator", tol=None):
+def check_grads(args, kw, dout, backend="emulator", tol=None, forward="reference"):
     """Assert the contract's accuracy of every gradient; returns {name: rel err}."""
     q, k, v = args
     dtype = problem.DTYPE_NAMES[np.dtype(q.dtype)]
-    got = run_backward(args, kw, dout, backend)
+    got = run_backward(args, kw, dout, backend, forward)
     ref = reference_grads(args, kw, dout)
     tol = tol or GRAD_TOL[dtype]
     errs = {}
@@ -125,7 +126,7 @@ def grid_deterministic(mode, bias, kv1) -> bool:
     return (GRID_MODES.index(mode) + GRID_BIASES.index(bias) + int(kv1)) % 2 == 1
 
 
-def _grid(backend, dtype, D, N):
+def _grid(backend, dtype, D, N, forward="reference"):
     failures = []
     for i, (mode, bias, kv1) in enumerate(GRID_FLAGS):
         det = grid_deterministic(mode, bias, kv1)
@@ -133,7 +134,7 @@ def _grid(backend, dtype, D, N):
                                    causal=mode == "causal", mask="random" if mode == "mask" else None, bias=bias,
                                    bias_f32=(i % 3 == 0), deterministic=det)
         try:
-            check_grads(args, kw, dout, backend)
+            check_grads(args, kw, dout, backend, forward=forward)
         except AssertionError as e:
             failures.append(f"{mode=} {bias=} single_kv={kv1} deterministic={det}: {e}")
     assert not failures, "\n".join(failures)
@@ -186,6 +187,11 @@ CONFIGS = {
     "d80_mask": dict(D=80, Nq=30, Nk=45, mask="random"),
     "d200_causal_det": dict(D=200, Nq=20, Nk=33, causal=True, deterministic=True),
     "d256_bias": dict(D=256, Nq=40, Nk=70, bias="head", B=1),
+    # two head-dim chunks (DP = 160) summing a broadcast bias's dS by atomics: only chunk 0 adds it
+    "d160_batch_bias": dict(D=160, Nq=24, Nk=40, bias="batch"),
+    # one key block streams five query tiles through bwd_dkdv's two stages (each refilled while the
+    # other is read) in deterministic mode, where no dQ barrier sits inside an iteration
+    "long_q_det": dict(Nq=300, Nk=40, D=64, B=1, H=1, deterministic=True),
 }
 
 

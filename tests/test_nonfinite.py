@@ -25,6 +25,7 @@ import pytest
 
 import cupy_cosattn as ca
 import cupy_cosattn.torch as ctorch
+from cupy_cosattn.launch import limits
 
 from attn_results import (
     DTYPES,
@@ -373,9 +374,9 @@ TABLE = [
 ]
 
 
-def table_inputs(case, dtype):
+def table_inputs(case, dtype, D=16):
     rng = np.random.default_rng(zlib.crc32(case["name"].encode()))
-    H, Hk, Nq, Nk, D = case["H"], case["Hk"] or case["H"], case["Nq"], case["Nk"], 16
+    H, Hk, Nq, Nk = case["H"], case["Hk"] or case["H"], case["Nq"], case["Nk"]
     q = rng.standard_normal((2, H, Nq, D))
     k = rng.standard_normal((2, Hk, Nk, D))
     if not case["l2norm_qk"]:
@@ -420,6 +421,24 @@ def test_emulator_agrees_on_nonfinite_inputs_in_16_bit(case, dtype):
     scale = dscale_terms(*clean, dout)
     for det in (True, False):
         assert_agree(run_numpy("emulator", args, kw, dout, deterministic=det), ref, dtype, f"det={det}", scale)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", TABLE, ids=[c["name"] for c in TABLE])
+def test_hopper_forward_agrees_on_nonfinite_inputs(case, dtype, monkeypatch):
+    """The table at D = 64 with the emulator as an H100: out and lse from the sm_90a forward
+    (cuda_src/hopper_fwd.cu; a spy asserts it ran), the gradients from the backward fed by them (both
+    modes)."""
+    from test_kernels_hopper import SM90, _spy
+
+    monkeypatch.setattr(limits, "EMULATED_DEVICE", SM90)
+    ran = _spy(monkeypatch)
+    args, kw, dout, clean = table_inputs(case, dtype, D=64)
+    ref = run_numpy("reference", args, kw, dout)
+    scale = dscale_terms(*clean, dout)
+    for det in (True, False):
+        assert_agree(run_numpy("emulator", args, kw, dout, deterministic=det), ref, dtype, f"sm_90a det={det}", scale)
+    assert len(ran) == 2, "the Hopper forward did not run"
 
 
 def test_table_rows_poison_what_the_semantics_say():

@@ -158,6 +158,7 @@ def test_train_toy_trains_writes_and_resumes(tmp_path):
     val = [v for _, v in ck["history"]["val"]]
     assert val[0] > 7.5 and val[-1] < val[0] - 2.0, val  # from ~8 bits/byte (uniform) clearly down
     assert "bits/byte" in log and "sample" in log
+    assert re.search(r"generation: 64 tokens in [0-9.]+ s \([0-9.]+ tokens/s", log), log[-500:]
 
     # resume: continues from step 40 with the checkpoint's model and optimizer state
     out2 = tmp_path / "resumed"

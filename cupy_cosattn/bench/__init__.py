@@ -30,5 +30,6 @@ wall-clock timers. Its numbers are not performance numbers; it exists so CI runs
 
 Modules: ``cases`` (the grid and its inputs), ``impls`` (the implementations), ``timers``,
 ``runner`` (measuring one case), ``report`` (CSV, markdown, PNG, versions), ``cli`` (arguments and
-the main loop). examples/benchmark.py runs :func:`cli.main`.
+the main loop), ``decode`` (the decode section, ``--decode``: KV-cache decoding against SDPA, tokens/s).
+examples/benchmark.py runs :func:`cli.main`.
 """

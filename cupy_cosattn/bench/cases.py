@@ -64,6 +64,22 @@ class Case:
         return f / 2 if self.mask == "causal" else f
 
 
+def cosattn_forward_kernels(cases: Sequence[Case], compute_capability: tuple[int, int], smem_optin: int) -> str:
+    """Which cupy_cosattn forward kernel the cases run on a device of this compute capability and opt-in
+    shared memory per block (launch.sm90.fallback_reason): the sm_90a forward (hopper_fwd.cu) on 9.0 for
+    16-bit cases whose D pads to 64 or 128, forward.cu (mma.sync) otherwise; one line for the report."""
+    from cupy_cosattn.launch import sm90, tiles
+
+    hopper = sorted({(c.D, c.dtype) for c in cases
+                     if sm90.fallback_reason(c.dtype, c.D, tiles.fwd_head_dim_pad(c.D), c.B * c.H,
+                                             compute_capability, smem_optin) is None})
+    if not hopper:
+        return "cosattn forward: forward.cu (mma.sync) in every case"
+    which = ", ".join(f"{SHORT[dt]} D={D}" for D, dt in hopper)
+    return (f"cosattn forward: hopper_fwd.cu (sm_90a: TMA, wgmma) for {which}, forward.cu (mma.sync) otherwise; "
+            "backward: backward.cu (mma.sync)")
+
+
 def split_bh(N: int, work: int, max_heads: int) -> tuple[int, int]:
     """(B, H) with B*H = max(1, work // N^2): heads first up to max_heads, the rest as batch."""
     bh = max(1, work // (N * N))

@@ -15,7 +15,18 @@ from typing import Any, Optional
 import torch
 
 from . import __doc__ as _DOC
-from .cases import DTYPE_ALIASES, DTYPES, IMPLS, MASKS, PASSES, PRESETS, make_cases, make_inputs, n_rotation_sets
+from .cases import (
+    DTYPE_ALIASES,
+    DTYPES,
+    IMPLS,
+    MASKS,
+    PASSES,
+    PRESETS,
+    cosattn_forward_kernels,
+    make_cases,
+    make_inputs,
+    n_rotation_sets,
+)
 from .report import CsvSink, _tf, _versions, write_markdown, write_png
 from .runner import Bench, Interrupted, Row, fill_ratios, short_error
 
@@ -70,7 +81,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--plot-dtype", help="dtype of the PNG chart (default bf16 if measured)")
     ap.add_argument("--plot-d", type=int, help="head dim of the PNG chart (default the largest measured)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--varlen", choices=("off", "on", "only"), default="off",
+                    help="the varlen training section (packed vs padded documents, bench/varlen.py; GPU numbers, "
+                         "tiny sizes in the smoke mode): 'on' after the main grid, 'only' instead of it")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failing cases")
+    ap.add_argument("--decode", action="store_true",
+                    help="run the decode section instead (bench.decode: KV-cache decoding, tokens/s against SDPA; "
+                         "writes decode.csv and decode.md; takes --out, --smoke, --dtypes, --repeats, --warmup, "
+                         "--scale, --max-seconds, --seed)")
     args = ap.parse_args(argv)
     for name, allowed in (("masks", MASKS), ("passes", PASSES), ("impls", IMPLS)):
         bad = [x for x in (getattr(args, name) or ()) if x not in allowed]
@@ -80,8 +98,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 
+def run_decode_section(args: argparse.Namespace) -> int:
+    """The decode section (bench.decode) with this command line's common options."""
+    from . import decode
+
+    argv = ["--out", str(args.out), "--scale", str(args.scale), "--seed", str(args.seed)]
+    argv += ["--smoke"] if args.smoke else []
+    argv += ["--dtypes", ",".join(args.dtypes)] if args.dtypes else []
+    argv += ["--repeats", str(args.repeats)] if args.repeats else []
+    argv += ["--warmup", str(args.warmup)] if args.warmup is not None else []
+    argv += ["--max-seconds", str(args.max_seconds)] if args.max_seconds is not None else []
+    return decode.main(argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.decode:
+        return run_decode_section(args)
     cuda = torch.cuda.is_available() and not args.smoke
     threads = None
     if args.require_gpu and not cuda:
@@ -124,7 +157,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      f"{timer_kind}; median of {args.repeats} after {args.warmup} warm-up calls; "
                      f"cosattn l2norm_qk={args.l2norm_qk}" + ("; deterministic" if args.deterministic else "")),
     }
+    if args.varlen == "only":
+        return _varlen_section(args, out, cuda, dtypes, head_dims)
     cases = make_cases(dtypes, head_dims, seqlens, masks, args.work, args.max_heads)
+    if cuda:  # the report says which of our kernels the timings are of
+        meta["settings"] += "; " + cosattn_forward_kernels(
+            cases, (props.major, props.minor), int(getattr(props, "shared_memory_per_block_optin", 0)))
     n_total = len(cases) * len(impls) * len(passes)
     banner = "CPU SMOKE MODE (tiny sizes, wall clock; NOT performance)" if not cuda else f"GPU: {device}"
     print(f"benchmark: {banner}; {len(cases)} cases x {len(impls)} impls x {len(passes)} passes = {n_total} "
@@ -219,7 +257,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if interrupted:
         print(f"interrupted ({interrupted}); partial results written", flush=True)
         return 1
-    return 1 if args.strict and (n_err or n_bad) else 0
+    varlen_status = _varlen_section(args, out, cuda, dtypes, head_dims) if args.varlen == "on" else 0
+    return 1 if args.strict and (n_err or n_bad or varlen_status) else 0
+
+
+def _varlen_section(args: argparse.Namespace, out: Path, cuda: bool, dtypes: Sequence[str],
+                    head_dims: Sequence[int]) -> int:
+    """Run bench/varlen.py's section (16-bit dtypes; float32 packed batches run per sequence); 1 if a
+    case errored or packed and padded disagree."""
+    from . import varlen
+
+    rows = varlen.run(out, cuda, tuple(d for d in dtypes if d != "float32") or ("bfloat16",), tuple(head_dims),
+                      args.repeats, args.warmup, args.seed)
+    print(f"wrote {out / 'varlen.md'}" + ("  [CPU SMOKE: not performance]" if not cuda else ""), flush=True)
+    bad = [r for r in rows if r.note or r.max_err is None or r.max_err > varlen.AGREE[r.dtype]]
+    return 1 if bad else 0
 
 
 def progress_line(i: int, n: int, r: Row) -> str:

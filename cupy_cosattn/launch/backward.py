@@ -9,10 +9,12 @@
 5. post-passes with ``xp``: partial dK/dV of query-head splits summed in a fixed order, broadcast
    dbias summed, and the gradient through the l2 norm (norm.cu ``l2norm_bwd``), or a cast to the
    input dtype;
-6. last, unless the caller opts out (``need_dscale=False``): dscale_h = sum_i <qhat_i, dqhat_i> /
-   scale_h (= sum_ij dS_ij <qhat_i, khat_j>), reduced on the device and copied to the host once
-   everything else is queued (the call's only device-to-host copy, so the host never waits for the
-   GPU between launches).
+6. last, unless the caller opts out (``need_dscale=False``): dscale_h = sum_ij dS_ij (S_ij - c_i) with
+   S_ij = <qhat_i, khat_j> and c_i = sum_j P_ij S_ij, taken as sum_i (<qhat_i, dqhat_i> - c_i r_i) /
+   scale_h from the fp32 dqhat and the kernels' per-row sums c_i, r_i = sum_j scale_h dS_ij (the form in
+   which the rounding of D_i through the stored O cancels; backward.cu's file comment); reduced on the
+   device and copied to the host once everything else is queued (the call's only device-to-host copy,
+   so the host never waits for the GPU between launches).
 
 Every kernel reads one ``BwdParams`` record (params.BWD_PARAMS); the kernels, tiles and grids are
 ``dispatch.select``'s.
@@ -30,6 +32,7 @@ from .devices import Device
 from .dispatch import DKDV, DQ, NORM_BWD_K, NORM_BWD_Q, PREP, KernelChoice, select
 from .limits import check_smem, check_supported
 from .norm import l2norm_backward
+from .packed import batch_ranges, sub_launch
 from .params import BWD_PARAMS, DBIAS_ATOMIC, DBIAS_NONE, DBIAS_STORE, make_record
 from .registry import BACKWARD_SOURCE, KernelSpec, bwd_name
 from .staging import Staged, attn_fields, deliver, padded, stage
@@ -83,7 +86,8 @@ def _finish(dev: Device, x: Any, D: int, dtype: np.dtype) -> Any:
 def run_backward(dev: Device, prob: Problem, inp: Inputs, dout: Any, out: Any, lse: Any,
                  need_dscale: bool = True) -> tuple[Any, Any, Any, Optional[Any], Optional[np.ndarray]]:
     """Gradients of one canonical problem on `dev`: (dq (B, H, Nq, D), dk (B, Hk, Nk, D), dv,
-    dbias (inp.bias.shape, bias dtype) | None, dscale float64 NumPy (H,)).
+    dbias (inp.bias.shape, bias dtype) | None, dscale float64 NumPy (H,)); for a packed batch dq
+    (total_q, H, D), dk and dv (total_k, Hk, D).
 
     dscale is reduced after every kernel is queued; its host copy is the call's only device-to-host
     transfer (on the CUDA path the only point where the host waits for the GPU). With
@@ -104,40 +108,60 @@ def run_backward(dev: Device, prob: Problem, inp: Inputs, dout: Any, out: Any, l
     Ds = st.cols
     dO = padded(dev, dout, Ds)
     out_d = padded(dev, out, Ds)
-    lse_d = dev.to_device(lse.astype(F32, copy=False) if lse.dtype != F32 else lse)
+    lse = lse.astype(F32, copy=False) if lse.dtype != F32 else lse
+    # the kernels' lse rows are contiguous per head: a packed batch's (total_q, H) goes as (H, total_q)
+    lse_d = dev.to_device(lse.T if prob.varlen else lse)
 
     nq_pad = nq_padded(Nq)
     lse2 = dev.empty((B * H, nq_pad), F32)
     dvec = dev.empty((B * H, nq_pad), F32)
-    dq = dev.empty((B, H, Nq, Ds), F32) if prob.deterministic else dev.zeros((B, H, Nq, Ds), F32)
+    # q-like rows (B, H, Nq) or (total_q, H), k-like rows (B, Hk, Nk) or (total_k, Hk): strides below
+    q_rows = (prob.total_q, H) if prob.varlen else (B, H, Nq)
+    dq = dev.empty(q_rows + (Ds,), F32) if prob.deterministic else dev.zeros(q_rows + (Ds,), F32)
 
     nsplit = dkdv.nsplit
     dk_f32 = nsplit > 1 or prob.l2norm_qk
     dv_f32 = nsplit > 1
-    dk = dev.empty((B, Hk * nsplit, Nk, Ds), F32 if dk_f32 else prob.dtype)
-    dv = dev.empty((B, Hk * nsplit, Nk, Ds), F32 if dv_f32 else prob.dtype)
+    kv_rows = (prob.total_k, Hk * nsplit) if prob.varlen else (B, Hk * nsplit, Nk)
+    dk = dev.empty(kv_rows + (Ds,), F32 if dk_f32 else prob.dtype)
+    dv = dev.empty(kv_rows + (Ds,), F32 if dv_f32 else prob.dtype)
     db = _dbias_target(dev, prob, st.bias_f32)
+    # (c_i, r_i) per query row for dscale, zero past Nq: (B * H, 2, nq_pad), one (batch, head) after another
+    rows = dev.zeros((B * H, 2, nq_pad), F32) if need_dscale else None
 
+    if prob.varlen:  # (batch, head, row) strides of rows (total, heads, Ds); batch strides 0 (seq_view)
+        q_str, kv_str = (0, Ds, H * Ds), (0, Ds, Hk * nsplit * Ds)
+    else:
+        q_str, kv_str = (H * Nq * Ds, Nq * Ds, Ds), (Hk * nsplit * Nk * Ds, Nk * Ds, Ds)
     fields = dict(
         attn_fields(dev, prob, st, out_d, lse_d),
         dout=dev.ptr(dO), lse2=dev.ptr(lse2), dvec=dev.ptr(dvec), dbias=dev.ptr(db.buf), dq=dev.ptr(dq),
-        dk=dev.ptr(dk), dv=dev.ptr(dv),
-        do_sb=H * Nq * Ds, do_sh=Nq * Ds, do_sn=Ds,
-        dq_sb=H * Nq * Ds, dq_sh=Nq * Ds, dq_sn=Ds,
-        dkv_sb=Hk * nsplit * Nk * Ds, dkv_sh=Nk * Ds, dkv_sn=Ds,
+        dk=dev.ptr(dk), dv=dev.ptr(dv), dscale_rows=dev.ptr(rows),
+        do_sb=q_str[0], do_sh=q_str[1], do_sn=q_str[2],
+        dq_sb=q_str[0], dq_sh=q_str[1], dq_sn=q_str[2],
+        dkv_sb=kv_str[0], dkv_sh=kv_str[1], dkv_sn=kv_str[2],
         dbias_sb=db.strides[0], dbias_sh=db.strides[1], dbias_sq=db.strides[2],
         nq_pad=nq_pad, dbias_mode=db.mode, dbias_f32=int(db.f32), dq_atomic=int(not prob.deterministic),
         dk_f32=int(dk_f32), dv_f32=int(dv_f32), nsplit=nsplit, heads_per_split=prob.q_per_kv // nsplit,
+        dscale_stats=int(need_dscale),
     )
 
     # 1. D and lse2. 2. dK, dV (+ dS -> dbias, + dQ atomics in fast mode). 3. Deterministic dQ.
     for choice in (prep, dkdv) + ((dqk,) if prob.deterministic else ()):
-        dev.launch(choice, make_record(BWD_PARAMS, **fields, n_y=choice.n_y, n_chunks=choice.n_chunks))
+        if prob.varlen:  # one block per (sequence, head) work item: at most GRID_YZ_LIMIT per launch
+            per_batch = Hk * nsplit if choice is dkdv else H
+            for b0, nb in batch_ranges(prob, per_batch):
+                sub, f = sub_launch(choice, dict(fields, n_y=0), b0, nb, per_batch,
+                                    dict(lse2=H * nq_pad, dvec=H * nq_pad, dscale_rows=H * 2 * nq_pad))
+                dev.launch(sub, make_record(BWD_PARAMS, **f, n_chunks=choice.n_chunks))
+        else:
+            dev.launch(choice, make_record(BWD_PARAMS, **fields, n_y=choice.n_y, n_chunks=choice.n_chunks))
 
     # 4. Post-passes (fixed reduction orders throughout).
     if nsplit > 1:
-        dk = dk.reshape(B, Hk, nsplit, Nk, Ds).sum(axis=2)
-        dv = dv.reshape(B, Hk, nsplit, Nk, Ds).sum(axis=2)
+        split = (prob.total_k, Hk, nsplit, Ds) if prob.varlen else (B, Hk, nsplit, Nk, Ds)
+        dk = dk.reshape(split).sum(axis=2)
+        dv = dv.reshape(split).sum(axis=2)
 
     if prob.l2norm_qk:
         dq_out = l2norm_backward(dev, dev.to_device(inp.q), dq, prob.groups, choice=select(prob, caps, NORM_BWD_Q))
@@ -160,6 +184,9 @@ def run_backward(dev: Device, prob: Problem, inp: Inputs, dout: Any, out: Any, l
     # launches. Skipped entirely (None) when the caller does not need it.
     dscale = None
     if need_dscale:
-        dscale = xp.sum(cast(xp, st.q, F32) * dq, axis=(0, 2, 3), dtype=np.float64)
+        axes = tuple(a for a in range(dq.ndim) if a != 1)  # all but the head axis
+        dscale = xp.sum(cast(xp, st.q, F32) * dq, axis=axes, dtype=np.float64)
+        cr = rows.reshape(B, H, 2, nq_pad).astype(np.float64)
+        dscale = dscale - xp.sum(cr[:, :, 0] * cr[:, :, 1], axis=(0, 2))
         dscale = dev.to_host(dscale) / np.asarray(inp.scale, dtype=np.float64)
     return dq_out, dk_out, dv_out, dbias, dscale

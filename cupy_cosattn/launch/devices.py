@@ -39,6 +39,7 @@ class Device:
 
     xp: Any  # the array namespace of this device's arrays (cupy or numpy)
     module_class: Any  # compiles a source: cupy.RawModule or emulator.RawModule
+    tensormap_target: str  # how tensormap encodes TMA tensor maps for it: "gpu" (the driver) or "emulator"
 
     # -- primitives (per adapter) --------------------------------------------------------------------
     def capabilities(self) -> DeviceCaps:
@@ -58,6 +59,11 @@ class Device:
 
     def is_device_array(self, arr: Any) -> bool:
         """Whether kernels may write `arr` directly (C-contiguous, 16-byte aligned device memory)."""
+        raise NotImplementedError
+
+    def holds(self, arr: Any) -> bool:
+        """Whether `arr` lies in this device's memory, whatever its layout (a strided view of a cache
+        the kernels write in place)."""
         raise NotImplementedError
 
     def address(self, arr: Any) -> int:
@@ -87,8 +93,11 @@ class Device:
     def kernel(self, spec: KernelSpec) -> Any:
         """The compiled kernel of registry entry `spec`, its module built (once per device) with the
         kernels of its module group (:func:`~.registry.module_members`). Above 48 KB of dynamic shared
-        memory the kernel's opt-in attribute is raised to spec.smem (the emulator checks it too)."""
-        options = compile_options()
+        memory the kernel's opt-in attribute is raised to spec.smem (the emulator checks it too). A kernel
+        with an arch-specific target (spec.arch, "sm_90a") is compiled with -arch=<target>: CuPy appends
+        -arch=sm_XX of the device after it, and NVRTC keeps the arch-specific one (the emulator ignores
+        the option)."""
+        options = compile_options() + ((f"-arch={spec.arch}",) if spec.arch else ())
         names = module_members(spec.source, spec.name)
         key = (type(self).__name__, self.cache_key(), spec.source, options, names)
         with _MODULE_LOCK:
@@ -121,6 +130,8 @@ _CUDA_CAPS: dict = {}  # device id -> DeviceCaps
 
 class CudaDevice(Device):
     """CuPy arrays on the current CUDA device. `xp` stands in for CuPy in tests."""
+
+    tensormap_target = "gpu"
 
     def __init__(self, xp: Any = None) -> None:
         if xp is None:
@@ -161,6 +172,9 @@ class CudaDevice(Device):
     def is_device_array(self, arr: Any) -> bool:
         return bool(arr.flags.c_contiguous and arr.data.ptr % 16 == 0)
 
+    def holds(self, arr: Any) -> bool:
+        return isinstance(arr, self.xp.ndarray)
+
     def address(self, arr: Any) -> int:
         return int(arr.data.ptr)
 
@@ -183,6 +197,7 @@ class EmulatedDevice(Device):
     """NumPy arrays in the emulator's guarded memory; kernels compiled for and run on the CPU."""
 
     xp = np
+    tensormap_target = "emulator"
 
     def __init__(self) -> None:
         from .. import emulator
@@ -208,6 +223,9 @@ class EmulatedDevice(Device):
 
     def is_device_array(self, arr: Any) -> bool:
         return bool(self._emu.is_device_array(arr) and arr.flags.c_contiguous and self.address(arr) % 16 == 0)
+
+    def holds(self, arr: Any) -> bool:
+        return bool(self._emu.is_device_array(arr))
 
     def address(self, arr: Any) -> int:
         return int(self._emu.device_ptr(arr))

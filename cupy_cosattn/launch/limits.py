@@ -5,6 +5,9 @@ The constants mirror static_asserts and constants of cuda_src/; the grid limits 
 """
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,8 +47,49 @@ class DeviceCaps:
                                f"cp.async, bf16/tf32 tensor cores); this device has {cc}. Use backend='reference'")
 
 
-# The emulator runs the kernels as on an A100 (sm_80, 108 SMs); tests replace it to mimic other GPUs.
-EMULATED_DEVICE = DeviceCaps((8, 0), SMEM_OPTIN_BY_ARCH["sm_80"], 108)
+# The devices the emulator can present itself as (what the launch layer then picks kernels for): an
+# A100 (sm_80, the default), consumer Ampere / Ada, and an H100 (sm_90a: its Hopper kernels run too).
+EMULATED_DEVICES = {
+    "sm_80": DeviceCaps((8, 0), SMEM_OPTIN_BY_ARCH["sm_80"], 108),
+    "sm_86": DeviceCaps((8, 6), SMEM_OPTIN_BY_ARCH["sm_86"], 84),
+    "sm_89": DeviceCaps((8, 9), SMEM_OPTIN_BY_ARCH["sm_89"], 128),
+    "sm_90a": DeviceCaps((9, 0), SMEM_OPTIN_BY_ARCH["sm_90"], 132),
+}
+EMU_ARCH_ENV = "CUPY_COSATTN_EMU_ARCH"
+
+
+def emulated_from_env() -> DeviceCaps:
+    """EMULATED_DEVICES[$CUPY_COSATTN_EMU_ARCH], sm_80 when unset; ValueError for another name."""
+    arch = os.environ.get(EMU_ARCH_ENV, "").strip() or "sm_80"
+    if arch not in EMULATED_DEVICES:
+        raise ValueError(f"{EMU_ARCH_ENV}={arch!r}: expected one of {', '.join(EMULATED_DEVICES)}")
+    return EMULATED_DEVICES[arch]
+
+
+# The device the emulator presents itself as: CUPY_COSATTN_EMU_ARCH (default sm_80), set_emulated_arch()
+# or emulated_arch(); tests also replace it to mimic other GPUs.
+EMULATED_DEVICE = emulated_from_env()
+
+
+def set_emulated_arch(arch: str) -> None:
+    """Make the emulator present itself as a device of `arch` (a key of EMULATED_DEVICES): "sm_90a"
+    runs the Hopper kernels on the CPU."""
+    global EMULATED_DEVICE
+    if arch not in EMULATED_DEVICES:
+        raise ValueError(f"arch: {arch!r}, expected one of {', '.join(EMULATED_DEVICES)}")
+    EMULATED_DEVICE = EMULATED_DEVICES[arch]
+
+
+@contextlib.contextmanager
+def emulated_arch(arch: str) -> Iterator[None]:
+    """set_emulated_arch(arch) for the duration of a with-block."""
+    global EMULATED_DEVICE
+    before = EMULATED_DEVICE
+    set_emulated_arch(arch)
+    try:
+        yield
+    finally:
+        EMULATED_DEVICE = before
 
 
 def round_up(x: int, m: int) -> int:

@@ -38,16 +38,25 @@ STRUCTS: dict[str, Struct] = {
     "NormParams": Struct(None, _of(PTR, "x", "xhat", "rnorm", "dxhat", "dx")
                          + _of(I64, "rows", "x_stride", "xhat_stride", "dxhat_stride", "dx_stride")
                          + _of(I32, "D", "groups", "xhat_cols", "mode")),
-    # What the forward and the backward kernels both read: q, k, v, o, lse, scale, mask, bias.
-    "AttnParams": Struct(None, _of(PTR, "q", "k", "v", "o", "lse", "scale", "mask", "tile_any", "bias")
+    # What the forward and the backward kernels both read: q, k, v, o, lse, scale, mask, bias, and the
+    # sequence offsets of a packed (varlen) batch.
+    "AttnParams": Struct(None, _of(PTR, "q", "k", "v", "o", "lse", "scale", "mask", "tile_any", "bias",
+                                                "cu_seqlens_q", "cu_seqlens_k")
                          + _of(I64, *_strides("q", "k", "v", "o"), "lse_sb", "lse_sh", "bias_sb", "bias_sh",
                                "bias_sq", "mask_sb", "tile_any_sb")
                          + _of(I32, "B", "H", "Hk", "Nq", "Nk", "D", "causal", "bias_f32")),
     "FwdParams": Struct("AttnParams", _of(I32, "n_key_tiles", "groups")),
-    "BwdParams": Struct("AttnParams", _of(PTR, "dout", "lse2", "dvec", "dbias", "dq", "dk", "dv")
+    "BwdParams": Struct("AttnParams", _of(PTR, "dout", "lse2", "dvec", "dbias", "dq", "dk", "dv", "dscale_rows")
                         + _of(I64, *_strides("do", "dq", "dkv"), "dbias_sb", "dbias_sh", "dbias_sq", "n_y")
                         + _of(I32, "nq_pad", "dbias_mode", "dbias_f32", "dq_atomic", "dk_f32", "dv_f32", "nsplit",
-                              "heads_per_split", "n_chunks")),
+                              "heads_per_split", "n_chunks", "dscale_stats")),
+    # decode.cu: KV-cache attention (decode_fwd, decode_combine, kv_append).
+    "DecodeParams": Struct(None, _of(PTR, "q", "k", "v", "k_new", "v_new", "seqlens", "block_table", "scale", "o",
+                                     "lse", "opart", "lpart", "mpart")
+                           + _of(I64, "q_sn", "k_sp", "k_sh", "k_sn", "v_sp", "v_sh", "v_sn", "o_sn", "bt_sb",
+                                 "part_rows")
+                           + _of(I32, "B", "H", "Hk", "Nq", "D", "new_keys", "page_size", "page_shift", "num_splits",
+                                 "n_row_tiles", "causal", "groups", "norm_qk", "pad_")),
 }
 
 # NormParams.mode bits (norm.cu NORM_ZERO_NONFINITE, NORM_COPY): zero what is not finite (a chunk with a
@@ -84,6 +93,7 @@ def record_dtype(name: str) -> np.dtype:
 NORM_PARAMS = record_dtype("NormParams")
 FWD_PARAMS = record_dtype("FwdParams")
 BWD_PARAMS = record_dtype("BwdParams")
+DECODE_PARAMS = record_dtype("DecodeParams")
 
 
 def make_record(dtype: np.dtype, **fields: int) -> np.void:

@@ -33,6 +33,8 @@ class Staged:
     tile: int  # keys per tile_any flag
     bias: Any  # contiguous (Bb, Hb, Nq, Nk), or None
     bias_f32: bool
+    cu_seqlens_q: Any = None  # packed batches: int32 (B + 1,) on the device, else None
+    cu_seqlens_k: Any = None
 
     @property
     def cols(self) -> int:
@@ -85,20 +87,35 @@ def stage(dev: Device, prob: Problem, inp: Inputs, caps: DeviceCaps, tile: int,
         mask = dev.to_device(m.view(np.uint8) if m.dtype == np.bool_ else m.astype(np.uint8))
         flags = tile_any(dev, m, tile) if tile else None
     bias = dev.to_device(inp.bias) if prob.has_bias else None
+    cu_q = cu_k = None
+    if prob.varlen:
+        cu_q = dev.to_device(dev.xp.asarray(inp.cu_seqlens_q, dtype=np.int32))
+        cu_k = dev.to_device(dev.xp.asarray(inp.cu_seqlens_k, dtype=np.int32))
     return Staged(q=q, k=k, v=v, scale=dev.to_device(dev.xp.asarray(inp.scale, dtype=np.float32)),
                   mask=mask, tile_any=flags, tile=tile, bias=bias,
-                  bias_f32=prob.has_bias and np.dtype(inp.bias.dtype) == np.float32)
+                  bias_f32=prob.has_bias and np.dtype(inp.bias.dtype) == np.float32, cu_seqlens_q=cu_q,
+                  cu_seqlens_k=cu_k)
 
 
 def attn_fields(dev: Device, prob: Problem, st: Staged, o: Any, lse: Any) -> dict[str, int]:
     """The AttnParams fields (cuda_src/params.cuh) of `prob` with staged inputs `st`, output (or, in
-    the backward, the forward's output) `o` (B, H, Nq, Ds) and `lse` (B, H, Nq) float32."""
+    the backward, the forward's output) `o` (B, H, Nq, Ds) and `lse` (B, H, Nq) float32; for a packed
+    batch o (total_q, H, Ds) and lse (H, total_q)."""
     B, H, Hk, Nq, Nk = prob.B, prob.H, prob.Hk, prob.Nq, prob.Nk
     Ds = st.cols
+    if prob.varlen:  # batch strides 0: each kernel moves its pointers to its sequence (params.cuh seq_view)
+        return dict(
+            q=dev.ptr(st.q), k=dev.ptr(st.k), v=dev.ptr(st.v), o=dev.ptr(o), lse=dev.ptr(lse), scale=dev.ptr(st.scale),
+            mask=0, tile_any=0, bias=0, cu_seqlens_q=dev.ptr(st.cu_seqlens_q), cu_seqlens_k=dev.ptr(st.cu_seqlens_k),
+            q_sb=0, q_sh=Ds, q_sn=H * Ds, k_sb=0, k_sh=Ds, k_sn=Hk * Ds, v_sb=0, v_sh=Ds, v_sn=Hk * Ds,
+            o_sb=0, o_sh=Ds, o_sn=H * Ds, lse_sb=0, lse_sh=prob.total_q,
+            bias_sb=0, bias_sh=0, bias_sq=0, mask_sb=0, tile_any_sb=0,
+            B=B, H=H, Hk=Hk, Nq=Nq, Nk=Nk, D=Ds, causal=int(prob.causal), bias_f32=0,
+        )
     Bb, Hb = prob.bias_shape[:2] if prob.has_bias else (1, 1)
     return dict(
         q=dev.ptr(st.q), k=dev.ptr(st.k), v=dev.ptr(st.v), o=dev.ptr(o), lse=dev.ptr(lse), scale=dev.ptr(st.scale),
-        mask=dev.ptr(st.mask), tile_any=dev.ptr(st.tile_any), bias=dev.ptr(st.bias),
+        mask=dev.ptr(st.mask), tile_any=dev.ptr(st.tile_any), bias=dev.ptr(st.bias), cu_seqlens_q=0, cu_seqlens_k=0,
         q_sb=H * Nq * Ds, q_sh=Nq * Ds, q_sn=Ds,
         k_sb=Hk * Nk * Ds, k_sh=Nk * Ds, k_sn=Ds,
         v_sb=Hk * Nk * Ds, v_sh=Nk * Ds, v_sn=Ds,

@@ -1,7 +1,9 @@
 """Tile shapes of the kernels, as pure arithmetic on (dtype, padded head dim, device limits).
 
 Forward (cuda_src/forward.cu): the tile shape :func:`fwd_tile` (query rows per block, keys per tile,
-K/V buffers), shared memory :func:`fwd_smem_bytes`. Backward (cuda_src/backward.cu): the ``KVTraits`` / ``QTraits``
+K/V buffers), shared memory :func:`fwd_smem_bytes`. Decode (cuda_src/decode.cu): :func:`decode_config`
+(rows per block WM x 16, key tile BN), :func:`decode_smem_bytes`, and the split heuristic
+:func:`choose_num_splits`. Backward (cuda_src/backward.cu): the ``KVTraits`` / ``QTraits``
 of bwd_dkdv and bwd_dq, mirrored by :func:`kv_config` and :func:`q_config` (tests compare the two
 through the ``bwd_info`` kernel); each has a default and a small-shared-memory variant (template
 argument ``SMALL``: half the warps, a 16-row streamed tile), and :func:`choose_small` takes the default
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..problem import Problem
-from .limits import ITEMSIZE, SMEM_OPTIN_LIMIT, round_up, storage_dim
+from .limits import ITEMSIZE, SMEM_OPTIN_BY_ARCH, SMEM_OPTIN_LIMIT, round_up, storage_dim
 
 # ---------------------------------------------------------------------------------------------------
 # Norm pre-pass.
@@ -221,3 +223,67 @@ def choose_nsplit(prob: Problem, n_x_blocks: int, sm_count: int = 132) -> int:
         if qpk % s == 0 and (base * s >= target or s == qpk):
             return s
     return qpk
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decode (KV-cache attention).
+
+DECODE_THREADS = 128  # decode.cu THREADS: 4 warps
+COMBINE_WARPS = 4  # decode.cu COMBINE_WARPS: one warp per output row
+APPEND_THREADS = 128  # decode.cu APPEND_THREADS
+SPLIT_KEYS_BLOCK_N = 64  # WM = 1: keys per tile, 16 per warp
+MMA_ROWS = 16  # rows of one mma tile: WM = 1 when a kv head's G*Nq rows fit it
+ROW_GROUP = 16  # slots the tile load locates at once (a page holds whole groups)
+WM1_SMEM_CAP = SMEM_OPTIN_BY_ARCH["sm_80"]  # largest WM = 1 tile set: fp32 above DP = 144 takes WM = 4
+
+# The split heuristic (choose_num_splits): blocks resident per SM it plans for (decode_fwd declares
+# __launch_bounds__(128, 2); a WM = 1 block of fp16 D = 128 takes 74.5 KB of shared memory, two per SM
+# on A100), the fewest key tiles a split keeps (below that the prologue, epilogue and combine outweigh
+# the keys), the share of the resident slots an unsplit grid must fill to stay unsplit, and the share
+# of the best wave efficiency a smaller split count must reach to be preferred.
+SPLIT_BLOCKS_PER_SM = 2
+SPLIT_MIN_TILES = 2
+SPLIT_FULL_GRID = 0.8
+SPLIT_EFFICIENCY = 0.85
+
+
+def decode_smem_bytes(dtype_name: str, dp: int, bn: int, wm: int) -> int:
+    """Dynamic shared memory of decode_fwd: Q (16 WM rows) and 2 x K, 2 x V (BN rows), rows padded by
+    one 16-byte chunk (the forward's pitch), and 2 x BN fp32 key scales 1/||k||. The epilogue's
+    staging reuses it."""
+    size = ITEMSIZE[dtype_name]
+    return (16 * wm + 4 * bn) * (dp + 16 // size) * size + 2 * bn * 4
+
+
+def decode_config(dtype_name: str, dp: int, rows: int, smem_limit: int) -> tuple[int, int]:
+    """(WM, BN) of decode_fwd for a kv head's `rows` = G*Nq query rows on a device allowing
+    `smem_limit` bytes of shared memory per block: WM = 1 with 64-key tiles split over the 4 warps
+    when the rows fit one mma tile and its tiles fit the device (and sm_80's limit, WM1_SMEM_CAP, so
+    that every instantiation compiles for every architecture); else WM = 4 with the forward's key
+    tile (fwd_block_n)."""
+    wm1 = decode_smem_bytes(dtype_name, dp, SPLIT_KEYS_BLOCK_N, 1)
+    if rows <= MMA_ROWS and wm1 <= min(smem_limit, WM1_SMEM_CAP):
+        return 1, SPLIT_KEYS_BLOCK_N
+    return 4, fwd_block_n(dtype_name, dp, smem_limit)
+
+
+def choose_num_splits(base_blocks: int, n_key_tiles: int, sm_count: int, max_splits: int) -> int:
+    """The "fill the SMs" split heuristic for num_splits = 0.
+
+    base_blocks: blocks of the unsplit grid (row tiles x batch x kv heads); n_key_tiles: key tiles of
+    the longest sequence; max_splits: the largest count allowed. No split when the unsplit grid
+    already fills SPLIT_FULL_GRID of the resident slots (SMs x SPLIT_BLOCKS_PER_SM) or the keys are
+    too few to share. Otherwise, among 1 ... min(max_splits, n_key_tiles / SPLIT_MIN_TILES) splits,
+    the smallest whose wave efficiency (waves / ceil(waves), waves = blocks / slots) reaches
+    SPLIT_EFFICIENCY of the best: enough blocks to keep every SM streaming keys, no more partials than
+    that takes."""
+    slots = max(1, sm_count * SPLIT_BLOCKS_PER_SM)
+    top = min(max_splits, n_key_tiles // SPLIT_MIN_TILES)
+    if base_blocks <= 0 or base_blocks >= SPLIT_FULL_GRID * slots or top <= 1:
+        return 1
+    eff = {}
+    for s in range(1, top + 1):
+        waves = base_blocks * s / slots
+        eff[s] = waves / np.ceil(waves)
+    best = max(eff.values())
+    return min(s for s, e in eff.items() if e >= SPLIT_EFFICIENCY * best)

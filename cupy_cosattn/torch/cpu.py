@@ -164,12 +164,21 @@ def cpu_forward(prob: Problem, shapes: dict, q: Tensor, k: Tensor, v: Tensor, ma
 
 
 def cpu_backward(prob: Problem, shapes: dict, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
-                 bias: Optional[Tensor], scale_t: Optional[Tensor],
-                 scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients by recomputing each query chunk's probabilities (docs/design.md section 1, backward)."""
+                 bias: Optional[Tensor], scale_t: Optional[Tensor], scale: float,
+                 stats: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients by recomputing each query chunk's probabilities (docs/design.md section 1, backward).
+
+    stats: None, or the (out, lse) of whole rows of which these keys are only a share (ring attention's
+    blocks): P = exp(s − lse) and D_i = ⟨dO_i, O_i⟩ are then the whole rows' ones, as the kernels use
+    them, and the gradients are exactly this share's. Without it each chunk's softmax is recomputed over
+    the keys given."""
     c = Canon(prob, shapes, q, k, v, mask, bias, scale_t, scale)
     B, H, Nq, D = prob.B, prob.H, prob.Nq, prob.D
     do = dout.reshape(B, H, Nq, D).to(c.cd)
+    if stats is not None:
+        Drow = (do * stats[0].reshape(B, H, Nq, D).to(c.cd)).sum(-1, keepdim=True)
+        lse = stats[1].reshape(B, H, Nq).to(c.cd)
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # a row seeing nothing: s is −inf
     dqh = c.q.new_zeros(c.q.shape)  # new_zeros: contiguous, whatever the inputs' strides
     dkh = c.k.new_zeros(c.k.shape)
     dv = c.v.new_zeros(c.v.shape)
@@ -179,11 +188,18 @@ def cpu_backward(prob: Problem, shapes: dict, dout: Tensor, q: Tensor, k: Tensor
         if kend == 0:
             continue
         C = i1 - i0
-        P, poisoned = c.probs(c.logits(i0, i1, kend), i0, i1, kend)
+        s = c.logits(i0, i1, kend)
+        if stats is None:
+            P, poisoned = c.probs(s, i0, i1, kend)
+        else:
+            P, poisoned = torch.exp(s - lse[:, :, i0:i1, None]), None  # 0 where hidden
         dog = c.grouped(do[:, :, i0:i1])  # (B, Hk, G, C, D)
         kh, vv = c.kt[:, :, :kend].unsqueeze(2), c.vt[:, :, :kend].unsqueeze(2)  # (B, Hk, 1, kend, D)
         dP = (dog @ vv.transpose(-1, -2)).reshape(B, H, C, kend)
-        dS = torch._softmax_backward_data(dP, P, -1, P.dtype)  # P ∘ (dP − rowsum(P ∘ dP))
+        if stats is None:
+            dS = torch._softmax_backward_data(dP, P, -1, P.dtype)  # P ∘ (dP − rowsum(P ∘ dP))
+        else:
+            dS = P * (dP - Drow[:, :, i0:i1])
         if poisoned is not None:  # a poisoned row's NaN row sum must not reach its invisible pairs
             vis = c.visible(i0, i1, kend)
             if vis is not None:

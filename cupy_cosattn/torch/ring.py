@@ -41,9 +41,8 @@ from ..launch.tiles import FIXED_OFFSET_MAX_BOUND as FIXED_OFFSET_BOUNDS
 from . import ops  # noqa: F401  (registers the custom ops called through torch.ops)
 from .backends import BACKENDS, bridge_for, check_backend
 from .checks import check
-from .cpu import Canon, compute_dtype, grouped_l2norm_backward
+from .cpu import compute_dtype, cpu_backward
 from .functional import _autocast, _autocast_available
-from .outputs import user_dscale
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -409,41 +408,13 @@ def _block_backward(cfg, dout, q, k, v, out, lse, mask, scale_t, causal):
             dout, q, k, v, out.to(q.dtype), lse.to(torch.float32), mask, None, scale_t,
             *_op_flags(cfg, scale_t, causal))
         return dq, dk, dv, dscale
-    # The torch CPU implementation of attn_bwd recomputes each row's softmax over the keys it is given,
-    # which is not the block's share; this is the same computation with the global statistics.
+    # The torch CPU op recomputes each row's softmax over the keys it is given, which is not the block's
+    # share: the CPU implementation with the whole rows' statistics is.
     scale = scale_t if scale_t is not None else cfg.scale
     prob, shapes = check(q, k, v, mask, None, scale, False, cfg.groups, causal, cfg.l2norm_qk, cfg.deterministic)
-    return _torch_block_backward(prob, shapes, dout, q, k, v, out, lse, mask, scale_t, cfg.scale)
-
-
-def _torch_block_backward(prob, shapes, dout, q, k, v, out, lse, mask, scale_t, scale):
-    c = Canon(prob, shapes, q, k, v, mask, None, scale_t, scale)
-    B, H, Nq, D = prob.B, prob.H, prob.Nq, prob.D
-    do = dout.reshape(B, H, Nq, D).to(c.cd)
-    Drow = (do * out.reshape(B, H, Nq, D).to(c.cd)).sum(-1, keepdim=True)  # D_i = ⟨dO_i, O_i⟩, global O
-    lse = lse.reshape(B, H, Nq).to(c.cd)
-    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # a row seeing nothing: all s are −inf
-    dqh, dkh, dv = torch.zeros_like(c.q), torch.zeros_like(c.k), torch.zeros_like(c.v)
-    dscale = torch.zeros((H,), dtype=c.cd, device=q.device)
-    for i0, i1, kend in c.chunks():
-        if kend == 0:
-            continue
-        C = i1 - i0
-        P = torch.exp(c.logits(i0, i1, kend) - lse[:, :, i0:i1, None])  # global probabilities; 0 where hidden
-        dog = c.grouped(do[:, :, i0:i1])
-        kh, vv = c.kh[:, :, :kend].unsqueeze(2), c.v[:, :, :kend].unsqueeze(2)
-        dP = (dog @ vv.transpose(-1, -2)).reshape(B, H, C, kend)
-        dSg = c.grouped(P * (dP - Drow[:, :, i0:i1]))
-        dv[:, :, :kend] += (c.grouped(P).transpose(-1, -2) @ dog).sum(2)
-        g = (dSg @ kh).reshape(B, H, C, D)
-        dqh[:, :, i0:i1] = g * c.scale.view(1, H, 1, 1)
-        dkh[:, :, :kend] += (dSg.transpose(-1, -2) @ c.grouped(c.qs[:, :, i0:i1])).sum(2)
-        dscale += (g * c.qh[:, :, i0:i1]).sum(dim=(0, 2, 3))
-    if prob.l2norm_qk:
-        dqh = grouped_l2norm_backward(c.qh, c.qn, dqh, prob.groups)
-        dkh = grouped_l2norm_backward(c.kh, c.kn, dkh, prob.groups)
-    return (dqh.reshape(q.shape), dkh.reshape(k.shape), dv.reshape(v.shape),
-            user_dscale(dscale, scale_t, q) if scale_t is not None else None)
+    dq, dk, dv, _, dscale = cpu_backward(prob, shapes, dout, q, k, v, mask, None, scale_t, cfg.scale,
+                                         stats=(out, lse))
+    return dq, dk, dv, (dscale if scale_t is not None else None)
 
 
 # ------------------------------------------------------------------------------- forward / backward

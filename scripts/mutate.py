@@ -1,0 +1,1020 @@
+#!/usr/bin/env python3
+"""Mutation testing of the kernels and the launch layer: how many realistic bugs do the tests catch?
+
+Each entry of MUTANTS is one realistic bug (a missing barrier, a cp.async wait off by one, ldmatrix
+without .trans, swapped fragment registers, a causal or tail off-by-one, a wrong GQA head, an atomic
+turned into a plain add, a dropped clamp, ...): an exact snippet of a source file that must occur
+there exactly once, its replacement, the tests that should catch it (pytest arguments, as small a
+selection as still kills it) and a one-line rationale. The script copies the repository (the files git
+tracks or would track) into scratch directories, plants one mutant at a time, runs its tests under a
+timeout (a hang counts as killed and is reported as such), restores the file, and prints the kill rate
+and every survivor with its rationale.
+
+    python3 scripts/mutate.py --list
+    python3 scripts/mutate.py [--jobs 1] [--only ID ...] [--json out.json] [--timeout 1200]
+
+Not part of CI (a full run takes about 30 minutes on two cores with --jobs 2); tests/test_mutate.py
+checks in CI that every snippet still occurs exactly once in today's sources, so the list cannot
+silently rot: a change to a kernel that breaks a snippet must come with an updated mutant. Every new
+kernel comes with its mutants (docs/emulator.md, "Adding mutants"). Before the mutants, each distinct
+test selection runs once on the unmutated copy (the baseline; skip it with --no-baseline): a selection
+that fails there would count every mutant as killed. Emulator builds of a run go to their own cache
+(--cache-dir, default a temporary directory), so the mutated modules do not accumulate in the shared
+one. The latest result is recorded in docs/emulator.md ("Mutation testing").
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime as _dt
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_TIMEOUT_S = 1200
+# pytest options of every run: stop at the first failure (a killed mutant costs one failing test), no
+# cache writes into the scratch copy, slow and GPU tests out (the mutant's selection says what runs).
+PYTEST_BASE = ("-x", "-q", "-rf", "-p", "no:cacheprovider", "-m", "not slow and not gpu")
+
+FWD = "tests/test_kernels_forward.py"
+BWD = "tests/test_kernels_backward.py"
+CAUSAL = "tests/test_kernels_causal.py"
+
+FORWARD_CU = "cuda_src/forward.cu"
+BACKWARD_CU = "cuda_src/backward.cu"
+NORM_CU = "cuda_src/norm.cu"
+COMMON = "cuda_src/common.cuh"
+FIXED_OFFSET = "cuda_src/fixed_offset.cuh"
+DISPATCH = "cupy_cosattn/launch/dispatch.py"
+TILES = "cupy_cosattn/launch/tiles.py"
+STAGING = "cupy_cosattn/launch/staging.py"
+LAUNCH_FWD = "cupy_cosattn/launch/forward.py"
+LAUNCH_BWD = "cupy_cosattn/launch/backward.py"
+ARRAYS = "cupy_cosattn/launch/arrays.py"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One planted bug: `original` (occurring exactly once in `file`) becomes `replacement`; `tests`
+    are the pytest arguments that should catch it."""
+
+    id: str
+    file: str
+    original: str
+    replacement: str
+    tests: tuple
+    rationale: str
+    timeout_s: Optional[int] = None  # per-mutant limit (mutants expected to hang); default --timeout
+    env: tuple = ()  # (name, value) environment variables of its test runs, e.g. an emulator mode
+
+    @property
+    def selection(self) -> tuple:
+        """What its test run depends on besides the sources: (pytest arguments, environment)."""
+        return (self.tests, self.env)
+
+
+def k(*files: str, expr: str) -> tuple:
+    """pytest arguments: `files` filtered by the -k expression `expr`."""
+    return tuple(files) + ("-k", expr)
+
+
+# Test selections shared by several mutants. -k "float16 and not bfloat16" picks the float16 cases
+# ("float16" is a substring of "bfloat16").
+F16 = "float16 and not bfloat16"
+FWD_F16 = k(FWD, expr=f"configs and {F16}")
+FWD_BF16 = k(FWD, expr="configs and bfloat16")
+FWD_F32 = k(FWD, expr="configs and float32")
+FWD_CAUSAL = k(CAUSAL, FWD, expr="forward_causal_diff_sweep or small_smem_forward or (configs and causal)")
+FWD_GRID_Y = (f"{FWD}::test_grid_yz_limit_loops",) + k(CAUSAL, expr="forward_grid_y")
+FWD_NORM = k(FWD, expr="l2norm")
+BWD_F16 = k(BWD, expr=f"configs and {F16}")
+BWD_F32 = k(BWD, expr="configs and float32")
+BWD_CAUSAL = k(CAUSAL, expr="backward_causal_diff_sweep or bounds or never_read or other_tiles")
+BWD_GRID_Y = (f"{BWD}::test_grid_yz_limit_loops",) + k(CAUSAL, expr="backward_grid_y")
+BWD_GQA = k(BWD, CAUSAL, expr="gqa or splits or mqa or repeatable")
+BWD_SMALL = k(BWD, CAUSAL, expr="small_shared_memory or small_smem or tile_config")
+BWD_MASK = k(BWD, expr="fully_masked or invisible or (configs and mask)")
+BWD_BIAS = k(BWD, expr="configs and (bias or per_head_scale or fully_masked_rows or merged_3d)")
+# Races between blocks (a plain += where an atomicAdd belongs) are seen by the emulator's race check,
+# not by results: these selections run with it on (fast-mode backward cases with several blocks
+# adding to one dq row, and broadcast biases whose dS several blocks sum).
+RACE_ENV = (("CUPY_COSATTN_EMU_RACE", "1"),)
+# Non-finite semantics and the float16 range of dS (each file runs in about 20 s).
+NONFINITE = ("tests/test_nonfinite.py",)
+FP16_RANGE = ("tests/test_fp16_range.py",)
+BWD_RACE = k(BWD, expr=f"configs and {F16} and (gqa or per_head_scale or merged_3d)")
+
+# ----------------------------------------------------------------------------------------------------
+# cuda_src/forward.cu
+
+FORWARD_MUTANTS: tuple = (
+    Mutant("fwd_sync_tile_ready", FORWARD_CU,
+           "      __syncthreads();                             // ... for every thread's copies\n", "",
+           FWD_F16, "no barrier after cp.async wait: warps read K/V chunks other threads' copies have not landed"),
+    Mutant("fwd_sync_buffer_reuse", FORWARD_CU,
+           "      __syncthreads();  // every warp is done with this buffer before the next prefetch overwrites it\n",
+           "", FWD_F16,
+           "no barrier before the prefetch refills a K/V buffer another warp may still read"),
+    Mutant("fwd_wait_group_2", FORWARD_CU, "cp_async_wait<1>();                          // all but",
+           "cp_async_wait<2>();                          // all but", FWD_F16,
+           "wait_group 2 in the double-buffered loop: the current tile may still be in flight"),
+    Mutant("fwd_epilogue_wait_1", FORWARD_CU, "    cp_async_wait<0>();\n    __syncthreads();\n#pragma unroll",
+           "    cp_async_wait<1>();\n    __syncthreads();\n#pragma unroll", FWD_F16,
+           "epilogue drains all but one group: with no visible tile the Q copies are still in flight"),
+    Mutant("fwd_epilogue_sync", FORWARD_CU, "    cp_async_wait<0>();\n    __syncthreads();\n#pragma unroll",
+           "    cp_async_wait<0>();\n#pragma unroll", k(FWD, expr="interleavings"),
+           "no barrier before O is staged in Q's rows: another warp's late Q copy can overwrite it"),
+    Mutant("fwd_final_sync", FORWARD_CU,
+           "    __syncthreads();  // the staging area is Q's: the next (batch, head) reloads it\n", "",
+           FWD_GRID_Y, "grid-y loop: the next work item's Q load overwrites O staging another warp still copies out"),
+    Mutant("fwd_syncwarp", FORWARD_CU, "    __syncwarp();\n    // 16-byte stores", "    // 16-byte stores", FWD_F16,
+           "no __syncwarp between staging O in shared memory and the lanes' 16-byte copies of other lanes' rows"),
+    Mutant("fwd_pv_no_trans", FORWARD_CU, "      ldmatrix_x4_trans(b, sV + (16 * ks",
+           "      ldmatrix_x4(b, sV + (16 * ks", FWD_F16, "V's B operand loaded without .trans"),
+    Mutant("fwd_p_frag_order", FORWARD_CU,
+           "pack2<T>(s[2 * ks][2], s[2 * ks][3]),\n" + " " * 27 + "pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),",
+           "pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),\n" + " " * 27 + "pack2<T>(s[2 * ks][2], s[2 * ks][3]),",
+           FWD_F16, "P's A fragment registers a1/a2 swapped (rows g+8 vs keys 8..15)"),
+    Mutant("fwd_k_b_frag", FORWARD_CU, "      mma_m16n8k16(s[2 * jj + 1], a, b + 2, T());",
+           "      mma_m16n8k16(s[2 * jj + 1], a, b, T());", FWD_BF16,
+           "the second 8-key tile of S uses the first tile's B registers"),
+    Mutant("fwd_f32_pv_layout", FORWARD_CU,
+           "    split_tf32(s[j][2], ab[1], as[1]);\n    split_tf32(s[j][1], ab[2], as[2]);",
+           "    split_tf32(s[j][1], ab[1], as[1]);\n    split_tf32(s[j][2], ab[2], as[2]);", FWD_F32,
+           "fp32 P fragment in the plain A layout, not the key-permuted one V's rows follow"),
+    Mutant("fwd_f32_v_row", FORWARD_CU, "      split_tf32(vb[ROW], bb[1], bs[1]);",
+           "      split_tf32(vb[4 * ROW], bb[1], bs[1]);", FWD_F32,
+           "fp32 V fragment b1 from key 2t+4 instead of the permuted key 2t+1"),
+    Mutant("fwd_causal_strict", FORWARD_CU, "kr < keys_left && kr - rr <= cdiff", "kr < keys_left && kr - rr < cdiff",
+           FWD_CAUSAL, "causal off-by-one: the diagonal key itself hidden"),
+    Mutant("fwd_tail_unchecked", FORWARD_CU, "const bool check = keys_left < BN ||",
+           "const bool check = keys_left < BN - 1 ||", k(FWD, expr=f"grid and {F16}"),
+           "tail off-by-one: a last tile with one padding key is not checked (its zero key gets p > 0)"),
+    Mutant("fwd_keys_left_le", FORWARD_CU, "return kr < keys_left &&", "return kr <= keys_left &&", FWD_F16,
+           "tail off-by-one: the first key past Nk counted as visible"),
+    Mutant("fwd_last_tile_causal", FORWARD_CU,
+           "(int)(last_key / BN + 1 < n_tiles ? last_key / BN + 1 : n_tiles)",
+           "(int)(last_key / BN < n_tiles ? last_key / BN : n_tiles)", FWD_CAUSAL,
+           "causal tile bound drops the tile holding the block's last visible key"),
+    Mutant("fwd_diag_sign", FORWARD_CU, "const int64_t diag = (int64_t)p.Nk - p.Nq;",
+           "const int64_t diag = (int64_t)p.Nq - p.Nk;", FWD_CAUSAL, "causal diagonal offset with the wrong sign"),
+    Mutant("fwd_qtile_reverse", FORWARD_CU, "(int)gridDim.x - 1 - (int)blockIdx.x", "(int)gridDim.x - (int)blockIdx.x",
+           FWD_CAUSAL, "reversed causal query-tile order off by one"),
+    Mutant("fwd_gqa_head", FORWARD_CU, "hk = h / (p.H / p.Hk);", "hk = h % p.Hk;", FWD_F16,
+           "GQA kv head as h % Hk instead of h / (H / Hk)"),
+    Mutant("fwd_kv_rows_left", FORWARD_CU,
+           "      const int keys_left = (int)(p.Nk - key0 < BN ? p.Nk - key0 : BN);\n      load_tile_async",
+           "      const int keys_left = BN;\n      load_tile_async", k(FWD, expr="configs"),
+           "K/V tile loads ignore rows_left: rows past Nk are read out of bounds"),
+    Mutant("fwd_scores_unzeroed", FORWARD_CU, "      float s[BN / 8][4];\n      fill_zero(s);",
+           "      float s[BN / 8][4];", FWD_F16, "score accumulators not zeroed per tile"),
+    Mutant("fwd_o_rescale", FORWARD_CU, "            o[n][2 * r] *= alpha;\n            o[n][2 * r + 1] *= alpha;",
+           "            o[n][2 * r] *= alpha;", k(FWD, expr=f"configs and bias and {F16}"),
+           "running max: one column of O not rescaled when the max grows"),
+    Mutant("fwd_m_use", FORWARD_CU, "const float m_use = m_new == neg_inf() ? 0.f : m_new;",
+           "const float m_use = m_new;", k(FWD, expr=f"configs and (mask or bias) and {F16}"),
+           "running max: a row with nothing visible yet computes exp2(-inf - -inf) = NaN"),
+    Mutant("fwd_headroom", FIXED_OFFSET,
+           "template <> struct Headroom<half_t> { static constexpr float value = 10.5f; };",
+           "template <> struct Headroom<half_t> { static constexpr float value = 20.5f; };", FWD_F16,
+           "fixed-offset headroom beyond fp16's range: P overflows to inf"),
+    Mutant("fwd_scale_head0", FORWARD_CU, "const float scale_log2 = p.scale[h] * LOG2E;",
+           "const float scale_log2 = p.scale[0] * LOG2E;", FWD_F16, "per-head scale read for head 0"),
+    Mutant("fwd_mask_batch", FORWARD_CU, "p.mask ? p.mask + b * p.mask_sb : nullptr;", "p.mask ? p.mask : nullptr;",
+           FWD_F16, "key mask without the batch offset"),
+    Mutant("fwd_next_tile_stall", FORWARD_CU, "const int next = next_tile(tile + 1);",
+           "const int next = next_tile(tile);", FWD_F16, "tile iterator never advances: the kernel spins forever",
+           timeout_s=300),
+    Mutant("fwd_out_guard", FORWARD_CU, "if (wrow0 + r < p.Nq) copy16(", "copy16(", FWD_F16,
+           "output rows past Nq stored (out of bounds)"),
+    Mutant("fwd_f32_row_sum", FORWARD_CU, "const float l = F32 ? quad_sum(lsum[2 * r]) : lsum[2 * r];",
+           "const float l = lsum[2 * r];", FWD_F32, "fp32 row sum not reduced across the quad"),
+    # non-finite values (a NaN or Inf never reaches a row that cannot see it)
+    Mutant("fwd_masked_v_not_zeroed", FORWARD_CU,
+           "if constexpr (MASKED) inside &= (r < rows_left && row_ok[r]) ? -1 : 0;", "", NONFINITE,
+           "masked keys' V rows loaded as they are: their NaN reaches P V through 0 * NaN"),
+    Mutant("fwd_scrub_last_row", FORWARD_CU, "const bool scrub = p.causal && key0 + keys_left - 1 > m0 + diag;",
+           "const bool scrub = p.causal && key0 + keys_left - 1 > m0 + BLOCK_M - 1 + diag;", NONFINITE,
+           "V scrubbed only on tiles past the block's last row's diagonal, not its first row's"),
+    Mutant("fwd_flag_running_max", FORWARD_CU, "              if (check && flagged(j, e)) x = quiet_nan();\n", "",
+           k(CAUSAL, expr="running_max"), "running max: a visible key whose V was scrubbed does not poison the row"),
+    Mutant("fwd_check_no_scrub", FORWARD_CU, "cdiff < BN - 1 || scrub;", "cdiff < BN - 1;", NONFINITE,
+           "a warp that sees a whole scrubbed tile skips the per-element pass: its NaN V key no longer poisons"),
+    Mutant("fwd_lse_poison", FORWARD_CU, "p.lse[b * p.lse_sb + h * p.lse_sh + row] = lse + poison;",
+           "p.lse[b * p.lse_sb + h * p.lse_sh + row] = lse;", NONFINITE,
+           "an Inf value row seen by a row leaves its lse finite"),
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# cuda_src/norm.cu
+
+NORM_MUTANTS: tuple = (
+    Mutant("norm_eps_fwd", NORM_CU,
+           "sqrtf(chunk_sum_sq(v, lane, lo, hi));\n        const float r = 1.f / fmaxf(n, EPS);",
+           "sqrtf(chunk_sum_sq(v, lane, lo, hi));\n        const float r = 1.f / n;", FWD_NORM,
+           "eps clamp dropped: a zero chunk divides by 0"),
+    Mutant("norm_eps_bwd", NORM_CU,
+           "sqrtf(chunk_sum_sq(x, lane, lo, hi));\n      const float r = 1.f / fmaxf(n, EPS);",
+           "sqrtf(chunk_sum_sq(x, lane, lo, hi));\n      const float r = 1.f / n;", FWD_NORM,
+           "eps clamp dropped in the gradient: a zero chunk gets dxhat / 0"),
+    Mutant("norm_pad_cols", NORM_CU, "if (e < p.xhat_cols) y[e] = from_float<T>(v[i]);",
+           "if (e < p.D) y[e] = from_float<T>(v[i]);", k(FWD, expr="l2norm or d24 or d33 or d40"),
+           "padding columns D..DP of xhat not written (garbage reaches the logits on a GPU)"),
+    Mutant("norm_chunk_hi", NORM_CU, "if (e >= lo && e < hi) s += v[i] * v[i];",
+           "if (e >= lo && e <= hi) s += v[i] * v[i];", FWD_NORM, "group norm includes the next chunk's first element"),
+    Mutant("norm_bwd_missing_r", NORM_CU, "dy[i] = (dot != 0.f ? dy[i] - x[i] * r * dot : dy[i]) * r;",
+           "dy[i] = dot != 0.f ? dy[i] - x[i] * r * dot : dy[i];", FWD_NORM,
+           "norm gradient not divided by the norm"),
+    Mutant("norm_rnorm_index", NORM_CU, "p.rnorm[row * p.groups + g] = r;", "p.rnorm[row + g] = r;", FWD_NORM,
+           "rnorm row index without the groups stride"),
+    Mutant("norm_zero_nonfinite", NORM_CU, "v[i] = zero ? 0.f : v[i] * r;", "v[i] = v[i] * r;", NONFINITE,
+           "the backward's qhat/khat keep non-finite rows: invisible pairs meet them in dQ = dS khat"),
+    Mutant("norm_copy_nonfinite", NORM_CU, "v[i] = fabsf(v[i]) <= FLT_MAX_ ? v[i] : 0.f;", "v[i] = v[i];",
+           NONFINITE, "the backward's v copy keeps NaN/Inf: masked keys' NaN reaches dP = dO V^T"),
+    Mutant("norm_bwd_zero_dy", NORM_CU, "if (e >= lo && e < hi && dy[i] != 0.f) dot +=",
+           "if (e >= lo && e < hi) dot +=", NONFINITE,
+           "a masked key with a NaN k gets NaN dk through 0 * NaN in <xhat, dxhat>"),
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# cuda_src/common.cuh
+
+COMMON_MUTANTS: tuple = (
+    Mutant("common_quad_sum", COMMON, "  x += __shfl_xor_sync(0xffffffffu, x, 2);\n  return x;",
+           "  x += __shfl_xor_sync(0xffffffffu, x, 4);\n  return x;", FWD_F32,
+           "quad reduction crosses into the neighbouring row group"),
+    Mutant("common_quad_max", COMMON, "  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));\n", "",
+           k(FWD, expr="configs and bias"), "running max over half the quad: lanes of a row disagree on the offset"),
+    Mutant("common_warp_sum", COMMON, "for (int o = 16; o > 0; o >>= 1)", "for (int o = 8; o > 0; o >>= 1)",
+           FWD_NORM, "warp reduction over half the warp"),
+    Mutant("common_tf32_residual", COMMON, "  small = to_tf32(x - bits_as_float(big));", "  small = 0u;", FWD_F32,
+           "3xTF32 without the residual: fp32 degraded to tf32 accuracy"),
+    Mutant("common_3xtf32_term", COMMON, "  mma_m16n8k8_tf32(d, a_big, b_small);\n", "", FWD_F32,
+           "3xTF32 missing the big*small term"),
+    Mutant("common_bf16_truncate", COMMON, "  h.bits = emu::f32_to_bf16_rn(x);",
+           "  { uint32_t u_; __builtin_memcpy(&u_, &x, 4); h.bits = (uint16_t)(u_ >> 16); }",
+           k(FWD, expr="l2norm or (configs and bfloat16)"),
+           "fp32 -> bf16 conversion truncates (cvt.rz) instead of rounding to nearest even"),
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# cuda_src/backward.cu
+
+BACKWARD_MUTANTS: tuple = (
+    Mutant("bwd_sok_sync", BACKWARD_CU, "    __syncthreads();\n    int any = 0;", "    int any = 0;", BWD_MASK,
+           "no barrier between writing the key flags and every thread reading them"),
+    Mutant("bwd_dkdv_stage_sync", BACKWARD_CU,
+           "      __syncthreads();  // everyone is done with this stage (and sdS) before it is refilled\n", "",
+           BWD_F16, "bwd_dkdv: no barrier before the next stage's prefetch overwrites Q/dO another warp reads"),
+    Mutant("bwd_dkdv_wait_2", BACKWARD_CU, "        CA_BWD_KV_LOAD_STAGE(it + 1, st ^ 1)\n        cp_async_wait<1>();",
+           "        CA_BWD_KV_LOAD_STAGE(it + 1, st ^ 1)\n        cp_async_wait<2>();", BWD_F16,
+           "bwd_dkdv waits for all but two groups: the current stage may be in flight"),
+    Mutant("bwd_dkdv_last_wait", BACKWARD_CU,
+           "        cp_async_wait<0>();\n      }\n      __syncthreads();\n\n      const int h = h_first",
+           "        cp_async_wait<1>();\n      }\n      __syncthreads();\n\n      const int h = h_first", BWD_F16,
+           "bwd_dkdv's last iteration leaves its stage in flight"),
+    Mutant("bwd_dq_wait_2", BACKWARD_CU, "        CA_BWD_Q_LOAD_STAGE(kt_next, st ^ 1)\n        cp_async_wait<1>();",
+           "        CA_BWD_Q_LOAD_STAGE(kt_next, st ^ 1)\n        cp_async_wait<2>();", BWD_GQA,
+           "bwd_dq waits for all but two groups: the current key tile may be in flight"),
+    Mutant("bwd_ds_sync", BACKWARD_CU, "        __syncthreads();\n        constexpr int MT = BR / 16;",
+           "        constexpr int MT = BR / 16;", BWD_F16,
+           "no barrier between staging dS^T and the dQ product reading other warps' rows"),
+    Mutant("bwd_dq_stage_sync", BACKWARD_CU,
+           "      __syncthreads();  // this stage may be refilled next iteration\n", "", BWD_GQA,
+           "bwd_dq: no barrier before the prefetch refills a key tile another warp reads"),
+    Mutant("bwd_dkdv_item_sync", BACKWARD_CU,
+           "s * p.heads_per_split;\n\n    __syncthreads();  // the previous work item is done with shared memory\n",
+           "s * p.heads_per_split;\n\n", BWD_GRID_Y,
+           "grid-y loop of bwd_dkdv: after an item with nothing visible, the next item's key flags overwrite "
+           "flags still being read"),
+    Mutant("bwd_kn_no_trans", BACKWARD_CU,
+           "    ldmatrix_x4_trans(r, s + (k0 + (i & 1) * 8 + (lane & 7)) * ld + n0 + (i >> 1) * 8);",
+           "    ldmatrix_x4(r, s + (k0 + (i & 1) * 8 + (lane & 7)) * ld + n0 + (i >> 1) * 8);", BWD_F16,
+           "B operand of [k][n] tiles (dO, Q, K in dV/dK/dQ products) loaded without .trans"),
+    Mutant("bwd_km_no_trans", BACKWARD_CU, "ldmatrix_x4_trans(a.r, ", "ldmatrix_x4(a.r, ", BWD_F16,
+           "dS^T read as the dQ product's A operand without .trans"),
+    Mutant("bwd_b2_frag_swap", BACKWARD_CU,
+           "* ld + k0 + (i & 1) * 8);\n    b[0].r[0] = r[0]; b[0].r[1] = r[1]; b[1].r[0] = r[2]; b[1].r[1] = r[3];",
+           "* ld + k0 + (i & 1) * 8);\n    b[0].r[0] = r[0]; b[0].r[1] = r[2]; b[1].r[0] = r[1]; b[1].r[1] = r[3];",
+           BWD_F16, "swapped fragment registers: the two n8 tiles' k halves exchanged"),
+    Mutant("bwd_store2_order", BACKWARD_CU, "*reinterpret_cast<uint32_t*>(s) = pack2<T>(x0, x1);",
+           "*reinterpret_cast<uint32_t*>(s) = pack2<T>(x1, x0);", BWD_F16,
+           "dS^T staged with each column pair swapped"),
+    Mutant("bwd_f32_kn_c", BACKWARD_CU, "    set_b(b[0], p[0], p[ld]);", "    set_b(b[0], p[0], p[4 * ld]);", BWD_F32,
+           "fp32 B rows in the plain k order, not the one a_from_c's permutation needs"),
+    Mutant("bwd_f32_km", BACKWARD_CU, "set_a(a, p[0], p[8], p[4 * ld], p[4 * ld + 8]);",
+           "set_a(a, p[0], p[4 * ld], p[8], p[4 * ld + 8]);", BWD_F32,
+           "fp32 A fragment a1/a2 swapped (transposed load)"),
+    Mutant("bwd_dkdv_causal_strict", BACKWARD_CU, "key[e >> 1] <= i0 + col + off", "key[e >> 1] < i0 + col + off",
+           BWD_CAUSAL, "bwd_dkdv causal off-by-one"),
+    Mutant("bwd_dq_causal_strict", BACKWARD_CU, "j0 + col <= row[r] + off", "j0 + col < row[r] + off",
+           k(CAUSAL, expr="backward_causal_diff_sweep and deterministic"), "bwd_dq causal off-by-one"),
+    Mutant("bwd_q_first_tight", BACKWARD_CU, "const int q_first = p.causal ? max(0, j0 - off) : 0;",
+           "const int q_first = p.causal ? max(0, j0 - off + 1) : 0;", BWD_CAUSAL,
+           "q_first one too late: the query tile holding the diagonal's first row is skipped when it starts a tile"),
+    Mutant("bwd_q_first_loose", BACKWARD_CU, "const int q_first = p.causal ? max(0, j0 - off) : 0;",
+           "const int q_first = p.causal ? max(0, j0 - off - 1) : 0;", BWD_CAUSAL,
+           "q_first one too early: a query tile that sees none of the block's keys is read"),
+    Mutant("bwd_k_end_tight", BACKWARD_CU, "min(i0 + BR, p.Nq) - 1 + off + 1)", "min(i0 + BR, p.Nq) - 1 + off)",
+           k(CAUSAL, expr="deterministic and (backward_causal_diff_sweep or bounds)"),
+           "k_end one short: the last visible key tile is dropped when the bound starts a tile"),
+    Mutant("bwd_k_end_loose", BACKWARD_CU, "min(i0 + BR, p.Nq) - 1 + off + 1)", "min(i0 + BR, p.Nq) + off + 1)",
+           k(CAUSAL, expr="never_read"), "k_end one too far: a key tile no query of the block sees is read"),
+    Mutant("bwd_dq_gqa", BACKWARD_CU, "h = (int)(y % p.H), hk = h / qpk;", "h = (int)(y % p.H), hk = h % p.Hk;",
+           BWD_GQA, "deterministic dQ reads kv head h % Hk instead of h / (H / Hk)"),
+    Mutant("bwd_h_first_split", BACKWARD_CU, "const int h_first = hk * qpk + s * p.heads_per_split;",
+           "const int h_first = hk * qpk + s;", BWD_GQA,
+           "query-head split s starts at head s, not s * heads_per_split"),
+    Mutant("bwd_head_of_iteration", BACKWARD_CU, "      const int h = h_first + it / per_head;",
+           "      const int h = h_first;", BWD_GQA, "GQA: scale, bias, dbias and dQ use the first head for every head"),
+    Mutant("bwd_dq_unscaled", BACKWARD_CU, "(acc_dp[n][e] - dvv[e >> 1]) * scale_h;", "(acc_dp[n][e] - dvv[e >> 1]);",
+           BWD_GQA, "deterministic dQ without the scale_h factor"),
+    Mutant("bwd_ds_no_dvec", BACKWARD_CU, "const float ds = acc_s[n][e] * (acc_dp[n][e] - cDv[col]);",
+           "const float ds = acc_s[n][e] * acc_dp[n][e];", BWD_F16, "dS = P dP without subtracting D = rowsum(dO O)"),
+    Mutant("bwd_dq_atomic_plain", BACKWARD_CU, "atomicAdd(gdq + i * p.dq_sn + d, acc[n][e]);",
+           "gdq[i * p.dq_sn + d] += acc[n][e];", BWD_RACE,
+           "dQ accumulated by a plain += from many blocks (a race)", env=RACE_ENV),
+    Mutant("bwd_dbias_atomic_plain", BACKWARD_CU, "atomicAdd(static_cast<float*>(p.dbias) + off, x);",
+           "static_cast<float*>(p.dbias)[off] += x;", BWD_RACE, "broadcast dbias summed by a plain += (a race)",
+           env=RACE_ENV),
+    Mutant("bwd_dbias_every_chunk", BACKWARD_CU, "const bool write_dbias = p.dbias_mode != 0 && chunk == 0;",
+           "const bool write_dbias = p.dbias_mode != 0;", BWD_BIAS,
+           "every head-dim chunk's block adds dS to dbias (counted twice above DP = 128)"),
+    Mutant("bwd_dbias_transpose", BACKWARD_CU, "store_dbias<T>(p, dbb + i * p.dbias_sq + j, ds);",
+           "store_dbias<T>(p, dbb + j * p.dbias_sq + i, ds);", BWD_BIAS, "dbias stored transposed"),
+    Mutant("bwd_bias_frag_transpose", BACKWARD_CU, "return RowCol{i0 + n * 8 + 2 * t + (e & 1), key[e >> 1]};",
+           "return RowCol{key[e >> 1], i0 + n * 8 + 2 * t + (e & 1)};", BWD_BIAS, "bwd_dkdv reads the bias transposed"),
+    Mutant("bwd_prep_lse2_scale", BACKWARD_CU, "l2 = l < -3.0e38f ? pos_inf() : l * LOG2E;",
+           "l2 = l < -3.0e38f ? pos_inf() : l;", BWD_F16, "lse2 in natural-log units while logits are in log2"),
+    Mutant("bwd_prep_padding_rows", BACKWARD_CU, "      if (lane == 0) {\n        p.lse2[y * p.nq_pad + i] = l2;",
+           "      if (lane == 0 && i < p.Nq) {\n        p.lse2[y * p.nq_pad + i] = l2;", BWD_F16,
+           "lse2 / D of the padding rows past Nq never written (their +inf sentinel missing)"),
+    Mutant("bwd_key_ok_warp", BACKWARD_CU, "key_ok[r] = sOk[16 * warp + g + 8 * r];", "key_ok[r] = sOk[g + 8 * r];",
+           BWD_MASK, "key flags of warp 0 used by every warp"),
+    Mutant("bwd_dq_stage_index", BACKWARD_CU, "const T* cK = sK + st * BC * SK;",
+           "const T* cK = sK + (st ^ 1) * BC * SK;", BWD_GQA, "bwd_dq reads K from the stage being prefetched"),
+    Mutant("bwd_dkdv_stage_index", BACKWARD_CU, "const T* cdO = sdO + st * BR * SK;", "const T* cdO = sdO;", BWD_F16,
+           "bwd_dkdv reads dO from stage 0 on every iteration"),
+    Mutant("bwd_rows_valid", BACKWARD_CU,
+           "      for (int r = r0; r < ROWS; r += STEP) {\n        const int bytes = r < rows_valid ? full : 0;",
+           "      for (int r = r0; r < ROWS; r += STEP) {\n        const int bytes = r <= rows_valid ? full : 0;",
+           k(BWD, expr="configs"),
+           "tile load off-by-one: the row past the valid ones is read (out of bounds at a tensor's end)"),
+    Mutant("bwd_dkdv_store_rows", BACKWARD_CU, "if (j < p.Nk && d < p.D) {\n          const int64_t o = ob",
+           "if (d < p.D) {\n          const int64_t o = ob", BWD_F16, "dK/dV rows past Nk stored (out of bounds)"),
+    Mutant("bwd_split_offset", BACKWARD_CU, "((int64_t)hk * p.nsplit + s) * p.dkv_sh;", "(int64_t)hk * p.dkv_sh;",
+           BWD_GQA, "partial dK/dV of every query-head split written to the same slot"),
+    Mutant("bwd_dp_unzeroed", BACKWARD_CU,
+           "      float acc_dp[NT][4];\n      fill_zero(acc_dp);\n      gemm_nk<T, NT, D_PAD>(acc_dp, sV",
+           "      float acc_dp[NT][4];\n      gemm_nk<T, NT, D_PAD>(acc_dp, sV", BWD_F16,
+           "dP^T accumulators not zeroed per query tile"),)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The launch layer (cupy_cosattn/launch/).
+
+LAUNCH_MUTANTS: tuple = (
+    # dispatch.py: kernels and grids
+    Mutant("launch_fwd_grid_x", DISPATCH, "(cdiv(prob.Nq, FWD_BLOCK_M), _grid_y(BH), 1), tile=bn",
+           "(prob.Nq // FWD_BLOCK_M, _grid_y(BH), 1), tile=bn", FWD_F16,
+           "forward grid misses the last partial query tile"),
+    Mutant("lb_dkdv_chunks", DISPATCH, "n_x = cdiv(Nk, kv.rows) * kv.n_chunks", "n_x = cdiv(Nk, kv.rows)",
+           k(BWD, expr="configs and (d200 or d256)"), "bwd_dkdv grid without the head-dim chunks"),
+    Mutant("lb_dq_chunks", DISPATCH, "(cdiv(Nq, qc.rows) * qc.n_chunks, _grid_y(B * H), 1)",
+           "(cdiv(Nq, qc.rows), _grid_y(B * H), 1)", k(BWD, expr="configs and det"),
+           "bwd_dq grid without the head-dim chunks"),
+    Mutant("lb_tile_any_size", DISPATCH, "tile=qc.tile, n_y=B * H", "tile=qc.rows, n_y=B * H", BWD_MASK,
+           "bwd_dq key-tile flags computed for tiles of its query rows, not its key tile (fp32: 64 vs 16 keys)"),
+    # tiles.py: tile sizes, paths, variants
+    Mutant("launch_fixed_offset_bound", TILES, 'FIXED_OFFSET_MAX_BOUND = {"float16": 10.0,',
+           'FIXED_OFFSET_MAX_BOUND = {"float16": 20.0,', k(FWD, expr=f"fixed_offset or (configs and {F16})"),
+           "fp16 fixed offset allowed for logit bounds that push P out of fp16's range"),
+    Mutant("launch_fixed_offset_groups", TILES, "bound = float(np.max(scale)) * prob.groups",
+           "bound = float(np.max(scale))", k(FWD, expr=f"fixed_offset or (configs and {F16})"),
+           "logit bound without the l2norm groups factor"),
+    Mutant("launch_fwd_bn_halving", TILES, "while bn > 16 and fwd_smem_bytes(dtype_name, dp, bn) > smem_limit:",
+           "while bn > 32 and fwd_smem_bytes(dtype_name, dp, bn) > smem_limit:", k(FWD, CAUSAL, expr="small"),
+           "key tile not halved below 32 on small-shared-memory devices"),
+    Mutant("lb_choose_small_swapped", TILES,
+           "return (kv_config(dtype_name, dp).smem > smem_limit, q_config(dtype_name, dp).smem > smem_limit)",
+           "return (q_config(dtype_name, dp).smem > smem_limit, kv_config(dtype_name, dp).smem > smem_limit)",
+           BWD_SMALL, "small-variant choice of the two kernels swapped"),
+    Mutant("lb_nq_pad", TILES, "return round_up(Nq, NQ_PAD)", "return round_up(Nq, PREP_ROWS)", BWD_F16,
+           "lse2 / D rows padded to 32 while query tiles read 64 rows"),
+    # staging.py, forward.py: the forward's buffers and parameters
+    Mutant("launch_bias_strides", STAGING,
+           "bias_sb=Hb * Nq * Nk if Bb > 1 else 0, bias_sh=Nq * Nk if Hb > 1 else 0,",
+           "bias_sb=Hb * Nq * Nk, bias_sh=Nq * Nk,", k(FWD, expr=f"configs and bias and {F16}"),
+           "broadcast bias dims given real strides (reads past the bias)"),
+    Mutant("launch_fwd_tile_any", LAUNCH_FWD, "st = stage(dev, prob, inp, caps, tile=fwd.tile)",
+           "st = stage(dev, prob, inp, caps, tile=64)",
+           k(BWD, FWD, expr="fully_masked or (configs and mask and float32)"),
+           "key-tile flags computed for 64-key tiles while fp32 tiles have 32 keys"),
+    # backward.py: the backward's buffers and post-passes
+    Mutant("lb_dq_uninitialized", LAUNCH_BWD,
+           "dq = dev.empty((B, H, Nq, Ds), F32) if prob.deterministic else dev.zeros((B, H, Nq, Ds), F32)",
+           "dq = dev.empty((B, H, Nq, Ds), F32)", BWD_F16, "atomic dQ accumulates onto uninitialized memory"),
+    Mutant("lb_dbias_strides", LAUNCH_BWD,
+           "(Hb * Nq * Nk if Bb > 1 else 0, Nq * Nk if Hb > 1 else 0, Nk))", "(Hb * Nq * Nk, Nq * Nk, Nk))",
+           BWD_BIAS, "broadcast dbias (atomic mode) given real strides: writes past the buffer"),
+    Mutant("lb_split_sum", LAUNCH_BWD, "dk = dk.reshape(B, Hk, nsplit, Nk, Ds).sum(axis=2)",
+           "dk = dk.reshape(B, Hk, nsplit, Nk, Ds)[:, :, 0]", BWD_GQA, "partial dK of query-head splits not summed"),
+    Mutant("lb_dscale_unscaled", LAUNCH_BWD,
+           "dscale = dev.to_host(dscale) / np.asarray(inp.scale, dtype=np.float64)", "dscale = dev.to_host(dscale)",
+           BWD_F16, "dscale not divided by the scale"),
+    # arrays.py
+    Mutant("lb_bf16_cast_truncates", ARRAYS,
+           "u = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)",
+           "u = u >> np.uint32(16)", k(BWD, expr="bfloat16_cast or (configs and bfloat16)"),
+           "bf16 cast of the post-passes truncates"),
+    # non-finite values and the float16 range of dS
+    Mutant("bwd_prep_nan_dvec", BACKWARD_CU, "        if (!(fabsf(dsum) <= 3.402823466e38f)) dsum = 0.f;\n", "",
+           NONFINITE, "a poisoned row's D = rowsum(dO O) stays NaN and reaches its invisible pairs"),
+    Mutant("bwd_ds_range_dkdv", BACKWARD_CU,
+           "      if constexpr (DsRange<T>::value) ds_range_f16(acc_dp, ds_f, acc_dk);  // acc_dp = scale_h dS f\n", "",
+           FP16_RANGE, "bwd_dkdv rounds scale_h dS to float16 unscaled: large values overflow to Inf"),
+    Mutant("bwd_ds_range_dq", BACKWARD_CU,
+           "      if constexpr (DsRange<T>::value) ds_range_f16(acc_dp, ds_f, acc_dq);  // acc_dp = scale_h dS f\n", "",
+           FP16_RANGE, "deterministic bwd_dq rounds scale_h dS to float16 unscaled"),
+    Mutant("bwd_ds_range_no_rescale", BACKWARD_CU, "      for (int e = 0; e < 4; ++e) acc[n][e] *= ratio;\n",
+           "      for (int e = 0; e < 4; ++e) {}\n", FP16_RANGE,
+           "a shrinking factor leaves the accumulators in units of the old one"),
+    Mutant("bwd_ds_range_target", BACKWARD_CU, "constexpr int DS_F16_TARGET_EXP = 13;",
+           "constexpr int DS_F16_TARGET_EXP = 16;", FP16_RANGE,
+           "the factor maps |scale_h dS| to [2^16, 2^17): rounded operands overflow float16"),
+    Mutant("bwd_ds_inv_f_warp", BACKWARD_CU, "const float inv = sInvF[k0 / 16];", "const float inv = sInvF[warp];",
+           FP16_RANGE, "fast-mode dQ undoes its own warp's factor, not that of the warp whose keys it sums"),
+    Mutant("bwd_dk_factor_kept", BACKWARD_CU, "        for (int e = 0; e < 4; ++e) acc_dk[n][e] *= inv;\n",
+           "        for (int e = 0; e < 4; ++e) {}\n", FP16_RANGE, "float16 dK stored still multiplied by the factor"),
+    Mutant("bwd_dq_factor_kept", BACKWARD_CU, "gdq[i * p.dq_sn + d] = acc_dq[n][e] * inv_f;",
+           "gdq[i * p.dq_sn + d] = acc_dq[n][e];", FP16_RANGE,
+           "deterministic float16 dQ stored still multiplied by the factor"),
+)
+
+# ----------------------------------------------------------------------------------------------------
+# KV-cache attention: cuda_src/decode.cu, its launch (cupy_cosattn/launch/decode.py) and host checks
+# (cupy_cosattn/kvcache.py). tests/test_kvcache.py fills every unused cache slot and unmapped page
+# with NaN, so a read past a sequence's length shows up as NaN.
+
+DECODE_CU = "cuda_src/decode.cu"
+LAUNCH_DECODE = "cupy_cosattn/launch/decode.py"
+KVCACHE_PY = "cupy_cosattn/kvcache.py"
+KVCACHE = "tests/test_kvcache.py"
+KV_SPLITS = k(KVCACHE, expr="num_splits and not reference")
+KV_QUERY_COUNTS = k(KVCACHE, expr="query_count")
+KV_RUNNING_MAX = k(KVCACHE, expr="running_max")
+KV_NONFINITE = k(KVCACHE, expr="nonfinite_values_poison and wm1")
+
+DECODE_MUTANTS: tuple = (
+    # decode.cu: synchronization
+    Mutant("dec_sync_landed", DECODE_CU,
+           "        __syncthreads();    // tile `tile` (and, on the first one, Q) has landed for every thread\n",
+           "",
+           KV_SPLITS,
+           "no barrier after the cp.async wait: warps read K/V pieces other threads' copies have not landed"),
+    Mutant("dec_sync_normalized", DECODE_CU,
+           "        if (p.norm_qk || scrub) __syncthreads();",
+           "",
+           KV_SPLITS,
+           "no barrier between the key/query normalization and the mma that reads the scales / rewritten rows"),
+    Mutant("dec_sync_reuse", DECODE_CU,
+           "else fwd::tile_pv<T, DP, KT>(o, lsum, s, sVw, lane);\n\n        __syncthreads();",
+           "else fwd::tile_pv<T, DP, KT>(o, lsum, s, sVw, lane);\n",
+           k(KVCACHE, expr="nonfinite_values_poison and wm4 and 1-fixed"),
+           "no barrier before the prefetch refills a K/V buffer another warp (WM = 4) still reads"),
+    Mutant("dec_sync_staged", DECODE_CU,
+           "      }\n    }\n    __syncthreads();\n\n    // Join",
+           "      }\n    }\n\n    // Join",
+           KV_SPLITS,
+           "no barrier between staging the warps' partial O/l/m and the join that reads other warps' rows"),
+    Mutant("dec_wait_group_2", DECODE_CU,
+           "        cp_async_wait<1>();\n        __syncthreads();    // tile",
+           "        cp_async_wait<2>();\n        __syncthreads();    // tile",
+           KV_SPLITS,
+           "wait_group 2 in the double-buffered loop: the current tile may still be in flight"),
+    # decode.cu: non-finite values
+    Mutant("dec_scrub_missing", DECODE_CU,
+           "        if (scrub) scrub_v<T, DP, BN>(sV + buf * KV);",
+           "",
+           KV_NONFINITE,
+           "no scrub of V on tiles with causally hidden keys: 0 * NaN poisons rows that do not see the key"),
+    Mutant("dec_scrub_tile_test", DECODE_CU,
+           "const bool scrub = hidden_keys && tile * BN + BN > lim_lo;",
+           "const bool scrub = hidden_keys && tile * BN > lim_lo;",
+           KV_NONFINITE,
+           "scrub only from the tile after the one holding the first hidden key (off by a tile)"),
+    Mutant("dec_poison_missing", DECODE_CU,
+           "+ quad_sum(poison);",
+           ";",
+           k(KVCACHE, expr="nonfinite_values_poison and wm1 and float16 and not bfloat16"),
+           "a non-finite partial O (Inf value row) not turned into a NaN row"),
+    Mutant("dec_combine_nan_l", DECODE_CU,
+           "    const float inv = l == 0.f ? 0.f : 1.f / l;  // a poisoned split's NaN l makes the row NaN",
+           "    const float inv = l > 0.f ? 1.f / l : 0.f;",
+           k(KVCACHE, expr="nonfinite_values_poison and wm1 and 3-fixed"),
+           "the combine treats a NaN l as 'no visible key': a poisoned row's finite columns come out 0"),
+    Mutant("dec_vflags_bit", DECODE_CU,
+           "<< (2 * j + c);",
+           "<< (2 * j);",
+           KV_NONFINITE,
+           "the V flag of a thread's odd key lands on its even neighbour's bit"),
+    # decode.cu: visibility, bounds, pages, splits, the combine, the append
+    Mutant("dec_causal_limit", DECODE_CU,
+           "      const int l = Lb - p.Nq + i + 1;",
+           "      const int l = Lb - p.Nq + i;",
+           KV_QUERY_COUNTS,
+           "causal off-by-one: a query does not see its own (diagonal) key"),
+    Mutant("dec_visible_le", DECODE_CU,
+           "return key0 + 8 * j + 2 * t + (e & 1) < lim[e >> 1]; };",
+           "return key0 + 8 * j + 2 * t + (e & 1) <= lim[e >> 1]; };",
+           KV_QUERY_COUNTS,
+           "per-element visibility lets a row see one key past its limit"),
+    Mutant("dec_kend_read_past", DECODE_CU,
+           "      const bool in = key_g + rr < kend && c < p.D;",
+           "      const bool in = key_g + rr <= kend && c < p.D;",
+           KV_SPLITS,
+           "the tile load reads the slot just past the sequence's last key (NaN in the tests' caches)"),
+    Mutant("dec_page_no_table", DECODE_CU,
+           "  return {(int64_t)bt_row[lp], row};",
+           "  return {(int64_t)lp, row};",
+           k(KVCACHE, expr="num_splits and paged"),
+           "logical page used as the physical page: the block table is ignored"),
+    Mutant("dec_page_div_16", DECODE_CU,
+           "key >> p.page_shift : key / p.page_size;",
+           "key >> p.page_shift : key / 16;",
+           k(KVCACHE, expr="page_size_not_a_power_of_two"),
+           "the non-power-of-two page path assumes 16-slot pages"),
+    Mutant("dec_split_floor", DECODE_CU,
+           "    const int tps = (n_tiles + p.num_splits - 1) / p.num_splits;",
+           "    const int tps = n_tiles / p.num_splits > 0 ? n_tiles / p.num_splits : 1;",
+           KV_SPLITS,
+           "tiles per split rounded down: the last tiles of a sequence belong to no split"),
+    Mutant("dec_combine_drop_split", DECODE_CU,
+           "      for (int s = 0; s < S; ++s) {",
+           "      for (int s = 0; s < S - 1; ++s) {",
+           KV_SPLITS,
+           "the combine's numerator skips the last split"),
+    Mutant("dec_combine_rm_weight", DECODE_CU,
+           "    for (int s = lane; s < S; s += 32) l += weight(s) * p.lpart[s * p.part_rows + row];",
+           "    for (int s = lane; s < S; s += 32) l += p.lpart[s * p.part_rows + row];",
+           KV_RUNNING_MAX,
+           "running-max combine: the denominators summed without their exp2(m_s - max m) weights"),
+    Mutant("dec_combine_lse_offset", DECODE_CU,
+           "      const float off = p.scale[h] * p.groups - Headroom<T>::value;",
+           "      const float off = p.scale[h] * p.groups;",
+           k(KVCACHE, expr="dtypes and float16 and not bfloat16"),
+           "the combine's lse forgets the fp16 headroom of the fixed offset"),
+    Mutant("dec_combine_head", DECODE_CU,
+           "      const int h = (int)((row / p.Nq) % p.H);",
+           "      const int h = (int)(row % p.H);",
+           k(KVCACHE, expr="groups_and_per_head_scale"),
+           "the combine's per-head scale (offset) read for the wrong head"),
+    Mutant("dec_key_rnorm_column", DECODE_CU,
+           "            for (int e = 0; e < 4; ++e) s[j][e] *= rn[e & 1];",
+           "            for (int e = 0; e < 4; ++e) s[j][e] *= rn[0];",
+           KV_SPLITS,
+           "odd key columns scaled by their even neighbour's 1/||k||"),
+    Mutant("dec_gqa_scale_head", DECODE_CU,
+           "      const float sc = p.scale[hk * G + R / p.Nq];\n      scale_log2",
+           "      const float sc = p.scale[hk + R / p.Nq];\n      scale_log2",
+           k(KVCACHE, expr="groups_and_per_head_scale"),
+           "per-head scale indexed without the GQA group offset"),
+    Mutant("dec_gridy_bound", DECODE_CU,
+           "  for (int64_t bk = blockIdx.y; bk < BHk; bk += gridDim.y) {",
+           "  for (int64_t bk = blockIdx.y; bk < gridDim.y; bk += gridDim.y) {",
+           k(KVCACHE, expr="grid_limits"),
+           "no loop over (batch, kv head) pairs beyond the grid's y extent"),
+    Mutant("dec_append_slot", DECODE_CU,
+           "    const Slot s = locate(p, bt_row, b, p.seqlens[b] + i);",
+           "    const Slot s = locate(p, bt_row, b, p.seqlens[b] + i - 1);",
+           k(KVCACHE, expr="append_at_page_boundaries"),
+           "the append writes one slot early, over the last cached key"),
+    Mutant("dec_restrict_skipped", DECODE_CU,
+           "          if (check) restrict_tile(0.f);\n",
+           "",
+           KV_QUERY_COUNTS,
+           "fixed offset: no per-element visibility on tiles that need it (causally hidden keys get p > 0)"),
+    Mutant("dec_stage_m", DECODE_CU,
+           "        stM[warp * 16 + g + 8 * r] = row_m[r];",
+           "        stM[warp * 16 + g + 8 * r] = 0.f;",
+           KV_RUNNING_MAX,
+           "running max: the warps' maxima are not staged, so the join weights the warps' partials wrongly"),
+    # launch/decode.py and kvcache.py
+    Mutant("launch_page_shift", LAUNCH_DECODE,
+           "page_shift=(ps.bit_length() - 1) if",
+           "page_shift=ps.bit_length() if",
+           k(KVCACHE, expr="num_splits and paged"),
+           "page shift off by one: log2(page_size) + 1"),
+    Mutant("launch_n_row_tiles", LAUNCH_DECODE,
+           "n_row_tiles=attn.grid[0] // splits,",
+           "n_row_tiles=1,",
+           KV_QUERY_COUNTS,
+           "row tiles per kv head taken as 1: the split index of blocks past the first row tile is wrong"),
+    Mutant("launch_new_keys", LAUNCH_DECODE,
+           "new_keys=prob.new_keys,",
+           "new_keys=0,",
+           KV_SPLITS,
+           "the kernel does not count the appended keys in L_b"),
+    Mutant("launch_write_back", LAUNCH_DECODE,
+           "        kc.write_back()\n",
+           "",
+           KV_SPLITS,
+           "a staged NumPy k_cache is not written back after the append"),
+    Mutant("kvcache_capacity", KVCACHE_PY,
+           "    over = np.flatnonzero(lengths > capacity)",
+           "    over = np.flatnonzero(lengths >= capacity)",
+           k(KVCACHE, expr="auto_splits_use"),
+           "a sequence that fills its cache exactly is refused"),
+    Mutant("kvcache_unused_pages", KVCACHE_PY,
+           "        bad_entry = in_use & ((table < 0) | (table >= num_pages))",
+           "        bad_entry = (table < 0) | (table >= num_pages)",
+           k(KVCACHE, expr="unused_table_entries"),
+           "block-table entries past a sequence's pages are checked (they may hold anything)"),
+)
+
+# ----------------------------------------------------------------------------------------------------
+# The Hopper forward: cuda_src/hopper_fwd.cu, through the emulator presenting itself as an H100 (the
+# tests set it). Its synchronization faults (skipped full/empty waits, reads before wgmma.wait, the
+# ping-pong hand-off, the fix-up's proxy fence, per-warpgroup release, expect_tx miscounts) are planted
+# by tests/test_kernels_hopper.py::test_planted_fault_is_caught itself; these are the other bugs.
+HOPPER_FWD_CU = "cuda_src/hopper_fwd.cu"
+HOPPER = "tests/test_kernels_hopper.py"
+HOP_GRID_F16 = k(HOPPER, expr=f"test_hopper_forward_grid and {F16}")  # fp16 D = 64, 128: every feature
+HOP_GRID_Y = (f"{HOPPER}::test_hopper_forward_grid_y_loop",)
+HOP_NONFINITE = k(HOPPER, "tests/test_nonfinite.py", expr="causally_invisible or hopper_forward_agrees")
+
+HOPPER_MUTANTS: tuple = (
+    Mutant("h90_causal_limit", HOPPER_FWD_CU, "    const int causal_limit = g + 8 * h + cdiff + 1;\n",
+           "    const int causal_limit = g + 8 * h + cdiff;\n", HOP_GRID_F16,
+           "causal off-by-one on diagonal tiles: each row loses its diagonal key"),
+    Mutant("h90_gqa_head", HOPPER_FWD_CU, "    hk = h / (p.H / p.Hk);\n", "    hk = h % p.Hk;\n", HOP_GRID_F16,
+           "GQA kv head as h % Hk instead of h / (H / Hk)"),
+    Mutant("h90_scale_d_first_kstep", HOPPER_FWD_CU, "    wgmma_ss<BLOCK_N, T>(s, dq, dk, kk > 0);\n",
+           "    wgmma_ss<BLOCK_N, T>(s, dq, dk, true);\n", HOP_GRID_F16,
+           "scale-d set on the first k-step: S_j accumulates onto the previous tile's P"),
+    Mutant("h90_v_desc_kstep", HOPPER_FWD_CU,
+           "    const uint64_t dv = make_smem_desc(sV + ks * 16 * 128, L::KV_CB, 1024, Swizzle::B128);\n",
+           "    const uint64_t dv = make_smem_desc(sV + ks * 8 * 128, L::KV_CB, 1024, Swizzle::B128);\n",
+           HOP_GRID_F16, "V's MN-major descriptor advances 8 keys per k-step of 16"),
+    Mutant("h90_o_not_rescaled", HOPPER_FWD_CU,
+           "    for (int i = 0; i < DP / 2; ++i) r.o[i] *= r.alpha[(i >> 1) & 1];\n",
+           "    for (int i = 0; i < DP / 2; ++i) r.o[i] *= 1.f;\n", HOP_GRID_F16,
+           "running max: O not rescaled when a row's maximum grows"),
+    Mutant("h90_tail_keys_visible", HOPPER_FWD_CU,
+           "    vis[h] = mbits & prefix_bits(causal_limit < keys_left ? causal_limit : keys_left, t);\n",
+           "    vis[h] = mbits & prefix_bits(causal_limit, t);\n", HOP_GRID_F16,
+           "keys past Nk (the TMA's zero fill) count as visible on the last tile"),
+    Mutant("h90_fast_path_ignores_mask", HOPPER_FWD_CU,
+           "  if (keys_left == BLOCK_N && p.mask == nullptr && cdiff >= BLOCK_N - 1 && !scrubbed) {\n",
+           "  if (keys_left == BLOCK_N && cdiff >= BLOCK_N - 1 && !scrubbed) {\n", HOP_GRID_F16,
+           "full tiles take the unchecked exponentials even with a key mask"),
+    Mutant("h90_running_max_empty_row", HOPPER_FWD_CU,
+           "      const float m_use = m_new == neg_inf() ? 0.f : m_new;\n", "      const float m_use = m_new;\n",
+           HOP_GRID_F16, "running max: a row with nothing visible yet computes (-inf) - (-inf) = NaN"),
+    Mutant("h90_mask_bytes_past_nk", HOPPER_FWD_CU,
+           "dst[r] = r < left ? w.mask[(int64_t)j * BLOCK_N + r] : 0;", "dst[r] = w.mask[(int64_t)j * BLOCK_N + r];",
+           HOP_GRID_F16, "the mask warp reads mask bytes past Nk (out of the (B, Nk) mask's bounds)"),
+    Mutant("h90_bias_column_past_nk", HOPPER_FWD_CU,
+           "if constexpr (CHECK) kr = kr < keys_left ? kr : 0;", "", HOP_GRID_F16,
+           "running max: the bias of keys past Nk is read (out of bounds on the last row)"),
+    Mutant("h90_next_q_before_out_stored", HOPPER_FWD_CU,
+           "    mbar_wait(bar.empty_q, (q_round & 1) ^ 1);", "", HOP_GRID_Y,
+           "grid-y loop: the next Q lands in the buffer the out TMA stores still read"),
+    Mutant("h90_launch_grid_x", DISPATCH, "(cdiv(prob.Nq, sm90.BLOCK_M), _grid_y(BH), 1)",
+           "(prob.Nq // sm90.BLOCK_M, _grid_y(BH), 1)", HOP_GRID_F16,
+           "the sm_90a forward's grid misses the last partial 128-row query tile"),
+    Mutant("h90_lse_not_poisoned", HOPPER_FWD_CU,
+           "        p.lse[w.b * p.lse_sb + w.h * p.lse_sh + row] = lse + poison;\n",
+           "        p.lse[w.b * p.lse_sb + w.h * p.lse_sh + row] = lse;\n", HOP_NONFINITE,
+           "a row poisoned by a visible NaN / Inf value keeps a finite lse"),
+    Mutant("h90_scrub_flags_ignored", HOPPER_FWD_CU, "  if (scrubbed) bad = column_bits(sFlag, t);\n", "",
+           HOP_NONFINITE, "a visible key whose non-finite V the fix-up zeroed no longer poisons its rows"),
+)
+# Not listed because the emulator cannot expose it: releasing V_{j-1} (empty_v) before the middle
+# slot's wgmma_wait<0>() is a race on the GPU, but the emulator's fibers do not yield at an mbarrier
+# arrive and the first thread of a warpgroup to wait performs its wgmma, so the producer never refills
+# the stage inside that window.
+
+
+# Every mutant, one group per source file. A new kernel adds its group above and here.
+MUTANTS: tuple = (FORWARD_MUTANTS + NORM_MUTANTS + COMMON_MUTANTS + BACKWARD_MUTANTS + LAUNCH_MUTANTS + DECODE_MUTANTS
+             + HOPPER_MUTANTS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Planting.
+
+class MutantError(RuntimeError):
+    """A mutant that cannot be planted (its snippet does not occur exactly once)."""
+
+
+def check_mutant(root: Path, m: Mutant) -> Optional[str]:
+    """None when `m` can be planted in the tree at `root`, else what is wrong."""
+    path = root / m.file
+    if not path.is_file():
+        return f"{m.id}: {m.file} does not exist"
+    n = path.read_text().count(m.original)
+    if n != 1:
+        return f"{m.id}: its original snippet occurs {n} times in {m.file} (must be exactly once)"
+    if m.original == m.replacement:
+        return f"{m.id}: the replacement equals the original"
+    return None
+
+
+def check_mutants(root: Path = REPO, mutants: Sequence[Mutant] = MUTANTS) -> list:
+    """Every problem with the mutant list against the sources at `root` (empty when all is well)."""
+    problems = []
+    ids = [m.id for m in mutants]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        problems.append(f"duplicate ids: {dup}")
+    for m in mutants:
+        p = check_mutant(root, m)
+        if p:
+            problems.append(p)
+        for arg in m.tests:
+            if arg.startswith("tests/") and not (root / arg.split("::")[0]).is_file():
+                problems.append(f"{m.id}: test path {arg} does not exist")
+    return problems
+
+
+def plant(root: Path, m: Mutant) -> str:
+    """Write mutant `m` into the tree at `root`; returns the file's original text (for restore)."""
+    err = check_mutant(root, m)
+    if err:
+        raise MutantError(err)
+    path = root / m.file
+    text = path.read_text()
+    path.write_text(text.replace(m.original, m.replacement, 1))
+    return text
+
+
+def restore(root: Path, m: Mutant, text: str):
+    (root / m.file).write_text(text)
+
+
+def copy_repo(dst: Path, src: Path = REPO) -> Path:
+    """Copy the files git tracks or would track (untracked, not ignored) from `src` into `dst`."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=src, check=True,
+                             capture_output=True).stdout
+        files = [f for f in out.decode().split("\0") if f]
+    except (OSError, subprocess.CalledProcessError):
+        files = [str(p.relative_to(src)) for p in src.rglob("*")
+                 if p.is_file() and ".git" not in p.parts and "__pycache__" not in p.parts]
+    for f in files:
+        s = src / f
+        if not s.is_file():  # deleted in the work tree but still in the index
+            continue
+        d = dst / f
+        d.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(s, d)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running.
+
+@dataclass
+class Result:
+    id: str
+    status: str  # "killed", "survived", "timeout" (killed by a hang), "error" (could not be judged)
+    seconds: float
+    detail: str = ""  # the first failing test, or why the mutant could not be judged
+    output_tail: str = field(default="", repr=False)
+
+    @property
+    def killed(self) -> bool:
+        return self.status in ("killed", "timeout")
+
+
+def pytest_command(tests: Sequence[str]) -> list:
+    return [sys.executable, "-m", "pytest", *PYTEST_BASE, *tests]
+
+
+def run_command(cmd: Sequence[str], cwd: Path, env: dict, timeout_s: float) -> tuple:
+    """(returncode | None on timeout, output). The command runs in its own process group, which is
+    killed as a whole on timeout."""
+    proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+        return proc.returncode, out.decode(errors="replace")
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return None, out.decode(errors="replace")
+
+
+def first_failure(output: str) -> str:
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line[:300]
+    lines = [ln for ln in output.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def scratch_env(root: Path, cache_dir: Path, emu_threads: Optional[int]) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["CUPY_COSATTN_CACHE"] = str(cache_dir)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    if emu_threads:
+        env["CUPY_COSATTN_EMU_THREADS"] = str(emu_threads)
+    return env
+
+
+def run_mutant(root: Path, m: Mutant, env: dict, timeout_s: float,
+               command: Callable[[Mutant], Sequence[str]] = lambda m: pytest_command(m.tests)) -> Result:
+    """Plant `m` at `root`, run its tests (`command(m)`, in `root`), restore the file. A non-zero exit
+    kills the mutant (the baseline established that the selection passes unmutated); a timeout kills
+    it as a hang."""
+    text = plant(root, m)
+    t0 = time.monotonic()
+    try:
+        rc, out = run_command(command(m), root, {**env, **dict(m.env)}, m.timeout_s or timeout_s)
+    finally:
+        restore(root, m, text)
+    dt = time.monotonic() - t0
+    tail = out[-4000:]
+    if rc is None:
+        return Result(m.id, "timeout", dt, f"no result after {m.timeout_s or timeout_s:.0f} s (hang)", tail)
+    if rc == 0:
+        return Result(m.id, "survived", dt, "", tail)
+    if rc == 5:
+        return Result(m.id, "error", dt, "no tests collected", tail)
+    return Result(m.id, "killed", dt, first_failure(out), tail)
+
+
+def check_import_location(root: Path, env: dict):
+    """The scratch copy's package must be the one imported (not an installed one)."""
+    code = "import cupy_cosattn, sys; sys.stdout.write(cupy_cosattn.__file__)"
+    rc, out = run_command([sys.executable, "-c", code], root, env, 120)
+    if rc != 0 or not Path(out.strip()).resolve().is_relative_to(root.resolve()):
+        raise SystemExit(f"the scratch copy at {root} does not import its own cupy_cosattn (got {out.strip()!r})")
+
+
+def run_all(mutants: Sequence[Mutant], *, jobs: int, timeout_s: float, cache_dir: Path, scratch: Path,
+            baseline: bool, emu_threads: Optional[int], log=print) -> tuple:
+    """Baseline (optional) then every mutant, `jobs` at a time, each in its own scratch copy.
+    Returns (results in list order, baseline failures {selection: detail})."""
+    roots = []
+    for j in range(jobs):
+        root = copy_repo(scratch / f"tree{j}")
+        check_import_location(root, scratch_env(root, cache_dir, emu_threads))
+        roots.append(root)
+    free: queue.Queue[Path] = queue.Queue()
+    for r in roots:
+        free.put(r)
+
+    def with_root(fn):
+        root = free.get()
+        try:
+            return fn(root)
+        finally:
+            free.put(root)
+
+    bad_baseline = {}
+    if baseline:
+        selections = list(dict.fromkeys(m.selection for m in mutants))
+        log(f"baseline: {len(selections)} test selections on the unmutated sources")
+
+        def base(sel):
+            tests, extra_env = sel
+
+            def go(root):
+                t0 = time.monotonic()
+                env = {**scratch_env(root, cache_dir, emu_threads), **dict(extra_env)}
+                rc, out = run_command(pytest_command(tests), root, env, timeout_s)
+                return sel, rc, time.monotonic() - t0, out
+            return with_root(go)
+
+        with cf.ThreadPoolExecutor(max_workers=jobs) as ex:
+            for sel, rc, dt, out in ex.map(base, selections):
+                ok = rc == 0
+                env_note = " ".join(f"{a}={b}" for a, b in sel[1])
+                log(f"  {'ok  ' if ok else 'FAIL'} {dt:7.1f}s  {env_note + ' ' if env_note else ''}{' '.join(sel[0])}")
+                if not ok:
+                    bad_baseline[sel] = "timeout" if rc is None else first_failure(out)
+
+    results = {}
+
+    def one(m):
+        if m.selection in bad_baseline:
+            return Result(m.id, "error", 0.0, f"its tests fail unmutated: {bad_baseline[m.selection]}")
+        return with_root(lambda root: run_mutant(root, m, scratch_env(root, cache_dir, emu_threads), timeout_s))
+
+    with cf.ThreadPoolExecutor(max_workers=jobs) as ex:
+        futs = {ex.submit(one, m): m for m in mutants}
+        for i, fut in enumerate(cf.as_completed(futs), 1):
+            r = fut.result()
+            results[r.id] = r
+            log(f"[{i:3d}/{len(mutants)}] {r.id:28s} {r.status:9s} {r.seconds:7.1f}s  {r.detail}")
+    return [results[m.id] for m in mutants], bad_baseline
+
+
+def summarize(mutants: Sequence[Mutant], results: Sequence[Result]) -> dict:
+    by_id = {m.id: m for m in mutants}
+    judged = [r for r in results if r.status != "error"]
+    killed = [r for r in judged if r.killed]
+    return {
+        "total": len(results), "judged": len(judged), "killed": len(killed),
+        "kill_rate": (len(killed) / len(judged)) if judged else 0.0,
+        "survivors": [{"id": r.id, "file": by_id[r.id].file, "rationale": by_id[r.id].rationale}
+                      for r in judged if not r.killed],
+        "hangs": [r.id for r in results if r.status == "timeout"],
+        "errors": [{"id": r.id, "detail": r.detail} for r in results if r.status == "error"],
+    }
+
+
+def git_head(root: Path = REPO) -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--list", action="store_true", help="print the mutants and exit")
+    ap.add_argument("--only", nargs="+", metavar="ID", help="run only these mutants")
+    ap.add_argument("--jobs", type=int, default=1, help="mutants run in parallel (default 1; 2 at most on two cores)")
+    ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per test run (a hang is a kill)")
+    ap.add_argument("--json", metavar="PATH", help="write results and summary as JSON")
+    ap.add_argument("--no-baseline", action="store_true", help="skip running the selections unmutated first")
+    ap.add_argument("--cache-dir", help="emulator build cache for this run (default: a temporary directory)")
+    ap.add_argument("--scratch", help="where the scratch copies go (default: a temporary directory, removed)")
+    ap.add_argument("--emu-threads", type=int, default=None,
+                    help="CUPY_COSATTN_EMU_THREADS for the tests (default: 1 when --jobs > 1, else unchanged)")
+    args = ap.parse_args(argv)
+
+    problems = check_mutants()
+    if problems:
+        print("the mutant list is out of sync with the sources:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    mutants = list(MUTANTS)
+    if args.only:
+        unknown = sorted(set(args.only) - {m.id for m in mutants})
+        if unknown:
+            print(f"unknown mutant ids: {unknown}", file=sys.stderr)
+            return 2
+        mutants = [m for m in mutants if m.id in set(args.only)]
+    if args.list:
+        for m in mutants:
+            env_note = "".join(f" {a}={b}" for a, b in m.env)
+            print(f"{m.id:28s} {m.file:32s} {m.rationale}\n{'':28s} tests:{env_note} {' '.join(m.tests)}")
+        print(f"{len(mutants)} mutants")
+        return 0
+
+    jobs = max(1, args.jobs)
+    emu_threads = args.emu_threads if args.emu_threads is not None else (1 if jobs > 1 else None)
+    scratch_ctx = tempfile.TemporaryDirectory(prefix="ca-mutate-") if not args.scratch else None
+    scratch = Path(args.scratch) if args.scratch else Path(scratch_ctx.name)
+    scratch.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else scratch / "emu-cache"
+    started = _dt.datetime.now().astimezone()
+    commit = git_head()  # of the sources the scratch copies are made from (before any later commit)
+    t0 = time.monotonic()
+    try:
+        results, bad = run_all(mutants, jobs=jobs, timeout_s=args.timeout, cache_dir=cache_dir, scratch=scratch,
+                               baseline=not args.no_baseline, emu_threads=emu_threads,
+                               log=lambda s: print(s, flush=True))
+    finally:
+        if scratch_ctx is not None:
+            scratch_ctx.cleanup()
+    summary = summarize(mutants, results)
+    wall = time.monotonic() - t0
+
+    print(f"\n{summary['killed']}/{summary['judged']} mutants killed ({100 * summary['kill_rate']:.1f} %), "
+          f"{len(summary['hangs'])} of them by a hang; {len(summary['errors'])} not judged; {wall / 60:.1f} min")
+    for h in summary["hangs"]:
+        print(f"  hang (counted as killed): {h}")
+    for s in summary["survivors"]:
+        print(f"  SURVIVED {s['id']:28s} {s['file']}: {s['rationale']}")
+    for e in summary["errors"]:
+        print(f"  NOT JUDGED {e['id']}: {e['detail']}")
+    if args.json:
+        doc = {"date": started.isoformat(timespec="seconds"), "commit": commit, "wall_s": round(wall, 1),
+               "jobs": jobs, "summary": summary, "results": [asdict(r) for r in results]}
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0 if not summary["survivors"] and not summary["errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
