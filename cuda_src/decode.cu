@@ -37,8 +37,10 @@
 // or a bound too large for the dtype): each warp keeps the online-softmax maximum m; partials carry m
 // and combine by the log-sum-exp rule (weights exp(m_s - max m)).
 //
-// Element types, tiles and fragment loads are the forward's (forward.cu is included for its tile
-// products and shared-memory pitch; the fp16 headroom is fixed_offset.cuh's).
+// Element types, the V scrub and flags are the forward's (forward.cu is included for them; the fp16
+// headroom is fixed_offset.cuh's). The tile products are decode's own (below): one warp, one 16-row
+// mma tile against KT keys, with the row sums of 16-bit P from a ones-mma; the forward's tiles.cuh
+// products take several row tiles per warp and shared addresses of another layout.
 #include "forward.cu"
 
 namespace ca {
@@ -47,7 +49,6 @@ namespace dec {
 using fwd::is_f32;
 using fwd::quiet_nan;
 using fwd::scrub_v;
-using fwd::Smem;
 using fwd::v_flagged;
 
 constexpr int WARPS = 4;
@@ -55,6 +56,130 @@ constexpr int THREADS = 32 * WARPS;
 constexpr int COMBINE_WARPS = 4;  // decode_combine: one warp per output row
 constexpr int APPEND_THREADS = 128;
 constexpr float EPS = 1e-12f;     // problem.NORM_EPS, norm.cu EPS
+
+// Shared rows of decode's tiles (Q, K, V): each padded by one 16-byte chunk, so that row starts move 4
+// banks apart and ldmatrix (8 rows x 16 bytes) and the fp32 fragment loads (8 rows x 4 columns) are
+// conflict-free; the padding's first element holds scrub_v's flag. BN (keys per tile) is part of the
+// name only for the tile products' signatures: the pitch does not depend on it.
+template <typename T, int DP, int BN>
+struct Smem {
+  static constexpr int CHUNK = 16 / sizeof(T);  // elements per 16-byte chunk
+  static constexpr int ROW = DP + CHUNK;        // row pitch in elements
+};
+
+// ---------------------------------------------------------------------------------------------
+// Decode's tile products: one warp's 16 rows (sQw, or qf in registers) against BN keys of a tile in
+// shared memory (pitch Smem::ROW).
+//
+// fp16 / bf16 (mma.m16n8k16). Fragment layouts: common.cuh header.
+
+// s[j] (keys 8j..8j+7) += Q_w K^T over the head dim. The A operand (16 rows x 16 dims) is qf[kk] when
+// Q lives in registers, else one ldmatrix.x4 of the warp's Q rows; each ldmatrix.x4 of K yields the B
+// operands of two 8-key column tiles (K rows are keys, so no transpose is needed).
+template <typename T, int DP, int BN, bool Q_IN_REGS, int QF>
+CA_DEVICE void tile_scores(float (&s)[BN / 8][4], const uint32_t (&qf)[QF][4], const T* sQw, const T* sK,
+                           int lane) {
+  constexpr int ROW = Smem<T, DP, BN>::ROW;
+#pragma unroll
+  for (int kk = 0; kk < DP / 16; ++kk) {
+    uint32_t a[4];
+    if constexpr (Q_IN_REGS) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = qf[kk][i];
+    } else {
+      ldmatrix_x4(a, sQw + (lane % 16) * ROW + 16 * kk + (lane / 16) * 8);
+    }
+#pragma unroll
+    for (int jj = 0; jj < BN / 16; ++jj) {
+      uint32_t b[4];
+      ldmatrix_x4(b, sK + (16 * jj + (lane / 16) * 8 + lane % 8) * ROW + 16 * kk + ((lane / 8) % 2) * 8);
+      mma_m16n8k16(s[2 * jj], a, b, T());
+      mma_m16n8k16(s[2 * jj + 1], a, b + 2, T());
+    }
+  }
+}
+
+// o[n] (dims 8n..8n+7) += P V. The accumulator layout of two adjacent 8-key tiles of P is exactly the
+// A layout of one 16-key k-step, so P is packed to T in registers; ldmatrix.trans turns V's row-major
+// (key, dim) tiles into B operands.
+// The row sums come from the tensor cores too: one more mma per k-step against an all-ones B operand
+// adds sum_k P[row][k] to every column of `lsum` (c0, c1: row g; c2, c3: row g+8). That sums exactly
+// the rounded P that multiplies V (so a rounding shared by a row cancels in O / l), in fp32, and
+// costs 1/(DP/8) of the P V products instead of a convert and an add per element.
+template <typename T, int DP, int BN>
+CA_DEVICE void tile_pv(float (&o)[DP / 8][4], float (&lsum)[4], const float (&s)[BN / 8][4], const T* sV, int lane) {
+  constexpr int ROW = Smem<T, DP, BN>::ROW;
+  const uint32_t ones[2] = {pack2<T>(1.f, 1.f), pack2<T>(1.f, 1.f)};
+#pragma unroll
+  for (int ks = 0; ks < BN / 16; ++ks) {
+    const uint32_t a[4] = {pack2<T>(s[2 * ks][0], s[2 * ks][1]), pack2<T>(s[2 * ks][2], s[2 * ks][3]),
+                           pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                           pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+    mma_m16n8k16(lsum, a, ones, T());
+#pragma unroll
+    for (int nn = 0; nn < DP / 16; ++nn) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, sV + (16 * ks + ((lane / 8) % 2) * 8 + lane % 8) * ROW + 16 * nn + (lane / 16) * 8);
+      mma_m16n8k16(o[2 * nn], a, b, T());
+      mma_m16n8k16(o[2 * nn + 1], a, b + 2, T());
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp32 tile products: 3xTF32 on mma.m16n8k8 (split_tf32 / mma_3xtf32 in common.cuh).
+
+// s[j] += Q_w K^T. A (16 rows x 8 dims): a0 = (g, t), a1 = (g+8, t), a2 = (g, t+4), a3 = (g+8, t+4);
+// B (8 dims x 8 keys): b0 = K[key g][dim t], b1 = K[key g][dim t+4]. An 8 x 4 block of fp32 is an
+// 8 x 8 block of b16 to ldmatrix, and lane (g, t) receives 32-bit word t of row g: exactly these
+// fragments. So the fp32 operands load with the same ldmatrix.x4 addressing as the 16-bit ones, with
+// 4-float instead of 8-half column steps.
+template <int DP, int BN>
+CA_DEVICE void tile_scores_f32(float (&s)[BN / 8][4], const float* sQw, const float* sK, int lane) {
+  constexpr int ROW = Smem<float, DP, BN>::ROW;
+#pragma unroll
+  for (int kk = 0; kk < DP / 8; ++kk) {
+    uint32_t a[4], ab[4], as[4];
+    ldmatrix_x4(a, sQw + (lane % 16) * ROW + 8 * kk + (lane / 16) * 4);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) split_tf32(bits_as_float(a[i]), ab[i], as[i]);
+#pragma unroll
+    for (int jj = 0; jj < BN / 16; ++jj) {
+      uint32_t b[4], bb[4], bs[4];
+      ldmatrix_x4(b, sK + (16 * jj + (lane / 16) * 8 + lane % 8) * ROW + 8 * kk + ((lane / 8) % 2) * 4);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) split_tf32(bits_as_float(b[i]), bb[i], bs[i]);
+      mma_3xtf32(s[2 * jj], ab, as, bb, bs);
+      mma_3xtf32(s[2 * jj + 1], ab, as, bb + 2, bs + 2);
+    }
+  }
+}
+
+// o[n] += P V, one k-step per 8-key tile j of P. The k index is permuted so that P's accumulator
+// layout is the A layout: A column t <-> key 2t and column t+4 <-> key 2t+1, hence
+// a0 = c0 (g, 2t), a1 = c2 (g+8, 2t), a2 = c1 (g, 2t+1), a3 = c3 (g+8, 2t+1); V rows follow the same
+// map: b0 = V[key 2t][dim g], b1 = V[key 2t+1][dim g].
+template <int DP, int BN>
+CA_DEVICE void tile_pv_f32(float (&o)[DP / 8][4], const float (&s)[BN / 8][4], const float* sV, int g, int t) {
+  constexpr int ROW = Smem<float, DP, BN>::ROW;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    uint32_t ab[4], as[4];
+    split_tf32(s[j][0], ab[0], as[0]);
+    split_tf32(s[j][2], ab[1], as[1]);
+    split_tf32(s[j][1], ab[2], as[2]);
+    split_tf32(s[j][3], ab[3], as[3]);
+#pragma unroll
+    for (int n = 0; n < DP / 8; ++n) {
+      const float* vb = sV + (8 * j + 2 * t) * ROW + 8 * n + g;
+      uint32_t bb[2], bs[2];
+      split_tf32(vb[0], bb[0], bs[0]);
+      split_tf32(vb[ROW], bb[1], bs[1]);
+      mma_3xtf32(o[n], ab, as, bb, bs);
+    }
+  }
+}
+
 
 // A cache slot: physical page (the sequence itself for a contiguous cache) and row in the page.
 struct Slot {
@@ -355,7 +480,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodePa
           if (p.groups == 1) key_rnorm<T, DP, BN>(sK + buf * KV, sRn + buf * BN);
           else normalize_rows<T, DP, BN>(sK + buf * KV, p.D, p.groups);
         }
-        if (scrub) scrub_v<T, DP, BN>(sV + buf * KV);  // (V only: disjoint from the normalization's rows)
+        if (scrub) scrub_v<T, DP, BN, ROW>(sV + buf * KV);  // (V only: disjoint from the normalization's rows)
         if (p.norm_qk || scrub) __syncthreads();  // normalized rows and scrubbed V visible to every warp
         if constexpr (Q_IN_REGS) {
           if (it == 0) {
@@ -369,8 +494,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodePa
 
         float s[KT / 8][4];
         fill_zero(s);
-        if constexpr (F32) fwd::tile_scores_f32<DP, KT>(s, sQw, sKw, lane);
-        else fwd::tile_scores<T, DP, KT, Q_IN_REGS>(s, qf, sQw, sKw, lane);
+        if constexpr (F32) tile_scores_f32<DP, KT>(s, sQw, sKw, lane);
+        else tile_scores<T, DP, KT, Q_IN_REGS>(s, qf, sQw, sKw, lane);
 
         // Element (j, e): row g + 8 (e / 2), key key0 + 8j + 2t + e % 2. Per-element limits only on
         // tiles reaching the most restricted row's limit (block-uniform).
@@ -393,7 +518,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodePa
           for (int j = 0; j < KT / 8; ++j)
 #pragma unroll
             for (int c = 0; c < 2; ++c)
-              vflags |= (uint32_t)v_flagged<T, DP, BN>(sV + buf * KV, wn * KT + 8 * j + 2 * t + c) << (2 * j + c);
+              vflags |= (uint32_t)v_flagged<T, DP, ROW>(sV + buf * KV, wn * KT + 8 * j + 2 * t + c) << (2 * j + c);
         }
         auto flagged = [&](int j, int e) { return ((vflags >> (2 * j + (e & 1))) & 1u) != 0; };
         // On tiles that need it, one pass of selects over the tile's elements: `hidden` where the row
@@ -453,8 +578,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodePa
             }
         }
 
-        if constexpr (F32) fwd::tile_pv_f32<DP, KT>(o, s, sVw, g, t);
-        else fwd::tile_pv<T, DP, KT>(o, lsum, s, sVw, lane);
+        if constexpr (F32) tile_pv_f32<DP, KT>(o, s, sVw, g, t);
+        else tile_pv<T, DP, KT>(o, lsum, s, sVw, lane);
 
         __syncthreads();  // every warp is done with this buffer before the next prefetch overwrites it
       }
