@@ -158,7 +158,9 @@ CA_DEVICE void tile_scores_f32(float (&s)[BN / 8][4], const float* sQw, const fl
 // o[n] += P V, one k-step per 8-key tile j of P. The k index is permuted so that P's accumulator
 // layout is the A layout: A column t <-> key 2t and column t+4 <-> key 2t+1, hence
 // a0 = c0 (g, 2t), a1 = c2 (g+8, 2t), a2 = c1 (g, 2t+1), a3 = c3 (g+8, 2t+1); V rows follow the same
-// map: b0 = V[key 2t][dim g], b1 = V[key 2t+1][dim g].
+// map: b0 = V[key 2t][dim g], b1 = V[key 2t+1][dim g]. V is read through one 32-bit shared address
+// per k-step plus immediates (a generic pointer per element costs the registers that, at DP = 208
+// with a running max, ptxas otherwise spills on sm_80).
 template <int DP, int BN>
 CA_DEVICE void tile_pv_f32(float (&o)[DP / 8][4], const float (&s)[BN / 8][4], const float* sV, int g, int t) {
   constexpr int ROW = Smem<float, DP, BN>::ROW;
@@ -169,12 +171,13 @@ CA_DEVICE void tile_pv_f32(float (&o)[DP / 8][4], const float (&s)[BN / 8][4], c
     split_tf32(s[j][2], ab[1], as[1]);
     split_tf32(s[j][1], ab[2], as[2]);
     split_tf32(s[j][3], ab[3], as[3]);
+    const saddr_t vj = smem_addr(sV + (8 * j + 2 * t) * ROW + g);
 #pragma unroll
     for (int n = 0; n < DP / 8; ++n) {
-      const float* vb = sV + (8 * j + 2 * t) * ROW + 8 * n + g;
+      const saddr_t vb = vj + (int)sizeof(float) * 8 * n;  // byte offsets
       uint32_t bb[2], bs[2];
-      split_tf32(vb[0], bb[0], bs[0]);
-      split_tf32(vb[ROW], bb[1], bs[1]);
+      split_tf32(lds_f32(vb), bb[0], bs[0]);
+      split_tf32(lds_f32(vb + (int)sizeof(float) * ROW), bb[1], bs[1]);
       mma_3xtf32(o[n], ab, as, bb, bs);
     }
   }
