@@ -531,8 +531,8 @@ def test_planted_missing_barrier_is_caught(monkeypatch, barrier, l2norm_qk):
 
 
 # The barrier after the tile's products: the next iteration's prefetch refills this buffer.
-REUSE_BARRIER = ("else fwd::tile_pv<T, DP, KT>(o, lsum, s, sVw, lane);\n\n        __syncthreads();",
-                 "else fwd::tile_pv<T, DP, KT>(o, lsum, s, sVw, lane);\n")
+REUSE_BARRIER = ("else tile_pv<T, DP, KT>(o, lsum, s, sVw, lane);\n\n        __syncthreads();",
+                 "else tile_pv<T, DP, KT>(o, lsum, s, sVw, lane);\n")
 # The barrier between staging the warps' partials and joining them.
 STAGED_BARRIER = ("      }\n    }\n    __syncthreads();\n\n    // Join", "      }\n    }\n\n    // Join")
 # The barrier at the end of a (batch, kv head) iteration: the next one's tiles overwrite the staging.
@@ -560,7 +560,7 @@ def test_planted_missing_loop_and_epilogue_barriers_are_caught(monkeypatch, faul
 def test_planted_nonfinite_faults_are_caught(monkeypatch, fault):
     """Without the scrub of V on tiles with hidden keys, a hidden NaN poisons rows that do not see it;
     without the poison of a non-finite O, an Inf value gives a row of Inf / NaN columns, not a NaN row."""
-    old, new = {"scrub": ("if (scrub) scrub_v<T, DP, BN>(sV + buf * KV);", ""),
+    old, new = {"scrub": ("if (scrub) scrub_v<T, DP, BN, ROW>(sV + buf * KV);", ""),
                 "poison": ("+ quad_sum(poison);", ";")}[fault]
     _scratch_decode(monkeypatch, old, new)
     clean, planted = nonfinite_cases("float16", "wm1", 3, "fixed")
