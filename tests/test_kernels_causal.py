@@ -2,15 +2,15 @@
 
 Causal attention lets query i see key j iff j <= i + (Nk - Nq). Where that diagonal cuts a tile
 depends on diff = Nk - Nq modulo the tile sizes of each kernel: the forward's key tile BN and its
-16-row warp slabs, bwd_dkdv's key block and streamed query tile, bwd_dq's query block and streamed
+warp slabs (BM / 4 rows: 16 or 32), bwd_dkdv's key block and streamed query tile, bwd_dq's query block and streamed
 key tile. Every one of those sizes is a power of two dividing TILE_PERIOD = 64 (asserted below from
 the launch layer's tile choices), so the sweeps run every residue of diff modulo 64, plus negative
 diffs (more queries than keys: the first -diff query rows see no key at all, so they must be exactly
 0 with lse = -inf, and get exactly zero gradient) and diffs beyond a tile. The per-warp offsets
-(warps sit 16 rows / 16 keys apart inside a block) then put the diagonal at every position of every
+(warps sit 16 or 32 rows / 16 keys apart inside a block) then put the diagonal at every position of every
 warp's slab.
 
-The sweeps use tiny problems (D = 16, Nq = 70: two forward query tiles, the second partial) so each
+The sweeps use tiny problems (D = 16, Nq = 70: one or two forward query tiles of 128 or 64 rows, the last partial) so each
 case costs milliseconds; larger head dims (other tiles), other lengths and every residue for every
 configuration are behind ``@pytest.mark.slow``. Further: the (batch, head) loops over grid y when
 B*H exceeds the grid's limit, the causal tile bounds of the backward (bwd_dkdv's first query tile
@@ -55,7 +55,8 @@ def kernel_tiles(dtype: str, D: int, caps: limits.DeviceCaps = limits.EMULATED_D
     bdp = tiles.bwd_head_dim_pad(D)
     kv_small, q_small = tiles.choose_small(dtype, bdp, caps.smem_optin)
     kv, q = tiles.kv_config(dtype, bdp, kv_small), tiles.q_config(dtype, bdp, q_small)
-    return {"fwd_bn": tiles.fwd_block_n(dtype, dp, caps.smem_optin), "warp_rows": 16, "dkdv_keys": kv.rows,
+    ft = tiles.fwd_tile(dtype, dp, caps.smem_optin)
+    return {"fwd_bn": ft.bn, "fwd_warp_rows": ft.bm // (tiles.FWD_THREADS // 32), "dkdv_keys": kv.rows,
             "dkdv_queries": kv.tile, "dq_queries": q.rows, "dq_keys": q.tile}
 
 
