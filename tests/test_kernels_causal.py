@@ -339,15 +339,16 @@ def test_query_head_splits_with_several_heads_per_split(monkeypatch, determinist
 
 
 # ---------------------------------------------------------------------------------------------------
-# Small-shared-memory variants (an emulated 99 KB sm_86): smaller tiles, so other diagonal positions.
+# Small-shared-memory variants (an emulated 99 KB sm_86): other tiles (backward) and K/V buffering (forward).
 
-@pytest.mark.parametrize("dtype,D", [("float16", 256), ("float32", 128)])
+@pytest.mark.parametrize("dtype,D", [("float16", 96), ("float32", 160)])
 def test_small_smem_forward_causal_diffs(monkeypatch, dtype, D):
-    """Forward with the 16-key tiles an sm_86 picks, at every residue of the diff modulo 16 and
-    negative diffs, both instantiations."""
+    """Forward with the other K/V buffering an sm_86 picks (the same rows and keys per tile: single
+    buffers with staggered loads for float16 D = 96, double buffers for float32 D = 160), at every
+    residue of the diff modulo 16 and negative diffs, both instantiations."""
     monkeypatch.setattr(limits, "EMULATED_DEVICE", SM86)
-    t = kernel_tiles(dtype, D, SM86)
-    assert t["fwd_bn"] == 16 < tiles.fwd_block_n(dtype, tiles.fwd_head_dim_pad(D))
+    dp = tiles.fwd_head_dim_pad(D)
+    assert tiles.fwd_tile(dtype, dp, SM86.smem_optin).kv_bufs != tiles.fwd_tile(dtype, dp).kv_bufs
     _sweep_forward(dtype, tuple(range(16)) + (-1, -16, -17, 33), D=D, Nq=37)
 
 
