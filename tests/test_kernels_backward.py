@@ -387,7 +387,13 @@ def test_small_variants_are_registered_where_a_device_picks_them():
                 if kv_s or q_s:
                     picked.add(registry.bwd_name("info", dt, dp, True))
     assert picked <= names
-    assert {n for n in names if n.endswith(", true>")} <= picked
+    dense = {n for n in names if not registry.is_varlen_name(registry.BACKWARD_SOURCE, n)}
+    assert {n for n in dense if n.endswith(", true>")} <= picked
+    # packed-batch (VARLEN) instantiations: exactly the 16-bit twins of the dense kernels
+    varlen = names - dense
+    assert varlen == {n for n in varlen if any(f"<{limits.CTYPES[dt]}," in n for dt in registry.VARLEN_DTYPES)}
+    assert varlen and len(varlen) == len({n for n in dense if "bwd_info<" not in n
+                                          and any(f"<{limits.CTYPES[dt]}," in n for dt in registry.VARLEN_DTYPES)})
     assert tiles.choose_small("float16", 128, SM86.smem_optin) == (False, False)
     assert tiles.choose_small("float32", 192, SM86.smem_optin) == (True, False)
 
