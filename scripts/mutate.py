@@ -120,6 +120,8 @@ LEAN = k(BWD, expr="without_dscale")
 HEAD_WALK = (f"{BWD}::test_head_walk_per_head_scale",)
 # dscale relative to itself (rows whose S_ij are close: the c_i r_i correction matters).
 DSCALE = "tests/test_dscale_accuracy.py"
+# dscale's per-row sums c_i, r_i read from the kernels' buffer, row by row.
+ROWS = "tests/test_dscale_rows.py"
 
 # ----------------------------------------------------------------------------------------------------
 # cuda_src/forward.cu
@@ -418,12 +420,12 @@ BACKWARD_MUTANTS: tuple = (
     Mutant("bwd_dscale_r_plain", BACKWARD_CU, "atomicAdd(rows_r + i, acc_r[2 * r]);", "rows_r[i] += acc_r[2 * r];",
            BWD_RACE, "dscale's r_i summed over key-tile blocks by a plain += (a race)", env=RACE_ENV),
     Mutant("bwd_rowsum_base", BACKWARD_CU, "      if (hi) base += HALF;", "      if (!hi) base += HALF;",
-           k(DSCALE, expr=f"fast and {F16}"),
+           k(ROWS, expr="fast"),
            "row-group reduce-scatter: lanes attribute their kept sums to the other half's query columns"),
-    Mutant("bwd_rowsum_owner", BACKWARD_CU, "      if (hi) owner = false;\n", "", k(DSCALE, expr="fast and float32"),
+    Mutant("bwd_rowsum_owner", BACKWARD_CU, "      if (hi) owner = false;\n", "", k(ROWS, expr="fast and float32"),
            "row-group reduction with fewer values than stages (fp32 16-query tiles): c_i added by two lanes"),
     Mutant("bwd_dq_rowsum_rescale", BACKWARD_CU, "        for (int e = 0; e < 4; ++e) acc_r[e] *= ratio;\n",
-           "        for (int e = 0; e < 4; ++e) acc_r[e] *= 1.f;\n", FP16_RANGE,
+           "        for (int e = 0; e < 4; ++e) acc_r[e] *= 1.f;\n", k(ROWS, expr="shrinks"),
            "deterministic float16: r_i not rescaled when the range factor shrinks"),
 )
 
