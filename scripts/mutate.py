@@ -114,6 +114,14 @@ RACE_ENV = (("CUPY_COSATTN_EMU_RACE", "1"),)
 NONFINITE = ("tests/test_nonfinite.py",)
 FP16_RANGE = ("tests/test_fp16_range.py",)
 BWD_RACE = k(BWD, expr=f"configs and {F16} and (gqa or per_head_scale or merged_3d)")
+# need_dscale=False: the probability loops without the per-pair test on tiles whose pairs are all visible.
+LEAN = k(BWD, expr="without_dscale")
+# One bwd_dkdv block walking four query heads with per-head scales (fast mode, float16).
+HEAD_WALK = (f"{BWD}::test_head_walk_per_head_scale",)
+# dscale relative to itself (rows whose S_ij are close: the c_i r_i correction matters).
+DSCALE = "tests/test_dscale_accuracy.py"
+# dscale's per-row sums c_i, r_i read from the kernels' buffer, row by row.
+ROWS = "tests/test_dscale_rows.py"
 
 # ----------------------------------------------------------------------------------------------------
 # cuda_src/forward.cu
@@ -268,6 +276,8 @@ COMMON_MUTANTS: tuple = (
            "  { uint32_t u_; __builtin_memcpy(&u_, &x, 4); h.bits = (uint16_t)(u_ >> 16); }",
            k(FWD, expr="l2norm or (configs and bfloat16)"),
            "fp32 -> bf16 conversion truncates (cvt.rz) instead of rounding to nearest even"),
+    Mutant("common_atomic_add2_operand", COMMON, "  atomicAdd(p + 1, b);", "  atomicAdd(p + 1, a);",
+           ("tests/test_emu_atomic_add2.py",), "atomic_add2's second element gets the first value"),
 )
 
 
@@ -275,23 +285,25 @@ COMMON_MUTANTS: tuple = (
 # cuda_src/backward.cu
 
 BACKWARD_MUTANTS: tuple = (
-    Mutant("bwd_sok_sync", BACKWARD_CU, "    __syncthreads();\n    int any = 0;", "    int any = 0;", BWD_MASK,
+    Mutant("bwd_sok_sync", BACKWARD_CU, "    __syncthreads();\n    int any = 0, all_ok = 1;",
+           "    int any = 0, all_ok = 1;", BWD_MASK,
            "no barrier between writing the key flags and every thread reading them"),
     Mutant("bwd_dkdv_stage_sync", BACKWARD_CU,
            "      __syncthreads();  // everyone is done with this stage (and sdS) before it is refilled\n", "",
            BWD_F16, "bwd_dkdv: no barrier before the next stage's prefetch overwrites Q/dO another warp reads"),
-    Mutant("bwd_dkdv_wait_2", BACKWARD_CU, "        CA_BWD_KV_LOAD_STAGE(it + 1, st ^ 1)\n        cp_async_wait<1>();",
-           "        CA_BWD_KV_LOAD_STAGE(it + 1, st ^ 1)\n        cp_async_wait<2>();", BWD_F16,
+    Mutant("bwd_dkdv_wait_2", BACKWARD_CU,
+           "        CA_BWD_KV_LOAD_STAGE(h_next, i0_next, st ^ 1)\n        cp_async_wait<1>();",
+           "        CA_BWD_KV_LOAD_STAGE(h_next, i0_next, st ^ 1)\n        cp_async_wait<2>();", BWD_F16,
            "bwd_dkdv waits for all but two groups: the current stage may be in flight"),
     Mutant("bwd_dkdv_last_wait", BACKWARD_CU,
-           "        cp_async_wait<0>();\n      }\n      __syncthreads();\n\n      const int h = h_first",
-           "        cp_async_wait<1>();\n      }\n      __syncthreads();\n\n      const int h = h_first", BWD_F16,
+           "        cp_async_wait<0>();\n      }\n      __syncthreads();  // this stage's copies",
+           "        cp_async_wait<1>();\n      }\n      __syncthreads();  // this stage's copies", BWD_F16,
            "bwd_dkdv's last iteration leaves its stage in flight"),
     Mutant("bwd_dq_wait_2", BACKWARD_CU, "        CA_BWD_Q_LOAD_STAGE(kt_next, st ^ 1)\n        cp_async_wait<1>();",
            "        CA_BWD_Q_LOAD_STAGE(kt_next, st ^ 1)\n        cp_async_wait<2>();", BWD_GQA,
            "bwd_dq waits for all but two groups: the current key tile may be in flight"),
-    Mutant("bwd_ds_sync", BACKWARD_CU, "        __syncthreads();\n        constexpr int MT = BR / 16;",
-           "        constexpr int MT = BR / 16;", BWD_F16,
+    Mutant("bwd_ds_sync", BACKWARD_CU,
+           "        __syncthreads();  // every warp's dS^T is staged before the dQ products read it\n", "", BWD_F16,
            "no barrier between staging dS^T and the dQ product reading other warps' rows"),
     Mutant("bwd_dq_stage_sync", BACKWARD_CU,
            "      __syncthreads();  // this stage may be refilled next iteration\n", "", BWD_GQA,
@@ -339,20 +351,21 @@ BACKWARD_MUTANTS: tuple = (
     Mutant("bwd_h_first_split", BACKWARD_CU, "const int h_first = hk * qpk + s * p.heads_per_split;",
            "const int h_first = hk * qpk + s;", BWD_GQA,
            "query-head split s starts at head s, not s * heads_per_split"),
-    Mutant("bwd_head_of_iteration", BACKWARD_CU, "      const int h = h_first + it / per_head;",
-           "      const int h = h_first;", BWD_GQA, "GQA: scale, bias, dbias and dQ use the first head for every head"),
+    Mutant("bwd_head_of_iteration", BACKWARD_CU, "      h = h_next;\n", "", HEAD_WALK,
+           "GQA head walk: h never advances, so bias, dbias, dQ and dscale rows use the first head for every head"),
     Mutant("bwd_dq_unscaled", BACKWARD_CU, "(acc_dp[n][e] - dvv[e >> 1]) * scale_h;", "(acc_dp[n][e] - dvv[e >> 1]);",
            BWD_GQA, "deterministic dQ without the scale_h factor"),
     Mutant("bwd_ds_no_dvec", BACKWARD_CU, "const float ds = acc_s[n][e] * (acc_dp[n][e] - cDv[col]);",
            "const float ds = acc_s[n][e] * acc_dp[n][e];", BWD_F16, "dS = P dP without subtracting D = rowsum(dO O)"),
-    Mutant("bwd_dq_atomic_plain", BACKWARD_CU, "atomicAdd(gdq + i * p.dq_sn + d, acc[n][e]);",
-           "gdq[i * p.dq_sn + d] += acc[n][e];", BWD_RACE,
+    Mutant("bwd_dq_atomic_plain", BACKWARD_CU,
+           "atomic_add2(gdq + i * p.dq_sn + d, acc[n][2 * r], acc[n][2 * r + 1]);",
+           "{ gdq[i * p.dq_sn + d] += acc[n][2 * r]; gdq[i * p.dq_sn + d + 1] += acc[n][2 * r + 1]; }", BWD_RACE,
            "dQ accumulated by a plain += from many blocks (a race)", env=RACE_ENV),
     Mutant("bwd_dbias_atomic_plain", BACKWARD_CU, "atomicAdd(static_cast<float*>(p.dbias) + off, x);",
            "static_cast<float*>(p.dbias)[off] += x;", BWD_RACE, "broadcast dbias summed by a plain += (a race)",
            env=RACE_ENV),
-    Mutant("bwd_dbias_every_chunk", BACKWARD_CU, "const bool write_dbias = p.dbias_mode != 0 && chunk == 0;",
-           "const bool write_dbias = p.dbias_mode != 0;", BWD_BIAS,
+    Mutant("bwd_dbias_every_chunk", BACKWARD_CU, "if (p.dbias_mode != 0) grad_s(chunk == 0);",
+           "if (p.dbias_mode != 0) grad_s(true);", BWD_BIAS,
            "every head-dim chunk's block adds dS to dbias (counted twice above DP = 128)"),
     Mutant("bwd_dbias_transpose", BACKWARD_CU, "store_dbias<T>(p, dbb + i * p.dbias_sq + j, ds);",
            "store_dbias<T>(p, dbb + j * p.dbias_sq + i, ds);", BWD_BIAS, "dbias stored transposed"),
@@ -370,8 +383,8 @@ BACKWARD_MUTANTS: tuple = (
     Mutant("bwd_dkdv_stage_index", BACKWARD_CU, "const T* cdO = sdO + st * BR * SK;", "const T* cdO = sdO;", BWD_F16,
            "bwd_dkdv reads dO from stage 0 on every iteration"),
     Mutant("bwd_rows_valid", BACKWARD_CU,
-           "      for (int r = r0; r < ROWS; r += STEP) {\n        const int bytes = r < rows_valid ? full : 0;",
-           "      for (int r = r0; r < ROWS; r += STEP) {\n        const int bytes = r <= rows_valid ? full : 0;",
+           "        if (ROWS % STEP == 0 || r < ROWS) {\n          const int bytes = r < rows_valid ? full : 0;",
+           "        if (ROWS % STEP == 0 || r < ROWS) {\n          const int bytes = r <= rows_valid ? full : 0;",
            k(BWD, expr="configs"),
            "tile load off-by-one: the row past the valid ones is read (out of bounds at a tensor's end)"),
     Mutant("bwd_dkdv_store_rows", BACKWARD_CU, "if (j < p.Nk && d < p.D) {\n          const int64_t o = ob",
@@ -381,7 +394,40 @@ BACKWARD_MUTANTS: tuple = (
     Mutant("bwd_dp_unzeroed", BACKWARD_CU,
            "      float acc_dp[NT][4];\n      fill_zero(acc_dp);\n      gemm_nk<T, NT, D_PAD>(acc_dp, sV",
            "      float acc_dp[NT][4];\n      gemm_nk<T, NT, D_PAD>(acc_dp, sV", BWD_F16,
-           "dP^T accumulators not zeroed per query tile"),)
+           "dP^T accumulators not zeroed per query tile"),
+    # hoisted per-tile visibility checks (taken when dscale is not needed)
+    Mutant("bwd_dkdv_check_causal", BACKWARD_CU,
+           "const bool check = !all_ok || (p.causal && j0 + BC - 1 > i0 + off);", "const bool check = !all_ok;",
+           LEAN, "bwd_dkdv skips the per-pair test on causal tiles that cross the diagonal"),
+    Mutant("bwd_dq_check_tail", BACKWARD_CU, "j0 + BC > p.Nk ||", "", LEAN,
+           "bwd_dq skips the per-pair test on the partial last key tile: padding keys (cosine 0) get P > 0, "
+           "Inf when every real key has a negative cosine at a large scale"),
+    Mutant("bwd_all_ok_dropped", BACKWARD_CU, "      all_ok &= sOk[r];\n", "", LEAN,
+           "bwd_dkdv treats every key tile as fully visible: masked keys get P > 0"),
+    # GQA head walk of bwd_dkdv
+    Mutant("bwd_head_scale_kept", BACKWARD_CU, "      if (head_ends && it + 1 < n_it) scale_h = p.scale[h_next];\n",
+           "", HEAD_WALK, "the head walk keeps the first head's scale for every head"),
+    Mutant("bwd_head_next_same", BACKWARD_CU, "const int h_next = head_ends ? h + 1 : h,", "const int h_next = h,",
+           HEAD_WALK, "the head walk never leaves the first head: its query tiles are loaded for every head"),
+    # paired dQ atomics
+    Mutant("bwd_dq_pair_swapped", BACKWARD_CU,
+           "atomic_add2(gdq + i * p.dq_sn + d, acc[n][2 * r], acc[n][2 * r + 1]);",
+           "atomic_add2(gdq + i * p.dq_sn + d, acc[n][2 * r + 1], acc[n][2 * r]);", BWD_F16,
+           "fast-mode dQ columns d, d + 1 exchanged"),
+    # dscale's per-row sums c_i, r_i (cuda_src/backward.cu file comment)
+    Mutant("bwd_dscale_c_plain", BACKWARD_CU, "atomicAdd(rows_c + col, cs[r]);", "rows_c[col] += cs[r];", BWD_RACE,
+           "dscale's c_i summed over key-tile blocks by a plain += (a race)", env=RACE_ENV),
+    Mutant("bwd_dscale_r_plain", BACKWARD_CU, "atomicAdd(rows_r + i, acc_r[2 * r]);", "rows_r[i] += acc_r[2 * r];",
+           BWD_RACE, "dscale's r_i summed over key-tile blocks by a plain += (a race)", env=RACE_ENV),
+    Mutant("bwd_rowsum_base", BACKWARD_CU, "      if (hi) base += HALF;", "      if (!hi) base += HALF;",
+           k(ROWS, expr="fast"),
+           "row-group reduce-scatter: lanes attribute their kept sums to the other half's query columns"),
+    Mutant("bwd_rowsum_owner", BACKWARD_CU, "      if (hi) owner = false;\n", "", k(ROWS, expr="fast and float32"),
+           "row-group reduction with fewer values than stages (fp32 16-query tiles): c_i added by two lanes"),
+    Mutant("bwd_dq_rowsum_rescale", BACKWARD_CU, "        for (int e = 0; e < 4; ++e) acc_r[e] *= ratio;\n",
+           "        for (int e = 0; e < 4; ++e) acc_r[e] *= 1.f;\n", k(ROWS, expr="shrinks"),
+           "deterministic float16: r_i not rescaled when the range factor shrinks"),
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -436,6 +482,8 @@ LAUNCH_MUTANTS: tuple = (
     Mutant("lb_dscale_unscaled", LAUNCH_BWD,
            "dscale = dev.to_host(dscale) / np.asarray(inp.scale, dtype=np.float64)", "dscale = dev.to_host(dscale)",
            BWD_F16, "dscale not divided by the scale"),
+    Mutant("lb_dscale_no_row_correction", LAUNCH_BWD, "        dscale = dscale - xp.sum(c * r, axis=(0, 2))\n", "",
+           k(DSCALE, expr=F16), "dscale without - sum_i c_i r_i: the rounding of D_i through the stored O stays in"),
     # arrays.py
     Mutant("lb_bf16_cast_truncates", ARRAYS,
            "u = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)",
@@ -448,7 +496,8 @@ LAUNCH_MUTANTS: tuple = (
            "      if constexpr (DsRange<T>::value) ds_range_f16(acc_dp, ds_f, acc_dk);  // acc_dp = scale_h dS f\n", "",
            FP16_RANGE, "bwd_dkdv rounds scale_h dS to float16 unscaled: large values overflow to Inf"),
     Mutant("bwd_ds_range_dq", BACKWARD_CU,
-           "      if constexpr (DsRange<T>::value) ds_range_f16(acc_dp, ds_f, acc_dq);  // acc_dp = scale_h dS f\n", "",
+           "      if constexpr (DsRange<T>::value) ratio = ds_range_f16(acc_dp, ds_f, acc_dq);"
+           "  // acc_dp = scale_h dS f\n", "",
            FP16_RANGE, "deterministic bwd_dq rounds scale_h dS to float16 unscaled"),
     Mutant("bwd_ds_range_no_rescale", BACKWARD_CU, "      for (int e = 0; e < 4; ++e) acc[n][e] *= ratio;\n",
            "      for (int e = 0; e < 4; ++e) {}\n", FP16_RANGE,
