@@ -62,7 +62,7 @@ def midstream_case(seed):
 
 
 def kernel_rows(monkeypatch, args, kw, dout, deterministic):
-    """(c, r) as the emulated kernels leave them, (2, B, H, nq_pad) float64, and (prob, out, lse)."""
+    """(c, r) as the emulated kernels leave them, as (2, B, H, nq_pad) float64, and (prob, out, lse)."""
     kw = dict(kw, deterministic=deterministic)
     prob, inp = problem.canonicalize(*args, **kw)
     out, lse = api.forward(*args, backend="reference", **kw)
@@ -72,7 +72,7 @@ def kernel_rows(monkeypatch, args, kw, dout, deterministic):
 
     def zeros(shape, dtype):
         x = real_zeros(shape, dtype)
-        if len(shape) == 3 and shape[0] == 2 and shape[1] == prob.B * prob.H:
+        if len(shape) == 3 and shape[0] == prob.B * prob.H and shape[1] == 2:
             seen.append(x)
         return x
 
@@ -81,7 +81,7 @@ def kernel_rows(monkeypatch, args, kw, dout, deterministic):
         LB.run_backward(dev, prob, inp, dout, out, lse)
     assert len(seen) == 1, f"expected one (c, r) buffer, saw {len(seen)}"
     rows = np.asarray(dev.to_host(seen[0]), dtype=np.float64)
-    return rows.reshape(2, prob.B, prob.H, -1), prob, inp, out, lse
+    return rows.reshape(prob.B, prob.H, 2, -1).transpose(2, 0, 1, 3), prob, inp, out, lse
 
 
 def expected_rows(prob, inp, dout, out, lse):
