@@ -761,8 +761,63 @@ HOPPER_MUTANTS: tuple = (
 
 
 # Every mutant, one group per source file. A new kernel adds its group above and here.
+# ----------------------------------------------------------------------------------------------------
+# Packed variable-length batches: params.cuh SeqView, the VARLEN kernels' sequence index, the launch
+# layer's packed launches (launch/packed.py, backward.py, staging.py), the checks and the packed model.
+PARAMS_CUH = "cuda_src/params.cuh"
+PACKED = "cupy_cosattn/launch/packed.py"
+STAGING = "cupy_cosattn/launch/staging.py"
+VARLEN_PY = "cupy_cosattn/varlen.py"
+TRANSFORMER = "cupy_cosattn/transformer.py"
+VARLEN = "tests/test_varlen.py"
+VL_DENSE = k(VARLEN, expr="equals_dense_per_sequence and not gpu and float16")
+VL_SPLIT = (f"{VARLEN}::test_batches_beyond_the_grid_limit_split_into_launches",)
+VL_HEADS = (f"{VARLEN}::test_query_head_splits",)
+VL_PACKED_MODEL = ("tests/test_transformer_packed.py",)
+
+VARLEN_MUTANTS: tuple = (
+    Mutant("vl_q_base", PARAMS_CUH, "p.q = rows_at(p.q, s.q_base, p.q_sn, e);",
+           "p.q = rows_at(p.q, s.k_base, p.q_sn, e);", VL_DENSE, "a sequence's queries read from its keys' first row"),
+    Mutant("vl_nk", PARAMS_CUH, "p.Nk = s.nk;", "p.Nk = s.nq;", VL_DENSE,
+           "key count of a sequence taken as its query count"),
+    Mutant("vl_nq", PARAMS_CUH, "p.Nq = s.nq;", "p.Nq = s.nk;", VL_DENSE,
+           "query count of a sequence taken as its key count"),
+    Mutant("vl_seq_start", PARAMS_CUH, "const int q0 = p.cu_seqlens_q[b], k0",
+           "const int q0 = p.cu_seqlens_q[b] + 1, k0", VL_DENSE, "a sequence's first query row off by one"),
+    Mutant("vl_lse_base", PARAMS_CUH, "p.lse = rows_at(p.lse, s.q_base, 1, 4);",
+           "p.lse = rows_at(p.lse, s.k_base, 1, 4);", VL_DENSE, "lse rows of a sequence at its keys' offset"),
+    Mutant("vl_dk_base", PARAMS_CUH, "p.dk = rows_at(p.dk, s.k_base,", "p.dk = rows_at(p.dk, s.q_base,", VL_DENSE,
+           "dK rows of a sequence at its queries' offset"),
+    Mutant("vl_dout_base", PARAMS_CUH, "p.dout = rows_at(p.dout, s.q_base,", "p.dout = rows_at(p.dout, s.k_base,",
+           VL_DENSE, "dO rows of a sequence at its keys' offset"),
+    Mutant("vl_dkdv_seq_index", BACKWARD_CU, "(int)(blockIdx.y / ((int64_t)params.nsplit * params.Hk))",
+           "(int)(blockIdx.y / ((int64_t)params.H))", VL_DENSE, "bwd_dkdv's work item mapped to the wrong sequence"),
+    Mutant("vl_launch_seqlens_offset", PACKED, 'cu_seqlens_q=fields["cu_seqlens_q"] + b0 * INT32_BYTES',
+           'cu_seqlens_q=fields["cu_seqlens_q"] + b0 * 2 * INT32_BYTES', VL_SPLIT,
+           "a later launch over sequences reads the wrong cu_seqlens entries"),
+    Mutant("vl_launch_row_buffers", PACKED, "f[name] = fields[name] + b0 * per_batch * F32_BYTES",
+           "f[name] = fields[name] + b0 * F32_BYTES", VL_SPLIT,
+           "lse2 / D / dscale row buffers of a later launch overlap the first launch's"),
+    Mutant("vl_lse_transpose", LAUNCH_BWD, "lse.T if prob.varlen else lse", "lse", VL_DENSE,
+           "the packed (total_q, H) lse handed to the kernels without its (H, total_q) transpose"),
+    Mutant("vl_k_row_stride", STAGING, "k_sn=Hk * Ds", "k_sn=H * Ds",
+           k(VARLEN, expr="equals_dense_per_sequence and not gpu"),
+           "packed key rows strided by the query heads (wrong under GQA)"),
+    Mutant("vl_split_sum_axes", LAUNCH_BWD, "split = (prob.total_k, Hk, nsplit, Ds)",
+           "split = (prob.total_k, nsplit, Hk, Ds)", VL_HEADS, "query-head splits' partial dK/dV summed over kv heads"),
+    Mutant("vl_check_last_entry", VARLEN_PY, "if int(host[-1]) != total:", "if int(host[-1]) > total:",
+           k(VARLEN, expr="bad_arguments"), "cu_seqlens ending before the last row accepted"),
+    Mutant("vl_positions_restart", TRANSFORMER,
+           "pos = torch.arange(T, device=tokens.device) - cu_seqlens.to(torch.int64)[doc]",
+           "pos = torch.arange(T, device=tokens.device)", VL_PACKED_MODEL,
+           "packed documents' positions do not restart at each document"),
+    Mutant("vl_labels_across_documents", TRANSFORMER, "        labels = labels.masked_fill(last, -100)\n", "",
+           VL_PACKED_MODEL, "the loss predicts a document's first token from the previous document"),
+)
+
+
 MUTANTS: tuple = (FORWARD_MUTANTS + NORM_MUTANTS + COMMON_MUTANTS + BACKWARD_MUTANTS + LAUNCH_MUTANTS + DECODE_MUTANTS
-             + HOPPER_MUTANTS)
+             + HOPPER_MUTANTS + VARLEN_MUTANTS)
 
 
 # ---------------------------------------------------------------------------------------------------
