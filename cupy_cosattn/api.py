@@ -20,7 +20,7 @@ import numpy as np
 
 from . import problem as _problem
 from .backends import BACKENDS, backend_impl, check_backend_dtype, resolve_backend  # noqa: F401  (BACKENDS: part of this module's names)
-from .problem import Array, Inputs, Problem, array_library, canonicalize, check_backward_extras
+from .problem import Array, Inputs, Problem, array_library, canonicalize, check_backward_extras, into_outputs
 
 
 def _xp(lib: str) -> Any:
@@ -44,13 +44,7 @@ def forward_canonical(prob: Problem, inp: Inputs, backend: str, out: Optional[Ar
     xp = _xp(array_library(inp.q))
     if prob.Nq == 0 or prob.Nk == 0:
         o, ls = _empty_forward(prob, inp, xp)
-        if out is not None:
-            out[...] = o
-            o = out
-        if lse is not None:
-            lse[...] = ls
-            ls = lse
-        return o, ls
+        return into_outputs(o, ls, out, lse)
     return backend_impl(backend).forward(prob, inp, out=out, lse=lse)
 
 
@@ -148,13 +142,7 @@ def varlen_forward_canonical(prob: Problem, inp: Inputs, backend: str, out: Opti
     if _varlen_empty(prob):
         o = xp.zeros((prob.total_q, prob.H, prob.D), dtype=prob.dtype)
         ls = xp.full((prob.total_q, prob.H), -np.inf, dtype=np.float32)
-        if out is not None:
-            out[...] = o
-            o = out
-        if lse is not None:
-            lse[...] = ls
-            ls = lse
-        return o, ls
+        return into_outputs(o, ls, out, lse)
     return backend_impl(backend).forward(prob, inp, out=out, lse=lse)
 
 

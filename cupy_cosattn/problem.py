@@ -435,3 +435,17 @@ def check_backward_extras(prob: Problem, q_shape: tuple[int, ...], q_device: tup
             raise ValueError(f"{name} must have shape {want_shape}, got {tuple(x.shape)}")
         views.append(x.reshape(view))
     return tuple(views)
+
+
+def into_outputs(o: Array, ls: Array, out: Optional[Array] = None,
+                 lse: Optional[Array] = None) -> tuple[Array, Array]:
+    """(out, lse) of a forward: `o` and `ls` copied into the caller's preallocated `out` / `lse` where
+    given (then those are returned), else `o` and `ls` themselves."""
+    if out is not None:
+        out[...] = o
+        o = out
+    if lse is not None:
+        lse[...] = ls
+        ls = lse
+    return o, ls
+

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import problem as _p
 from . import reference
-from .problem import Array, Inputs, Problem
+from .problem import Array, Inputs, Problem, into_outputs
 
 INT32 = np.dtype(np.int32)
 
@@ -210,13 +210,7 @@ class VarlenReference:
                 lse: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
         o64, l64 = reference_forward64(prob, inp)
         o, ls = o64.astype(prob.dtype), l64.astype(np.float32)
-        if out is not None:
-            out[...] = o
-            o = out
-        if lse is not None:
-            lse[...] = ls
-            ls = lse
-        return o, ls
+        return into_outputs(o, ls, out, lse)
 
     @staticmethod
     def backward(prob: Problem, inp: Inputs, dout: np.ndarray) -> tuple[Any, ...]:

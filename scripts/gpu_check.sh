@@ -14,10 +14,13 @@
 #   racecheck  compute-sanitizer --tool racecheck  on the same
 #   synccheck  compute-sanitizer --tool synccheck  on the same
 #   bench      examples/benchmark.py --quick --strict
+#   bench-decode  examples/benchmark.py --decode          (KV-cache decoding vs SDPA, the time left)
+#   bench-varlen  examples/benchmark.py --varlen only --quick  (packed vs padded training, the time left)
 # A failing step does not stop the others. The report <date>-<gpu>.md (each step's status, time and
 # output tail, then the benchmark table) goes to $OUT when that is set, else to RESULTS_DIR (default
 # ./benchmarks/results), with <date>-<gpu>.log (every step's full output) and the benchmark's
-# <date>-<gpu>-benchmark.csv / .png beside it: four files.
+# <date>-<gpu>-benchmark.csv / .png beside it, and <date>-<gpu>-decode.md / -varlen.md when those
+# sections ran.
 # Exit status: 0 when every step passed, 1 when any failed, 2 when there is no usable GPU (nothing is
 # written then).
 #
@@ -35,7 +38,8 @@ PY=${PYTHON:-python3}
 SMI=${NVIDIA_SMI:-nvidia-smi}
 TOTAL=${GPU_CHECK_TOTAL:-530}
 RESERVE=15  # seconds kept for writing the report
-STEPS=${GPU_CHECK_STEPS:-device,pytest,emu-gpu,memcheck,racecheck,synccheck,bench}
+EXTRA_MIN=30  # the fewest seconds worth starting one of the decode / packed-batch sections with
+STEPS=${GPU_CHECK_STEPS:-device,pytest,emu-gpu,memcheck,racecheck,synccheck,bench,bench-decode,bench-varlen}
 T0=$SECONDS
 
 die() { echo "gpu_check: $*" >&2; exit 2; }
@@ -162,7 +166,7 @@ done
 
 # --- 5. benchmark -------------------------------------------------------------------------------------
 BENCH="$WORK/bench"
-b=$(left); (( b > 200 )) && b=200
+b=$(( $(left) - 2 * EXTRA_MIN )); (( b > 200 )) && b=200
 run_step bench "$b" "examples/benchmark.py --quick" -- \
     "$PY" examples/benchmark.py --quick --strict --require-gpu --out "$BENCH" --max-seconds $(( b > 60 ? b - 40 : b / 2 ))
 if [ "$RC" != skip ]; then
@@ -170,6 +174,30 @@ if [ "$RC" != skip ]; then
     [ -f "$BENCH/benchmark.csv" ] && cp "$BENCH/benchmark.csv" "$DEST/$STEM-benchmark.csv"
     [ -f "$BENCH/benchmark.png" ] && cp "$BENCH/benchmark.png" "$DEST/$STEM-benchmark.png"
 fi
+
+# --- 6. the decode and packed-batch sections, in the time that is left --------------------------------
+# Each gets at most 90 s; with under EXTRA_MIN seconds left a section is recorded as skipped (not failed):
+# the main benchmark above comes first.
+for sec in decode varlen; do
+    b=$(left); (( b > 90 )) && b=90
+    if (( b < EXTRA_MIN )); then
+        NAMES+=("bench-$sec"); DESCS+=("examples/benchmark.py, $sec section"); LOGS+=("$WORK/bench-$sec.log")
+        STATUS+=("SKIP"); SECS+=(0); BUDGETS+=("$b"); NOTES+=("not run: under ${EXTRA_MIN}s of the budget left")
+        echo "not run: under ${EXTRA_MIN}s of the budget left" >"$WORK/bench-$sec.log"
+        continue
+    fi
+    case $sec in
+        decode) run_step bench-decode "$b" "examples/benchmark.py --decode (KV-cache decoding vs SDPA)" -- \
+                    "$PY" examples/benchmark.py --decode --out "$WORK/bench-decode" --max-seconds $(( b - 20 )) ;;
+        varlen) run_step bench-varlen "$b" "examples/benchmark.py --varlen only --quick (packed vs padded)" -- \
+                    "$PY" examples/benchmark.py --varlen only --quick --require-gpu --out "$WORK/bench-varlen" \
+                    --max-seconds $(( b - 20 )) ;;
+    esac
+    if [ "$RC" != skip ]; then
+        [ -f "$WORK/bench-$sec/$sec.md" ] || fail_last "no $sec table was written"
+        [ -f "$WORK/bench-$sec/$sec.md" ] && cp "$WORK/bench-$sec/$sec.md" "$DEST/$STEM-$sec.md"
+    fi
+done
 
 # --- report -------------------------------------------------------------------------------------------
 FAILED=0
@@ -182,7 +210,7 @@ for s in "${STATUS[@]}"; do [ "$s" = FAIL ] && FAILED=$(( FAILED + 1 )); done
     echo "- commit: $COMMIT"
     echo "- command: \`scripts/gpu_check.sh\` ($(( SECONDS - T0 ))s of a ${TOTAL}s budget; steps: $STEPS)"
     echo "- files: \`$STEM.md\` (this report), \`$STEM.log\` (full output of every step),"
-    echo "  \`$STEM-benchmark.csv\`, \`$STEM-benchmark.png\`"
+    echo "  \`$STEM-benchmark.csv\`, \`$STEM-benchmark.png\`, \`$STEM-decode.md\` and \`$STEM-varlen.md\` (when run)"
     echo
     echo "| # | step | status | seconds | budget | what | note |"
     echo "|---|---|---|---|---|---|---|"

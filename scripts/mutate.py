@@ -116,6 +116,14 @@ RACE_ENV = (("CUPY_COSATTN_EMU_RACE", "1"),)
 NONFINITE = ("tests/test_nonfinite.py",)
 FP16_RANGE = ("tests/test_fp16_range.py",)
 BWD_RACE = k(BWD, expr=f"configs and {F16} and (gqa or per_head_scale or merged_3d)")
+# need_dscale=False: the probability loops without the per-pair test on tiles whose pairs are all visible.
+LEAN = k(BWD, expr="without_dscale")
+# One bwd_dkdv block walking four query heads with per-head scales (fast mode, float16).
+HEAD_WALK = (f"{BWD}::test_head_walk_per_head_scale",)
+# dscale relative to itself (rows whose S_ij are close: the c_i r_i correction matters).
+DSCALE = "tests/test_dscale_accuracy.py"
+# dscale's per-row sums c_i, r_i read from the kernels' buffer, row by row.
+ROWS = "tests/test_dscale_rows.py"
 
 # ----------------------------------------------------------------------------------------------------
 # cuda_src/forward.cu
@@ -293,6 +301,8 @@ COMMON_MUTANTS: tuple = (
            "  { uint32_t u_; __builtin_memcpy(&u_, &x, 4); h.bits = (uint16_t)(u_ >> 16); }",
            k(FWD, expr="l2norm or (configs and bfloat16)"),
            "fp32 -> bf16 conversion truncates (cvt.rz) instead of rounding to nearest even"),
+    Mutant("common_atomic_add2_operand", COMMON, "  atomicAdd(p + 1, b);", "  atomicAdd(p + 1, a);",
+           ("tests/test_emu_atomic_add2.py",), "atomic_add2's second element gets the first value"),
 )
 
 
@@ -300,8 +310,8 @@ COMMON_MUTANTS: tuple = (
 # cuda_src/backward.cu
 
 BACKWARD_MUTANTS: tuple = (
-    Mutant("bwd_sok_sync", BACKWARD_CU, "    __syncthreads();\n    int any = 0, all_ok = 1;", "    int any = 0, all_ok = 1;",
-           BWD_MASK,
+    Mutant("bwd_sok_sync", BACKWARD_CU, "    __syncthreads();\n    int any = 0, all_ok = 1;",
+           "    int any = 0, all_ok = 1;", BWD_MASK,
            "no barrier between writing the key flags and every thread reading them"),
     Mutant("bwd_dkdv_stage_sync", BACKWARD_CU,
            "      __syncthreads();  // everyone is done with this stage (and sdS) before it is refilled\n", "",
@@ -368,13 +378,14 @@ BACKWARD_MUTANTS: tuple = (
     Mutant("bwd_h_first_split", BACKWARD_CU, "const int h_first = hk * qpk + s * p.heads_per_split;",
            "const int h_first = hk * qpk + s;", BWD_GQA,
            "query-head split s starts at head s, not s * heads_per_split"),
-    Mutant("bwd_head_of_iteration", BACKWARD_CU, "const int h_next = head_ends ? h + 1 : h,",
-           "const int h_next = h,", BWD_GQA, "GQA: scale, bias, dbias and dQ use the first head for every head"),
+    Mutant("bwd_head_of_iteration", BACKWARD_CU, "      h = h_next;\n", "", HEAD_WALK,
+           "GQA head walk: h never advances, so bias, dbias, dQ and dscale rows use the first head for every head"),
     Mutant("bwd_dq_unscaled", BACKWARD_CU, "(acc_dp[n][e] - dvv[e >> 1]) * scale_h;", "(acc_dp[n][e] - dvv[e >> 1]);",
            BWD_GQA, "deterministic dQ without the scale_h factor"),
     Mutant("bwd_ds_no_dvec", BACKWARD_CU, "const float ds = acc_s[n][e] * (acc_dp[n][e] - cDv[col]);",
            "const float ds = acc_s[n][e] * acc_dp[n][e];", BWD_F16, "dS = P dP without subtracting D = rowsum(dO O)"),
-    Mutant("bwd_dq_atomic_plain", BACKWARD_CU, "atomic_add2(gdq + i * p.dq_sn + d, acc[n][2 * r], acc[n][2 * r + 1]);",
+    Mutant("bwd_dq_atomic_plain", BACKWARD_CU,
+           "atomic_add2(gdq + i * p.dq_sn + d, acc[n][2 * r], acc[n][2 * r + 1]);",
            "{ gdq[i * p.dq_sn + d] += acc[n][2 * r]; gdq[i * p.dq_sn + d + 1] += acc[n][2 * r + 1]; }", BWD_RACE,
            "dQ accumulated by a plain += from many blocks (a race)", env=RACE_ENV),
     Mutant("bwd_dbias_atomic_plain", BACKWARD_CU, "atomicAdd(static_cast<float*>(p.dbias) + off, x);",
@@ -410,7 +421,40 @@ BACKWARD_MUTANTS: tuple = (
     Mutant("bwd_dp_unzeroed", BACKWARD_CU,
            "      float acc_dp[NT][4];\n      fill_zero(acc_dp);\n      gemm_nk<T, NT, D_PAD>(acc_dp, sV",
            "      float acc_dp[NT][4];\n      gemm_nk<T, NT, D_PAD>(acc_dp, sV", BWD_F16,
-           "dP^T accumulators not zeroed per query tile"),)
+           "dP^T accumulators not zeroed per query tile"),
+    # hoisted per-tile visibility checks (taken when dscale is not needed)
+    Mutant("bwd_dkdv_check_causal", BACKWARD_CU,
+           "const bool check = !all_ok || (p.causal && j0 + BC - 1 > i0 + off);", "const bool check = !all_ok;",
+           LEAN, "bwd_dkdv skips the per-pair test on causal tiles that cross the diagonal"),
+    Mutant("bwd_dq_check_tail", BACKWARD_CU, "j0 + BC > p.Nk ||", "", LEAN,
+           "bwd_dq skips the per-pair test on the partial last key tile: padding keys (cosine 0) get P > 0, "
+           "Inf when every real key has a negative cosine at a large scale"),
+    Mutant("bwd_all_ok_dropped", BACKWARD_CU, "      all_ok &= sOk[r];\n", "", LEAN,
+           "bwd_dkdv treats every key tile as fully visible: masked keys get P > 0"),
+    # GQA head walk of bwd_dkdv
+    Mutant("bwd_head_scale_kept", BACKWARD_CU, "      if (head_ends && it + 1 < n_it) scale_h = p.scale[h_next];\n",
+           "", HEAD_WALK, "the head walk keeps the first head's scale for every head"),
+    Mutant("bwd_head_next_same", BACKWARD_CU, "const int h_next = head_ends ? h + 1 : h,", "const int h_next = h,",
+           HEAD_WALK, "the head walk never leaves the first head: its query tiles are loaded for every head"),
+    # paired dQ atomics
+    Mutant("bwd_dq_pair_swapped", BACKWARD_CU,
+           "atomic_add2(gdq + i * p.dq_sn + d, acc[n][2 * r], acc[n][2 * r + 1]);",
+           "atomic_add2(gdq + i * p.dq_sn + d, acc[n][2 * r + 1], acc[n][2 * r]);", BWD_F16,
+           "fast-mode dQ columns d, d + 1 exchanged"),
+    # dscale's per-row sums c_i, r_i (cuda_src/backward.cu file comment)
+    Mutant("bwd_dscale_c_plain", BACKWARD_CU, "atomicAdd(rows_c + col, cs[r]);", "rows_c[col] += cs[r];", BWD_RACE,
+           "dscale's c_i summed over key-tile blocks by a plain += (a race)", env=RACE_ENV),
+    Mutant("bwd_dscale_r_plain", BACKWARD_CU, "atomicAdd(rows_r + i, acc_r[2 * r]);", "rows_r[i] += acc_r[2 * r];",
+           BWD_RACE, "dscale's r_i summed over key-tile blocks by a plain += (a race)", env=RACE_ENV),
+    Mutant("bwd_rowsum_base", BACKWARD_CU, "      if (hi) base += HALF;", "      if (!hi) base += HALF;",
+           k(ROWS, expr="fast"),
+           "row-group reduce-scatter: lanes attribute their kept sums to the other half's query columns"),
+    Mutant("bwd_rowsum_owner", BACKWARD_CU, "      if (hi) owner = false;\n", "", k(ROWS, expr="fast and float32"),
+           "row-group reduction with fewer values than stages (fp32 16-query tiles): c_i added by two lanes"),
+    Mutant("bwd_dq_rowsum_rescale", BACKWARD_CU, "        for (int e = 0; e < 4; ++e) acc_r[e] *= ratio;\n",
+           "        for (int e = 0; e < 4; ++e) acc_r[e] *= 1.f;\n", k(ROWS, expr="shrinks"),
+           "deterministic float16: r_i not rescaled when the range factor shrinks"),
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -468,6 +512,9 @@ LAUNCH_MUTANTS: tuple = (
     Mutant("lb_dscale_unscaled", LAUNCH_BWD,
            "dscale = dev.to_host(dscale) / np.asarray(inp.scale, dtype=np.float64)", "dscale = dev.to_host(dscale)",
            BWD_F16, "dscale not divided by the scale"),
+    Mutant("lb_dscale_no_row_correction", LAUNCH_BWD,
+           "        dscale = dscale - xp.sum(cr[:, :, 0] * cr[:, :, 1], axis=(0, 2))\n", "",
+           k(DSCALE, expr=F16), "dscale without - sum_i c_i r_i: the rounding of D_i through the stored O stays in"),
     # arrays.py
     Mutant("lb_bf16_cast_truncates", ARRAYS,
            "u = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)",
@@ -480,8 +527,8 @@ LAUNCH_MUTANTS: tuple = (
            "      if constexpr (DsRange<T>::value) ds_range_f16(acc_dp, ds_f, acc_dk);  // acc_dp = scale_h dS f\n", "",
            FP16_RANGE, "bwd_dkdv rounds scale_h dS to float16 unscaled: large values overflow to Inf"),
     Mutant("bwd_ds_range_dq", BACKWARD_CU,
-           "      if constexpr (DsRange<T>::value) ratio = ds_range_f16(acc_dp, ds_f, acc_dq);  // acc_dp = scale_h dS f\n",
-           "",
+           "      if constexpr (DsRange<T>::value) ratio = ds_range_f16(acc_dp, ds_f, acc_dq);"
+           "  // acc_dp = scale_h dS f\n", "",
            FP16_RANGE, "deterministic bwd_dq rounds scale_h dS to float16 unscaled"),
     Mutant("bwd_ds_range_no_rescale", BACKWARD_CU, "      for (int e = 0; e < 4; ++e) acc[n][e] *= ratio;\n",
            "      for (int e = 0; e < 4; ++e) {}\n", FP16_RANGE,
@@ -744,8 +791,64 @@ HOPPER_MUTANTS: tuple = (
 
 
 # Every mutant, one group per source file. A new kernel adds its group above and here.
+# ----------------------------------------------------------------------------------------------------
+# Packed variable-length batches: params.cuh SeqView, the VARLEN kernels' sequence index, the launch
+# layer's packed launches (launch/packed.py, backward.py, staging.py), the checks and the packed model.
+PARAMS_CUH = "cuda_src/params.cuh"
+PACKED = "cupy_cosattn/launch/packed.py"
+STAGING = "cupy_cosattn/launch/staging.py"
+VARLEN_PY = "cupy_cosattn/varlen.py"
+TRANSFORMER = "cupy_cosattn/transformer.py"
+VARLEN = "tests/test_varlen.py"
+VL_DENSE = k(VARLEN, expr="equals_dense_per_sequence and not gpu and float16")
+VL_SPLIT = (f"{VARLEN}::test_batches_beyond_the_grid_limit_split_into_launches",)
+VL_HEADS = (f"{VARLEN}::test_query_head_splits",)
+VL_PACKED_MODEL = ("tests/test_transformer_packed.py",)
+
+VARLEN_MUTANTS: tuple = (
+    Mutant("vl_q_base", PARAMS_CUH, "p.q = rows_at(p.q, s.q_base, p.q_sn, e);",
+           "p.q = rows_at(p.q, s.k_base, p.q_sn, e);", VL_DENSE, "a sequence's queries read from its keys' first row"),
+    Mutant("vl_nk", PARAMS_CUH, "p.Nk = s.nk;", "p.Nk = s.nq;", VL_DENSE,
+           "key count of a sequence taken as its query count"),
+    Mutant("vl_nq", PARAMS_CUH, "p.Nq = s.nq;", "p.Nq = s.nk;", VL_DENSE,
+           "query count of a sequence taken as its key count"),
+    Mutant("vl_seq_start", PARAMS_CUH, "const int q0 = p.cu_seqlens_q[b], k0",
+           "const int q0 = p.cu_seqlens_q[b] + 1, k0", VL_DENSE, "a sequence's first query row off by one"),
+    Mutant("vl_lse_base", PARAMS_CUH, "p.lse = rows_at(p.lse, s.q_base, 1, 4);",
+           "p.lse = rows_at(p.lse, s.k_base, 1, 4);", VL_DENSE, "lse rows of a sequence at its keys' offset"),
+    Mutant("vl_dk_base", PARAMS_CUH, "p.dk = rows_at(p.dk, s.k_base,", "p.dk = rows_at(p.dk, s.q_base,", VL_DENSE,
+           "dK rows of a sequence at its queries' offset"),
+    Mutant("vl_dout_base", PARAMS_CUH, "p.dout = rows_at(p.dout, s.q_base,", "p.dout = rows_at(p.dout, s.k_base,",
+           VL_DENSE, "dO rows of a sequence at its keys' offset"),
+    Mutant("vl_dkdv_seq_index", BACKWARD_CU, "(int)(blockIdx.y / ((int64_t)params.nsplit * params.Hk))",
+           "(int)(blockIdx.y / ((int64_t)params.H))", k(VARLEN, expr="without_a_split"),
+           "bwd_dkdv's work item mapped to the wrong sequence"),
+    Mutant("vl_launch_seqlens_offset", PACKED, 'cu_seqlens_q=fields["cu_seqlens_q"] + b0 * INT32_BYTES',
+           'cu_seqlens_q=fields["cu_seqlens_q"] + b0 * 2 * INT32_BYTES', VL_SPLIT,
+           "a later launch over sequences reads the wrong cu_seqlens entries"),
+    Mutant("vl_launch_row_buffers", PACKED, "f[name] = fields[name] + b0 * per_batch * F32_BYTES",
+           "f[name] = fields[name] + b0 * F32_BYTES", VL_SPLIT,
+           "lse2 / D / dscale row buffers of a later launch overlap the first launch's"),
+    Mutant("vl_lse_transpose", LAUNCH_BWD, "lse.T if prob.varlen else lse", "lse", VL_DENSE,
+           "the packed (total_q, H) lse handed to the kernels without its (H, total_q) transpose"),
+    Mutant("vl_k_row_stride", STAGING, "k_sn=Hk * Ds", "k_sn=H * Ds",
+           k(VARLEN, expr="equals_dense_per_sequence and not gpu"),
+           "packed key rows strided by the query heads (wrong under GQA)"),
+    Mutant("vl_split_sum_axes", LAUNCH_BWD, "split = (prob.total_k, Hk, nsplit, Ds)",
+           "split = (prob.total_k, nsplit, Hk, Ds)", VL_HEADS, "query-head splits' partial dK/dV summed over kv heads"),
+    Mutant("vl_check_last_entry", VARLEN_PY, "if int(host[-1]) != total:", "if int(host[-1]) > total:",
+           k(VARLEN, expr="bad_arguments"), "cu_seqlens ending before the last row accepted"),
+    Mutant("vl_positions_restart", TRANSFORMER,
+           "pos = torch.arange(T, device=tokens.device) - cu_seqlens.to(torch.int64)[doc]",
+           "pos = torch.arange(T, device=tokens.device)", VL_PACKED_MODEL,
+           "packed documents' positions do not restart at each document"),
+    Mutant("vl_labels_across_documents", TRANSFORMER, "        labels = labels.masked_fill(last, -100)\n", "",
+           VL_PACKED_MODEL, "the loss predicts a document's first token from the previous document"),
+)
+
+
 MUTANTS: tuple = (FORWARD_MUTANTS + NORM_MUTANTS + COMMON_MUTANTS + BACKWARD_MUTANTS + LAUNCH_MUTANTS + DECODE_MUTANTS
-             + HOPPER_MUTANTS)
+             + HOPPER_MUTANTS + VARLEN_MUTANTS)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -313,6 +313,19 @@ def test_query_head_splits(monkeypatch):
         check_grads(args, kw, dout)
 
 
+def test_head_walk_per_head_scale(monkeypatch):
+    """One bwd_dkdv block walks all four query heads of its kv head (no split: heads_per_split = 4),
+    each with its own scale, in fast mode: the scale, bias, dbias, dQ rows and dscale row sums of every
+    iteration must follow the head it loads."""
+    monkeypatch.setattr(tiles, "TARGET_BLOCKS", 1)
+    args, kw, dout = make_case(24, B=1, H=8, Hk=2, Nq=70, Nk=90, D=32, dtype="float16", bias="head",
+                               per_head_scale=True, deterministic=False)
+    prob, _ = problem.canonicalize(*args, **kw)
+    assert tiles.choose_nsplit(prob, 1) == 1
+    assert len(set(np.asarray(kw["scale"]).tolist())) == prob.H
+    check_grads(args, kw, dout)
+
+
 def test_grid_yz_limit_loops(monkeypatch):
     """B*H beyond the grid's y extent: every backward kernel loops over its y work items."""
     monkeypatch.setattr(limits, "GRID_YZ_LIMIT", 2)
@@ -387,7 +400,13 @@ def test_small_variants_are_registered_where_a_device_picks_them():
                 if kv_s or q_s:
                     picked.add(registry.bwd_name("info", dt, dp, True))
     assert picked <= names
-    assert {n for n in names if n.endswith(", true>")} <= picked
+    dense = {n for n in names if not registry.is_varlen_name(registry.BACKWARD_SOURCE, n)}
+    assert {n for n in dense if n.endswith(", true>")} <= picked
+    # packed-batch (VARLEN) instantiations: exactly the 16-bit twins of the dense kernels
+    varlen = names - dense
+    assert varlen == {n for n in varlen if any(f"<{limits.CTYPES[dt]}," in n for dt in registry.VARLEN_DTYPES)}
+    assert varlen and len(varlen) == len({n for n in dense if "bwd_info<" not in n
+                                          and any(f"<{limits.CTYPES[dt]}," in n for dt in registry.VARLEN_DTYPES)})
     assert tiles.choose_small("float16", 128, SM86.smem_optin) == (False, False)
     assert tiles.choose_small("float32", 192, SM86.smem_optin) == (True, False)
 
@@ -474,6 +493,45 @@ def test_deterministic_is_bitwise_repeatable_gpu():
     b = run_backward(args, kw, dout, "cuda")
     for name, x, y in zip(GRADS, a, b):
         assert np.array_equal(np.asarray(x), np.asarray(y)), f"{name} differs between runs"
+
+
+def _far_bias_case(seed, deterministic):
+    """A full bias near -100 on every pair and Nk = 70 (a partial last key tile): the softmax is that
+    of an ordinary problem (a constant shift per row), but lse is near -100 while a padding key (zero
+    row, no bias) has logit 0, so its P would be exp(-lse) = Inf in fp32 if it were not hidden."""
+    args, kw, dout = make_case(seed, Nq=40, Nk=70, D=32, bias="full", deterministic=deterministic)
+    kw["attn_bias"] = (kw["attn_bias"].astype(np.float64) - 100.0).astype(F16)
+    return args, kw, dout
+
+
+LEAN_CASES = {
+    "causal": lambda det: make_case(31, Nq=70, Nk=128, D=32, causal=True, deterministic=det),
+    "mask": lambda det: make_case(32, Nq=40, Nk=128, D=32, mask="random", deterministic=det),
+    "far_bias_tail": lambda det: _far_bias_case(33, det),
+}
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
+@pytest.mark.parametrize("case", sorted(LEAN_CASES))
+def test_without_dscale_matches_reference(case, deterministic):
+    """need_dscale=False (the torch op with a float scale) takes the kernels' other probability
+    loops: tiles whose pairs are all visible skip the per-pair test. dq, dk, dv still meet the
+    contract where some pairs of a tile are hidden (causal horizon, masked keys, keys past Nk), and so
+    does dbias."""
+    args, kw, dout = LEAN_CASES[case](deterministic)
+    prob, inp = problem.canonicalize(*args, **kw)
+    out, lse = api.forward_canonical(prob, inp, "reference")
+    d4 = dout.reshape(prob.B, prob.H, prob.Nq, prob.D)
+    got = api.backward_canonical(prob, inp, d4, out, lse, "emulator", need_dscale=False)
+    assert got[4] is None
+    ref = reference_grads(args, kw, dout)
+    for name, g, r in zip(GRADS[:4], got[:4], ref[:4]):
+        if r is None:
+            assert g is None, f"{case}: {name} should be None"
+            continue
+        g = np.asarray(g, dtype=np.float64).reshape(r.shape)
+        assert np.isfinite(g).all(), f"{case}: NaN/Inf in {name}"
+        assert rel_err(g, r) <= GRAD_TOL["float16"], f"{case}: {name} rel err {rel_err(g, r):.2e}"
 
 
 def test_backward_canonical_can_skip_dscale():

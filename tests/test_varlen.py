@@ -223,6 +223,18 @@ def test_query_head_splits(monkeypatch):
         assert_matches(varlen_run(*case, deterministic=det), ref, "bfloat16")
 
 
+def test_query_heads_without_a_split(monkeypatch):
+    """GQA 3:1 with one bwd_dkdv block per kv head (no query-head split, so a kv head's work items are
+    not the query heads'): each block must find its sequence by kv heads x splits, both modes."""
+    monkeypatch.setattr(tiles, "TARGET_BLOCKS", 1)
+    case = make(14, H=6, Hk=2, dtype="float16")
+    prob, _ = varlen.canonicalize_varlen(*case[:5], **case[5])
+    assert tiles.choose_nsplit(prob, 1) == 1
+    ref = dense_per_sequence(*case)
+    for det in (False, True):
+        assert_matches(varlen_run(*case, deterministic=det), ref, "float16")
+
+
 def test_empty_batches():
     """No query rows, no keys at all, and no sequences: nothing is launched, the shapes are right."""
     H, D = 2, 16

@@ -16,11 +16,19 @@
    device and copied to the host once everything else is queued (the call's only device-to-host copy,
    so the host never waits for the GPU between launches).
 
+The correction by c_i r_i is exact only when out and lse are this call's own (then sum_j dS_ij = 0 in
+every row). A caller that passes the statistics of whole rows of which these keys are a share (ring
+attention's blocks) runs the backward inside :func:`partial_rows`, and dscale is then the plain
+sum_i <qhat_i, dqhat_i> / scale_h, exactly this share's.
+
 Every kernel reads one ``BwdParams`` record (params.BWD_PARAMS); the kernels, tiles and grids are
 ``dispatch.select``'s.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -37,6 +45,20 @@ from .params import BWD_PARAMS, DBIAS_ATOMIC, DBIAS_NONE, DBIAS_STORE, make_reco
 from .registry import BACKWARD_SOURCE, KernelSpec, bwd_name
 from .staging import Staged, attn_fields, deliver, padded, stage
 from .tiles import INFO_THREADS, nq_padded
+
+# False inside partial_rows(): out and lse belong to whole rows of which this call's keys are a share.
+_WHOLE_ROWS: contextvars.ContextVar[bool] = contextvars.ContextVar("cosattn_whole_rows", default=True)
+
+
+@contextlib.contextmanager
+def partial_rows() -> Iterator[None]:
+    """Backward calls in this context take out and lse as the statistics of whole rows of which their
+    keys are only a share (sum_j dS_ij != 0 over these keys), so dscale is not corrected by c_i r_i."""
+    token = _WHOLE_ROWS.set(False)
+    try:
+        yield
+    finally:
+        _WHOLE_ROWS.reset(token)
 
 F32 = np.dtype(np.float32)
 
@@ -186,7 +208,8 @@ def run_backward(dev: Device, prob: Problem, inp: Inputs, dout: Any, out: Any, l
     if need_dscale:
         axes = tuple(a for a in range(dq.ndim) if a != 1)  # all but the head axis
         dscale = xp.sum(cast(xp, st.q, F32) * dq, axis=axes, dtype=np.float64)
-        cr = rows.reshape(B, H, 2, nq_pad).astype(np.float64)
-        dscale = dscale - xp.sum(cr[:, :, 0] * cr[:, :, 1], axis=(0, 2))
+        if _WHOLE_ROWS.get():
+            cr = rows.reshape(B, H, 2, nq_pad).astype(np.float64)
+            dscale = dscale - xp.sum(cr[:, :, 0] * cr[:, :, 1], axis=(0, 2))
         dscale = dev.to_host(dscale) / np.asarray(inp.scale, dtype=np.float64)
     return dq_out, dk_out, dv_out, dbias, dscale

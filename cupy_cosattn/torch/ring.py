@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .. import problem as _problem
 from ..backends import backward_uses_lse
+from ..launch.backward import partial_rows
 from ..launch.tiles import FIXED_OFFSET_MAX_BOUND as FIXED_OFFSET_BOUNDS
 from . import ops  # noqa: F401  (registers the custom ops called through torch.ops)
 from .backends import BACKENDS, bridge_for, check_backend
@@ -403,10 +404,11 @@ def _block_forward(cfg, q, k, v, mask, scale_t, causal):
 def _block_backward(cfg, dout, q, k, v, out, lse, mask, scale_t, causal):
     """(dq, dk, dv, dscale) of one block given the *whole* row's out and lse: P = exp(s − lse) and
     D = rowsum(dO∘O) are then the global ones, and the result is exactly this block's share."""
-    if cfg.kernel:  # the kernels take out and lse as given
-        dq, dk, dv, _, dscale = torch.ops.cupy_cosattn.attn_bwd(
-            dout, q, k, v, out.to(q.dtype), lse.to(torch.float32), mask, None, scale_t,
-            *_op_flags(cfg, scale_t, causal))
+    if cfg.kernel:  # the kernels take out and lse as given; this block's keys are a share of the rows
+        with partial_rows():
+            dq, dk, dv, _, dscale = torch.ops.cupy_cosattn.attn_bwd(
+                dout, q, k, v, out.to(q.dtype), lse.to(torch.float32), mask, None, scale_t,
+                *_op_flags(cfg, scale_t, causal))
         return dq, dk, dv, dscale
     # The torch CPU op recomputes each row's softmax over the keys it is given, which is not the block's
     # share: the CPU implementation with the whole rows' statistics is.
