@@ -13,7 +13,7 @@
 // defined, so a source that includes this header still compiles for sm_80/sm_86/sm_90; its Hopper
 // kernels must sit inside `#if CA_SM90A`.
 //
-// Shared addresses. Descriptors and PTX operands use 32-bit shared-window addresses (smem_addr).
+// Shared addresses. Descriptors and PTX operands use 32-bit shared-window addresses (window_addr).
 // The swizzle patterns are functions of those addresses (bits 4-6 XOR bits 7-9), so swizzled tiles
 // must be placed by shared address: the emulator puts dynamic shared memory at shared address 1024
 // (1024-byte aligned, what `extern __shared__ __align__(1024)` gives on the GPU).
@@ -107,8 +107,9 @@ template <> struct WgmmaInput<bf16_t> { static constexpr bool bf16 = true; };
 // ---------------------------------------------------------------------------------------------
 // Shared addresses.
 
-// The 32-bit shared-window address of a pointer into shared memory.
-CA_DEVICE uint32_t smem_addr(const void* p) {
+// The 32-bit shared-window address of a pointer into shared memory, as descriptors, mbarriers and TMA
+// take it. (common.cuh's smem_addr gives the tile-operand address, a host pointer in the emulator.)
+CA_DEVICE uint32_t window_addr(const void* p) {
 #ifdef CA_EMULATOR
   return emu::smem_addr(p);
 #else
@@ -118,7 +119,7 @@ CA_DEVICE uint32_t smem_addr(const void* p) {
 
 CA_DEVICE uint64_t make_smem_desc(const void* start, uint32_t lbo_bytes, uint32_t sbo_bytes, Swizzle s,
                                   uint32_t base_offset = 0) {
-  return make_smem_desc(smem_addr(start), lbo_bytes, sbo_bytes, s, base_offset);
+  return make_smem_desc(window_addr(start), lbo_bytes, sbo_bytes, s, base_offset);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -639,7 +639,7 @@ template <typename T, int DP, bool RUNNING_MAX>
 __global__ void __launch_bounds__(THREADS, 1) attn_fwd_sm90(const __grid_constant__ Args args) {
   using L = Smem<DP>;
   CA_DYNAMIC_SHARED(smem_raw);
-  unsigned char* const smem = smem_raw + ((1024u - smem_addr(smem_raw) % 1024u) % 1024u);
+  unsigned char* const smem = smem_raw + ((1024u - window_addr(smem_raw) % 1024u) % 1024u);
   uint64_t* const bars = reinterpret_cast<uint64_t*>(smem + L::BARS);
   const Barriers bar{bars, bars + 1, bars + 2, bars + 2 + L::STAGES, bars + 2 + 2 * L::STAGES,
                      bars + 2 + 3 * L::STAGES, bars + 2 + 4 * L::STAGES};

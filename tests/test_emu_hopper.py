@@ -52,7 +52,7 @@ extern "C" __global__ void t_desc_bits(const uint32_t* args, int n, unsigned lon
 
 extern "C" __global__ void t_smem_addr(uint32_t* out) {
   CA_DYNAMIC_SHARED(smem);
-  out[threadIdx.x] = smem_addr(smem + 16 * threadIdx.x);
+  out[threadIdx.x] = window_addr(smem + 16 * threadIdx.x);
 }
 
 // ---- wgmma: a shared-memory image, per-thread registers in, per-thread accumulators out ----
@@ -65,7 +65,7 @@ template <int N, class T, int MA, int MB, int NA, int NB>
 __global__ void t_wgmma(const unsigned char* img, const uint32_t* a_regs, const float* c_in, float* d_out,
                         WgParams p) {
   CA_DYNAMIC_SHARED(smem);
-  (void)smem_addr(smem);  // a Hopper primitive first: later plain stores need fence.proxy.async
+  (void)window_addr(smem);  // a Hopper primitive first: later plain stores need fence.proxy.async
   for (uint32_t i = threadIdx.x; i < p.img_bytes; i += blockDim.x) smem[i] = img[i];
   fence_proxy_async_shared();
   __syncthreads();
@@ -111,7 +111,7 @@ __global__ void t_tma_load(const __grid_constant__ TensorMap tm, const int* coor
   CA_DYNAMIC_SHARED(smem);
   uint64_t* bar = reinterpret_cast<uint64_t*>(smem);
   if (threadIdx.x == 0) {
-    base[0] = smem_addr(smem);  // the swizzle depends on it
+    base[0] = window_addr(smem);  // the swizzle depends on it
     mbar_init(bar, 1);
   }
   __syncthreads();
@@ -128,7 +128,7 @@ template <int R>
 __global__ void t_tma_store(const __grid_constant__ TensorMap tm, const int* coords, const unsigned char* img,
                             uint32_t src_off, uint32_t nbytes, int fence) {
   CA_DYNAMIC_SHARED(smem);
-  (void)smem_addr(smem);
+  (void)window_addr(smem);
   for (uint32_t i = threadIdx.x; i < nbytes; i += blockDim.x) smem[src_off + i] = img[i];
   if (fence) fence_proxy_async_shared();
   __syncthreads();
@@ -219,7 +219,7 @@ __global__ void t_pipeline(const __grid_constant__ TensorMap ta, const __grid_co
 // 4: exits with a wgmma in flight; 5: A registers changed before the wait
 extern "C" __global__ void t_wgmma_async(const unsigned char* img, float* out, int mode) {
   CA_DYNAMIC_SHARED(smem);
-  (void)smem_addr(smem);
+  (void)window_addr(smem);
   for (int i = threadIdx.x; i < 10240; i += blockDim.x) smem[i] = img[i];
   fence_proxy_async_shared();
   __syncthreads();
@@ -255,7 +255,7 @@ extern "C" __global__ void t_desc_fault(uint32_t off, uint32_t swz, uint32_t sbo
   __syncthreads();
   float d[8];
   uint64_t da = make_smem_desc(smem, 16, 1024, Swizzle::B128);
-  uint64_t db = make_smem_desc(smem_addr(smem) + off, 16, sbo, (Swizzle)swz, base_offset);
+  uint64_t db = make_smem_desc(window_addr(smem) + off, 16, sbo, (Swizzle)swz, base_offset);
   wgmma_fence();
   wgmma_ss<16, ca::bf16_t>(d, da, db, false);
   wgmma_commit();
@@ -285,7 +285,7 @@ extern "C" __global__ void t_wgmma_collective(int mode, float* out) {
 // ---- the async proxy: a tile written with plain stores is visible to wgmma only after the fence ----
 extern "C" __global__ void t_proxy_fence(const unsigned char* img, float* out, int fence) {
   CA_DYNAMIC_SHARED(smem);
-  (void)smem_addr(smem);
+  (void)window_addr(smem);
   for (int i = threadIdx.x; i < 10240; i += blockDim.x) smem[i] = img[i];
   if (fence) fence_proxy_async_shared();
   __syncthreads();
