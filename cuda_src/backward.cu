@@ -501,7 +501,6 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
   if (VARLEN && j0 >= p.Nk) return;  // a key tile past its sequence's end
   const int c0 = chunk * DC;
   const int off = p.Nk - p.Nq;
-  const int cdiff = p.causal ? off : 0x7fffffff;  // tiles.cuh visible(): key - row <= cdiff
   const int qpk = p.H / p.Hk;
   const int nqt = (p.Nq + BR - 1) / BR;
 
@@ -598,6 +597,7 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
       // check = false: every pair of the tile is visible (all keys in range and unmasked, and under
       // causal the block's last key at or before the tile's first query's horizon).
       const bool check = !all_ok || (p.causal && j0 + BC - 1 > i0 + off);
+      const int cdiff = p.causal ? off : 0x7fffffff;  // tiles.cuh visible(): key - row <= cdiff
       auto probs = [&](const bool with_c, const bool check) {
 #pragma unroll
         for (int n = 0; n < NT; ++n)
@@ -796,7 +796,6 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
   if (VARLEN && i0 >= p.Nq) return;  // a query tile past its sequence's end
   const int c0 = chunk * DC;
   const int off = p.Nk - p.Nq;
-  const int cdiff = p.causal ? off : 0x7fffffff;  // tiles.cuh visible(): key - row <= cdiff
   const int qpk = p.H / p.Hk;
 
   for (int64_t y = blockIdx.y; y < p.n_y; y += gridDim.y) {
@@ -890,6 +889,7 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
       // check = false: every pair of the tile is visible (no mask, all keys in range, and under
       // causal the tile's last key at or before the block's first query's horizon).
       const bool check = p.mask != nullptr || j0 + BC > p.Nk || (p.causal && j0 + BC - 1 > i0 + off);
+      const int cdiff = p.causal ? off : 0x7fffffff;  // tiles.cuh visible(): key - row <= cdiff
       auto probs = [&](const bool with_c, const bool check) {
 #pragma unroll
         for (int n = 0; n < NT; ++n)
