@@ -341,9 +341,10 @@ CA_DEVICE void mma_m16n8k8_tf32(float* d, const uint32_t* a, const uint32_t* b) 
 // (about 6 each): big = round-then-mask, adding half a tf32 ulp to the magnitude's bits and
 // clearing the 13 low bits (round to nearest, ties away: cvt.rna for every finite x; an x that
 // rounds past the largest tf32 becomes Inf, as with cvt.rna). small keeps its top 11 significant
-// bits by masking (|small| <= 2^-11 |x|, so what the mask drops is below 2^-21 |x|). A NaN x gives a
+// bits by masking (|small| <= 2^-11 |x|, so what the mask drops is below 2^-21 |x|; rounding small
+// too would carry the GPU's canonical NaN 0x7fffffff into the sign bit and lose it). A NaN x gives a
 // NaN small whatever big becomes (small = x - big, then masked: a quiet NaN keeps its quiet bit), so
-// a NaN operand still makes the product NaN; Inf gives big = Inf and small = NaN, as before.
+// a NaN operand still makes the product NaN; Inf gives big = Inf and small = NaN, as with cvt.rna.
 CA_DEVICE void split_tf32(float x, uint32_t& big, uint32_t& small) {
   big = (float_bits(x) + 0x1000u) & 0xffffe000u;
   small = float_bits(x - bits_as_float(big)) & 0xffffe000u;
