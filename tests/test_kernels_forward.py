@@ -328,6 +328,34 @@ def test_small_shared_memory_device_gets_smaller_tiles(monkeypatch, dtype, D):
     assert registry.fwd_name(dtype, dp, tile, tiles.FWD_FIXED) in used
 
 
+# Single K/V buffers (the staggered loads a 99 KB device gets) under every feature of the key loop:
+# a random mask (whole masked key tiles skipped, the mask slot's parity), caller-normalized q, k (the
+# running max), a bias (its own kernel), and two query blocks of the tile's rows.
+SINGLE_BUFFER_CASES = [
+    ("float16", 64, tiles.FWD_FIXED, dict(mask="random", B=2)),
+    ("bfloat16", 96, tiles.FWD_FIXED, dict(mask="random", B=2, causal=True)),
+    ("bfloat16", 64, tiles.FWD_RUNNING_MAX, dict(l2norm_qk=False, mask="random", B=2)),
+    ("float16", 128, tiles.FWD_BIAS, dict(bias="head", mask="random", B=2, causal=True)),
+    ("float32", 64, tiles.FWD_RUNNING_MAX, dict(l2norm_qk=False, mask="random", B=2, causal=True)),
+    ("float32", 64, tiles.FWD_BIAS, dict(bias="batch", B=2)),
+]
+
+
+@pytest.mark.parametrize("dtype,D,mode,features", SINGLE_BUFFER_CASES)
+def test_single_buffered_forward_features(monkeypatch, dtype, D, mode, features):
+    monkeypatch.setattr(limits, "EMULATED_DEVICE", SM86)
+    dp = tiles.fwd_head_dim_pad(D)
+    tile = tiles.fwd_tile(dtype, dp, SM86.smem_optin, mode)
+    assert tile.kv_bufs == 1, tile
+    used = []
+    real_kernel = devices.Device.kernel
+    monkeypatch.setattr(devices.Device, "kernel",
+                        lambda self, spec: (used.append(spec.name), real_kernel(self, spec))[1])
+    args, kw = make_case(41 + D, Nq=2 * tile.bm + 6, Nk=150, D=D, dtype=dtype, **features)
+    check_forward(args, kw)
+    assert registry.fwd_name(dtype, dp, tile, mode) in used, used
+
+
 def test_tiles_that_do_not_fit_the_device_raise_before_any_launch(monkeypatch):
     # The smallest fp32 D=256 forward tile (64 rows, 16 keys, K/V double-buffered) needs 133152 bytes.
     monkeypatch.setattr(limits, "EMULATED_DEVICE", SM86)
