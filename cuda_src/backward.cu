@@ -99,7 +99,7 @@ struct KVTraits {
   static constexpr int SMEM = OK_OFF + BC * (int)sizeof(int);
   // Unrolling of the k-loops of S^T and dP^T and of a warp's dQ units: full for 16-bit types up to
   // 128 columns, rolled where the fragments would not fit the registers (fp32, wider 16-bit rows).
-  static constexpr int U_ABT = F32 ? 1 : (D_PAD <= 128 ? D_PAD / 16 : 2);
+  static constexpr int U_ABT = F32 ? 1 : (D_PAD <= 64 ? D_PAD / 16 : 2);
   static constexpr int U_DQ = F32 || D_PAD > 128 ? 1 : 8;
   static_assert(D_PAD % 16 == 0 && D_PAD <= 256 && (D_PAD <= 128 || D_PAD % 32 == 0), "bad D_PAD");
   static_assert(NW >= 1 && NW % (BR / 16) == 0, "dQ products need the query m-tiles to divide the warps");
@@ -123,7 +123,10 @@ struct QTraits {
   static constexpr int Q_OFF = 0, DO_OFF = BR * PITCH, K_OFF = 2 * BR * PITCH, V_OFF = K_OFF + 2 * KVST;
   static constexpr int OK_OFF = V_OFF + 2 * KVST;
   static constexpr int SMEM = OK_OFF + 2 * BC * (int)sizeof(int);
-  static constexpr int U_ABT = F32 ? 1 : (D_PAD <= 128 ? D_PAD / 16 : 2);  // as KVTraits
+  static constexpr int U_ABT = F32 ? 1 : (D_PAD <= 128 ? D_PAD / 16 : 2);
+  // The A fragments of S = Qhat Khat^T and dP = dO V^T (the warp's own rows) stay in registers for
+  // the whole key loop where they fit (16-bit, up to 64 columns).
+  static constexpr bool A_IN_REGS = !F32 && D_PAD <= 64;
 };
 
 
@@ -210,16 +213,27 @@ CA_DEVICE float warp_max(float x) {
 // Returns new f / old f (1 when f is unchanged), for accumulators the caller keeps elsewhere.
 template <int NT, int NA>
 CA_DEVICE float ds_range_f16(float (&c)[NT][4], float& f, float (&acc)[NA][4]) {
+  constexpr float FMAX = 3.402823466e38f;
   float ratio = 1.f;
+  // max |c| is one instruction per element (fmaxf drops NaN); only a warp that holds an Inf takes
+  // a second pass for the largest finite |c| (warp-uniform).
   float mx = 0.f;
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float a = fabsf(c[n][e]);
-      if (a <= 3.402823466e38f) mx = fmaxf(mx, a);
-    }
+    for (int e = 0; e < 4; ++e) mx = fmaxf(mx, fabsf(c[n][e]));
   mx = warp_max(mx);
+  if (mx > FMAX) {
+    mx = 0.f;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float a = fabsf(c[n][e]);
+        if (a <= FMAX) mx = fmaxf(mx, a);
+      }
+    mx = warp_max(mx);
+  }
   if (mx * f > DS_F16_LIMIT) {
     const int ex = (int)((__float_as_uint(mx) >> 23) & 0xffu) - 127;  // floor(log2 mx), mx is normal
     const float f_new = bits_as_float((uint32_t)(127 + DS_F16_TARGET_EXP - ex) << 23);
@@ -230,10 +244,12 @@ CA_DEVICE float ds_range_f16(float (&c)[NT][4], float& f, float (&acc)[NA][4]) {
       for (int e = 0; e < 4; ++e) acc[n][e] *= ratio;
     f = f_new;
   }
+  if (f != 1.f) {  // (x * 1 = x: a warp whose range never shrank skips the products)
 #pragma unroll
-  for (int n = 0; n < NT; ++n)
+    for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) c[n][e] *= f;
+      for (int e = 0; e < 4; ++e) c[n][e] *= f;
+  }
   return ratio;
 }
 
@@ -433,7 +449,8 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
       // check = false: every pair of the tile is visible (all keys in range and unmasked, and under
       // causal the block's last key at or before the tile's first query's horizon).
       const bool check = !all_ok || (p.causal && j0 + BC - 1 > i0 + off);
-      auto probs = [&](const bool with_c, const bool check) {
+      // (with_bias = false: bias2 is 0, and the fast path leaves it out)
+      auto probs = [&](const bool with_c, const bool check, const bool with_bias) {
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -441,14 +458,14 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
             const int col = n * 8 + 2 * t + (e & 1);
             const bool vis = !check || visible(key[e >> 1], i0 + col, cdiff, key_ok[e >> 1]);
             const float sv = acc_s[n][e];
-            const float x = fmaf(sv, sl2, bias2[n][e] - cL[col]);
+            const float x = fmaf(sv, sl2, with_bias ? bias2[n][e] - cL[col] : -cL[col]);
             acc_s[n][e] = vis ? exp2_fast(x) : 0.f;  // x = -inf (lse2 = +inf) gives exactly 0
             if (with_c)
               cs[2 * n + (e & 1)] = e < 2 ? acc_s[n][e] * sv : fmaf(acc_s[n][e], sv, cs[2 * n + (e & 1)]);
           }
       };
       if (stats) {
-        probs(true, true);
+        probs(true, true, true);
         int base = 0;
         bool owner = true;
         sum_over_row_groups<2 * NT, 0>(cs, lane, base, owner);
@@ -459,9 +476,11 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
           if (owner && chunk == 0 && i0 + col < p.Nq) atomicAdd(rows_c + col, cs[r]);
         }
       } else if (check) {
-        probs(false, true);
+        probs(false, true, true);
+      } else if (p.bias != nullptr) {
+        probs(false, false, true);
       } else {
-        probs(false, false);
+        probs(false, false, false);
       }
 
       // dV += P^T dO.
@@ -541,40 +560,50 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
 #pragma unroll
           for (int ks = 0; ks < KSN; ++ks) ah[ks] = load_km<T, C::SDSP>(dsA, ks);
         }
-#pragma unroll (C::U_DQ)
-        for (int uu = 0; uu < UPW; ++uu) {
-          const int u = warp / MT + uu * USTEP;
-          if (UNITS % USTEP != 0 && u >= UNITS) break;
-          const saddr_t bu = kB + u * 16 * ESZ;
-          float acc[2][4];
-          fill_zero(acc);
-#pragma unroll (A_HELD ? KSN : 1)
-          for (int ks = 0; ks < KSN; ++ks) {
-            FragA a;
-            if constexpr (A_HELD) a = ah[ks];
-            else a = load_km<T, C::SDSP>(dsA, ks);
-            if constexpr (DsRange<T>::value) {  // k-step ks = the keys of warp ks
-              float part[2][4];
-              fill_zero(part);
-              atb_step<T, 16, PITCH>(part, a, bu, ks);
-              const float inv = sInvF[ks];
+        // float16: the k-steps carry their warps' factors, unless all of them are 1 (block-uniform).
+        bool scaled = false;
+        if constexpr (DsRange<T>::value) {
 #pragma unroll
-              for (int n = 0; n < 2; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[n][e] = fmaf(part[n][e], inv, acc[n][e]);
-            } else {
-              atb_step<T, 16, PITCH>(acc, a, bu, ks);
-            }
-          }
-          // Columns d, d + 1 (d = c0 + u * 16 + n * 8 + 2t, even; p.D is a multiple of 16) in one reduction.
-#pragma unroll
-          for (int n = 0; n < 2; ++n)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const int x = u * 16 + n * 8;
-              if (row_ok[r] && x < dcols) atomic_add2(dq_row[r] + x, acc[n][2 * r], acc[n][2 * r + 1]);
-            }
+          for (int w = 0; w < C::NW; ++w) scaled = scaled || sInvF[w] != 1.f;
         }
+        auto units = [&](const bool scaled) {
+#pragma unroll (C::U_DQ)
+          for (int uu = 0; uu < UPW; ++uu) {
+            const int u = warp / MT + uu * USTEP;
+            if (UNITS % USTEP != 0 && u >= UNITS) break;
+            const saddr_t bu = kB + u * 16 * ESZ;
+            float acc[2][4];
+            fill_zero(acc);
+#pragma unroll (A_HELD ? KSN : 1)
+            for (int ks = 0; ks < KSN; ++ks) {
+              FragA a;
+              if constexpr (A_HELD) a = ah[ks];
+              else a = load_km<T, C::SDSP>(dsA, ks);
+              if (scaled) {  // k-step ks = the keys of warp ks
+                float part[2][4];
+                fill_zero(part);
+                atb_step<T, 16, PITCH>(part, a, bu, ks);
+                const float inv = sInvF[ks];
+#pragma unroll
+                for (int n = 0; n < 2; ++n)
+#pragma unroll
+                  for (int e = 0; e < 4; ++e) acc[n][e] = fmaf(part[n][e], inv, acc[n][e]);
+              } else {
+                atb_step<T, 16, PITCH>(acc, a, bu, ks);
+              }
+            }
+            // Columns d, d + 1 (d = c0 + u * 16 + n * 8 + 2t, even; p.D is a multiple of 16) in one reduction.
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+              for (int r = 0; r < 2; ++r) {
+                const int x = u * 16 + n * 8;
+                if (row_ok[r] && x < dcols) atomic_add2(dq_row[r] + x, acc[n][2 * r], acc[n][2 * r + 1]);
+              }
+          }
+        };
+        if (scaled) units(true);
+        else units(false);
         if (stats && chunk == 0 && warp < MT) {  // r_i: this m-tile's rows of the operand against ones
           float acc_r[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll (A_HELD ? KSN : 1)
@@ -584,7 +613,7 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
             else a = load_km<T, C::SDSP>(dsA, ks);
             float part[4] = {0.f, 0.f, 0.f, 0.f};
             ones_step<T>(part, a);
-            const float inv = DsRange<T>::value ? sInvF[ks] : 1.f;
+            const float inv = scaled ? sInvF[ks] : 1.f;
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc_r[e] = fmaf(part[e], inv, acc_r[e]);
           }
@@ -730,6 +759,8 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
       load_kv_stage(kt, 0);  // one group with Q and dO
     }
 
+    constexpr int KQ = D_PAD / KS;  // k-steps of S and dP
+    uint32_t qf[C::A_IN_REGS ? KQ : 1][4], df[C::A_IN_REGS ? KQ : 1][4];  // A_IN_REGS: Qhat's and dO's fragments
     for (int it = 0; kt < n_kt; ++it) {
       const int st = it & 1;
       const int kt_next = next_tile(kt + 1);
@@ -740,6 +771,15 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
         cp_async_wait<0>();
       }
       __syncthreads();  // key tile kt's copies and flags have landed
+      if constexpr (C::A_IN_REGS) {
+        if (it == 0) {  // Qhat and dO landed with the first key tile
+#pragma unroll
+          for (int ks = 0; ks < KQ; ++ks) {
+            ldsm_x4(qf[ks], qA + 32 * ks);
+            ldsm_x4(df[ks], dOA + 32 * ks);
+          }
+        }
+      }
       const int j0 = kt * BC;
       const int so = st * C::KVST;  // this stage's byte offset in the K and V buffers
       const int* cOk = sOk + st * BC;
@@ -751,11 +791,15 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
       float acc_s[NT][4];
       fill_zero(acc_s);
 #pragma unroll (C::U_ABT)
-      for (int ks = 0; ks < D_PAD / KS; ++ks) abt_step<T, BC, PITCH>(acc_s, qA, kN + so, ks);
+      for (int ks = 0; ks < KQ; ++ks) {
+        if constexpr (C::A_IN_REGS) abt_step_regs<T, BC, PITCH>(acc_s, qf[ks], kN + so, ks);
+        else abt_step<T, BC, PITCH>(acc_s, qA, kN + so, ks);
+      }
       // check = false: every pair of the tile is visible (no mask, all keys in range, and under
       // causal the tile's last key at or before the block's first query's horizon).
       const bool check = p.mask != nullptr || j0 + BC > p.Nk || (p.causal && j0 + BC - 1 > i0 + off);
-      auto probs = [&](const bool with_c, const bool check) {
+      // (with_bias = false: bias2 is 0, and the fast path leaves it out)
+      auto probs = [&](const bool with_c, const bool check, const bool with_bias) {
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -763,20 +807,24 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
             const int col = n * 8 + 2 * t + (e & 1), r = e >> 1;
             const bool vis = !check || visible(j0 + col, row[r], cdiff, cOk[col] != 0);
             const float sv = acc_s[n][e];
-            const float x = fmaf(sv, sl2, bias2[n][e] - lse2[r]);
+            const float x = fmaf(sv, sl2, with_bias ? bias2[n][e] - lse2[r] : -lse2[r]);
             acc_s[n][e] = vis ? exp2_fast(x) : 0.f;
             if (with_c) c_part[r] = fmaf(acc_s[n][e], sv, c_part[r]);
           }
       };
-      if (stats) probs(true, true);
-      else if (check) probs(false, true);
-      else probs(false, false);
+      if (stats) probs(true, true, true);
+      else if (check) probs(false, true, true);
+      else if (p.bias != nullptr) probs(false, false, true);
+      else probs(false, false, false);
 
       // dP = dO V^T -> scale_h dS in place.
       float acc_dp[NT][4];
       fill_zero(acc_dp);
 #pragma unroll (C::U_ABT)
-      for (int ks = 0; ks < D_PAD / KS; ++ks) abt_step<T, BC, PITCH>(acc_dp, dOA, vN + so, ks);
+      for (int ks = 0; ks < KQ; ++ks) {
+        if constexpr (C::A_IN_REGS) abt_step_regs<T, BC, PITCH>(acc_dp, df[ks], vN + so, ks);
+        else abt_step<T, BC, PITCH>(acc_dp, dOA, vN + so, ks);
+      }
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll

@@ -281,6 +281,14 @@ CA_DEVICE void abt_step(float (&acc)[N / 8][4], saddr_t a_lane, saddr_t b_lane, 
   }
 }
 
+// abt_step of a 16-bit type with the step's A fragment already in registers (ldsm_x4 at a_lane).
+template <typename T, int N, int PITCH_B>
+CA_DEVICE void abt_step_regs(float (&acc)[N / 8][4], const uint32_t (&a)[4], saddr_t b_lane, int ks) {
+  static_assert(sizeof(T) == 2, "16-bit A fragments");
+  const uint32_t a1[1][4] = {{a[0], a[1], a[2], a[3]}};
+  mma_abt_step<T, 1, N, PITCH_B>(*reinterpret_cast<float(*)[1][N / 8][4]>(&acc), a1, b_lane + 32 * ks);
+}
+
 // acc += C B over k-step ks (C's 8-column tiles 2 ks, 2 ks + 1; fp32: tile ks): B "kn" of N columns,
 // b_lane = cb_lane_off. C goes from registers into the A operand (acc_to_a; fp32 mma_pb_step_f32).
 template <typename T, int N, int KT, int PITCH_B>
