@@ -347,14 +347,6 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
   const int qpk = p.H / p.Hk;
   const int nqt = (p.Nq + BR - 1) / BR;
 
-  // Lane addresses (tiles.cuh) in stage 0: this warp's 16 keys of K and V as A operands ("mk"), Q and
-  // dO as the B operand of S^T and dP^T (rows n) and of dV and dK (rows k, from column c0).
-  const saddr_t kA = s0 + C::K_OFF + warp * 16 * PITCH + a_lane_off<PITCH>(lane);
-  const saddr_t vA = kA + (C::V_OFF - C::K_OFF);
-  const saddr_t qN = s0 + C::Q_OFF + bn_lane_off<PITCH>(lane);
-  const saddr_t dON = qN + (C::DO_OFF - C::Q_OFF);
-  const saddr_t qK = s0 + C::Q_OFF + cb_lane_off<T, PITCH>(lane) + c0 * ESZ;
-  const saddr_t dOK = qK + (C::DO_OFF - C::Q_OFF);
 
   for (int64_t y = blockIdx.y; y < p.n_y; y += gridDim.y) {
     const int s = (int)(y % p.nsplit);
@@ -431,13 +423,20 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
       __syncthreads();  // this stage's copies (every thread's) have landed
 
       const int so = st * C::QST;  // this stage's byte offset in the Q and dO buffers
+      // Lane addresses (tiles.cuh) in stage 0: this warp's 16 keys of K and V as A operands ("mk"), Q
+      // and dO as the B operand of S^T and dP^T (rows n) and of dV and dK (rows k, from column c0).
+      // fp32 makes them here from threadIdx anew, not keeping them through the loop (the registers
+      // are the accumulators').
+      const int ln = F32 ? tid_reread() % 32 : lane, wp = F32 ? tid_reread() / 32 : warp;
+      const saddr_t kA = s0 + C::K_OFF + wp * 16 * PITCH + a_lane_off<PITCH>(ln);
+      const saddr_t vA = kA + (C::V_OFF - C::K_OFF);
+      const saddr_t qN = s0 + C::Q_OFF + bn_lane_off<PITCH>(ln);
+      const saddr_t dON = qN + (C::DO_OFF - C::Q_OFF);
+      const saddr_t qK = s0 + C::Q_OFF + cb_lane_off<T, PITCH>(ln) + c0 * ESZ;
+      const saddr_t dOK = qK + (C::DO_OFF - C::Q_OFF);
       const float* cL = sL + st * BR;
       const float* cDv = sDv + st * BR;
       const float sl2 = scale_h * LOG2E;
-
-      // Bias for this warp's slab (issued early; log2-scaled), element (key row, query column).
-      float bias2[NT][4];
-      load_bias_frag<T>(bias2, p, b, h, [&](int n, int e) { return RowCol{i0 + n * 8 + 2 * t + (e & 1), key[e >> 1]}; });
 
       // S^T = Khat Qhat^T, then P^T in place (with stats: cs = sum over this lane's two keys of P S
       // per query column, value 2n + c for column n * 8 + 2t + c).
@@ -445,6 +444,9 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
       fill_zero(acc_s);
 #pragma unroll (C::U_ABT)
       for (int ks = 0; ks < D_PAD / KS; ++ks) abt_step<T, BR, PITCH>(acc_s, kA, qN + so, ks);
+      // Bias for this warp's slab (log2-scaled), element (key row, query column).
+      float bias2[NT][4];
+      load_bias_frag<T>(bias2, p, b, h, [&](int n, int e) { return RowCol{i0 + n * 8 + 2 * t + (e & 1), key[e >> 1]}; });
       float cs[2 * NT];
       // check = false: every pair of the tile is visible (all keys in range and unmasked, and under
       // causal the block's last key at or before the tile's first query's horizon).
