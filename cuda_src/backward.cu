@@ -47,9 +47,10 @@
 // fp32 accumulators are rescaled by the exact ratio when f shrinks and divided by f at the end
 // (DsRange). bf16 and fp32 have fp32's exponent range and need none of this.
 //
-// Matrix products use the warp-level primitives of common.cuh: mma.m16n8k16 with ldmatrix for
-// fp16/bf16, and 3xTF32 m16n8k8 for fp32 (x = big + small, d += a_s b_b + a_b b_s + a_b b_b), whose
-// operands are loaded with scalar shared-memory reads.
+// Tile loads and products are tiles.cuh's (the forward's tile layer): TileCopy, 32-bit shared lane
+// addresses, and the dtype-generic k-steps abt_step / cb_step / load_km + atb_step / ones_step, on
+// mma.m16n8k16 with ldmatrix for fp16/bf16 and 3xTF32 m16n8k8 for fp32 (x = big + small,
+// d += a_s b_b + a_b b_s + a_b b_b).
 #include "tiles.cuh"
 #include "params.cuh"
 

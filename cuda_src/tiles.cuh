@@ -8,6 +8,8 @@
 //                    the n index (K in Q K^T), and a transposed B operand (V in P V)
 //   mma_*_step       one k-step of a warp's tile product on the tensor cores, for MT m16 row tiles
 //                    at once, so that every B fragment read from shared memory feeds 2 MT mma
+//   *_step<T>        the same products for any element type on one row tile (KStep<T>), operands
+//                    named by their storage order, for code written once for every dtype (backward)
 //
 // Shared memory is addressed with saddr_t values (common.cuh): a buffer's address is taken once and
 // every fragment address is that plus a compile-time byte offset.
@@ -252,14 +254,14 @@ template <typename T> struct KStep { static constexpr int value = sizeof(T) == 4
 template <typename T, int PITCH>
 CA_DEVICE int km_lane_off(int lane) {
   if constexpr (sizeof(T) == 4) return (lane % 4) * PITCH + (lane / 4) * 4;
-  else return (((lane / 16)) * 8 + lane % 8) * PITCH + ((lane / 8) % 2) * 16;
+  else return bn_lane_off<PITCH>(lane);  // (the same rows and halves as an "nk" B operand's)
 }
 // B "kn" read against A "km" (the same k rows): 16-bit as in mma_ab_step; fp32 lane (g, t) at row t,
 // column g.
 template <typename T, int PITCH>
 CA_DEVICE int kn_lane_off(int lane) {
-  if constexpr (sizeof(T) == 4) return (lane % 4) * PITCH + (lane / 4) * 4;
-  else return bk_lane_off<PITCH>(lane);
+  if constexpr (sizeof(T) == 4) return km_lane_off<T, PITCH>(lane);
+  else return bk_lane_off<PITCH>(lane);  // (the layout mma_ab_step reads)
 }
 // B "kn" read against C (cb_step): 16-bit as in mma_ab_step; fp32 as in mma_pb_step_f32 (rows 2t,
 // 2t + 1, column g).
