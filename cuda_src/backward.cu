@@ -137,10 +137,20 @@ struct QTraits {
 // at or past D (the global rows' length: the launch layer's storage dim, below D_PAD only above 128).
 template <typename T, int ROWS, int D_PAD, int PITCH, int NTH>
 CA_DEVICE void load_tile(saddr_t dst, const T* src, int64_t src_sn, int rows_left, int D, int tid) {
-  using Copy = TileCopy<ROWS, D_PAD * (int)sizeof(T) / 16, PITCH, NTH>;
+  constexpr int CPR = D_PAD * (int)sizeof(T) / 16;  // 16-byte chunks per row
+  using Copy = TileCopy<ROWS, CPR, PITCH, NTH>;
   const char* s = reinterpret_cast<const char*>(src);
   const int pitch = (int)src_sn * (int)sizeof(T);
-  if constexpr (D_PAD > 128) {
+  if constexpr (CPR > NTH) {
+    // More chunks in a row than threads (fp32 rows of 192+ columns in the one-warp blocks of the
+    // SMALL variants): a row at a time, in a rolled loop (the unrolled walk of the whole tile takes
+    // registers those kernels' accumulators need).
+    const int chunks = D * (int)sizeof(T) / 16;
+#pragma unroll 1
+    for (int r = 0; r < ROWS; ++r)
+      TileCopy<1, CPR, PITCH, NTH>::template copy_cols<false>(dst + r * PITCH, s + (r < rows_left ? r : 0) * pitch,
+                                                               pitch, r < rows_left, chunks, tid);
+  } else if constexpr (D_PAD > 128) {
     const int chunks = D * (int)sizeof(T) / 16;
     if (rows_left >= ROWS) Copy::template copy_cols<true>(dst, s, pitch, ROWS, chunks, tid);
     else Copy::template copy_cols<false>(dst, s, pitch, rows_left, chunks, tid);
