@@ -98,10 +98,11 @@ struct KVTraits {
   static constexpr int DS_OFF = DO_OFF + 2 * QST, L_OFF = DS_OFF + (DS_IN_DO ? 0 : BC * SDSP);
   static constexpr int DV_OFF = L_OFF + 2 * BR * (int)sizeof(float), OK_OFF = DV_OFF + 2 * BR * (int)sizeof(float);
   static constexpr int SMEM = OK_OFF + BC * (int)sizeof(int);
-  // Unrolling of the k-loops of S^T and dP^T and of a warp's dQ units: full for 16-bit types up to
-  // 128 columns, rolled where the fragments would not fit the registers (fp32, wider 16-bit rows).
+  // Unrolling of the k-loops of S^T and dP^T (16-bit: full up to 64 columns, by two k-steps above:
+  // fully unrolled at 128 they spill) and of a warp's dQ units (16-bit up to 128 columns: at most 4
+  // units), rolled where the fragments would not fit the registers (fp32, wider 16-bit rows).
   static constexpr int U_ABT = F32 ? 1 : (D_PAD <= 64 ? D_PAD / 16 : 2);
-  static constexpr int U_DQ = F32 || D_PAD > 128 ? 1 : 8;
+  static constexpr int U_DQ = F32 || D_PAD > 128 ? 1 : 4;
   static_assert(D_PAD % 16 == 0 && D_PAD <= 256 && (D_PAD <= 128 || D_PAD % 32 == 0), "bad D_PAD");
   static_assert(NW >= 1 && NW % (BR / 16) == 0, "dQ products need the query m-tiles to divide the warps");
   static_assert(!DS_IN_DO || BC * SDS <= BR * SK, "the dS^T tile must fit in a dO stage");
