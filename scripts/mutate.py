@@ -468,16 +468,17 @@ BACKWARD_MUTANTS: tuple = (
            "deterministic float16: r_i not rescaled when the range factor shrinks"),
     # fast paths of the tile loops
     Mutant("bwd_dkdv_bias_fast_path", BACKWARD_CU, "      } else if (p.bias != nullptr) {\n        probs(false, false, true);",
-           "      } else if (p.bias != nullptr) {\n        probs(false, false, false);", BWD_BIAS,
+           "      } else if (p.bias != nullptr) {\n        probs(false, false, false);", LEAN,
            "bwd_dkdv drops the bias on tiles whose pairs are all visible"),
     Mutant("bwd_dq_bias_fast_path", BACKWARD_CU, "      else if (p.bias != nullptr) probs(false, false, true);",
-           "      else if (p.bias != nullptr) probs(false, false, false);", k(BWD, expr="configs and bias and det"),
+           "      else if (p.bias != nullptr) probs(false, false, false);", LEAN,
            "bwd_dq drops the bias on tiles whose pairs are all visible"),
     Mutant("bwd_ds_scaled_warp0", BACKWARD_CU,
            "          for (int w = 0; w < C::NW; ++w) scaled = scaled || sInvF[w] != 1.f;",
            "          for (int w = 0; w < 1; ++w) scaled = scaled || sInvF[w] != 1.f;", FP16_RANGE,
            "fast-mode float16 dQ takes the unscaled product when only another warp than warp 0 shrank its factor"),
-    Mutant("bwd_ds_range_inf", BACKWARD_CU, "  if (mx > FMAX) {", "  if (false) {", FP16_RANGE + NONFINITE,
+    Mutant("bwd_ds_range_inf", BACKWARD_CU, "  if (mx > FMAX) {", "  if (false) {",
+           k(*FP16_RANGE, *NONFINITE, expr="not hopper"),
            "float16 dS range: an Inf |scale_h dS| sets the factor (to 2^-115) instead of being left to propagate"),
 )
 
