@@ -47,176 +47,16 @@
 // fp32 accumulators are rescaled by the exact ratio when f shrinks and divided by f at the end
 // (DsRange). bf16 and fp32 have fp32's exponent range and need none of this.
 //
-// Matrix products use the warp-level primitives of common.cuh: mma.m16n8k16 with ldmatrix for
-// fp16/bf16, and 3xTF32 m16n8k8 for fp32 (x = big + small, d += a_s b_b + a_b b_s + a_b b_b), whose
-// operands are loaded with scalar shared-memory reads.
+// Tile loads and products are tiles.cuh's (the forward's tile layer): TileCopy, 32-bit shared lane
+// addresses, and the dtype-generic k-steps abt_step / cb_step / load_km + atb_step / ones_step, on
+// mma.m16n8k16 with ldmatrix for fp16/bf16 and 3xTF32 m16n8k8 for fp32 (x = big + small,
+// d += a_s b_b + a_b b_s + a_b b_b).
 #include "tiles.cuh"
 #include "params.cuh"
 
 namespace ca {
 namespace bwd {
 
-
-// ---------------------------------------------------------------------------------------------
-// Warp-level matrix products. Shared-memory tiles are row-major with a padded row stride `ld`
-// (elements). Names say how the operand is stored: A "mk" = [m][k] (k contiguous), A "km" = [k][m];
-// B "nk" = [n][k], B "kn" = [k][n]. b2 loaders fill the B fragments of two adjacent n8 tiles.
-// a_from_c turns fp32 accumulators (C layout, 16 x 8 tiles) into an A operand without touching
-// shared memory; the k order it implies is matched by load_b2_kn_c.
-template <typename T>
-struct Mma16 {
-  static constexpr int KSTEP = 16;  // k of one mma
-  static constexpr int PAD = 8;     // smem row padding in elements (16 bytes: conflict-free ldmatrix)
-  struct A { uint32_t r[4]; };
-  struct B { uint32_t r[2]; };
-
-  static CA_DEVICE void load_a_mk(A& a, const T* s, int ld, int m0, int k0, int lane) {
-    const int row = m0 + (lane & 7) + ((lane >> 3) & 1) * 8, col = k0 + (lane >> 4) * 8;
-    ldmatrix_x4(a.r, s + row * ld + col);
-  }
-  static CA_DEVICE void load_a_km(A& a, const T* s, int ld, int m0, int k0, int lane) {
-    const int i = lane >> 3;
-    ldmatrix_x4_trans(a.r, s + (k0 + (i >> 1) * 8 + (lane & 7)) * ld + m0 + (i & 1) * 8);
-  }
-  static CA_DEVICE void load_b2_nk(B* b, const T* s, int ld, int n0, int k0, int lane) {
-    const int i = lane >> 3;
-    uint32_t r[4];
-    ldmatrix_x4(r, s + (n0 + (i >> 1) * 8 + (lane & 7)) * ld + k0 + (i & 1) * 8);
-    b[0].r[0] = r[0]; b[0].r[1] = r[1]; b[1].r[0] = r[2]; b[1].r[1] = r[3];
-  }
-  static CA_DEVICE void load_b2_kn(B* b, const T* s, int ld, int k0, int n0, int lane) {
-    const int i = lane >> 3;
-    uint32_t r[4];
-    ldmatrix_x4_trans(r, s + (k0 + (i & 1) * 8 + (lane & 7)) * ld + n0 + (i >> 1) * 8);
-    b[0].r[0] = r[0]; b[0].r[1] = r[1]; b[1].r[0] = r[2]; b[1].r[1] = r[3];
-  }
-  static CA_DEVICE void load_b2_kn_c(B* b, const T* s, int ld, int k0, int n0, int lane) {
-    load_b2_kn(b, s, ld, k0, n0, lane);
-  }
-  // k-step kk of a 16 x (8 NT) accumulator: its n8 tiles 2kk and 2kk+1 are exactly an A fragment.
-  template <int NT>
-  static CA_DEVICE void a_from_c(A& a, const float (&c)[NT][4], int kk) {
-    a.r[0] = pack2<T>(c[2 * kk][0], c[2 * kk][1]);
-    a.r[1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
-    a.r[2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
-    a.r[3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
-  }
-  static CA_DEVICE void mma(float* d, const A& a, const B& b) { mma_m16n8k16(d, a.r, b.r, T()); }
-  // A B operand of ones: an mma with it sums each row of A.
-  static CA_DEVICE B ones() {
-    B b;
-    b.r[0] = b.r[1] = pack2<T>(1.f, 1.f);
-    return b;
-  }
-  // Two adjacent elements (columns c, c+1) of a row of a shared-memory tile.
-  static CA_DEVICE void store2(T* s, float x0, float x1) { *reinterpret_cast<uint32_t*>(s) = pack2<T>(x0, x1); }
-};
-
-template <typename T> struct Mma;
-template <> struct Mma<half_t> : Mma16<half_t> {};
-template <> struct Mma<bf16_t> : Mma16<bf16_t> {};
-
-// fp32 through 3xTF32 (m16n8k8). Fragments (g = lane/4, t = lane%4): A a0 (g, t) a1 (g+8, t)
-// a2 (g, t+4) a3 (g+8, t+4); B b0 (k t, n g) b1 (k t+4, n g).
-template <>
-struct Mma<float> {
-  static constexpr int KSTEP = 8;
-  static constexpr int PAD = 4;  // 16 bytes; with a row stride = 4 (mod 32) words, loads are conflict-free
-  struct A { uint32_t big[4], small[4]; };
-  struct B { uint32_t big[2], small[2]; };
-
-  static CA_DEVICE void set_a(A& a, float x0, float x1, float x2, float x3) {
-    split_tf32(x0, a.big[0], a.small[0]);
-    split_tf32(x1, a.big[1], a.small[1]);
-    split_tf32(x2, a.big[2], a.small[2]);
-    split_tf32(x3, a.big[3], a.small[3]);
-  }
-  static CA_DEVICE void set_b(B& b, float x0, float x1) {
-    split_tf32(x0, b.big[0], b.small[0]);
-    split_tf32(x1, b.big[1], b.small[1]);
-  }
-  static CA_DEVICE void load_a_mk(A& a, const float* s, int ld, int m0, int k0, int lane) {
-    const int g = lane >> 2, t = lane & 3;
-    const float* p = s + (m0 + g) * ld + k0 + t;
-    set_a(a, p[0], p[8 * ld], p[4], p[8 * ld + 4]);
-  }
-  static CA_DEVICE void load_a_km(A& a, const float* s, int ld, int m0, int k0, int lane) {
-    const int g = lane >> 2, t = lane & 3;
-    const float* p = s + (k0 + t) * ld + m0 + g;
-    set_a(a, p[0], p[8], p[4 * ld], p[4 * ld + 8]);
-  }
-  static CA_DEVICE void load_b2_nk(B* b, const float* s, int ld, int n0, int k0, int lane) {
-    const int g = lane >> 2, t = lane & 3;
-    const float* p = s + (n0 + g) * ld + k0 + t;
-    set_b(b[0], p[0], p[4]);
-    set_b(b[1], p[8 * ld], p[8 * ld + 4]);
-  }
-  static CA_DEVICE void load_b2_kn(B* b, const float* s, int ld, int k0, int n0, int lane) {
-    const int g = lane >> 2, t = lane & 3;
-    const float* p = s + (k0 + t) * ld + n0 + g;
-    set_b(b[0], p[0], p[4 * ld]);
-    set_b(b[1], p[8], p[4 * ld + 8]);
-  }
-  // a_from_c uses A column t <-> accumulator column 2t and t+4 <-> 2t+1, so B row t must be k0+2t
-  // and row t+4 must be k0+2t+1.
-  static CA_DEVICE void load_b2_kn_c(B* b, const float* s, int ld, int k0, int n0, int lane) {
-    const int g = lane >> 2, t = lane & 3;
-    const float* p = s + (k0 + 2 * t) * ld + n0 + g;
-    set_b(b[0], p[0], p[ld]);
-    set_b(b[1], p[8], p[ld + 8]);
-  }
-  template <int NT>
-  static CA_DEVICE void a_from_c(A& a, const float (&c)[NT][4], int kk) {
-    set_a(a, c[kk][0], c[kk][2], c[kk][1], c[kk][3]);
-  }
-  static CA_DEVICE void mma(float* d, const A& a, const B& b) { mma_3xtf32(d, a.big, a.small, b.big, b.small); }
-  static CA_DEVICE B ones() {
-    B b;
-    set_b(b, 1.f, 1.f);
-    return b;
-  }
-  static CA_DEVICE void store2(float* s, float x0, float x1) { s[0] = x0; s[1] = x1; }
-};
-
-// acc[NT][4] += A (16 x K: rows m0.. of sA, [m][k]) * B (K x 8 NT: rows n0.. of sB, [n][k]).
-template <typename T, int NT, int K>
-CA_DEVICE void gemm_nk(float (&acc)[NT][4], const T* sA, int lda, int m0, const T* sB, int ldb, int n0, int lane) {
-  typedef Mma<T> M;
-  // Unrolled (fragment loads run ahead of the mma) while the registers allow: 16-bit fully up to 64
-  // columns and by two steps up to 128; fp32 (3xTF32 fragments take twice the registers) and wider
-  // 16-bit rows rolled (unrolled, bwd_dkdv spills there).
-  constexpr int UNROLL = sizeof(T) == 4 || K > 128 ? 1 : (K <= 64 ? K / M::KSTEP : 2);
-#pragma unroll UNROLL
-  for (int k0 = 0; k0 < K; k0 += M::KSTEP) {
-    typename M::A a;
-    M::load_a_mk(a, sA, lda, m0, k0, lane);
-#pragma unroll
-    for (int n = 0; n < NT; n += 2) {
-      typename M::B b[2];
-      M::load_b2_nk(b, sB, ldb, n0 + n * 8, k0, lane);
-      M::mma(acc[n], a, b[0]);
-      M::mma(acc[n + 1], a, b[1]);
-    }
-  }
-}
-
-// acc[NT][4] += C (16 x 8 KT, fp32 accumulators in registers) * B (rows 0.. of sB, [k][n], columns n0..).
-template <typename T, int NT, int KT>
-CA_DEVICE void gemm_ck(float (&acc)[NT][4], const float (&c)[KT][4], const T* sB, int ldb, int n0, int lane) {
-  typedef Mma<T> M;
-#pragma unroll
-  for (int kk = 0; kk < KT * 8 / M::KSTEP; ++kk) {
-    typename M::A a;
-    M::a_from_c(a, c, kk);
-#pragma unroll
-    for (int n = 0; n < NT; n += 2) {
-      typename M::B b[2];
-      M::load_b2_kn_c(b, sB, ldb, kk * M::KSTEP, n0 + n * 8, lane);
-      M::mma(acc[n], a, b[0]);
-      M::mma(acc[n + 1], a, b[1]);
-    }
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Tiles.
@@ -247,12 +87,22 @@ struct KVTraits {
   static constexpr int BR = (F32 || SMALL) ? 16 : (D_PAD <= 64 ? 64 : 32);  // queries per streamed tile
   static constexpr int DC = chunk_cols(D_PAD, 128);
   static constexpr int NCHUNK = D_PAD / DC;
-  static constexpr int SK = D_PAD + Mma<T>::PAD;            // row stride of the K, V, Q, dO tiles
+  static constexpr int SK = D_PAD + 16 / (int)sizeof(T);  // row stride of the K, V, Q, dO tiles (+16 bytes)
   static constexpr int SDS = BR + 8;                        // row stride of the dS^T tile
   static constexpr bool DS_IN_DO = SMALL && NW == 1;        // dS^T staged in the current dO stage
   static constexpr int THREADS = 32 * NW;
-  static constexpr int SMEM = (int)sizeof(T) * (2 * BC * SK + 4 * BR * SK + (DS_IN_DO ? 0 : BC * SDS)) +
-                              (int)sizeof(float) * 4 * BR + (int)sizeof(int) * BC;
+  // Shared memory, byte offsets: K, V (BC rows), Q and dO (2 stages of BR rows), dS^T (BC rows of
+  // SDS), lse2 and D (2 stages of BR floats), the key flags (BC ints).
+  static constexpr int PITCH = SK * (int)sizeof(T), SDSP = SDS * (int)sizeof(T), QST = BR * PITCH;
+  static constexpr int K_OFF = 0, V_OFF = BC * PITCH, Q_OFF = 2 * BC * PITCH, DO_OFF = Q_OFF + 2 * QST;
+  static constexpr int DS_OFF = DO_OFF + 2 * QST, L_OFF = DS_OFF + (DS_IN_DO ? 0 : BC * SDSP);
+  static constexpr int DV_OFF = L_OFF + 2 * BR * (int)sizeof(float), OK_OFF = DV_OFF + 2 * BR * (int)sizeof(float);
+  static constexpr int SMEM = OK_OFF + BC * (int)sizeof(int);
+  // Unrolling of the k-loops of S^T and dP^T (16-bit: full up to 64 columns, by two k-steps above:
+  // fully unrolled at 128 they spill) and of a warp's dQ units (16-bit up to 128 columns: at most 4
+  // units), rolled where the fragments would not fit the registers (fp32, wider 16-bit rows).
+  static constexpr int U_ABT = F32 ? 1 : (D_PAD <= 64 ? D_PAD / 16 : 2);
+  static constexpr int U_DQ = F32 || D_PAD > 128 ? 1 : 4;
   static_assert(D_PAD % 16 == 0 && D_PAD <= 256 && (D_PAD <= 128 || D_PAD % 32 == 0), "bad D_PAD");
   static_assert(NW >= 1 && NW % (BR / 16) == 0, "dQ products need the query m-tiles to divide the warps");
   static_assert(!DS_IN_DO || BC * SDS <= BR * SK, "the dS^T tile must fit in a dO stage");
@@ -267,72 +117,65 @@ struct QTraits {
   static constexpr int BC = (F32 || SMALL) ? 16 : (D_PAD <= 64 ? 64 : 32);  // keys per tile
   static constexpr int DC = chunk_cols(D_PAD, F32 ? DQ_F32_MAX_COLS : 128);
   static constexpr int NCHUNK = D_PAD / DC;
-  static constexpr int SK = D_PAD + Mma<T>::PAD;
+  static constexpr int SK = D_PAD + 16 / (int)sizeof(T);  // row stride of the Q, dO, K, V tiles (+16 bytes)
   static constexpr int THREADS = 32 * NW;
-  static constexpr int SMEM = (int)sizeof(T) * (2 * BR * SK + 4 * BC * SK) + (int)sizeof(int) * 2 * BC;
+  // Shared memory, byte offsets: Q and dO (BR rows), K and V (2 stages of BC rows), the key flags
+  // (2 stages of BC ints).
+  static constexpr int PITCH = SK * (int)sizeof(T), KVST = BC * PITCH;
+  static constexpr int Q_OFF = 0, DO_OFF = BR * PITCH, K_OFF = 2 * BR * PITCH, V_OFF = K_OFF + 2 * KVST;
+  static constexpr int OK_OFF = V_OFF + 2 * KVST;
+  static constexpr int SMEM = OK_OFF + 2 * BC * (int)sizeof(int);
+  static constexpr int U_ABT = F32 ? 1 : (D_PAD <= 128 ? D_PAD / 16 : 2);
+  // The A fragments of S = Qhat Khat^T and dP = dO V^T (the warp's own rows) stay in registers for
+  // the whole key loop where they fit (16-bit, up to 64 columns).
+  static constexpr bool A_IN_REGS = !F32 && D_PAD <= 64;
 };
 
-// ---------------------------------------------------------------------------------------------
-// Loads. A tile of ROWS rows x D_PAD columns from global rows g[r * g_sn] into shared rows
-// s[r * SK], by 16-byte cp.async chunks; rows >= rows_valid and columns >= D are zero-filled.
-// Each thread owns one column chunk and walks down the rows with a running pointer (a rolled
-// loop), so no per-chunk 64-bit address is kept live across the caller's main loop.
-__host__ __device__ constexpr int pow2_ceil(int x) { return x <= 1 ? 1 : 2 * pow2_ceil((x + 1) / 2); }
 
-template <typename T, int ROWS, int D_PAD, int SK, int THREADS>
-CA_DEVICE void load_rows_async(T* s, const T* g, int64_t g_sn, int rows_valid, int D, int tid) {
-  constexpr int EPC = 16 / (int)sizeof(T);   // elements per chunk
-  constexpr int CPR = D_PAD / EPC;           // chunks per row
-  constexpr int CW = pow2_ceil(CPR);         // threads per row (the extra ones idle)
-  if constexpr (CW > THREADS) {
-    // A row has more chunks than the block has threads (fp32 rows of 192+ columns in the one-warp
-    // blocks of the SMALL variants): each thread takes chunks tid, tid + THREADS, ... of every row.
+// ---------------------------------------------------------------------------------------------
+// Loads (tiles.cuh TileCopy). ROWS rows of D_PAD columns from global rows src_sn elements apart into
+// shared rows PITCH bytes apart; rows at or past rows_left are zero-filled, and so are the columns
+// at or past D (the global rows' length: the launch layer's storage dim, below D_PAD only above 128).
+template <typename T, int ROWS, int D_PAD, int PITCH, int NTH>
+CA_DEVICE void load_tile(saddr_t dst, const T* src, int64_t src_sn, int rows_left, int D, int tid) {
+  constexpr int CPR = D_PAD * (int)sizeof(T) / 16;  // 16-byte chunks per row
+  using Copy = TileCopy<ROWS, CPR, PITCH, NTH>;
+  const char* s = reinterpret_cast<const char*>(src);
+  const int pitch = (int)src_sn * (int)sizeof(T);
+  if constexpr (CPR > NTH) {
+    // More chunks in a row than threads (fp32 rows of 192+ columns in the one-warp blocks of the
+    // SMALL variants): a row at a time, in a rolled loop (the unrolled walk of the whole tile takes
+    // registers those kernels' accumulators need).
+    const int chunks = D * (int)sizeof(T) / 16;
 #pragma unroll 1
-    for (int cc = tid; cc < CPR; cc += THREADS) {
-      const int col = cc * EPC;
-      const int rem = D - col;
-      const int full = rem >= EPC ? 16 : (rem > 0 ? rem * (int)sizeof(T) : 0);
-      const T* src = g + col;
-      T* dst = s + col;
-#pragma unroll 1
-      for (int r = 0; r < ROWS; ++r) {
-        const int bytes = r < rows_valid ? full : 0;
-        cp_async_16(dst, bytes > 0 ? src : g, bytes);
-        src += g_sn;
-        dst += SK;
-      }
-    }
+    for (int r = 0; r < ROWS; ++r)
+      TileCopy<1, CPR, PITCH, NTH>::template copy_cols<false>(dst + r * PITCH, s + (r < rows_left ? r : 0) * pitch,
+                                                               pitch, r < rows_left, chunks, tid);
+  } else if constexpr (D_PAD > 128) {
+    const int chunks = D * (int)sizeof(T) / 16;
+    if (rows_left >= ROWS) Copy::template copy_cols<true>(dst, s, pitch, ROWS, chunks, tid);
+    else Copy::template copy_cols<false>(dst, s, pitch, rows_left, chunks, tid);
   } else {
-    constexpr int STEP = THREADS / CW;         // rows per pass
-    const int cc = tid % CW, r0 = tid / CW;
-    if (cc < CPR && r0 < ROWS) {
-      const int col = cc * EPC;
-      const int rem = D - col;
-      const int full = rem >= EPC ? 16 : (rem > 0 ? rem * (int)sizeof(T) : 0);
-      const T* src = g + r0 * g_sn + col;
-      T* dst = s + r0 * SK + col;
-      // r0 < STEP, so pass k covers row r0 + k STEP: a compile-time trip count, unrolled when short
-      // (a long unrolled walk keeps too many addresses live for the wide-row kernels' registers).
-      constexpr int PASSES = (ROWS + STEP - 1) / STEP;
-#pragma unroll (PASSES <= 4 ? PASSES : 1)
-      for (int k = 0; k < PASSES; ++k) {
-        const int r = r0 + k * STEP;
-        if (ROWS % STEP == 0 || r < ROWS) {
-          const int bytes = r < rows_valid ? full : 0;
-          cp_async_16(dst, bytes > 0 ? src : g, bytes);
-        }
-        src += STEP * g_sn;
-        dst += STEP * SK;
-      }
-    }
+    if (rows_left >= ROWS) Copy::template copy<true>(dst, s, pitch, ROWS, tid);
+    else Copy::template copy<false>(dst, s, pitch, rows_left, tid);
   }
 }
 
-// N floats (N % 4 == 0, 16-byte aligned, all in bounds) by cp.async.
-template <int N, int THREADS>
-CA_DEVICE void load_f32_async(float* s, const float* g, int tid) {
-  static_assert(N / 4 <= THREADS, "one chunk per thread");
-  if (tid < N / 4) cp_async_16(s + 4 * tid, g + 4 * tid, 16);
+// N floats (N % 4 == 0, 16-byte aligned, all in bounds).
+template <int N, int NTH>
+CA_DEVICE void load_f32(saddr_t dst, const float* src, int tid) {
+  TileCopy<1, N / 4, 0, NTH>::template copy<true>(dst, reinterpret_cast<const char*>(src), 0, 1, tid);
+}
+
+// Two adjacent elements (columns c, c + 1) of a row of a shared-memory tile.
+template <typename T>
+CA_DEVICE void store2(T* s, float x0, float x1) {
+  if constexpr (sizeof(T) == 4) {
+    s[0] = x0;
+    s[1] = x1;
+  } else {
+    *reinterpret_cast<uint32_t*>(s) = pack2<T>(x0, x1);
+  }
 }
 
 // A warp's bias fragment in log2 units, 0 without a bias or out of range: element (n, e) of an
@@ -382,16 +225,27 @@ CA_DEVICE float warp_max(float x) {
 // Returns new f / old f (1 when f is unchanged), for accumulators the caller keeps elsewhere.
 template <int NT, int NA>
 CA_DEVICE float ds_range_f16(float (&c)[NT][4], float& f, float (&acc)[NA][4]) {
+  constexpr float FMAX = 3.402823466e38f;
   float ratio = 1.f;
+  // max |c| is one instruction per element (fmaxf drops NaN); only a warp that holds an Inf takes
+  // a second pass for the largest finite |c| (warp-uniform).
   float mx = 0.f;
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float a = fabsf(c[n][e]);
-      if (a <= 3.402823466e38f) mx = fmaxf(mx, a);
-    }
+    for (int e = 0; e < 4; ++e) mx = fmaxf(mx, fabsf(c[n][e]));
   mx = warp_max(mx);
+  if (mx > FMAX) {
+    mx = 0.f;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float a = fabsf(c[n][e]);
+        if (a <= FMAX) mx = fmaxf(mx, a);
+      }
+    mx = warp_max(mx);
+  }
   if (mx * f > DS_F16_LIMIT) {
     const int ex = (int)((__float_as_uint(mx) >> 23) & 0xffu) - 127;  // floor(log2 mx), mx is normal
     const float f_new = bits_as_float((uint32_t)(127 + DS_F16_TARGET_EXP - ex) << 23);
@@ -402,10 +256,12 @@ CA_DEVICE float ds_range_f16(float (&c)[NT][4], float& f, float (&acc)[NA][4]) {
       for (int e = 0; e < 4; ++e) acc[n][e] *= ratio;
     f = f_new;
   }
+  if (f != 1.f) {  // (x * 1 = x: a warp whose range never shrank skips the products)
 #pragma unroll
-  for (int n = 0; n < NT; ++n)
+    for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) c[n][e] *= f;
+      for (int e = 0; e < 4; ++e) c[n][e] *= f;
+  }
   return ratio;
 }
 
@@ -474,25 +330,23 @@ __global__ void __launch_bounds__(32 * PREP_WARPS) bwd_prep(const BwdParams para
   }
 }
 
+
 // =============================================================================================
 // bwd_dkdv: see the file comment. Grid: x = key tile * n_chunks + chunk, y = (b, hk, split).
 template <typename T, int D_PAD, bool SMALL = false, bool VARLEN = false>
 __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkdv(const BwdParams params) {
   typedef KVTraits<T, D_PAD, SMALL> C;
-  typedef Mma<T> M;
-  constexpr int BC = C::BC, BR = C::BR, DC = C::DC, SK = C::SK, SDS = C::SDS, NTH = C::THREADS;
+  constexpr int BC = C::BC, BR = C::BR, DC = C::DC, SDS = C::SDS, NTH = C::THREADS;
+  constexpr int PITCH = C::PITCH, ESZ = (int)sizeof(T), KS = KStep<T>::value;
   constexpr int NT = BR / 8;    // n8 tiles of a 16 x BR slab of S^T
   constexpr int ND = DC / 8;    // n8 tiles of the dK / dV accumulators
+  constexpr bool F32 = C::F32;
 
   CA_DYNAMIC_SHARED(smem_raw);
-  T* sK = reinterpret_cast<T*>(smem_raw);
-  T* sV = sK + BC * SK;
-  T* sQ = sV + BC * SK;          // [2][BR][SK]
-  T* sdO = sQ + 2 * BR * SK;     // [2][BR][SK]
-  T* sdS = sdO + 2 * BR * SK;    // [BC][SDS]: scale_h dS^T, for the dQ product (DS_IN_DO: none)
-  float* sL = reinterpret_cast<float*>(sdS + (C::DS_IN_DO ? 0 : BC * SDS));  // [2][BR] lse2
-  float* sDv = sL + 2 * BR;                                // [2][BR] D
-  int* sOk = reinterpret_cast<int*>(sDv + 2 * BR);        // [BC] key visible (in range and unmasked)
+  const saddr_t s0 = smem_addr(smem_raw);
+  float* const sL = reinterpret_cast<float*>(smem_raw + C::L_OFF);    // [2][BR] lse2
+  float* const sDv = reinterpret_cast<float*>(smem_raw + C::DV_OFF);  // [2][BR] D
+  int* const sOk = reinterpret_cast<int*>(smem_raw + C::OK_OFF);      // [BC] key visible (in range and unmasked)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const BwdParams& p = SeqView<VARLEN>::template of<T>(params, (int)(blockIdx.y / ((int64_t)params.nsplit * params.Hk)));
@@ -501,8 +355,10 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
   if (VARLEN && j0 >= p.Nk) return;  // a key tile past its sequence's end
   const int c0 = chunk * DC;
   const int off = p.Nk - p.Nq;
+  const int cdiff = p.causal ? off : 0x7fffffff;  // tiles.cuh visible(): key - row <= cdiff
   const int qpk = p.H / p.Hk;
   const int nqt = (p.Nq + BR - 1) / BR;
+
 
   for (int64_t y = blockIdx.y; y < p.n_y; y += gridDim.y) {
     const int s = (int)(y % p.nsplit);
@@ -540,28 +396,28 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
     // dscale's row sums (file comment) come with the dqhat atomics; chunk 0 adds them.
     const bool stats = p.dscale_stats != 0;
 
+    // Stage st_ of query head h_, query rows i0_.. (iteration it runs head h_first + it / per_head,
+    // query tile qt0 + it % per_head; the loop below steps both without dividing): Qhat, dO, lse2 and
+    // D, committed as one cp.async group.
+    auto load_q_stage = [&](int h_, int i0_, int st_) {
+      const int ld = tid_reread();
+      const T* gq = static_cast<const T*>(p.q) + b * p.q_sb + h_ * p.q_sh + (int64_t)i0_ * p.q_sn;
+      const T* gd = static_cast<const T*>(p.dout) + b * p.do_sb + h_ * p.do_sh + (int64_t)i0_ * p.do_sn;
+      load_tile<T, BR, D_PAD, PITCH, NTH>(s0 + C::Q_OFF + st_ * C::QST, gq, p.q_sn, p.Nq - i0_, p.D, ld);
+      load_tile<T, BR, D_PAD, PITCH, NTH>(s0 + C::DO_OFF + st_ * C::QST, gd, p.do_sn, p.Nq - i0_, p.D, ld);
+      const int64_t row = ((int64_t)b * p.H + h_) * p.nq_pad + i0_;
+      load_f32<BR, NTH>(s0 + C::L_OFF + st_ * 4 * BR, p.lse2 + row, ld);
+      load_f32<BR, NTH>(s0 + C::DV_OFF + st_ * 4 * BR, p.dvec + row, ld);
+      cp_async_commit();
+    };
+
     if (n_it > 0) {
       const T* gk = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + (int64_t)j0 * p.k_sn;
       const T* gv = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + (int64_t)j0 * p.v_sn;
-      load_rows_async<T, BC, D_PAD, SK, NTH>(sK, gk, p.k_sn, p.Nk - j0, p.D, tid);
-      load_rows_async<T, BC, D_PAD, SK, NTH>(sV, gv, p.v_sn, p.Nk - j0, p.D, tid);
+      load_tile<T, BC, D_PAD, PITCH, NTH>(s0 + C::K_OFF, gk, p.k_sn, p.Nk - j0, p.D, tid);
+      load_tile<T, BC, D_PAD, PITCH, NTH>(s0 + C::V_OFF, gv, p.v_sn, p.Nk - j0, p.D, tid);
+      load_q_stage(h_first, qt0 * BR, 0);  // commits K, V and stage 0 as one group
     }
-
-    // Stage loads of query head h_, query rows i0_.. (iteration it runs head h_first + it / per_head,
-    // query tile qt0 + it % per_head; the loop below steps both without dividing).
-#define CA_BWD_KV_LOAD_STAGE(h_, i0_, st_)                                                             \
-    {                                                                                                  \
-      const T* gq_ = static_cast<const T*>(p.q) + b * p.q_sb + h_ * p.q_sh + (int64_t)i0_ * p.q_sn;    \
-      const T* gd_ = static_cast<const T*>(p.dout) + b * p.do_sb + h_ * p.do_sh + (int64_t)i0_ * p.do_sn; \
-      load_rows_async<T, BR, D_PAD, SK, NTH>(sQ + (st_) * BR * SK, gq_, p.q_sn, p.Nq - i0_, p.D, tid);   \
-      load_rows_async<T, BR, D_PAD, SK, NTH>(sdO + (st_) * BR * SK, gd_, p.do_sn, p.Nq - i0_, p.D, tid); \
-      const int64_t row_ = ((int64_t)b * p.H + h_) * p.nq_pad + i0_;                                   \
-      load_f32_async<BR, NTH>(sL + (st_) * BR, p.lse2 + row_, tid);                                    \
-      load_f32_async<BR, NTH>(sDv + (st_) * BR, p.dvec + row_, tid);                                   \
-      cp_async_commit();                                                                               \
-    }
-
-    if (n_it > 0) CA_BWD_KV_LOAD_STAGE(h_first, qt0 * BR, 0)  // commits K, V and stage 0 as one group
 
     // This iteration's head h, query rows i0.. and scale (loaded once per head).
     int h = h_first, i0 = qt0 * BR;
@@ -571,34 +427,44 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
       const bool head_ends = i0 + BR >= nqt * BR;
       const int h_next = head_ends ? h + 1 : h, i0_next = head_ends ? qt0 * BR : i0 + BR;
       if (it + 1 < n_it) {
-        CA_BWD_KV_LOAD_STAGE(h_next, i0_next, st ^ 1)
+        load_q_stage(h_next, i0_next, st ^ 1);
         cp_async_wait<1>();
       } else {
         cp_async_wait<0>();
       }
       __syncthreads();  // this stage's copies (every thread's) have landed
 
-      const T* cQ = sQ + st * BR * SK;
-      const T* cdO = sdO + st * BR * SK;
+      const int so = st * C::QST;  // this stage's byte offset in the Q and dO buffers
+      // Lane addresses (tiles.cuh) in stage 0: this warp's 16 keys of K and V as A operands ("mk"), Q
+      // and dO as the B operand of S^T and dP^T (rows n) and of dV and dK (rows k, from column c0).
+      // fp32 makes them here from threadIdx anew, not keeping them through the loop (the registers
+      // are the accumulators').
+      const int ln = F32 ? tid_reread() % 32 : lane, wp = F32 ? tid_reread() / 32 : warp;
+      const saddr_t kA = s0 + C::K_OFF + wp * 16 * PITCH + a_lane_off<PITCH>(ln);
+      const saddr_t vA = kA + (C::V_OFF - C::K_OFF);
+      const saddr_t qN = s0 + C::Q_OFF + bn_lane_off<PITCH>(ln);
+      const saddr_t dON = qN + (C::DO_OFF - C::Q_OFF);
+      const saddr_t qK = s0 + C::Q_OFF + cb_lane_off<T, PITCH>(ln) + c0 * ESZ;
+      const saddr_t dOK = qK + (C::DO_OFF - C::Q_OFF);
       const float* cL = sL + st * BR;
       const float* cDv = sDv + st * BR;
       const float sl2 = scale_h * LOG2E;
-
-      // Bias for this warp's slab (issued early; log2-scaled), element (key row, query column).
-      float bias2[NT][4];
-      load_bias_frag<T>(bias2, p, b, h, [&](int n, int e) { return RowCol{i0 + n * 8 + 2 * t + (e & 1), key[e >> 1]}; });
 
       // S^T = Khat Qhat^T, then P^T in place (with stats: cs = sum over this lane's two keys of P S
       // per query column, value 2n + c for column n * 8 + 2t + c).
       float acc_s[NT][4];
       fill_zero(acc_s);
-      gemm_nk<T, NT, D_PAD>(acc_s, sK, SK, 16 * warp, cQ, SK, 0, lane);
+#pragma unroll (C::U_ABT)
+      for (int ks = 0; ks < D_PAD / KS; ++ks) abt_step<T, BR, PITCH>(acc_s, kA, qN + so, ks);
+      // Bias for this warp's slab (log2-scaled), element (key row, query column).
+      float bias2[NT][4];
+      load_bias_frag<T>(bias2, p, b, h, [&](int n, int e) { return RowCol{i0 + n * 8 + 2 * t + (e & 1), key[e >> 1]}; });
       float cs[2 * NT];
       // check = false: every pair of the tile is visible (all keys in range and unmasked, and under
       // causal the block's last key at or before the tile's first query's horizon).
       const bool check = !all_ok || (p.causal && j0 + BC - 1 > i0 + off);
-      const int cdiff = p.causal ? off : 0x7fffffff;  // tiles.cuh visible(): key - row <= cdiff
-      auto probs = [&](const bool with_c, const bool check) {
+      // (with_bias = false: bias2 is 0, and the fast path leaves it out)
+      auto probs = [&](const bool with_c, const bool check, const bool with_bias) {
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -606,14 +472,14 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
             const int col = n * 8 + 2 * t + (e & 1);
             const bool vis = !check || visible(key[e >> 1], i0 + col, cdiff, key_ok[e >> 1]);
             const float sv = acc_s[n][e];
-            const float x = fmaf(sv, sl2, bias2[n][e] - cL[col]);
+            const float x = fmaf(sv, sl2, with_bias ? bias2[n][e] - cL[col] : -cL[col]);
             acc_s[n][e] = vis ? exp2_fast(x) : 0.f;  // x = -inf (lse2 = +inf) gives exactly 0
             if (with_c)
               cs[2 * n + (e & 1)] = e < 2 ? acc_s[n][e] * sv : fmaf(acc_s[n][e], sv, cs[2 * n + (e & 1)]);
           }
       };
       if (stats) {
-        probs(true, true);
+        probs(true, true, true);
         int base = 0;
         bool owner = true;
         sum_over_row_groups<2 * NT, 0>(cs, lane, base, owner);
@@ -624,18 +490,22 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
           if (owner && chunk == 0 && i0 + col < p.Nq) atomicAdd(rows_c + col, cs[r]);
         }
       } else if (check) {
-        probs(false, true);
+        probs(false, true, true);
+      } else if (p.bias != nullptr) {
+        probs(false, false, true);
       } else {
-        probs(false, false);
+        probs(false, false, false);
       }
 
       // dV += P^T dO.
-      gemm_ck<T, ND, NT>(acc_dv, acc_s, cdO, SK, c0, lane);
+#pragma unroll
+      for (int ks = 0; ks < BR / KS; ++ks) cb_step<T, DC, NT, PITCH>(acc_dv, acc_s, dOK + so, ks);
 
       // dP^T = V dO^T, then dS^T = P^T (dP^T - D) in place.
       float acc_dp[NT][4];
       fill_zero(acc_dp);
-      gemm_nk<T, NT, D_PAD>(acc_dp, sV, SK, 16 * warp, cdO, SK, 0, lane);
+#pragma unroll (C::U_ABT)
+      for (int ks = 0; ks < D_PAD / KS; ++ks) abt_step<T, BR, PITCH>(acc_dp, vA, dON + so, ks);
       // One uniform branch per tile: without a bias the element loop has no dbias code at all.
       auto grad_s = [&](const bool write_dbias) {
         const int64_t dbb = write_dbias ? b * p.dbias_sb + h * p.dbias_sh : 0;
@@ -657,18 +527,20 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
       if constexpr (DsRange<T>::value) ds_range_f16(acc_dp, ds_f, acc_dk);  // acc_dp = scale_h dS f
 
       // dK += (scale_h dS^T) Qhat.
-      gemm_ck<T, ND, NT>(acc_dk, acc_dp, cQ, SK, c0, lane);
+#pragma unroll
+      for (int ks = 0; ks < BR / KS; ++ks) cb_step<T, DC, NT, PITCH>(acc_dk, acc_dp, qK + so, ks);
 
       // dQ += (scale_h dS) Khat, through shared memory: each warp takes 16 queries x 16 columns units.
       if (p.dq_atomic) {
         // DS_IN_DO: scale_h dS^T goes into this stage's dO tile, once every warp is done reading it.
-        T* const tdS = C::DS_IN_DO ? sdO + st * BR * SK : sdS;
+        const int ds_off = C::DS_IN_DO ? C::DO_OFF + so : C::DS_OFF;
+        T* const tdS = reinterpret_cast<T*>(smem_raw + ds_off);
         if constexpr (C::DS_IN_DO) __syncthreads();
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
           for (int r = 0; r < 2; ++r)
-            M::store2(tdS + (16 * warp + g + 8 * r) * SDS + n * 8 + 2 * t, acc_dp[n][2 * r], acc_dp[n][2 * r + 1]);
+            store2<T>(tdS + (16 * warp + g + 8 * r) * SDS + n * 8 + 2 * t, acc_dp[n][2 * r], acc_dp[n][2 * r + 1]);
         // float16: warp w's keys (k-step w of the product below) carry its factor; 1 / f goes into
         // sOk, whose flags every thread has read into registers before the first stage barrier.
         float* const sInvF = reinterpret_cast<float*>(sOk);
@@ -678,54 +550,84 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
         __syncthreads();  // every warp's dS^T is staged before the dQ products read it
         constexpr int MT = BR / 16;
         const int mt = warp % MT;
-        float* gdq = p.dq + b * p.dq_sb + h * p.dq_sh;
+        // dS's rows mt as the A operand ("km": stored as dS^T), K's rows as B ("kn") from column c0.
+        const saddr_t dsA = s0 + ds_off + km_lane_off<T, C::SDSP>(lane) + mt * 16 * ESZ;
+        const saddr_t kB = s0 + C::K_OFF + kn_lane_off<T, PITCH>(lane) + c0 * ESZ;
+        // This lane's dq rows at column c0 + 2t, and how many columns exist from there.
+        float* dq_row[2];
+        bool row_ok[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int i = i0 + mt * 16 + g + 8 * r;
+          row_ok[r] = i < p.Nq;
+          dq_row[r] = p.dq + b * p.dq_sb + h * p.dq_sh + (int64_t)i * p.dq_sn + c0 + 2 * t;
+        }
+        const int dcols = p.D - c0 - 2 * t;
         // Units u = warp / MT + uu USTEP: a compile-time count per warp (the last may be short).
         constexpr int UNITS = DC / 16, USTEP = C::NW / MT, UPW = (UNITS + USTEP - 1) / USTEP;
-#pragma unroll 1
-        for (int uu = 0; uu < UPW; ++uu) {
-          const int u = warp / MT + uu * USTEP;
-          if (UNITS % USTEP != 0 && u >= UNITS) break;
-          float acc[2][4];
-          fill_zero(acc);
-#pragma unroll (sizeof(T) == 4 || D_PAD > 128 ? 1 : BC / M::KSTEP)  // as gemm_nk: registers
-          for (int k0 = 0; k0 < BC; k0 += M::KSTEP) {
-            typename M::A a;
-            typename M::B bf[2];
-            M::load_a_km(a, tdS, SDS, mt * 16, k0, lane);
-            M::load_b2_kn(bf, sK, SK, k0, c0 + u * 16, lane);
-            if constexpr (DsRange<T>::value) {  // k-step k0 / 16 = the keys of warp k0 / 16
-              float part[2][4];
-              fill_zero(part);
-              M::mma(part[0], a, bf[0]);
-              M::mma(part[1], a, bf[1]);
-              const float inv = sInvF[k0 / 16];
+        constexpr int KSN = BC / KS;  // k-steps over the block's keys
+        // 16-bit: dS's fragments are read once for all of the warp's units (fp32's 3xTF32 fragments
+        // take twice the registers: re-read per unit).
+        constexpr bool A_HELD = !F32;
+        FragA ah[A_HELD ? KSN : 1];
+        if constexpr (A_HELD) {
 #pragma unroll
-              for (int n = 0; n < 2; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[n][e] = fmaf(part[n][e], inv, acc[n][e]);
-            } else {
-              M::mma(acc[0], a, bf[0]);
-              M::mma(acc[1], a, bf[1]);
-            }
-          }
-          // Columns d, d + 1 (d even; p.D, the padded row, is a multiple of 16) in one reduction.
-#pragma unroll
-          for (int n = 0; n < 2; ++n)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const int i = i0 + mt * 16 + g + 8 * r, d = c0 + u * 16 + n * 8 + 2 * t;
-              if (i < p.Nq && d < p.D) atomic_add2(gdq + i * p.dq_sn + d, acc[n][2 * r], acc[n][2 * r + 1]);
-            }
+          for (int ks = 0; ks < KSN; ++ks) ah[ks] = load_km<T, C::SDSP>(dsA, ks);
         }
+        // float16: the k-steps carry their warps' factors, unless all of them are 1 (block-uniform).
+        bool scaled = false;
+        if constexpr (DsRange<T>::value) {
+#pragma unroll
+          for (int w = 0; w < C::NW; ++w) scaled = scaled || sInvF[w] != 1.f;
+        }
+        auto units = [&](const bool scaled) {
+#pragma unroll (C::U_DQ)
+          for (int uu = 0; uu < UPW; ++uu) {
+            const int u = warp / MT + uu * USTEP;
+            if (UNITS % USTEP != 0 && u >= UNITS) break;
+            const saddr_t bu = kB + u * 16 * ESZ;
+            float acc[2][4];
+            fill_zero(acc);
+#pragma unroll (A_HELD ? KSN : 1)
+            for (int ks = 0; ks < KSN; ++ks) {
+              FragA a;
+              if constexpr (A_HELD) a = ah[ks];
+              else a = load_km<T, C::SDSP>(dsA, ks);
+              if (scaled) {  // k-step ks = the keys of warp ks
+                float part[2][4];
+                fill_zero(part);
+                atb_step<T, 16, PITCH>(part, a, bu, ks);
+                const float inv = sInvF[ks];
+#pragma unroll
+                for (int n = 0; n < 2; ++n)
+#pragma unroll
+                  for (int e = 0; e < 4; ++e) acc[n][e] = fmaf(part[n][e], inv, acc[n][e]);
+              } else {
+                atb_step<T, 16, PITCH>(acc, a, bu, ks);
+              }
+            }
+            // Columns d, d + 1 (d = c0 + u * 16 + n * 8 + 2t, even; p.D is a multiple of 16) in one reduction.
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+              for (int r = 0; r < 2; ++r) {
+                const int x = u * 16 + n * 8;
+                if (row_ok[r] && x < dcols) atomic_add2(dq_row[r] + x, acc[n][2 * r], acc[n][2 * r + 1]);
+              }
+          }
+        };
+        if (scaled) units(true);
+        else units(false);
         if (stats && chunk == 0 && warp < MT) {  // r_i: this m-tile's rows of the operand against ones
           float acc_r[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll 1
-          for (int k0 = 0; k0 < BC; k0 += M::KSTEP) {
-            typename M::A a;
-            M::load_a_km(a, tdS, SDS, mt * 16, k0, lane);
+#pragma unroll (A_HELD ? KSN : 1)
+          for (int ks = 0; ks < KSN; ++ks) {
+            FragA a;
+            if constexpr (A_HELD) a = ah[ks];
+            else a = load_km<T, C::SDSP>(dsA, ks);
             float part[4] = {0.f, 0.f, 0.f, 0.f};
-            M::mma(part, a, M::ones());
-            const float inv = DsRange<T>::value ? sInvF[k0 / 16] : 1.f;
+            ones_step<T>(part, a);
+            const float inv = scaled ? sInvF[ks] : 1.f;
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc_r[e] = fmaf(part[e], inv, acc_r[e]);
           }
@@ -742,7 +644,6 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
       h = h_next;
       i0 = i0_next;
     }
-#undef CA_BWD_KV_LOAD_STAGE
 
     // Epilogue: this block's columns of dK and dV (zeros when no query saw the tile).
     if constexpr (DsRange<T>::value) {
@@ -777,17 +678,14 @@ __global__ void __launch_bounds__(KVTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dkd
 template <typename T, int D_PAD, bool SMALL = false, bool VARLEN = false>
 __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(const BwdParams params) {
   typedef QTraits<T, D_PAD, SMALL> C;
-  typedef Mma<T> M;
-  constexpr int BR = C::BR, BC = C::BC, DC = C::DC, SK = C::SK, NTH = C::THREADS;
+  constexpr int BR = C::BR, BC = C::BC, DC = C::DC, NTH = C::THREADS;
+  constexpr int PITCH = C::PITCH, ESZ = (int)sizeof(T), KS = KStep<T>::value;
   constexpr int NT = BC / 8;   // n8 tiles of a 16 x BC slab of S
   constexpr int ND = DC / 8;
 
   CA_DYNAMIC_SHARED(smem_raw);
-  T* sQ = reinterpret_cast<T*>(smem_raw);  // [BR][SK]
-  T* sdO = sQ + BR * SK;                    // [BR][SK]
-  T* sK = sdO + BR * SK;                    // [2][BC][SK]
-  T* sV = sK + 2 * BC * SK;                 // [2][BC][SK]
-  int* sOk = reinterpret_cast<int*>(sV + 2 * BC * SK);  // [2][BC]
+  const saddr_t s0 = smem_addr(smem_raw);
+  int* const sOk = reinterpret_cast<int*>(smem_raw + C::OK_OFF);  // [2][BC]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const BwdParams& p = SeqView<VARLEN>::template of<T>(params, (int)(blockIdx.y / params.H));  // params.cuh
@@ -796,7 +694,16 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
   if (VARLEN && i0 >= p.Nq) return;  // a query tile past its sequence's end
   const int c0 = chunk * DC;
   const int off = p.Nk - p.Nq;
+  const int cdiff = p.causal ? off : 0x7fffffff;  // tiles.cuh visible(): key - row <= cdiff
   const int qpk = p.H / p.Hk;
+
+  // Lane addresses (tiles.cuh) in stage 0: this warp's 16 rows of Q and dO as A operands ("mk"), K
+  // and V as the B operand of S and dP (rows n), K as the B operand of dQ (rows k, from column c0).
+  const saddr_t qA = s0 + C::Q_OFF + warp * 16 * PITCH + a_lane_off<PITCH>(lane);
+  const saddr_t dOA = qA + (C::DO_OFF - C::Q_OFF);
+  const saddr_t kN = s0 + C::K_OFF + bn_lane_off<PITCH>(lane);
+  const saddr_t vN = kN + (C::V_OFF - C::K_OFF);
+  const saddr_t kK = s0 + C::K_OFF + cb_lane_off<T, PITCH>(lane) + c0 * ESZ;
 
   for (int64_t y = blockIdx.y; y < p.n_y; y += gridDim.y) {
     const int b = (int)(y / p.H), h = (int)(y % p.H), hk = h / qpk;
@@ -837,19 +744,21 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
         while (kt < n_kt && !tile_any[kt]) ++kt;
       return kt;
     };
-#define CA_BWD_Q_LOAD_STAGE(kt_, st_)                                                                  \
-    {                                                                                                  \
-      const int j0_ = (kt_) * BC;                                                                      \
-      load_rows_async<T, BC, D_PAD, SK, NTH>(sK + (st_) * BC * SK, gk + (int64_t)j0_ * p.k_sn, p.k_sn, \
-                                             p.Nk - j0_, p.D, tid);                                    \
-      load_rows_async<T, BC, D_PAD, SK, NTH>(sV + (st_) * BC * SK, gv + (int64_t)j0_ * p.v_sn, p.v_sn, \
-                                             p.Nk - j0_, p.D, tid);                                    \
-      if (tid < BC) {                                                                                  \
-        const int j_ = j0_ + tid;                                                                      \
-        sOk[(st_) * BC + tid] = j_ < p.Nk && (p.mask == nullptr || p.mask[b * p.mask_sb + j_]);        \
-      }                                                                                                \
-      cp_async_commit();                                                                               \
-    }
+    // Key tile kt_ into stage st_: K, V (cp.async) and the keys' flags (plain stores, visible after
+    // the barrier before their use), committed as one cp.async group.
+    auto load_kv_stage = [&](int kt_, int st_) {
+      const int ld = tid_reread();
+      const int j0_ = kt_ * BC;
+      load_tile<T, BC, D_PAD, PITCH, NTH>(s0 + C::K_OFF + st_ * C::KVST, gk + (int64_t)j0_ * p.k_sn, p.k_sn,
+                                          p.Nk - j0_, p.D, ld);
+      load_tile<T, BC, D_PAD, PITCH, NTH>(s0 + C::V_OFF + st_ * C::KVST, gv + (int64_t)j0_ * p.v_sn, p.v_sn,
+                                          p.Nk - j0_, p.D, ld);
+      if (ld < BC) {
+        const int j_ = j0_ + ld;
+        sOk[st_ * BC + ld] = j_ < p.Nk && (p.mask == nullptr || p.mask[b * p.mask_sb + j_]);
+      }
+      cp_async_commit();
+    };
 
     // Visible tiles kt go through the stages alternately (stage = it & 1, it counting visible tiles
     // only). Iteration it prefetches the next visible tile into stage (it + 1) & 1, which iteration
@@ -859,24 +768,34 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
     if (kt < n_kt) {
       const T* gq = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + (int64_t)i0 * p.q_sn;
       const T* gd = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + (int64_t)i0 * p.do_sn;
-      load_rows_async<T, BR, D_PAD, SK, NTH>(sQ, gq, p.q_sn, p.Nq - i0, p.D, tid);
-      load_rows_async<T, BR, D_PAD, SK, NTH>(sdO, gd, p.do_sn, p.Nq - i0, p.D, tid);
-      CA_BWD_Q_LOAD_STAGE(kt, 0)  // one group with Q and dO
+      load_tile<T, BR, D_PAD, PITCH, NTH>(s0 + C::Q_OFF, gq, p.q_sn, p.Nq - i0, p.D, tid);
+      load_tile<T, BR, D_PAD, PITCH, NTH>(s0 + C::DO_OFF, gd, p.do_sn, p.Nq - i0, p.D, tid);
+      load_kv_stage(kt, 0);  // one group with Q and dO
     }
 
+    constexpr int KQ = D_PAD / KS;  // k-steps of S and dP
+    uint32_t qf[C::A_IN_REGS ? KQ : 1][4], df[C::A_IN_REGS ? KQ : 1][4];  // A_IN_REGS: Qhat's and dO's fragments
     for (int it = 0; kt < n_kt; ++it) {
       const int st = it & 1;
       const int kt_next = next_tile(kt + 1);
       if (kt_next < n_kt) {
-        CA_BWD_Q_LOAD_STAGE(kt_next, st ^ 1)
+        load_kv_stage(kt_next, st ^ 1);
         cp_async_wait<1>();
       } else {
         cp_async_wait<0>();
       }
       __syncthreads();  // key tile kt's copies and flags have landed
+      if constexpr (C::A_IN_REGS) {
+        if (it == 0) {  // Qhat and dO landed with the first key tile
+#pragma unroll
+          for (int ks = 0; ks < KQ; ++ks) {
+            ldsm_x4(qf[ks], qA + 32 * ks);
+            ldsm_x4(df[ks], dOA + 32 * ks);
+          }
+        }
+      }
       const int j0 = kt * BC;
-      const T* cK = sK + st * BC * SK;
-      const T* cV = sV + st * BC * SK;
+      const int so = st * C::KVST;  // this stage's byte offset in the K and V buffers
       const int* cOk = sOk + st * BC;
 
       float bias2[NT][4];
@@ -885,12 +804,16 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
       // S = Qhat Khat^T -> P in place.
       float acc_s[NT][4];
       fill_zero(acc_s);
-      gemm_nk<T, NT, D_PAD>(acc_s, sQ, SK, 16 * warp, cK, SK, 0, lane);
+#pragma unroll (C::U_ABT)
+      for (int ks = 0; ks < KQ; ++ks) {
+        if constexpr (C::A_IN_REGS) abt_step_regs<T, BC, PITCH>(acc_s, qf[ks], kN + so, ks);
+        else abt_step<T, BC, PITCH>(acc_s, qA, kN + so, ks);
+      }
       // check = false: every pair of the tile is visible (no mask, all keys in range, and under
       // causal the tile's last key at or before the block's first query's horizon).
       const bool check = p.mask != nullptr || j0 + BC > p.Nk || (p.causal && j0 + BC - 1 > i0 + off);
-      const int cdiff = p.causal ? off : 0x7fffffff;  // tiles.cuh visible(): key - row <= cdiff
-      auto probs = [&](const bool with_c, const bool check) {
+      // (with_bias = false: bias2 is 0, and the fast path leaves it out)
+      auto probs = [&](const bool with_c, const bool check, const bool with_bias) {
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -898,19 +821,24 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
             const int col = n * 8 + 2 * t + (e & 1), r = e >> 1;
             const bool vis = !check || visible(j0 + col, row[r], cdiff, cOk[col] != 0);
             const float sv = acc_s[n][e];
-            const float x = fmaf(sv, sl2, bias2[n][e] - lse2[r]);
+            const float x = fmaf(sv, sl2, with_bias ? bias2[n][e] - lse2[r] : -lse2[r]);
             acc_s[n][e] = vis ? exp2_fast(x) : 0.f;
             if (with_c) c_part[r] = fmaf(acc_s[n][e], sv, c_part[r]);
           }
       };
-      if (stats) probs(true, true);
-      else if (check) probs(false, true);
-      else probs(false, false);
+      if (stats) probs(true, true, true);
+      else if (check) probs(false, true, true);
+      else if (p.bias != nullptr) probs(false, false, true);
+      else probs(false, false, false);
 
       // dP = dO V^T -> scale_h dS in place.
       float acc_dp[NT][4];
       fill_zero(acc_dp);
-      gemm_nk<T, NT, D_PAD>(acc_dp, sdO, SK, 16 * warp, cV, SK, 0, lane);
+#pragma unroll (C::U_ABT)
+      for (int ks = 0; ks < KQ; ++ks) {
+        if constexpr (C::A_IN_REGS) abt_step_regs<T, BC, PITCH>(acc_dp, df[ks], vN + so, ks);
+        else abt_step<T, BC, PITCH>(acc_dp, dOA, vN + so, ks);
+      }
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -919,21 +847,17 @@ __global__ void __launch_bounds__(QTraits<T, D_PAD, SMALL>::THREADS, 1) bwd_dq(c
       if constexpr (DsRange<T>::value) ratio = ds_range_f16(acc_dp, ds_f, acc_dq);  // acc_dp = scale_h dS f
 
       // dQ += (scale_h dS) Khat.
-      gemm_ck<T, ND, NT>(acc_dq, acc_dp, cK, SK, c0, lane);
+#pragma unroll
+      for (int ks = 0; ks < BC / KS; ++ks) cb_step<T, DC, NT, PITCH>(acc_dq, acc_dp, kK + so, ks);
       if (stats) {  // r_i += the same rounded operand against ones
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_r[e] *= ratio;
 #pragma unroll
-        for (int kk = 0; kk < NT * 8 / M::KSTEP; ++kk) {
-          typename M::A a;
-          M::a_from_c(a, acc_dp, kk);
-          M::mma(acc_r, a, M::ones());
-        }
+        for (int ks = 0; ks < BC / KS; ++ks) c_ones_step<T, NT>(acc_r, acc_dp, ks);
       }
       __syncthreads();  // this stage may be refilled next iteration
       kt = kt_next;
     }
-#undef CA_BWD_Q_LOAD_STAGE
 
     float* gdq = p.dq + b * p.dq_sb + h * p.dq_sh;
     const float inv_f = 1.f / ds_f;  // 1 but for float16 (a power of two: exact)

@@ -8,6 +8,8 @@
 //                    the n index (K in Q K^T), and a transposed B operand (V in P V)
 //   mma_*_step       one k-step of a warp's tile product on the tensor cores, for MT m16 row tiles
 //                    at once, so that every B fragment read from shared memory feeds 2 MT mma
+//   *_step<T>        the same products for any element type on one row tile (KStep<T>), operands
+//                    named by their storage order, for code written once for every dtype (backward)
 //
 // Shared memory is addressed with saddr_t values (common.cuh): a buffer's address is taken once and
 // every fragment address is that plus a compile-time byte offset.
@@ -92,6 +94,33 @@ struct TileCopy {
           s += src_pitch - CPR * 16;
           d += DST_PITCH - CPR * 16;
         }
+      }
+    }
+  }
+
+  // copy() of the first `chunks_left` chunks of each row, the others zero-filled like the rows at or
+  // past rows_left (a head dim padded past the global rows' length: the backward's D_PAD above 128).
+  template <bool FULL>
+  static CA_DEVICE void copy_cols(saddr_t dst, const char* src, int src_pitch, int rows_left, int chunks_left,
+                                  int tid) {
+    int r = tid / CPR, c = tid % CPR;
+    const char* s = src + r * src_pitch + c * 16;
+    saddr_t d = dst + r * DST_PITCH + c * 16;
+#pragma unroll
+    for (int it = 0; it < PASSES; ++it) {
+      if (TOTAL % NT == 0 || r < ROWS) {
+        const bool inside = (FULL || r < rows_left) && c < chunks_left;
+        cp_async_16_s(d, inside ? s : src, inside ? 16 : 0);
+      }
+      r += NT / CPR;
+      c += NT % CPR;
+      s += (NT / CPR) * src_pitch + (NT % CPR) * 16;
+      d += (NT / CPR) * DST_PITCH + (NT % CPR) * 16;
+      if (NT % CPR != 0 && c >= CPR) {
+        c -= CPR;
+        r += 1;
+        s += src_pitch - CPR * 16;
+        d += DST_PITCH - CPR * 16;
       }
     }
   }
@@ -209,6 +238,135 @@ CA_DEVICE void mma_pb_step_f32(float (&acc)[N / 8][4], const float (&c)[4], sadd
     split_tf32(lds_f32(b_lane + n * 32 + PITCH), bb[1], bs[1]);
     mma_3xtf32(acc[n], ab, as, bb, bs);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Products of any element type on one m16 row tile, one k-step at a time (KStep<T>: 16 for the 16-bit
+// types, 8 for fp32; 32 bytes of a row either way), for kernels whose code is written once for every
+// dtype (backward.cu). Operands are named by how they are stored: A "mk" = rows m (k contiguous),
+// A "km" = rows k; B "nk" = rows n (K in Q K^T), B "kn" = rows k (V in P V); C = fp32 accumulators
+// of a 16 x 8 KT tile in registers. Each function takes lane addresses: the tile origin (step 0)
+// plus the *_lane_off below; step s adds a compile-time offset.
+template <typename T> struct KStep { static constexpr int value = sizeof(T) == 4 ? 8 : 16; };
+
+// A "km" (rows k, 16 m columns): the transposed A operand, loaded with .trans: matrices (k 0-7, m 0-7),
+// (k 0-7, m 8-15), (k 8-15, m 0-7), (k 8-15, m 8-15) give a0..a3. fp32: lane (g, t) at row t, column g.
+template <typename T, int PITCH>
+CA_DEVICE int km_lane_off(int lane) {
+  if constexpr (sizeof(T) == 4) return (lane % 4) * PITCH + (lane / 4) * 4;
+  else return bn_lane_off<PITCH>(lane);  // (the same rows and halves as an "nk" B operand's)
+}
+// B "kn" read against A "km" (the same k rows): 16-bit as in mma_ab_step; fp32 lane (g, t) at row t,
+// column g.
+template <typename T, int PITCH>
+CA_DEVICE int kn_lane_off(int lane) {
+  if constexpr (sizeof(T) == 4) return km_lane_off<T, PITCH>(lane);
+  else return bk_lane_off<PITCH>(lane);  // (the layout mma_ab_step reads)
+}
+// B "kn" read against C (cb_step): 16-bit as in mma_ab_step; fp32 as in mma_pb_step_f32 (rows 2t,
+// 2t + 1, column g).
+template <typename T, int PITCH>
+CA_DEVICE int cb_lane_off(int lane) {
+  if constexpr (sizeof(T) == 4) return 2 * (lane % 4) * PITCH + (lane / 4) * 4;
+  else return bk_lane_off<PITCH>(lane);
+}
+
+// acc += A B^T over k-step ks: A "mk" (a_lane = a_lane_off), B "nk" of N rows (b_lane = bn_lane_off).
+template <typename T, int N, int PITCH_B>
+CA_DEVICE void abt_step(float (&acc)[N / 8][4], saddr_t a_lane, saddr_t b_lane, int ks) {
+  if constexpr (sizeof(T) == 4) {
+    mma_abt_step_f32<N, PITCH_B>(acc, a_lane + 32 * ks, b_lane + 32 * ks);
+  } else {
+    uint32_t a[1][4];
+    ldsm_x4(a[0], a_lane + 32 * ks);
+    mma_abt_step<T, 1, N, PITCH_B>(*reinterpret_cast<float(*)[1][N / 8][4]>(&acc), a, b_lane + 32 * ks);
+  }
+}
+
+// abt_step of a 16-bit type with the step's A fragment already in registers (ldsm_x4 at a_lane).
+template <typename T, int N, int PITCH_B>
+CA_DEVICE void abt_step_regs(float (&acc)[N / 8][4], const uint32_t (&a)[4], saddr_t b_lane, int ks) {
+  static_assert(sizeof(T) == 2, "16-bit A fragments");
+  const uint32_t a1[1][4] = {{a[0], a[1], a[2], a[3]}};
+  mma_abt_step<T, 1, N, PITCH_B>(*reinterpret_cast<float(*)[1][N / 8][4]>(&acc), a1, b_lane + 32 * ks);
+}
+
+// acc += C B over k-step ks (C's 8-column tiles 2 ks, 2 ks + 1; fp32: tile ks): B "kn" of N columns,
+// b_lane = cb_lane_off. C goes from registers into the A operand (acc_to_a; fp32 mma_pb_step_f32).
+template <typename T, int N, int KT, int PITCH_B>
+CA_DEVICE void cb_step(float (&acc)[N / 8][4], const float (&c)[KT][4], saddr_t b_lane, int ks) {
+  if constexpr (sizeof(T) == 4) {
+    mma_pb_step_f32<N, PITCH_B>(acc, c[ks], b_lane + ks * 8 * PITCH_B);
+  } else {
+    uint32_t a[1][4];
+    acc_to_a<T>(a[0], c[2 * ks], c[2 * ks + 1]);
+    mma_ab_step<T, 1, N, PITCH_B>(*reinterpret_cast<float(*)[1][N / 8][4]>(&acc), a, b_lane + ks * 16 * PITCH_B);
+  }
+}
+
+// The A operand of k-step ks of A "km" (a_lane = km_lane_off<T>), as loaded for atb_step: 16-bit
+// a.big holds the fragment; fp32 its 3xTF32 split.
+struct FragA { uint32_t big[4], small[4]; };
+template <typename T, int PITCH_A>
+CA_DEVICE FragA load_km(saddr_t a_lane, int ks) {
+  FragA a;
+  const saddr_t p = a_lane + ks * KStep<T>::value * PITCH_A;
+  if constexpr (sizeof(T) == 4) {
+    split_tf32(lds_f32(p), a.big[0], a.small[0]);
+    split_tf32(lds_f32(p + 32), a.big[1], a.small[1]);
+    split_tf32(lds_f32(p + 4 * PITCH_A), a.big[2], a.small[2]);
+    split_tf32(lds_f32(p + 4 * PITCH_A + 32), a.big[3], a.small[3]);
+  } else {
+    ldsm_x4_trans(a.big, p);
+  }
+  return a;
+}
+
+// acc += A B over k-step ks with A from load_km and B "kn" of N columns (b_lane = kn_lane_off<T>).
+template <typename T, int N, int PITCH_B>
+CA_DEVICE void atb_step(float (&acc)[N / 8][4], const FragA& a, saddr_t b_lane, int ks) {
+  const saddr_t p = b_lane + ks * KStep<T>::value * PITCH_B;
+  if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int n = 0; n < N / 8; ++n) {
+      uint32_t bb[2], bs[2];
+      split_tf32(lds_f32(p + 32 * n), bb[0], bs[0]);
+      split_tf32(lds_f32(p + 32 * n + 4 * PITCH_B), bb[1], bs[1]);
+      mma_3xtf32(acc[n], a.big, a.small, bb, bs);
+    }
+  } else {
+    uint32_t a1[1][4] = {{a.big[0], a.big[1], a.big[2], a.big[3]}};
+    mma_ab_step<T, 1, N, PITCH_B>(*reinterpret_cast<float(*)[1][N / 8][4]>(&acc), a1, p);
+  }
+}
+
+// acc += the row sums of an A operand (an mma against a B of ones): rows g and g + 8 in acc[0] and
+// acc[2] (every column holds the same sum). From load_km, or from C's k-step ks (the operand cb_step
+// makes of it).
+template <typename T>
+CA_DEVICE void ones_step(float (&acc)[4], const FragA& a) {
+  if constexpr (sizeof(T) == 4) {
+    uint32_t bb[2], bs[2];
+    split_tf32(1.f, bb[0], bs[0]);
+    split_tf32(1.f, bb[1], bs[1]);
+    mma_3xtf32(acc, a.big, a.small, bb, bs);
+  } else {
+    const uint32_t ones[2] = {pack2<T>(1.f, 1.f), pack2<T>(1.f, 1.f)};
+    mma_m16n8k16(acc, a.big, ones, T());
+  }
+}
+template <typename T, int KT>
+CA_DEVICE void c_ones_step(float (&acc)[4], const float (&c)[KT][4], int ks) {
+  FragA a;
+  if constexpr (sizeof(T) == 4) {
+    split_tf32(c[ks][0], a.big[0], a.small[0]);
+    split_tf32(c[ks][2], a.big[1], a.small[1]);
+    split_tf32(c[ks][1], a.big[2], a.small[2]);
+    split_tf32(c[ks][3], a.big[3], a.small[3]);
+  } else {
+    acc_to_a<T>(a.big, c[2 * ks], c[2 * ks + 1]);
+  }
+  ones_step<T>(acc, a);
 }
 
 }  // namespace ca

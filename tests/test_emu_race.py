@@ -159,8 +159,8 @@ def test_race_check_setting_and_environment_variable():
 
 CASE = dict(B=2, H=2, Nq=40, Nk=72, D=24, dtype="float16")  # 2 key tiles of bwd_dkdv per query row
 
-DQ_ATOMIC = "atomic_add2(gdq + i * p.dq_sn + d, acc[n][2 * r], acc[n][2 * r + 1]);"
-DQ_PLAIN = "{ gdq[i * p.dq_sn + d] += acc[n][2 * r]; gdq[i * p.dq_sn + d + 1] += acc[n][2 * r + 1]; }"
+DQ_ATOMIC = "atomic_add2(dq_row[r] + x, acc[n][2 * r], acc[n][2 * r + 1]);"
+DQ_PLAIN = "{ dq_row[r][x] += acc[n][2 * r]; dq_row[r][x + 1] += acc[n][2 * r + 1]; }"
 DBIAS_ATOMIC = "atomicAdd(static_cast<float*>(p.dbias) + off, x);"
 DBIAS_PLAIN = "static_cast<float*>(p.dbias)[off] += x;"
 

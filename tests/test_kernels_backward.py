@@ -508,6 +508,9 @@ LEAN_CASES = {
     "causal": lambda det: make_case(31, Nq=70, Nk=128, D=32, causal=True, deterministic=det),
     "mask": lambda det: make_case(32, Nq=40, Nk=128, D=32, mask="random", deterministic=det),
     "far_bias_tail": lambda det: _far_bias_case(33, det),
+    # whole key tiles, no mask, not causal: every tile takes the loops without the per-pair test, with
+    # the bias term
+    "full_tiles_bias": lambda det: make_case(34, Nq=40, Nk=128, D=32, bias="full", deterministic=det),
 }
 
 
@@ -515,7 +518,8 @@ LEAN_CASES = {
 @pytest.mark.parametrize("case", sorted(LEAN_CASES))
 def test_without_dscale_matches_reference(case, deterministic):
     """need_dscale=False (the torch op with a float scale) takes the kernels' other probability
-    loops: tiles whose pairs are all visible skip the per-pair test. dq, dk, dv still meet the
+    loops: tiles whose pairs are all visible skip the per-pair test (and, without a bias, the bias
+    term; with one, they must keep it). dq, dk, dv still meet the
     contract where some pairs of a tile are hidden (causal horizon, masked keys, keys past Nk), and so
     does dbias."""
     args, kw, dout = LEAN_CASES[case](deterministic)
