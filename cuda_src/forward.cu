@@ -392,7 +392,7 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
     cp_async_commit();
     if constexpr (QRS > 0) {
       cp_async_wait<1>();  // Q landed
-      __syncthreads();     // ... for every thread's copies
+      __syncthreads();     // ... for every thread's Q copies
 #pragma unroll
       for (int kk = 0; kk < QRS; ++kk) load_a<MT, PITCH>(qf[kk], sQa + 32 * kk);
     }
