@@ -85,21 +85,21 @@ struct Layout {
 
 // Registers a thread may spend on O, S and Q's fragments together (the rest go to addresses, loop
 // state and the fragments in flight; ptxas' limit is 255 at one block of 128 threads), less what the
-// running max's row statistics, the single-buffered loop's staggered loads and a packed batch's
-// sequence bookkeeping keep live besides. Measured, not derived: the largest budgets with which every
-// instantiation compiles spill-free for sm_80 and sm_90 (python -m cupy_cosattn.resources).
-constexpr int QK_REG_BUDGET = 184, QK_REG_RUNNING_MAX = 8, QK_REG_SINGLE_BUFFER = 8, QK_REG_VARLEN = 40;
+// single-buffered loop's staggered loads and a packed batch's sequence bookkeeping keep live besides.
+// Measured, not derived: budgets with which every instantiation compiles spill-free for sm_80 and
+// sm_90 (python -m cupy_cosattn.resources).
+constexpr int QK_REG_BUDGET = 184, QK_REG_SINGLE_BUFFER = 8, QK_REG_VARLEN = 16;
 
 // QRegSteps::value: how many of Q's DP / 16 k-steps keep their A fragments (4 registers per row tile)
 // in registers for the whole block. A fragment re-read per key tile costs one ldmatrix per BN / 8 mma;
 // one kept costs registers beside O (MT * DP / 2) and S (MT * BN / 2). One row tile per warp: all of
-// them up to DP = 128. Two: as many as the budget leaves room for (DP = 128, 32-key tiles, fixed
-// offset: 3 of 8, 42 ldmatrix per 132 mma instead of 48; running max: 2, 44). fp32 loads and splits
-// its operands per k-step.
-template <bool F32, int DP, int MT, int BN, bool RUNNING_MAX, int KV_BUFS, bool VARLEN>
+// them up to DP = 128. Two: as many as the budget leaves room for (double buffers, dense: all up to
+// DP = 96; DP = 128 with 32-key tiles: 3 of 8, 42 ldmatrix per 132 mma instead of 48). fp32 loads
+// and splits its operands per k-step.
+template <bool F32, int DP, int MT, int BN, int KV_BUFS, bool VARLEN>
 struct QRegSteps {
-  static constexpr int BUDGET = QK_REG_BUDGET - (RUNNING_MAX ? QK_REG_RUNNING_MAX : 0) -
-                                (KV_BUFS == 1 ? QK_REG_SINGLE_BUFFER : 0) - (VARLEN ? QK_REG_VARLEN : 0);
+  static constexpr int BUDGET =
+      QK_REG_BUDGET - (KV_BUFS == 1 ? QK_REG_SINGLE_BUFFER : 0) - (VARLEN ? QK_REG_VARLEN : 0);
   static constexpr int FIT = (BUDGET - MT * DP / 2 - MT * BN / 2) / (4 * MT);
   static constexpr int value = F32 ? 0 : MT == 1 ? (DP <= 128 ? DP / 16 : 0) : FIT < 0 ? 0 : FIT < DP / 16 ? FIT : DP / 16;
 };
@@ -235,8 +235,8 @@ CA_DEVICE void logits_rm(float (&s)[MT][NJ][4], float (&tile_max)[MT][2], const 
 template <typename T>
 struct Work {
   const char* q;                   // (Nq, DP) rows q_sn elements apart
-  const char* k;                   // (Nk, DP) of kv head hk
-  const char* v;
+  int b, hk;                       // batch and kv head: K and V tiles are addressed from the parameters
+                                   // per tile (base pointers held through the loop take registers)
   T* o;                            // (Nq, DP) rows o_sn elements apart
   float* lse;                      // (Nq,)
   const unsigned char* mask;       // (Nk,) or null
@@ -253,8 +253,8 @@ CA_DEVICE Work<T> block_work(const FwdParams& p, int64_t bh) {
   const int esz = (int)sizeof(T);
   Work<T> w;
   w.q = static_cast<const char*>(p.q) + (b * p.q_sb + h * p.q_sh) * esz;
-  w.k = static_cast<const char*>(p.k) + (b * p.k_sb + hk * p.k_sh) * esz;
-  w.v = static_cast<const char*>(p.v) + (b * p.v_sb + hk * p.v_sh) * esz;
+  w.b = b;
+  w.hk = hk;
   w.o = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
   w.lse = p.lse + b * p.lse_sb + h * p.lse_sh;
   w.mask = p.mask ? p.mask + b * p.mask_sb : nullptr;
@@ -284,7 +284,7 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
   static_assert(KV_BUFS == 1 || KV_BUFS == 2, "K/V single (staggered) or double buffered");
   // Q's A fragments of the first QRS k-steps stay in registers for the whole block; the others are
   // re-read from shared memory on every key tile (QRegSteps).
-  constexpr int QRS = QRegSteps<F32, DP, MT, BN, RUNNING_MAX, KV_BUFS, VARLEN>::value;
+  constexpr int QRS = QRegSteps<F32, DP, MT, BN, KV_BUFS, VARLEN>::value;
 
   CA_DYNAMIC_SHARED(smem);
   const saddr_t s0 = smem_addr(smem);
@@ -342,7 +342,8 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
       const int keys = keys_in(j);
       const saddr_t dst = s0 + L::K_OFF + kb * L::KV_BYTES;
       const int pitch = (int)p.k_sn * (int)sizeof(T);
-      const char* src = w.k + (int64_t)j * BN * p.k_sn * (int64_t)sizeof(T);
+      const char* src = static_cast<const char*>(p.k) +
+                        (w.b * p.k_sb + w.hk * p.k_sh + (int64_t)j * BN * p.k_sn) * (int64_t)sizeof(T);
       if (keys == BN) CopyKV::template copy<true>(dst, src, pitch, BN, tid_reread());
       else CopyKV::template copy<false>(dst, src, pitch, keys, tid_reread());
       if (w.mask != nullptr && tid < BN) {
@@ -355,7 +356,8 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
       const int keys = keys_in(j);
       const saddr_t dst = s0 + L::V_OFF + vb * L::KV_BYTES;
       const int pitch = (int)p.v_sn * (int)sizeof(T);
-      const char* src = w.v + (int64_t)j * BN * p.v_sn * (int64_t)sizeof(T);
+      const char* src = static_cast<const char*>(p.v) +
+                        (w.b * p.v_sb + w.hk * p.v_sh + (int64_t)j * BN * p.v_sn) * (int64_t)sizeof(T);
       if (w.mask != nullptr) CopyKV::template copy<false, true>(dst, src, pitch, keys, tid_reread(), w.mask + (int64_t)j * BN);
       else if (keys == BN) CopyKV::template copy<true>(dst, src, pitch, BN, tid_reread());
       else CopyKV::template copy<false>(dst, src, pitch, keys, tid_reread());

@@ -228,7 +228,7 @@ FORWARD_MUTANTS: tuple = (
            "if (!RUNNING_MAX && vis(mt, j, e, bad)) {",
            k(CAUSAL, expr="running_max"), "running max: a visible key whose V was scrubbed does not poison the row"),
     Mutant("fwd_flag_half", FORWARD_CU, "|= e % 2 ? 0xffff0000u : 0x0000ffffu;", "|= e % 2 ? 0x0000ffffu : 0xffff0000u;",
-           NONFINITE, "16-bit: a flagged key's NaN written into the other key's half of the packed P fragment"),
+           k(*NONFINITE, expr="not hopper"), "16-bit: a flagged key's NaN written into the other key's half of the packed P fragment"),
     Mutant("fwd_q_regs_wait", FORWARD_CU, "cp_async_wait<1>();  // Q landed", "cp_async_wait<2>();  // Q landed",
            FWD_SYNC, "Q's fragments taken into registers while its copies may still be in flight"),
     Mutant("fwd_q_regs_sync", FORWARD_CU, "      __syncthreads();     // ... for every thread's Q copies\n", "",
