@@ -88,7 +88,7 @@ struct Layout {
 // single-buffered loop's staggered loads and a packed batch's sequence bookkeeping keep live besides.
 // Measured, not derived: budgets with which every instantiation compiles spill-free for sm_80 and
 // sm_90 (python -m cupy_cosattn.resources).
-constexpr int QK_REG_BUDGET = 184, QK_REG_SINGLE_BUFFER = 8, QK_REG_VARLEN = 16;
+constexpr int QK_REG_BUDGET = 184, QK_REG_SINGLE_BUFFER = 8, QK_REG_VARLEN = 40;
 
 // QRegSteps::value: how many of Q's DP / 16 k-steps keep their A fragments (4 registers per row tile)
 // in registers for the whole block. A fragment re-read per key tile costs one ldmatrix per BN / 8 mma;
@@ -235,8 +235,9 @@ CA_DEVICE void logits_rm(float (&s)[MT][NJ][4], float (&tile_max)[MT][2], const 
 template <typename T>
 struct Work {
   const char* q;                   // (Nq, DP) rows q_sn elements apart
-  int b, hk;                       // batch and kv head: K and V tiles are addressed from the parameters
-                                   // per tile (base pointers held through the loop take registers)
+  const char* k;                   // (Nk, DP) of kv head hk
+  const char* v;
+  int b, hk;                       // batch and kv head (K and V addressed from the parameters per tile)
   T* o;                            // (Nq, DP) rows o_sn elements apart
   float* lse;                      // (Nq,)
   const unsigned char* mask;       // (Nk,) or null
@@ -253,6 +254,8 @@ CA_DEVICE Work<T> block_work(const FwdParams& p, int64_t bh) {
   const int esz = (int)sizeof(T);
   Work<T> w;
   w.q = static_cast<const char*>(p.q) + (b * p.q_sb + h * p.q_sh) * esz;
+  w.k = static_cast<const char*>(p.k) + (b * p.k_sb + hk * p.k_sh) * esz;
+  w.v = static_cast<const char*>(p.v) + (b * p.v_sb + hk * p.v_sh) * esz;
   w.b = b;
   w.hk = hk;
   w.o = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
@@ -285,6 +288,10 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
   // Q's A fragments of the first QRS k-steps stay in registers for the whole block; the others are
   // re-read from shared memory on every key tile (QRegSteps).
   constexpr int QRS = QRegSteps<F32, DP, MT, BN, KV_BUFS, VARLEN>::value;
+  // K and V tile addresses: from base pointers held through the loop (two 64-bit registers), or
+  // formed from the parameters per tile (a few more instructions per tile) where the running max's
+  // row statistics leave no room for those pointers beside a partly register-held Q.
+  constexpr bool KV_FROM_PARAMS = RUNNING_MAX && !VARLEN && QRS > 0 && QRS < DP / 16;
 
   CA_DYNAMIC_SHARED(smem);
   const saddr_t s0 = smem_addr(smem);
@@ -342,8 +349,9 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
       const int keys = keys_in(j);
       const saddr_t dst = s0 + L::K_OFF + kb * L::KV_BYTES;
       const int pitch = (int)p.k_sn * (int)sizeof(T);
-      const char* src = static_cast<const char*>(p.k) +
-                        (w.b * p.k_sb + w.hk * p.k_sh + (int64_t)j * BN * p.k_sn) * (int64_t)sizeof(T);
+      const char* src = KV_FROM_PARAMS ? static_cast<const char*>(p.k) + (w.b * p.k_sb + w.hk * p.k_sh +
+                                                                    (int64_t)j * BN * p.k_sn) * (int64_t)sizeof(T)
+                                       : w.k + (int64_t)j * BN * p.k_sn * (int64_t)sizeof(T);
       if (keys == BN) CopyKV::template copy<true>(dst, src, pitch, BN, tid_reread());
       else CopyKV::template copy<false>(dst, src, pitch, keys, tid_reread());
       if (w.mask != nullptr && tid < BN) {
@@ -356,8 +364,9 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
       const int keys = keys_in(j);
       const saddr_t dst = s0 + L::V_OFF + vb * L::KV_BYTES;
       const int pitch = (int)p.v_sn * (int)sizeof(T);
-      const char* src = static_cast<const char*>(p.v) +
-                        (w.b * p.v_sb + w.hk * p.v_sh + (int64_t)j * BN * p.v_sn) * (int64_t)sizeof(T);
+      const char* src = KV_FROM_PARAMS ? static_cast<const char*>(p.v) + (w.b * p.v_sb + w.hk * p.v_sh +
+                                                                    (int64_t)j * BN * p.v_sn) * (int64_t)sizeof(T)
+                                       : w.v + (int64_t)j * BN * p.v_sn * (int64_t)sizeof(T);
       if (w.mask != nullptr) CopyKV::template copy<false, true>(dst, src, pitch, keys, tid_reread(), w.mask + (int64_t)j * BN);
       else if (keys == BN) CopyKV::template copy<true>(dst, src, pitch, BN, tid_reread());
       else CopyKV::template copy<false>(dst, src, pitch, keys, tid_reread());
