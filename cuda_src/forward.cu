@@ -83,6 +83,27 @@ struct Layout {
   static constexpr int BYTES = MASK_OFF + 2 * BN;
 };
 
+// Registers a thread may spend on O, S and Q's fragments together (the rest go to addresses, loop
+// state and the fragments in flight; ptxas' limit is 255 at one block of 128 threads), less what the
+// single-buffered loop's staggered loads and a packed batch's sequence bookkeeping keep live besides.
+// Measured, not derived: budgets with which every instantiation compiles spill-free for sm_80 and
+// sm_90 (python -m cupy_cosattn.resources).
+constexpr int QK_REG_BUDGET = 184, QK_REG_SINGLE_BUFFER = 8, QK_REG_VARLEN = 40;
+
+// QRegSteps::value: how many of Q's DP / 16 k-steps keep their A fragments (4 registers per row tile)
+// in registers for the whole block. A fragment re-read per key tile costs one ldmatrix per BN / 8 mma;
+// one kept costs registers beside O (MT * DP / 2) and S (MT * BN / 2). One row tile per warp: all of
+// them up to DP = 128. Two: as many as the budget leaves room for (double buffers, dense: all up to
+// DP = 96; DP = 128 with 32-key tiles: 3 of 8, 42 ldmatrix per 132 mma instead of 48). fp32 loads
+// and splits its operands per k-step.
+template <bool F32, int DP, int MT, int BN, int KV_BUFS, bool VARLEN>
+struct QRegSteps {
+  static constexpr int BUDGET =
+      QK_REG_BUDGET - (KV_BUFS == 1 ? QK_REG_SINGLE_BUFFER : 0) - (VARLEN ? QK_REG_VARLEN : 0);
+  static constexpr int FIT = (BUDGET - MT * DP / 2 - MT * BN / 2) / (4 * MT);
+  static constexpr int value = F32 ? 0 : MT == 1 ? (DP <= 128 ? DP / 16 : 0) : FIT < 0 ? 0 : FIT < DP / 16 ? FIT : DP / 16;
+};
+
 // ---------------------------------------------------------------------------------------------
 // Non-finite V on causal tiles.
 
@@ -216,6 +237,7 @@ struct Work {
   const char* q;                   // (Nq, DP) rows q_sn elements apart
   const char* k;                   // (Nk, DP) of kv head hk
   const char* v;
+  int b, hk;                       // batch and kv head (K and V addressed from the parameters per tile)
   T* o;                            // (Nq, DP) rows o_sn elements apart
   float* lse;                      // (Nq,)
   const unsigned char* mask;       // (Nk,) or null
@@ -234,6 +256,8 @@ CA_DEVICE Work<T> block_work(const FwdParams& p, int64_t bh) {
   w.q = static_cast<const char*>(p.q) + (b * p.q_sb + h * p.q_sh) * esz;
   w.k = static_cast<const char*>(p.k) + (b * p.k_sb + hk * p.k_sh) * esz;
   w.v = static_cast<const char*>(p.v) + (b * p.v_sb + hk * p.v_sh) * esz;
+  w.b = b;
+  w.hk = hk;
   w.o = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
   w.lse = p.lse + b * p.lse_sb + h * p.lse_sh;
   w.mask = p.mask ? p.mask + b * p.mask_sb : nullptr;
@@ -261,9 +285,13 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
   static_assert(BN % 16 == 0 && BN <= THREADS, "key tile of whole 16-key k-steps, one mask byte per thread");
   static_assert(BM % (16 * WARPS) == 0 && MT >= 1 && (!F32 || MT == 1), "whole m16 row tiles per warp (fp32: one)");
   static_assert(KV_BUFS == 1 || KV_BUFS == 2, "K/V single (staggered) or double buffered");
-  // Q's A fragments stay in registers (DP / 4 of them) with one row tile per warp; with two, the
-  // registers go to the accumulators and Q is re-read per k-step (one ldmatrix per 2 BN / 8 mma).
-  constexpr bool Q_IN_REGS = !F32 && MT == 1 && DP <= 128;
+  // Q's A fragments of the first QRS k-steps stay in registers for the whole block; the others are
+  // re-read from shared memory on every key tile (QRegSteps).
+  constexpr int QRS = QRegSteps<F32, DP, MT, BN, KV_BUFS, VARLEN>::value;
+  // K and V tile addresses: from base pointers held through the loop (two 64-bit registers), or
+  // formed from the parameters per tile (a few more instructions per tile) where the running max's
+  // row statistics leave no room for those pointers beside a partly register-held Q.
+  constexpr bool KV_FROM_PARAMS = RUNNING_MAX && !VARLEN && QRS > 0 && QRS < DP / 16;
 
   CA_DYNAMIC_SHARED(smem);
   const saddr_t s0 = smem_addr(smem);
@@ -321,7 +349,9 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
       const int keys = keys_in(j);
       const saddr_t dst = s0 + L::K_OFF + kb * L::KV_BYTES;
       const int pitch = (int)p.k_sn * (int)sizeof(T);
-      const char* src = w.k + (int64_t)j * BN * p.k_sn * (int64_t)sizeof(T);
+      const char* src = KV_FROM_PARAMS ? static_cast<const char*>(p.k) + (w.b * p.k_sb + w.hk * p.k_sh +
+                                                                    (int64_t)j * BN * p.k_sn) * (int64_t)sizeof(T)
+                                       : w.k + (int64_t)j * BN * p.k_sn * (int64_t)sizeof(T);
       if (keys == BN) CopyKV::template copy<true>(dst, src, pitch, BN, tid_reread());
       else CopyKV::template copy<false>(dst, src, pitch, keys, tid_reread());
       if (w.mask != nullptr && tid < BN) {
@@ -334,7 +364,9 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
       const int keys = keys_in(j);
       const saddr_t dst = s0 + L::V_OFF + vb * L::KV_BYTES;
       const int pitch = (int)p.v_sn * (int)sizeof(T);
-      const char* src = w.v + (int64_t)j * BN * p.v_sn * (int64_t)sizeof(T);
+      const char* src = KV_FROM_PARAMS ? static_cast<const char*>(p.v) + (w.b * p.v_sb + w.hk * p.v_sh +
+                                                                    (int64_t)j * BN * p.v_sn) * (int64_t)sizeof(T)
+                                       : w.v + (int64_t)j * BN * p.v_sn * (int64_t)sizeof(T);
       if (w.mask != nullptr) CopyKV::template copy<false, true>(dst, src, pitch, keys, tid_reread(), w.mask + (int64_t)j * BN);
       else if (keys == BN) CopyKV::template copy<true>(dst, src, pitch, BN, tid_reread());
       else CopyKV::template copy<false>(dst, src, pitch, keys, tid_reread());
@@ -352,21 +384,29 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
       for (int e = 0; e < 4; ++e) lsum[mt][e] = 0.f;
       row_m[mt][0] = row_m[mt][1] = neg_inf();
     }
-    uint32_t qf[Q_IN_REGS ? DP / 16 : 1][MT][4];
+    uint32_t qf[QRS > 0 ? QRS : 1][MT][4];
 
-    // Prologue: Q and the first visible tile's K (and V when double-buffered) form one cp.async group.
+    // Prologue: Q and the first visible tile's K (and V when double-buffered); two cp.async groups when
+    // Q's fragments go to registers, taken as soon as Q has landed while the first tile is in flight.
     {
       const int pitch = (int)p.q_sn * (int)sizeof(T);
       const char* src = w.q + m0 * p.q_sn * (int64_t)sizeof(T);
       if (rows_left_q == BM) CopyQ::template copy<true>(s0, src, pitch, BM, tid);
       else CopyQ::template copy<false>(s0, src, pitch, rows_left_q, tid);
     }
+    if constexpr (QRS > 0) cp_async_commit();
     int tile = next_tile(0);
     if (tile < n_tiles) {
       load_k(tile, 0, 0);
       if (KV_BUFS == 2) load_v(tile, 0);
     }
     cp_async_commit();
+    if constexpr (QRS > 0) {
+      cp_async_wait<1>();  // Q landed
+      __syncthreads();     // ... for every thread's Q copies
+#pragma unroll
+      for (int kk = 0; kk < QRS; ++kk) load_a<MT, PITCH>(qf[kk], sQa + 32 * kk);
+    }
 
     for (int it = 0; tile < n_tiles; ++it) {
       const int mb = it & 1;                   // mask slot (and K/V buffer when double-buffered)
@@ -388,12 +428,6 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
         cp_async_commit();
       }
 
-      if constexpr (Q_IN_REGS) {
-        if (it == 0) {
-#pragma unroll
-          for (int kk = 0; kk < DP / 16; ++kk) load_a<MT, PITCH>(qf[kk], sQa + 32 * kk);
-        }
-      }
       const saddr_t sKb = sKa + kvb * L::KV_BYTES;
       const saddr_t sVb = sVa + kvb * L::KV_BYTES;
       T* const sVt = reinterpret_cast<T*>(smem + L::V_OFF + kvb * L::KV_BYTES);
@@ -415,8 +449,8 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
       for (int kk = 0; kk < (F32 ? DP / 8 : DP / 16); ++kk) {
         if constexpr (F32) {
           mma_abt_step_f32<BN, PITCH>(s[0], sQa + 32 * kk, sKb + 32 * kk);
-        } else if constexpr (Q_IN_REGS) {
-          mma_abt_step<T, MT, BN, PITCH>(s, qf[kk], sKb + 32 * kk);
+        } else if (kk < QRS) {
+          mma_abt_step<T, MT, BN, PITCH>(s, qf[kk < QRS ? kk : 0], sKb + 32 * kk);  // (index in range for the dead kk >= QRS)
         } else {
           uint32_t a[MT][4];
           load_a<MT, PITCH>(a, sQa + 32 * kk);
@@ -479,6 +513,16 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
             }
       }
 
+      // 16-bit: P packed into the A operands of P V (pa[ks][mt]: keys 16 ks .. of row tile mt) right
+      // away, so that what follows (the loads of the next tile, the scrub) runs beside half the registers.
+      uint32_t pa[F32 ? 1 : BN / 16][MT][4];
+      if constexpr (!F32) {
+#pragma unroll
+        for (int ks = 0; ks < BN / 16; ++ks)
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) acc_to_a<T>(pa[ks][mt], s[mt][2 * ks], s[mt][2 * ks + 1]);
+      }
+
       if constexpr (KV_BUFS == 1) {
         cp_async_wait<0>();  // this tile's V landed
         __syncthreads();     // ... for every thread; every warp is done with K (and this tile's mask slot
@@ -502,7 +546,10 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
 #pragma unroll
               for (int hh = 0; hh < 2; ++hh) {
                 const int e = 2 * hh + c;
-                if (vis(mt, j, e, bad)) s[mt][j][e] = quiet_nan();
+                if (vis(mt, j, e, bad)) {
+                  if constexpr (F32) s[mt][j][e] = quiet_nan();
+                  else pa[j / 2][mt][2 * (j % 2) + e / 2] |= e % 2 ? 0xffff0000u : 0x0000ffffu;  // a NaN
+                }
               }
           }
       }
@@ -515,13 +562,9 @@ __global__ void __launch_bounds__(THREADS, 1) attn_fwd(const FwdParams params) {
         const uint32_t ones[2] = {pack2<T>(1.f, 1.f), pack2<T>(1.f, 1.f)};
 #pragma unroll
         for (int ks = 0; ks < BN / 16; ++ks) {
-          uint32_t a[MT][4];
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            acc_to_a<T>(a[mt], s[mt][2 * ks], s[mt][2 * ks + 1]);
-            mma_m16n8k16(lsum[mt], a[mt], ones, T());
-          }
-          mma_ab_step<T, MT, DP, PITCH>(o, a, sVb + ks * 16 * PITCH);
+          for (int mt = 0; mt < MT; ++mt) mma_m16n8k16(lsum[mt], pa[ks][mt], ones, T());
+          mma_ab_step<T, MT, DP, PITCH>(o, pa[ks], sVb + ks * 16 * PITCH);
         }
       }
 

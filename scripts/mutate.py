@@ -100,6 +100,9 @@ FWD_CAUSAL = k(CAUSAL, FWD, expr="forward_causal_diff_sweep or small_smem_forwar
 FWD_GRID_Y = (f"{FWD}::test_grid_yz_limit_loops",) + k(CAUSAL, expr="forward_grid_y")
 FWD_NORM = k(FWD, expr="l2norm")
 FWD_SYNC = ("tests/test_forward_sync.py",)
+# The epilogue's drain and barrier matter where Q's copies can still be in flight there (fp32, whose Q
+# fragments are not taken before the loop): the planted-fault test's seeds that expose a missing one.
+FWD_EPILOGUE = k("tests/test_forward_sync.py", expr="epilogue_barrier")
 BWD_F16 = k(BWD, expr=f"configs and {F16}")
 BWD_F32 = k(BWD, expr="configs and float32")
 BWD_CAUSAL = k(CAUSAL, expr="backward_causal_diff_sweep or bounds or never_read or other_tiles")
@@ -140,10 +143,11 @@ FORWARD_MUTANTS: tuple = (
            "cp_async_wait<2>();                    // all but", FWD_F16,
            "wait_group 2 in the double-buffered loop: the current tile may still be in flight"),
     Mutant("fwd_epilogue_wait_1", FORWARD_CU, "    cp_async_wait<0>();\n    __syncthreads();\n    {",
-           "    cp_async_wait<1>();\n    __syncthreads();\n    {", FWD_F16,
-           "epilogue drains all but one group: with no visible tile the Q copies are still in flight"),
+           "    cp_async_wait<1>();\n    __syncthreads();\n    {", FWD_EPILOGUE,
+           "epilogue drains all but one group: with no visible tile the Q copies are still in flight (fp32: the "
+           "16-bit kernels wait for Q before their loop)"),
     Mutant("fwd_epilogue_sync", FORWARD_CU, "    cp_async_wait<0>();\n    __syncthreads();\n    {",
-           "    cp_async_wait<0>();\n    {", k(FWD, expr="interleavings"),
+           "    cp_async_wait<0>();\n    {", FWD_EPILOGUE,
            "no barrier before O is staged in Q's rows: another warp's late Q copy can overwrite it"),
     Mutant("fwd_final_sync", FORWARD_CU,
            "    __syncthreads();  // the staging area is Q's: the next (batch, head) reloads it\n", "",
@@ -220,9 +224,17 @@ FORWARD_MUTANTS: tuple = (
     Mutant("fwd_scrub_last_row", FORWARD_CU, "const bool scrub = p.causal && key0 + keys_left - 1 > wdiag - wrow;",
            "const bool scrub = p.causal && key0 + keys_left - 1 > wdiag - wrow + BM - 1;", NONFINITE,
            "V scrubbed only on tiles past the block's last row's diagonal, not its first row's"),
-    Mutant("fwd_flag_running_max", FORWARD_CU, "if (vis(mt, j, e, bad)) s[mt][j][e] = quiet_nan();",
-           "if (!RUNNING_MAX && vis(mt, j, e, bad)) s[mt][j][e] = quiet_nan();",
+    Mutant("fwd_flag_running_max", FORWARD_CU, "if (vis(mt, j, e, bad)) {",
+           "if (!RUNNING_MAX && vis(mt, j, e, bad)) {",
            k(CAUSAL, expr="running_max"), "running max: a visible key whose V was scrubbed does not poison the row"),
+    Mutant("fwd_flag_half", FORWARD_CU, "|= e % 2 ? 0xffff0000u : 0x0000ffffu;", "|= e % 2 ? 0x0000ffffu : 0xffff0000u;",
+           k(*NONFINITE, expr="not hopper"), "16-bit: a flagged key's NaN written into the other key's half of the packed P fragment"),
+    Mutant("fwd_q_regs_wait", FORWARD_CU, "cp_async_wait<1>();  // Q landed", "cp_async_wait<2>();  // Q landed",
+           FWD_SYNC, "Q's fragments taken into registers while its copies may still be in flight"),
+    Mutant("fwd_q_regs_sync", FORWARD_CU, "      __syncthreads();     // ... for every thread's Q copies\n", "",
+           FWD_SYNC, "Q's fragments taken into registers before other threads' Q copies are visible"),
+    Mutant("fwd_q_regs_steps", FORWARD_CU, "load_a<MT, PITCH>(qf[kk], sQa + 32 * kk);",
+           "load_a<MT, PITCH>(qf[kk], sQa);", FWD_F16, "every register-held k-step of Q is Q's first k-step"),
     Mutant("fwd_check_no_scrub", FORWARD_CU, "cdiff < BN - 1 || scrub;", "cdiff < BN - 1;", NONFINITE,
            "a warp that sees a whole scrubbed tile skips the per-element pass: its NaN V key no longer poisons"),
     Mutant("fwd_lse_poison", FORWARD_CU, "we.lse[row] = lse + poison;",

@@ -37,9 +37,9 @@ def test_devices_run_both_buffering_schemes():
     assert _buffers(limits.EMULATED_DEVICE) == 2 and _buffers(SMALL) == 1
 
 
-def _case(**kw):
-    # 2 query blocks of 128 rows, 5 key tiles of 64 (the last partial)
-    return make_case(17, B=1, H=2, Nq=200, Nk=300, D=D, dtype=DTYPE, **kw)
+def _case(dtype=DTYPE, d=D, **kw):
+    # fp16 D = 32: 2 query blocks of 128 rows, 5 key tiles of 64 (the last partial)
+    return make_case(17, B=1, H=2, Nq=200, Nk=300, D=d, dtype=dtype, **kw)
 
 
 def _fails(run) -> None:
@@ -63,6 +63,8 @@ LOOP_FAULTS = [
      "        // ... for every thread; every warp is done with K", SMALL, {}),
     ("single_wait_v", "cp_async_wait<0>();  // this tile's V landed", "cp_async_wait<1>();  // this tile's V landed",
      SMALL, {}),
+    ("q_regs_wait", "cp_async_wait<1>();  // Q landed", "cp_async_wait<2>();  // Q landed", None, {}),
+    ("q_regs_ready", "      __syncthreads();     // ... for every thread's Q copies\n", "", None, {}),
     ("syncwarp_before_stores", "      __syncwarp();\n      // 16-byte stores", "      // 16-byte stores", None, {}),
 ]
 
@@ -107,8 +109,10 @@ def test_planted_epilogue_barrier_fault_is_caught(monkeypatch):
     """Every key masked (make_case's batch row 0): no tile is visible, and the epilogue's barrier is all
     that keeps another thread's Q copy, landing at that thread's wait, from overwriting the O (zeros) a
     warp staged in its Q rows. Whether a copy lands in that window depends on the interleaving, so
-    the planted fault runs under several seeds (the real kernel under all of them)."""
-    args, kw = _case(mask="random")
+    the planted fault runs under several seeds (the real kernel under all of them). fp32 (D = 128, where
+    a seed of these exposes it): the 16-bit kernels wait for Q before their loop (its fragments go to
+    registers), which closes the window."""
+    args, kw = _case(dtype="float32", d=128, mask="random")
     assert not np.asarray(kw["mask"]).any()
     seeds = range(1, 9)
 

@@ -138,13 +138,14 @@ def test_grid_yz_limit_loops(monkeypatch):
     check_forward(args, kw)
 
 
-@pytest.mark.parametrize("dtype,D", [("float16", 64), ("bfloat16", 128)])
+@pytest.mark.parametrize("dtype,D", [("float16", 64), ("bfloat16", 128), ("float32", 32)])
 def test_blocks_without_a_visible_tile_under_interleavings(dtype, D):
-    """Batch row 0 fully masked (make_case): its blocks skip the key loop, so their Q copies are still in flight at
-    the epilogue, where each warp stages its rows of O in its Q rows (filled by every warp's copies).
-    The barrier after the drain keeps other warps' late copies out; whether a late copy lands inside
-    the window depends on the thread order, so several interleavings run (the suite's default seed
-    alone misses it). Every such row is exactly 0 with lse = -inf, the other batch row is accurate."""
+    """Batch row 0 fully masked (make_case): its blocks skip the key loop, so (fp32: Q's fragments are
+    not taken into registers before the loop) their Q copies are still in flight at the epilogue,
+    where each warp stages its rows of O in its Q rows (filled by every warp's copies). The barrier
+    after the drain keeps other warps' late copies out; whether a late copy lands inside the window
+    depends on the thread order, so several interleavings run (the suite's default seed alone misses
+    it). Every such row is exactly 0 with lse = -inf, the other batch row is accurate."""
     args, kw = make_case(5, B=2, H=4, Nq=128, Nk=40, D=D, dtype=dtype, mask="random")  # row 0 fully masked
     assert not kw["mask"][0].any()
     for seed in (1, 2, 3, 4):
