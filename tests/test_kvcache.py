@@ -617,6 +617,34 @@ def test_tile_choice_by_shared_memory():
     assert plan(case, caps=sm86).wm == 4
 
 
+# fp32 above DP = 192 on the 99 KB architectures: even 16-key tiles of 64 rows exceed the device (Q,
+# 2 K, 2 V of 64 + 64 rows of 208+ floats), so the decode kernels refuse those problems there.
+DECODE_NO_FIT = {(arch, "float32", dp) for arch in ("sm_86", "sm_89") for dp in (208, 224, 240, 256)}
+
+
+def test_every_decode_tile_fits_its_architecture():
+    """decode_config's pick for every architecture, dtype, padded head dim and row regime fits the
+    architecture's shared memory per block (except DECODE_NO_FIT, which nothing fits); the 64-row
+    shape takes the widest tile that fits, up to its register bound `widest`."""
+    for arch, lim in limits.SMEM_OPTIN_BY_ARCH.items():
+        for dt in limits.KERNEL_DTYPES:
+            for dp in range(16, limits.MAX_HEAD_DIM + 1, 16):
+                for rows in (1, tiles.MMA_ROWS, tiles.MMA_ROWS + 1, 64):
+                    wm, bn = tiles.decode_config(dt, dp, rows, lim)
+                    need = tiles.decode_smem_bytes(dt, dp, bn, wm)
+                    fits = need <= lim
+                    assert fits != ((arch, dt, dp) in DECODE_NO_FIT), (arch, dt, dp, rows, wm, bn, need, lim)
+                    widest = (32 if dp <= 128 else 16) if dt == "float32" else (64 if dp <= 128 else 32)
+                    if wm == 4 and fits and bn < widest:  # halved only where twice the keys do not fit
+                        assert tiles.decode_smem_bytes(dt, dp, 2 * bn, 4) > lim, (arch, dt, dp, bn)
+    # 99 KB devices: the 16-bit D = 256 and fp32 D = 128 tiles of 64 rows shrink to 16 keys; 163 KB
+    # keeps 64 keys at fp16 D = 128
+    sm86, sm80 = limits.SMEM_OPTIN_BY_ARCH["sm_86"], limits.SMEM_OPTIN_BY_ARCH["sm_80"]
+    assert tiles.decode_config("float16", 256, 17, sm86) == (4, 16)
+    assert tiles.decode_config("float32", 128, 17, sm86) == (4, 16)
+    assert tiles.decode_config("float16", 128, 17, sm80) == (4, 64)
+
+
 def test_every_decode_choice_is_a_registry_entry():
     """dispatch.select's choices for KV-cache problems (every dtype, padded head dim, row regime and
     device the tiles are chosen for) are registry entries with the registry's block and shared memory,
