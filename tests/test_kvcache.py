@@ -645,6 +645,20 @@ def test_every_decode_tile_fits_its_architecture():
     assert tiles.decode_config("float16", 128, 17, sm80) == (4, 64)
 
 
+@pytest.mark.parametrize("dtype,D", [("float16", 256), ("float32", 128)])
+def test_many_rows_on_a_99kb_device(dtype, D):
+    """sm_86 (99 KB per block): 24 rows (WM = 4) of 16-bit D = 256 or fp32 D = 128 run with 16-key tiles;
+    fp32 D = 256 fits no tile there and is refused before anything is launched."""
+    with limits.emulated_arch("sm_86"):
+        case = make_kv_case(22, dtype=dtype, H=8, Hk=1, Nq=3, D=D, cached=(40, 21), paged=True, num_splits=2)
+        p = plan(case, caps=limits.EMULATED_DEVICE)
+        assert (p.wm, p.bn) == (4, 16)
+        check_case(case)
+        big = make_kv_case(22, dtype="float32", H=8, Hk=1, Nq=3, D=256, cached=(40, 21))
+        with pytest.raises(ValueError, match="needs 133248 bytes of shared memory per block; this device allows"):
+            run_case(big)
+
+
 def test_every_decode_choice_is_a_registry_entry():
     """dispatch.select's choices for KV-cache problems (every dtype, padded head dim, row regime and
     device the tiles are chosen for) are registry entries with the registry's block and shared memory,
