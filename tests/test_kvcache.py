@@ -531,8 +531,8 @@ def test_planted_missing_barrier_is_caught(monkeypatch, barrier, l2norm_qk):
 
 
 # The barrier after the tile's products: the next iteration's prefetch refills this buffer.
-REUSE_BARRIER = ("else tile_pv<T, DP, KT>(o, lsum, s, sVw, lane);\n\n        __syncthreads();",
-                 "else tile_pv<T, DP, KT>(o, lsum, s, sVw, lane);\n")
+REUSE_BARRIER = ("tile_pv<T, DP, KT>(o1, lsum, s1, v_lane + buf * KV_BYTES);\n\n        __syncthreads();",
+                 "tile_pv<T, DP, KT>(o1, lsum, s1, v_lane + buf * KV_BYTES);\n")
 # The barrier between staging the warps' partials and joining them.
 STAGED_BARRIER = ("      }\n    }\n    __syncthreads();\n\n    // Join", "      }\n    }\n\n    // Join")
 # The barrier at the end of a (batch, kv head) iteration: the next one's tiles overwrite the staging.
@@ -615,6 +615,48 @@ def test_tile_choice_by_shared_memory():
     assert plan(case).wm == 1
     sm86 = limits.DeviceCaps((8, 6), 99 * 1024, 84)
     assert plan(case, caps=sm86).wm == 4
+
+
+# fp32 above DP = 192 on the 99 KB architectures: even 16-key tiles of 64 rows exceed the device (Q,
+# 2 K, 2 V of 64 + 64 rows of 208+ floats), so the decode kernels refuse those problems there.
+DECODE_NO_FIT = {(arch, "float32", dp) for arch in ("sm_86", "sm_89") for dp in (208, 224, 240, 256)}
+
+
+def test_every_decode_tile_fits_its_architecture():
+    """decode_config's pick for every architecture, dtype, padded head dim and row regime fits the
+    architecture's shared memory per block (except DECODE_NO_FIT, which nothing fits); the 64-row
+    shape takes the widest tile that fits, up to its register bound `widest`."""
+    for arch, lim in limits.SMEM_OPTIN_BY_ARCH.items():
+        for dt in limits.KERNEL_DTYPES:
+            for dp in range(16, limits.MAX_HEAD_DIM + 1, 16):
+                for rows in (1, tiles.MMA_ROWS, tiles.MMA_ROWS + 1, 64):
+                    wm, bn = tiles.decode_config(dt, dp, rows, lim)
+                    need = tiles.decode_smem_bytes(dt, dp, bn, wm)
+                    fits = need <= lim
+                    assert fits != ((arch, dt, dp) in DECODE_NO_FIT), (arch, dt, dp, rows, wm, bn, need, lim)
+                    widest = (32 if dp <= 128 else 16) if dt == "float32" else (64 if dp <= 128 else 32)
+                    if wm == 4 and fits and bn < widest:  # halved only where twice the keys do not fit
+                        assert tiles.decode_smem_bytes(dt, dp, 2 * bn, 4) > lim, (arch, dt, dp, bn)
+    # 99 KB devices: the 16-bit D = 256 and fp32 D = 128 tiles of 64 rows shrink to 16 keys; 163 KB
+    # keeps 64 keys at fp16 D = 128
+    sm86, sm80 = limits.SMEM_OPTIN_BY_ARCH["sm_86"], limits.SMEM_OPTIN_BY_ARCH["sm_80"]
+    assert tiles.decode_config("float16", 256, 17, sm86) == (4, 16)
+    assert tiles.decode_config("float32", 128, 17, sm86) == (4, 16)
+    assert tiles.decode_config("float16", 128, 17, sm80) == (4, 64)
+
+
+@pytest.mark.parametrize("dtype,D", [("float16", 256), ("float32", 128)])
+def test_many_rows_on_a_99kb_device(dtype, D):
+    """sm_86 (99 KB per block): 24 rows (WM = 4) of 16-bit D = 256 or fp32 D = 128 run with 16-key tiles;
+    fp32 D = 256 fits no tile there and is refused before anything is launched."""
+    with limits.emulated_arch("sm_86"):
+        case = make_kv_case(22, dtype=dtype, H=8, Hk=1, Nq=3, D=D, cached=(40, 21), paged=True, num_splits=2)
+        p = plan(case, caps=limits.EMULATED_DEVICE)
+        assert (p.wm, p.bn) == (4, 16)
+        check_case(case)
+        big = make_kv_case(22, dtype="float32", H=8, Hk=1, Nq=3, D=256, cached=(40, 21))
+        with pytest.raises(ValueError, match="needs 133248 bytes of shared memory per block; this device allows"):
+            run_case(big)
 
 
 def test_every_decode_choice_is_a_registry_entry():

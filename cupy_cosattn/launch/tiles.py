@@ -2,8 +2,8 @@
 
 Forward (cuda_src/forward.cu): the tile shape :func:`fwd_tile` (query rows per block, keys per tile,
 K/V buffers), shared memory :func:`fwd_smem_bytes`. Decode (cuda_src/decode.cu): :func:`decode_config`
-(rows per block WM x 16, key tile BN), :func:`decode_smem_bytes`, and the split heuristic
-:func:`choose_num_splits`. Backward (cuda_src/backward.cu): the ``KVTraits`` / ``QTraits``
+(rows per block WM x 16, key tile BN: :func:`decode_block_n`), :func:`decode_smem_bytes`, and the
+split heuristic :func:`choose_num_splits`. Backward (cuda_src/backward.cu): the ``KVTraits`` / ``QTraits``
 of bwd_dkdv and bwd_dq, mirrored by :func:`kv_config` and :func:`q_config` (tests compare the two
 through the ``bwd_info`` kernel); each has a default and a small-shared-memory variant (template
 argument ``SMALL``: half the warps, a 16-row streamed tile), and :func:`choose_small` takes the default
@@ -255,16 +255,29 @@ def decode_smem_bytes(dtype_name: str, dp: int, bn: int, wm: int) -> int:
     return (16 * wm + 4 * bn) * (dp + 16 // size) * size + 2 * bn * 4
 
 
+def decode_block_n(dtype_name: str, dp: int, smem_limit: int) -> int:
+    """Keys per K/V tile of decode_fwd with WM = 4 (64 rows, each warp all BN keys, K/V double-buffered):
+    as many as registers allow beside O (64 up to DP = 128, else 32; fp32 half that), halved (down to
+    16) while decode_smem_bytes exceeds the device's shared memory per block `smem_limit`."""
+    if dtype_name == "float32":
+        bn = 32 if dp <= 128 else 16
+    else:
+        bn = SPLIT_KEYS_BLOCK_N if dp <= 128 else 32
+    while bn > 16 and decode_smem_bytes(dtype_name, dp, bn, 4) > smem_limit:
+        bn //= 2
+    return bn
+
+
 def decode_config(dtype_name: str, dp: int, rows: int, smem_limit: int) -> tuple[int, int]:
     """(WM, BN) of decode_fwd for a kv head's `rows` = G*Nq query rows on a device allowing
     `smem_limit` bytes of shared memory per block: WM = 1 with 64-key tiles split over the 4 warps
     when the rows fit one mma tile and its tiles fit the device (and sm_80's limit, WM1_SMEM_CAP, so
-    that every instantiation compiles for every architecture); else WM = 4 with the forward's key
-    tile (fwd_block_n)."""
+    that every instantiation compiles for every architecture); else WM = 4 with
+    :func:`decode_block_n` keys per tile."""
     wm1 = decode_smem_bytes(dtype_name, dp, SPLIT_KEYS_BLOCK_N, 1)
     if rows <= MMA_ROWS and wm1 <= min(smem_limit, WM1_SMEM_CAP):
         return 1, SPLIT_KEYS_BLOCK_N
-    return 4, fwd_block_n(dtype_name, dp, smem_limit)
+    return 4, decode_block_n(dtype_name, dp, smem_limit)
 
 
 def choose_num_splits(base_blocks: int, n_key_tiles: int, sm_count: int, max_splits: int) -> int:
