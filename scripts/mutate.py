@@ -100,6 +100,9 @@ FWD_CAUSAL = k(CAUSAL, FWD, expr="forward_causal_diff_sweep or small_smem_forwar
 FWD_GRID_Y = (f"{FWD}::test_grid_yz_limit_loops",) + k(CAUSAL, expr="forward_grid_y")
 FWD_NORM = k(FWD, expr="l2norm")
 FWD_SYNC = ("tests/test_forward_sync.py",)
+# The single-buffered loop run for real (small shared-memory devices): a planted-fault test cannot kill a
+# mutant of the text it plants (its own check of that text then fails inside the expected failure).
+FWD_SMALL = k(CAUSAL, FWD, expr="small_smem")
 # The epilogue's drain and barrier matter where Q's copies can still be in flight there (fp32, whose Q
 # fragments are not taken before the loop): the planted-fault test's seeds that expose a missing one.
 FWD_EPILOGUE = k("tests/test_forward_sync.py", expr="epilogue_barrier")
@@ -227,8 +230,9 @@ FORWARD_MUTANTS: tuple = (
     Mutant("fwd_flag_running_max", FORWARD_CU, "if (vis(mt, j, e, bad)) {",
            "if (!RUNNING_MAX && vis(mt, j, e, bad)) {",
            k(CAUSAL, expr="running_max"), "running max: a visible key whose V was scrubbed does not poison the row"),
-    Mutant("fwd_flag_half", FORWARD_CU, "|= e % 2 ? 0xffff0000u : 0x0000ffffu;", "|= e % 2 ? 0x0000ffffu : 0xffff0000u;",
-           k(*NONFINITE, expr="not hopper"), "16-bit: a flagged key's NaN written into the other key's half of the packed P fragment"),
+    Mutant("fwd_flag_row", FORWARD_CU, "pa[j / 2][mt][2 * (j % 2) + e / 2] |=", "pa[j / 2][mt][2 * (j % 2)] |=",
+           k(CAUSAL, expr="nonfinite"), "16-bit: a flagged key's NaN written into row g's packed P, not row g + 8's "
+           "(row g + 8 misses its poison, row g gets one it must not)"),
     Mutant("fwd_q_regs_wait", FORWARD_CU, "cp_async_wait<1>();  // Q landed", "cp_async_wait<2>();  // Q landed",
            FWD_SYNC, "Q's fragments taken into registers while its copies may still be in flight"),
     Mutant("fwd_q_regs_sync", FORWARD_CU, "      __syncthreads();     // ... for every thread's Q copies\n", "",
@@ -242,11 +246,11 @@ FORWARD_MUTANTS: tuple = (
            "an Inf value row seen by a row leaves its lse finite"),
     # the single-buffered (staggered) loop, the 128-row tiles and the visibility bookkeeping
     Mutant("fwd1_wait_v", FORWARD_CU, "cp_async_wait<0>();  // this tile's V landed",
-           "cp_async_wait<1>();  // this tile's V landed", FWD_SYNC,
+           "cp_async_wait<1>();  // this tile's V landed", FWD_SMALL,
            "single buffers: P V reads V while its copies (the newest group) are still in flight"),
     Mutant("fwd1_sync_k_ready", FORWARD_CU,
            "        __syncthreads();                       // ... for every thread; every warp is done with V\n", "",
-           FWD_SYNC, "single buffers: no barrier after K landed, and V reloaded while other warps still read it"),
+           FWD_SMALL, "single buffers: no barrier after K landed, and V reloaded while other warps still read it"),
     Mutant("fwd_a_row_tile", TILES_CUH, "ldsm_x4(a[mt], a_lane + mt * 16 * PITCH);", "ldsm_x4(a[mt], a_lane);",
            FWD_F16, "128-row blocks: the second m16 row tile of a warp multiplies the first tile's Q rows"),
     Mutant("fwd_check_diag", FORWARD_CU, "cdiff < BN - 1 || scrub;", "cdiff < BN - 2 || scrub;", FWD_CAUSAL,
