@@ -15,8 +15,8 @@ import shutil
 import subprocess
 import sys
 import types
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest

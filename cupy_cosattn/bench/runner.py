@@ -19,8 +19,7 @@ from .. import tolerances
 from ..problem import Problem, visible
 from . import impls
 from .cases import NORMALIZED_SDPA, PASSES, SDPA_IMPLS, Case, Inputs
-from .impls import (Impl, Skip, impl_context, is_unavailable, normalized_sdpa_fn, sdpa_fn, unavailable_note,
-                    unfused_fn)
+from .impls import Impl, Skip, impl_context, is_unavailable, normalized_sdpa_fn, sdpa_fn, unavailable_note, unfused_fn
 from .timers import CudaTimer, WallTimer
 
 
