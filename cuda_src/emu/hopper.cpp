@@ -1113,6 +1113,7 @@ void caemu_mbar_expect_tx(uint64_t* bar, uint32_t tx) {
   std::string err;
   if (!mbar_settle(h, (uintptr_t)bar, m, &err))
     fail(f, fmt("mbarrier.expect_tx by %s: %s", thread_str(f).c_str(), err.c_str()));
+  caemu_maybe_yield();
 }
 
 void caemu_mbar_complete_tx(uint64_t* bar, uint32_t tx) {
