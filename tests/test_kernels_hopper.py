@@ -364,8 +364,10 @@ PLANTS = {  # name: [(text of the source, its replacement), ...]
     # V_{j-1} released before the wait for P_{j-1} V_{j-1}: the producer may refill the stage by TMA
     # while that wgmma still reads it
     "empty_v_released_before_pv_wait": [
-        ("          wgmma_wait<0>();\n          fence_regs(r.o);\n          release(&bar.empty_v[prev]);  // nor V_{j-1}",
-         "          release(&bar.empty_v[prev]);\n          wgmma_wait<0>();\n          fence_regs(r.o);  // nor V_{j-1}")],
+        ("          wgmma_wait<0>();\n          fence_regs(r.o);\n"
+         "          release(&bar.empty_v[prev]);  // nor V_{j-1}",
+         "          release(&bar.empty_v[prev]);\n          wgmma_wait<0>();\n"
+         "          fence_regs(r.o);  // nor V_{j-1}")],
     # K (and its mask bytes) released by one thread per warpgroup, as if only wgmma operands lived there
     "mask_bytes_released_by_one_thread": [
         ("      release(&bar.empty_k[s]);", "      if (threadIdx.x % WG == 0) mbar_arrive(&bar.empty_k[s]);"),
