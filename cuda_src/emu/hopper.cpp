@@ -453,11 +453,18 @@ void wgmma_perform(HopBlock& h, WgmmaOp& op) {
   for (int n = 0; n < N; ++n)
     for (int k = 0; k < 16; ++k) Bm[k][n] = load16(&h.shadow[operand_addr(db, g.trans_b, n, k) - kDynSmemBase], bf16);
   double sa = g.neg_a ? -1.0 : 1.0, sb = g.neg_b ? -1.0 : 1.0;
+  // C[m][n] = sum over k = 0..15, in that order, of (sa A[m][k]) (sb B[k][n]), for 8 columns at a time
+  // (N is a multiple of 8): 8 independent sums in registers instead of one chain of dependent adds.
   for (int m = 0; m < 64; ++m)
-    for (int n = 0; n < N; ++n) {
-      double acc = 0;
-      for (int k = 0; k < 16; ++k) acc += (sa * A[m][k]) * (sb * Bm[k][n]);
-      C[m][n] = acc;
+    for (int n0 = 0; n0 < N; n0 += 8) {
+      double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int k = 0; k < 16; ++k) {
+        const double a = sa * A[m][k];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) acc[j] += a * (sb * Bm[k][n0 + j]);
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) C[m][n0 + j] = acc[j];
     }
   op.result.resize((size_t)kWarpgroup * (N / 2));
   for (int r = 0; r < kWarpgroup; ++r) {
