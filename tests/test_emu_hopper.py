@@ -271,6 +271,38 @@ __global__ void t_reuse(const __grid_constant__ TensorMap ta, const __grid_const
   for (int i = 0; i < 32; ++i) c[(16 * w + g + 8 * ((i >> 1) & 1)) * 64 + 8 * (i >> 2) + 2 * t + (i & 1)] = d[i];
 }
 
+// ---- a wgmma reading a tile whose TMA load is still in flight (no wait on its full barrier first) ----
+extern "C" __global__ void t_read_in_flight(const __grid_constant__ TensorMap ta, const __grid_constant__ TensorMap tb,
+                                            float* c) {
+  CA_DYNAMIC_SHARED(smem);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem);
+  unsigned char* sa = smem + 1024;
+  unsigned char* sb = smem + 1024 + 8192;
+  if (threadIdx.x == 0) mbar_init(full, 1);
+  __syncthreads();
+  if (threadIdx.x >= 128) {
+    if (elect_one_sync()) {
+      mbar_arrive_expect_tx(full, 2 * 8192);
+      tma_load(sa, &ta, full, 0, 0);
+      tma_load(sb, &tb, full, 0, 0);
+    }
+    named_barrier_sync(1, 160);
+    return;
+  }
+  named_barrier_sync(1, 160);  // the loads are issued, not necessarily landed
+  float d[32];
+  wgmma_fence();
+  for (int kk = 0; kk < 4; ++kk)
+    wgmma_ss<64, ca::bf16_t>(d, make_smem_desc(sa + 32 * kk, 16, 1024, Swizzle::B128),
+                             make_smem_desc(sb + 32 * kk, 16, 1024, Swizzle::B128), kk > 0);
+  wgmma_commit();
+  mbar_wait(full, 0);  // too late: the wgmmas may already have read the tiles
+  wgmma_wait<0>();
+  fence_operand(d);
+  int w = threadIdx.x / 32, l = threadIdx.x % 32, g = l / 4, t = l % 4;
+  for (int i = 0; i < 32; ++i) c[(16 * w + g + 8 * ((i >> 1) & 1)) * 64 + 8 * (i >> 2) + 2 * t + (i & 1)] = d[i];
+}
+
 // ---- wgmma asynchrony faults ----
 // mode 0: correct; 1: accumulators read before wgmma.wait_group; 2: no wgmma.fence at all;
 // 3: accumulators rescaled after a wait and used by the next wgmma without a fence;
@@ -494,7 +526,7 @@ WG_KINDS = [(n, t, ma, mb, na, nb) for (n, t, ma, mb, na, nb) in [
 NAMES = ([f"t_wgmma<{n}, ca::{t}, {ma}, {mb}, {na}, {nb}>" for (n, t, ma, mb, na, nb) in WG_KINDS]
          + [f"t_tma_load<{r}>" for r in range(1, 6)] + [f"t_tma_store<{r}>" for r in range(1, 6)]
          + [f"t_pipeline<{a}, {b}>" for a, b in [("true", "false"), ("false", "false"), ("true", "true")]]
-         + [f"t_reuse<{o}, {p}>" for o in range(6) for p in ("false", "true")])
+         + [f"t_reuse<{o}, {p}>" for o in range(6) for p in ("false", "true")])  # + t_read_in_flight (extern "C")
 
 WG_PARAMS = np.dtype([(name, np.uint32) for name in
                       ("img_bytes", "a_off", "a_lbo", "a_sbo", "a_swz", "b_off", "b_lbo", "b_sbo", "b_swz")]
@@ -1100,6 +1132,23 @@ def test_emu_operand_overwritten_before_the_wait_is_reported(mod, order, plain):
         with pytest.raises(emu.EmulatorError, match=rf"{what} by thread \(1[2-5]\d,0,0\) \[warp 4 lane \d+\] into "
                            r"shared .* which wgmma\.mma_async #[1-4] of warpgroup 0 \(m64n64k16\) reads"):
             _reuse(mod, order + 1, plain, seed)
+
+
+def test_emu_wgmma_reading_a_tile_still_in_flight_is_reported(mod):
+    """Planted fault: the consumer issues its wgmmas on tiles whose TMA loads it has not waited for. In the
+    deterministic order the loads land once every thread waits, while the wgmmas are not yet waited for:
+    reported at the landing, naming the load's issuer and the wgmma."""
+    rng = np.random.default_rng(14)
+    A, B = (rng.standard_normal((64, 64)).astype(BF16) for _ in range(2))
+    dA, dB = emu.to_device(A), emu.to_device(B)
+    ta = tensormap.from_array(dA, (64, 64), swizzle=128, target="emulator")
+    tb = tensormap.from_array(dB, (64, 64), swizzle=128, target="emulator")
+    c = emu.device_zeros((64, 64), np.float32)
+    with emu.interleave(None), pytest.raises(
+            emu.EmulatorError, match=r"the TMA load issued by thread \(128,0,0\) \[warp 4 lane 0\] into shared "
+            r"\[0x[0-9a-f]+, 0x[0-9a-f]+\) lands while a wgmma\.mma_async of warpgroup 0 \(m64n64k16\), issued "
+            r"while the load was in flight, still reads"):
+        mod.get_function("t_read_in_flight")((1,), (160,), (ta, tb, c), shared_mem=1024 + 2 * 8192)
 
 
 # ------------------------------------------------------------------------------------------------
