@@ -891,11 +891,14 @@ HOPPER_MUTANTS: tuple = (
            "a row poisoned by a visible NaN / Inf value keeps a finite lse"),
     Mutant("h90_scrub_flags_ignored", HOPPER_FWD_CU, "  if (scrubbed) bad = column_bits(sFlag, t);\n", "",
            HOP_NONFINITE, "a visible key whose non-finite V the fix-up zeroed no longer poisons its rows"),
+    Mutant("h90_empty_v_before_pv_wait", HOPPER_FWD_CU,
+           "          wgmma_wait<0>();\n          fence_regs(r.o);\n"
+           "          release(&bar.empty_v[prev]);  // nor V_{j-1} and its flags\n",
+           "          release(&bar.empty_v[prev]);  // nor V_{j-1} and its flags\n"
+           "          wgmma_wait<0>();\n          fence_regs(r.o);\n", HOP_GRID_F16,
+           "V_{j-1} released before the wait for P_{j-1} V_{j-1}: the producer may refill the stage by TMA while "
+           "that wgmma still reads it"),
 )
-# Not listed because the emulator cannot expose it: releasing V_{j-1} (empty_v) before the middle
-# slot's wgmma_wait<0>() is a race on the GPU, but the emulator's fibers do not yield at an mbarrier
-# arrive and the first thread of a warpgroup to wait performs its wgmma, so the producer never refills
-# the stage inside that window.
 
 
 # Every mutant, one group per source file. A new kernel adds its group above and here.

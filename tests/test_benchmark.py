@@ -16,6 +16,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -84,16 +85,19 @@ def test_smoke_mode_end_to_end(tmp_path, bench):
             assert r["note"], r  # every skip and error says why
     # The torch baselines always run on the CPU and are checked against the float64 reference.
     for r in rows:
-        if r["impl"] in ("sdpa_math", "unfused"):
+        if r["impl"] in ("sdpa_math", "unfused", "normalize+sdpa"):
             assert r["status"] == "ok", r
-            assert r["time_vs_best_sdpa"] != ""
+            assert r["time_vs_best_sdpa"] != "" and r["time_vs_normalize_sdpa"] != ""
+        if r["impl"] == "normalize+sdpa":
+            assert float(r["time_vs_normalize_sdpa"]) == 1.0
     if _cosattn_torch_importable():
         bad = [r for r in rows if r["impl"] == "cosattn" and r["status"] != "ok"]
         assert not bad, bad[:3]
 
     md = (out / "benchmark.md").read_text()
     assert "CPU SMOKE TEST (not performance)" in md
-    for col in ("| dtype | D | mask | N | B×H | pass |", "cosattn / best SDPA", "sdpa_flash", "unfused"):
+    for col in ("| dtype | D | mask | N | B×H | pass |", "cosattn / best SDPA", "cosattn / normalize+SDPA",
+                "normalize+sdpa", "sdpa_flash", "unfused"):
         assert col in md
     table = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| dtype")]
     assert len(table) == len(expected) // len(bench.cases.IMPLS)  # one row per case and pass
@@ -216,3 +220,24 @@ def test_emu_vs_gpu_and_sanitizer_name_the_forward_kernel():
     assert {names[n].split(", ")[2] for n in hopper} == {"false>", "true>"}, names  # both variants
     assert "fp32-perhead-scale-d128" not in hopper and len(hopper) >= 3
     assert any(c[0] != "float32" and c[6] == 128 and c[7].get("mask") for c in san.CONFIGS.values())
+
+
+def test_normalize_sdpa_pays_for_the_normalization(bench):
+    """normalize+sdpa is the user's alternative: on unit rows it is SDPA's answer, on raw rows it is
+    cosine-sim attention (SDPA of the normalized rows), and its backward goes through the normalization."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    inp = SimpleNamespace(sdpa_mask=None, causal=True, scale=8.0)
+    got = bench.impls.normalized_sdpa_fn(q, k, v, inp)
+    qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    s = (qn @ kn.transpose(-1, -2)) * 8.0
+    s = s.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
+    want = torch.softmax(s, dim=-1) @ v
+    torch.testing.assert_close(got, want)
+    gq, = torch.autograd.grad(got.sum(), q)
+    # a gradient through F.normalize is orthogonal to each row of q (scaling a row changes nothing)
+    assert torch.allclose((gq * q).sum(-1), torch.zeros(1, 2, 16, dtype=torch.float64), atol=1e-10)
+    assert gq.abs().max() > 1e-3

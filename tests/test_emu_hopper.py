@@ -213,6 +213,96 @@ __global__ void t_pipeline(const __grid_constant__ TensorMap ta, const __grid_co
   for (int i = 0; i < 32; ++i) c[(16 * w + g + 8 * ((i >> 1) & 1)) * 64 + 8 * (i >> 2) + 2 * t + (i & 1)] = d[i];
 }
 
+// ---- overwriting a wgmma's operand: how the writer learns that the wgmma is complete ----
+// A consumer warpgroup computes C = A B^T (4 wgmmas reading A and B from shared memory); then warp 4
+// overwrites B, by a TMA load (PLAIN = false) or by plain stores (PLAIN = true). ORDER: the writer
+// learns of the wgmmas' completion through 0 an mbarrier every consumer thread arrives on after its
+// wgmma.wait_group, 2 a named barrier, 4 __syncthreads, all after the wait; 1, 3, 5 the same before
+// the wait (the fault: the overwrite may land while the wgmmas still read B).
+template <int ORDER, bool PLAIN>
+__global__ void t_reuse(const __grid_constant__ TensorMap ta, const __grid_constant__ TensorMap tb, float* c) {
+  CA_DYNAMIC_SHARED(smem);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem);
+  uint64_t* empty = full + 1;
+  unsigned char* sa = smem + 1024;
+  unsigned char* sb = smem + 1024 + 8192;
+  if (threadIdx.x == 0) {
+    mbar_init(full, 1);
+    mbar_init(empty, 128);
+  }
+  __syncthreads();
+  const bool writer = threadIdx.x >= 128;
+  if (writer && elect_one_sync()) {
+    mbar_arrive_expect_tx(full, 2 * 8192);
+    tma_load(sa, &ta, full, 0, 0);
+    tma_load(sb, &tb, full, 0, 0);
+  }
+  float d[32];
+  if (!writer) {
+    mbar_wait(full, 0);
+    wgmma_fence();
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_ss<64, ca::bf16_t>(d, make_smem_desc(sa + 32 * kk, 16, 1024, Swizzle::B128),
+                               make_smem_desc(sb + 32 * kk, 16, 1024, Swizzle::B128), kk > 0);
+    wgmma_commit();
+    if (ORDER == 1) mbar_arrive(empty);
+  }
+  if (ORDER == 3) named_barrier_sync(1, 160);
+  if (ORDER == 5) __syncthreads();
+  if (!writer) {
+    wgmma_wait<0>();
+    fence_operand(d);
+    if (ORDER == 0) mbar_arrive(empty);
+  }
+  if (ORDER == 2) named_barrier_sync(1, 160);
+  if (ORDER == 4) __syncthreads();
+  if (writer) {
+    if (ORDER <= 1) mbar_wait(empty, 0);
+    if (PLAIN) {
+      for (int i = threadIdx.x % 32; i < 2048; i += 32) reinterpret_cast<uint32_t*>(sb)[i] = 0;
+    } else if (elect_one_sync()) {
+      mbar_arrive_expect_tx(full, 8192);
+      tma_load(sb, &tb, full, 64, 0);
+      mbar_wait(full, 1);
+    }
+    return;
+  }
+  int w = threadIdx.x / 32, l = threadIdx.x % 32, g = l / 4, t = l % 4;
+  for (int i = 0; i < 32; ++i) c[(16 * w + g + 8 * ((i >> 1) & 1)) * 64 + 8 * (i >> 2) + 2 * t + (i & 1)] = d[i];
+}
+
+// ---- a wgmma reading a tile whose TMA load is still in flight (no wait on its full barrier first) ----
+extern "C" __global__ void t_read_in_flight(const __grid_constant__ TensorMap ta, const __grid_constant__ TensorMap tb,
+                                            float* c) {
+  CA_DYNAMIC_SHARED(smem);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem);
+  unsigned char* sa = smem + 1024;
+  unsigned char* sb = smem + 1024 + 8192;
+  if (threadIdx.x == 0) mbar_init(full, 1);
+  __syncthreads();
+  if (threadIdx.x >= 128) {
+    if (elect_one_sync()) {
+      mbar_arrive_expect_tx(full, 2 * 8192);
+      tma_load(sa, &ta, full, 0, 0);
+      tma_load(sb, &tb, full, 0, 0);
+    }
+    named_barrier_sync(1, 160);
+    return;
+  }
+  named_barrier_sync(1, 160);  // the loads are issued, not necessarily landed
+  float d[32];
+  wgmma_fence();
+  for (int kk = 0; kk < 4; ++kk)
+    wgmma_ss<64, ca::bf16_t>(d, make_smem_desc(sa + 32 * kk, 16, 1024, Swizzle::B128),
+                             make_smem_desc(sb + 32 * kk, 16, 1024, Swizzle::B128), kk > 0);
+  wgmma_commit();
+  mbar_wait(full, 0);  // too late: the wgmmas may already have read the tiles
+  wgmma_wait<0>();
+  fence_operand(d);
+  int w = threadIdx.x / 32, l = threadIdx.x % 32, g = l / 4, t = l % 4;
+  for (int i = 0; i < 32; ++i) c[(16 * w + g + 8 * ((i >> 1) & 1)) * 64 + 8 * (i >> 2) + 2 * t + (i & 1)] = d[i];
+}
+
 // ---- wgmma asynchrony faults ----
 // mode 0: correct; 1: accumulators read before wgmma.wait_group; 2: no wgmma.fence at all;
 // 3: accumulators rescaled after a wait and used by the next wgmma without a fence;
@@ -435,7 +525,8 @@ WG_KINDS = [(n, t, ma, mb, na, nb) for (n, t, ma, mb, na, nb) in [
     (16, "bf16_t", 0, 1, 0, 0), (32, "bf16_t", 1, 1, 0, 0), (32, "bf16_t", 0, 0, 0, 0)]]
 NAMES = ([f"t_wgmma<{n}, ca::{t}, {ma}, {mb}, {na}, {nb}>" for (n, t, ma, mb, na, nb) in WG_KINDS]
          + [f"t_tma_load<{r}>" for r in range(1, 6)] + [f"t_tma_store<{r}>" for r in range(1, 6)]
-         + [f"t_pipeline<{a}, {b}>" for a, b in [("true", "false"), ("false", "false"), ("true", "true")]])
+         + [f"t_pipeline<{a}, {b}>" for a, b in [("true", "false"), ("false", "false"), ("true", "true")]]
+         + [f"t_reuse<{o}, {p}>" for o in range(6) for p in ("false", "true")])  # + t_read_in_flight (extern "C")
 
 WG_PARAMS = np.dtype([(name, np.uint32) for name in
                       ("img_bytes", "a_off", "a_lbo", "a_sbo", "a_swz", "b_off", "b_lbo", "b_sbo", "b_swz")]
@@ -991,11 +1082,73 @@ def test_emu_pipeline_producer_overwriting_an_unreleased_stage_is_caught(mod):
     assert _caught(mod, False, False, range(1, 6)) == 5
 
 
-def test_emu_pipeline_stage_released_before_its_wgmma_completed_is_exposed(mod):
+def test_emu_pipeline_stage_released_before_its_wgmma_completed_is_reported(mod):
     """Planted fault: the consumer releases a stage (empty barrier) right after committing its wgmmas,
-    before wgmma.wait_group: the refill may land while the wgmmas still read the stage."""
-    caught = _caught(mod, True, True, range(1, 9))
-    assert caught >= 3, f"early release exposed under only {caught} of 8 seeds"
+    before wgmma.wait_group: the refill may land while the wgmmas still read the stage. Reported at the
+    refill's issue in every order."""
+    for seed in (None, 1, 2, 3, 4, 5):
+        with pytest.raises(emu.EmulatorError, match=r"cp\.async\.bulk\.tensor \(load\) by thread \(1[2-5]\d,0,0\) "
+                           r"\[warp 4 lane \d+\] into shared .* which wgmma\.mma_async #[1-4] of warpgroup 0"):
+            _pipeline(mod, True, True, seed)
+
+
+REUSE_ORDERS = {0: "mbarrier", 2: "named barrier", 4: "__syncthreads"}  # + 1: the same before the wait
+
+
+def _reuse(mod, order, plain, seed):
+    """t_reuse<order, plain> (A, B 64 x 64 bf16, B then overwritten by its next 64 columns or zeros):
+    (C, A B^T with the first B)."""
+    rng = np.random.default_rng(13)
+    A = rng.standard_normal((64, 64)).astype(BF16)
+    B = rng.standard_normal((64, 128)).astype(BF16)
+    dA, dB = emu.to_device(A), emu.to_device(B)
+    ta = tensormap.from_array(dA, (64, 64), swizzle=128, target="emulator")
+    tb = tensormap.from_array(dB, (64, 64), swizzle=128, target="emulator")
+    c = emu.device_zeros((64, 64), np.float32)
+    with emu.interleave(seed), emu.race_check(plain):
+        mod.get_function(f"t_reuse<{order}, {str(plain).lower()}>")((1,), (160,), (ta, tb, c),
+                                                                   shared_mem=1024 + 2 * 8192)
+    return emu.to_host(c), A.astype(np.float64) @ B[:, :64].astype(np.float64).T
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["tma", "plain_store"])
+@pytest.mark.parametrize("order", sorted(REUSE_ORDERS), ids=REUSE_ORDERS.get)
+def test_emu_operand_overwritten_after_the_wait_is_clean(mod, order, plain):
+    """The wgmmas' waits come before the release (each consumer thread waits, then arrives or meets the
+    writer), so the writer knows they are complete: no report, the result is the first B's."""
+    for seed in (None, 1, 2, 3):
+        c, exp = _reuse(mod, order, plain, seed)
+        np.testing.assert_allclose(c, exp, rtol=1e-5, atol=1e-4, err_msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["tma", "plain_store"])
+@pytest.mark.parametrize("order", sorted(REUSE_ORDERS), ids=REUSE_ORDERS.get)
+def test_emu_operand_overwritten_before_the_wait_is_reported(mod, order, plain):
+    """Planted fault: the release comes before the waits. Whether or not the emulator has performed the
+    wgmmas by then (the first thread to wait performs them), no wait is ordered before the overwrite:
+    reported in every order, naming the writer and the wgmma (plain stores: in race mode)."""
+    what = "a plain store" if plain else r"cp\.async\.bulk\.tensor \(load\)"
+    for seed in (None, 1, 2, 3):
+        with pytest.raises(emu.EmulatorError, match=rf"{what} by thread \(1[2-5]\d,0,0\) \[warp 4 lane \d+\] into "
+                           r"shared .* which wgmma\.mma_async #[1-4] of warpgroup 0 \(m64n64k16\) reads"):
+            _reuse(mod, order + 1, plain, seed)
+
+
+def test_emu_wgmma_reading_a_tile_still_in_flight_is_reported(mod):
+    """Planted fault: the consumer issues its wgmmas on tiles whose TMA loads it has not waited for. In the
+    deterministic order the loads land once every thread waits, while the wgmmas are not yet waited for:
+    reported at the landing, naming the load's issuer and the wgmma."""
+    rng = np.random.default_rng(14)
+    A, B = (rng.standard_normal((64, 64)).astype(BF16) for _ in range(2))
+    dA, dB = emu.to_device(A), emu.to_device(B)
+    ta = tensormap.from_array(dA, (64, 64), swizzle=128, target="emulator")
+    tb = tensormap.from_array(dB, (64, 64), swizzle=128, target="emulator")
+    c = emu.device_zeros((64, 64), np.float32)
+    with emu.interleave(None), pytest.raises(
+            emu.EmulatorError, match=r"the TMA load issued by thread \(128,0,0\) \[warp 4 lane 0\] into shared "
+            r"\[0x[0-9a-f]+, 0x[0-9a-f]+\) lands while a wgmma\.mma_async of warpgroup 0 \(m64n64k16\), issued "
+            r"while the load was in flight, still reads"):
+        mod.get_function("t_read_in_flight")((1,), (160,), (ta, tb, c), shared_mem=1024 + 2 * 8192)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,6 +19,12 @@
 //  * The async proxy (wgmma operands, TMA store sources) reads a separate copy of dynamic shared
 //    memory that plain stores reach only through fence.proxy.async (any thread's fence publishes all
 //    plain stores so far: a missing fence is caught when no thread fences). TMA loads write both.
+//  * Completion as threads see it. Each thread knows, per warpgroup, up to which wgmma (counted in
+//    issue order) the warpgroup's wgmmas are complete: its own wgmma.wait_group tells it, and so does
+//    what another thread knew when it arrived on an mbarrier phase (or a named barrier, or
+//    __syncthreads) that this thread then passed. A write into shared memory that a wgmma reads which
+//    the writing thread does not know to be complete is a race, reported at once whatever the
+//    interleaving: a TMA load at its issue, a plain store (race mode) when it is made.
 //  * Shared-window addresses: dynamic shared memory starts at address kDynSmemBase.
 #include "hopper.h"
 
@@ -32,6 +38,16 @@ const uint32_t kDynSmemBase = 1024;    // shared-window address of dynamic share
 const uint32_t kMbarMaxCount = (1u << 20) - 1;  // arrival and tx-count limits of an mbarrier
 const int64_t kMbarMaxTx = (1 << 20) - 1;
 const int kWarpgroup = 128;
+const int kMaxWarpgroups = 8;          // 1024 threads
+
+// What a thread knows of wgmma completion: per warpgroup, the count of its wgmmas (in issue order,
+// from 1) known complete. wgmmas of a warpgroup complete in order, so one count says it all.
+struct Seen {
+  uint32_t wg[kMaxWarpgroups] = {0, 0, 0, 0, 0, 0, 0, 0};
+  void join(const Seen& o) {
+    for (int i = 0; i < kMaxWarpgroups; ++i) wg[i] = std::max(wg[i], o.wg[i]);
+  }
+};
 
 enum WaitKind : int { W_NONE, W_MBAR, W_NAMED, W_WG };
 enum GatherKind : int { G_NONE, G_WGMMA, G_SETMAXNREG };
@@ -47,6 +63,7 @@ struct HopThread {
   uint64_t wg_retired = 0;      // wgmma groups below this id have been waited for
   uint64_t bulk_commits = 0;    // cp.async.bulk.commit_group executed
   uint64_t bulk_retired = 0;
+  Seen seen;                    // wgmma completion this thread knows of (its waits, the barriers it passed)
 };
 
 struct Mbar {
@@ -54,6 +71,8 @@ struct Mbar {
   int64_t tx = 0;                      // transaction count (bytes expected minus bytes delivered)
   uint64_t phase = 0;                  // completed phases; the current phase has parity phase & 1
   uint64_t word = 0;                   // what the emulator last wrote into the object's 8 bytes
+  Seen arrived;                        // what the arrivals of the current phase knew (release)
+  Seen completed;                      // ... of every completed phase: a thread passing a wait learns it (acquire)
 };
 
 // One issued wgmma. It is performed (operands read, D computed) once; each thread's accumulators are
@@ -62,6 +81,7 @@ struct Mbar {
 struct WgmmaOp {
   uint64_t seq = 0;
   int wg = 0;
+  uint32_t ordinal = 0;            // its place among the wgmmas of its warpgroup, from 1
   uint64_t group = 0;
   caemu_wgmma_args args{};  // common operands (thread 0's d / a pointers unused)
   float* d[kWarpgroup];
@@ -110,6 +130,7 @@ struct Gather {  // a warpgroup collective in progress
 struct NamedBar {
   uint32_t count = 0, arrived = 0;
   std::vector<int> members;  // threads arrived in the current generation
+  Seen seen;                 // what they knew of wgmma completion
 };
 
 // Per worker (a worker runs one block at a time): the Hopper state of its current block.
@@ -125,6 +146,11 @@ struct HopBlock {
   std::vector<TmaLoad> loads;
   std::vector<TmaStore> stores;
   std::vector<unsigned char> shadow;  // the async proxy's view of dynamic shared memory
+  std::vector<std::vector<uint16_t>> issued;  // per warpgroup: the N of each wgmma issued, by ordinal - 1
+  // Per warpgroup and 16-byte chunk of dynamic shared memory: the ordinal of the last wgmma of the
+  // warpgroup that reads the chunk (0: none). Empty until the block's first wgmma.
+  std::vector<uint32_t> readers;
+  size_t nchunks = 0;
   uint64_t seq = 0;
   uint64_t epoch = 0;                 // counts changes of mbarriers and named barriers
   uint64_t timeout_epoch = ~0ull;     // epoch when waiting threads last timed out
@@ -151,6 +177,9 @@ HopBlock& hop(Fiber* f) {
     h.loads.clear();
     h.stores.clear();
     h.seq = 0;
+    h.issued.assign(h.gathers.size(), {});
+    h.readers.clear();
+    h.nchunks = (B->pub.dyn_smem_bytes + 15) / 16;
     h.epoch = 0;
     h.timeout_epoch = ~0ull;
     // The async proxy's view starts as the generic one: plain stores made before the block's first
@@ -301,6 +330,8 @@ bool mbar_settle(HopBlock& h, uintptr_t key, Mbar& m, std::string* err) {
   if (m.pending == 0 && m.tx == 0) {
     m.phase++;
     m.pending = m.expected;
+    m.completed.join(m.arrived);
+    m.arrived = Seen();
     for (int i = 0; i < (int)h.th.size(); ++i) {
       HopThread& t = h.th[i];
       if (t.wait == W_MBAR && t.wait_bar == key && (m.phase & 1) != t.wait_parity) wake(B, i);
@@ -422,11 +453,18 @@ void wgmma_perform(HopBlock& h, WgmmaOp& op) {
   for (int n = 0; n < N; ++n)
     for (int k = 0; k < 16; ++k) Bm[k][n] = load16(&h.shadow[operand_addr(db, g.trans_b, n, k) - kDynSmemBase], bf16);
   double sa = g.neg_a ? -1.0 : 1.0, sb = g.neg_b ? -1.0 : 1.0;
+  // C[m][n] = sum over k = 0..15, in that order, of (sa A[m][k]) (sb B[k][n]), for 8 columns at a time
+  // (N is a multiple of 8): 8 independent sums in registers instead of one chain of dependent adds.
   for (int m = 0; m < 64; ++m)
-    for (int n = 0; n < N; ++n) {
-      double acc = 0;
-      for (int k = 0; k < 16; ++k) acc += (sa * A[m][k]) * (sb * Bm[k][n]);
-      C[m][n] = acc;
+    for (int n0 = 0; n0 < N; n0 += 8) {
+      double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int k = 0; k < 16; ++k) {
+        const double a = sa * A[m][k];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) acc[j] += a * (sb * Bm[k][n0 + j]);
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) C[m][n0 + j] = acc[j];
     }
   op.result.resize((size_t)kWarpgroup * (N / 2));
   for (int r = 0; r < kWarpgroup; ++r) {
@@ -593,18 +631,52 @@ std::vector<uint32_t> box_chunks(uint32_t addr, uint64_t bytes, int swizzle) {
   return c;
 }
 
-std::string overwrite_msg(Block* B, const char* when, int issuer, uint32_t addr, uint64_t bytes, const WgmmaOp& op) {
-  return fmt("the TMA load issued by %s into shared [0x%x, 0x%llx) %s while a wgmma.mma_async of warpgroup %d "
-             "(m64n%dk16, issued before) still reads that memory: it is complete only once a thread of the "
-             "warpgroup has waited for it (wgmma.wait_group); release a buffer after that wait",
-             thread_name(B, issuer).c_str(), addr, (unsigned long long)(addr + bytes), when, op.wg, op.args.n);
+// A TMA load landing in memory that a wgmma issued while the load was in flight still reads (one
+// issued before the load is checked at the load's issue).
+std::string landing_msg(Block* B, int issuer, uint32_t addr, uint64_t bytes, const WgmmaOp& op) {
+  return fmt("the TMA load issued by %s into shared [0x%x, 0x%llx) lands while a wgmma.mma_async of warpgroup %d "
+             "(m64n%dk16), issued while the load was in flight, still reads that memory: a wgmma may read a "
+             "buffer only once the mbarrier its load completes on says it has landed",
+             thread_name(B, issuer).c_str(), addr, (unsigned long long)(addr + bytes), op.wg, op.args.n);
+}
+
+// A write by thread f into the 16-byte chunks `chunks` (address >> 4) of dynamic shared memory: fails
+// if a wgmma that f does not know to be complete reads one of them. Such a wgmma may be in flight, or
+// complete only by the emulator's schedule: no wgmma.wait_group that retired it is ordered before
+// this write (its waiting thread's arrive or barrier, then passed by f), so on a GPU its operand read
+// and the write race.
+void check_unseen_readers(Fiber* f, HopBlock& h, const std::vector<uint32_t>& chunks, const char* what, uint32_t addr,
+                          uint64_t bytes) {
+  if (h.readers.empty()) return;
+  const Seen& seen = h.th[f->linear].seen;
+  for (uint32_t c : chunks) {
+    size_t i = c - kDynSmemBase / 16;
+    if (i >= h.nchunks) continue;  // (a plain store reaching past dynamic shared memory faults by itself)
+    for (size_t wg = 0; wg < h.gathers.size(); ++wg) {
+      uint32_t r = h.readers[wg * h.nchunks + i];
+      if (r <= seen.wg[wg]) continue;
+      const WgmmaOp* op = nullptr;
+      for (auto& o : h.wgmma)
+        if (o.wg == (int)wg && o.ordinal == r) op = &o;
+      const char* state = op == nullptr ? "since waited for by every thread of its warpgroup"
+                          : op->retired ? "since waited for by another thread"
+                                        : "not yet waited for by any thread";
+      fail(f, fmt("%s by %s into shared [0x%x, 0x%llx) writes [0x%x, 0x%x), which wgmma.mma_async #%u of warpgroup "
+                  "%d (m64n%dk16) reads (%s): no wgmma.wait_group that retired it is ordered before this write (a "
+                  "wait, then an mbarrier arrive, named barrier or __syncthreads that this thread passed after it), "
+                  "so on a GPU the write may land while the wgmma still reads; release a buffer only after waiting "
+                  "for the wgmmas that read it",
+                  what, thread_str(f).c_str(), addr, (unsigned long long)(addr + bytes), c << 4, (c << 4) + 16, r,
+                  (int)wg, (int)h.issued[wg][r - 1], state));
+    }
+  }
 }
 
 // Lands a TMA load: the box into shared memory (both views), its bytes completed on its mbarrier.
 bool land_load(HopBlock& h, TmaLoad& op, std::string* err) {
   Block* B = h.B;
   if (const WgmmaOp* r = inflight_reader(h, box_chunks(op.dst, op.data.size(), op.swizzle))) {
-    *err = overwrite_msg(B, "lands", op.issuer, op.dst, op.data.size(), *r);
+    *err = landing_msg(B, op.issuer, op.dst, op.data.size(), *r);
     return false;
   }
   uint32_t bits = tma_swizzle_bits(op.swizzle);
@@ -741,6 +813,26 @@ void hopper_thread_exit(Fiber* f) {
   }
 }
 
+// __syncthreads() completed: every thread of the block learns what any of them knew.
+void hopper_syncthreads(Block* B) {
+  HopBlock& h = tl_hop;
+  if (!h.active || h.B != B || h.readers.empty()) return;
+  Seen all;
+  for (auto& t : h.th) all.join(t.seen);
+  for (auto& t : h.th) t.seen = all;
+}
+
+// Race mode: a plain store of `n` bytes at `p` by the running thread (from race_access).
+void hopper_shared_store(const void* p, size_t n) {
+  HopBlock& h = tl_hop;
+  if (!h.active || h.readers.empty() || !in_dyn(h.B, p, 1)) return;
+  Fiber* f = cur_fiber();
+  uint32_t a = window_of(h.B, p);
+  std::vector<uint32_t> chunks;
+  for (uint32_t c = a >> 4; c <= (uint32_t)((a + n - 1) >> 4); ++c) chunks.push_back(c);
+  check_unseen_readers(f, h, chunks, "a plain store", a, n);
+}
+
 // No thread can run: land one in-flight TMA load (any, in interleave mode; the oldest otherwise) and
 // report whether that woke a thread or failed; more loads are landed until one does.
 bool hopper_progress(Block* B) {
@@ -866,6 +958,7 @@ void caemu_wgmma_wait(int n) {
     if (!op.executed) wgmma_perform_upto(h, i);
     wgmma_writeback(op, f->linear % kWarpgroup);
     op.retired = true;
+    t.seen.wg[wg] = std::max(t.seen.wg[wg], op.ordinal);
     if (op.group >= t.wg_retired) retired = true;
   }
   if (limit > t.wg_retired) t.wg_retired = limit;
@@ -953,6 +1046,8 @@ void caemu_wgmma(const caemu_wgmma_args* args) {
   WgmmaOp op;
   op.seq = ++h.seq;
   op.wg = wg;
+  h.issued[wg].push_back((uint16_t)a0.n);
+  op.ordinal = (uint32_t)h.issued[wg].size();
   op.group = g.commits[0];
   op.args = a0;
   for (int i = 0; i < kWarpgroup; ++i) {
@@ -963,6 +1058,8 @@ void caemu_wgmma(const caemu_wgmma_args* args) {
   std::sort(chunks.begin(), chunks.end());
   chunks.erase(std::unique(chunks.begin(), chunks.end()), chunks.end());
   op.chunks = std::move(chunks);
+  if (h.readers.empty()) h.readers.assign(h.gathers.size() * h.nchunks, 0);
+  for (uint32_t c : op.chunks) h.readers[wg * h.nchunks + (c - kDynSmemBase / 16)] = op.ordinal;
   op.countdown = choose_countdown(B);
   op.writeback_at_once = B->interleave && (rnd(B) & 1);
   h.wgmma.push_back(op);
@@ -1007,6 +1104,7 @@ void caemu_mbar_arrive(uint64_t* bar, uint32_t count, uint32_t tx) {
                 m.tx > 0 ? fmt(" (it waits for %lld more bytes)", (long long)m.tx).c_str() : ""));
   m.tx += tx;
   m.pending -= count;
+  m.arrived.join(h.th[f->linear].seen);  // release: what this thread knows goes with its arrival
   std::string err;
   if (!mbar_settle(h, (uintptr_t)bar, m, &err)) fail(f, fmt("%s by %s: %s", what, thread_str(f).c_str(), err.c_str()));
   caemu_maybe_yield();
@@ -1019,9 +1117,11 @@ void caemu_mbar_expect_tx(uint64_t* bar, uint32_t tx) {
   if (tx > (uint32_t)kMbarMaxTx)
     fail(f, fmt("mbarrier.expect_tx by %s with %u bytes (at most 2^20-1)", thread_str(f).c_str(), tx));
   m.tx += tx;
+  m.arrived.join(h.th[f->linear].seen);
   std::string err;
   if (!mbar_settle(h, (uintptr_t)bar, m, &err))
     fail(f, fmt("mbarrier.expect_tx by %s: %s", thread_str(f).c_str(), err.c_str()));
+  caemu_maybe_yield();
 }
 
 void caemu_mbar_complete_tx(uint64_t* bar, uint32_t tx) {
@@ -1031,6 +1131,7 @@ void caemu_mbar_complete_tx(uint64_t* bar, uint32_t tx) {
   if (tx > (uint32_t)kMbarMaxTx)
     fail(f, fmt("mbarrier.complete_tx by %s with %u bytes (at most 2^20-1)", thread_str(f).c_str(), tx));
   m.tx -= tx;
+  m.arrived.join(h.th[f->linear].seen);
   std::string err;
   if (!mbar_settle(h, (uintptr_t)bar, m, &err))
     fail(f, fmt("mbarrier.complete_tx by %s: %s", thread_str(f).c_str(), err.c_str()));
@@ -1044,14 +1145,17 @@ int caemu_mbar_try_wait_parity(uint64_t* bar, uint32_t parity) {
   Mbar& m = get_mbar(f, h, bar, "mbarrier.try_wait.parity");
   if (parity > 1)
     fail(f, fmt("mbarrier.try_wait.parity by %s with parity %u (0 or 1)", thread_str(f).c_str(), parity));
-  if ((m.phase & 1) != parity) return 1;
+  HopThread& t = h.th[f->linear];
+  if ((m.phase & 1) != parity) {
+    t.seen.join(m.completed);  // acquire: what the arrivals of the completed phases knew
+    return 1;
+  }
   // The phase is not complete. The instruction may time out (returning false); in interleave mode
   // it sometimes does, so that a wait that does not loop is exposed.
   if (B->interleave && (rnd(B) & 3) == 0) {
     yield_ready(f);
     return 0;
   }
-  HopThread& t = h.th[f->linear];
   t.wait_bar = (uintptr_t)bar;
   t.wait_parity = parity;
   hwait(f, t, W_MBAR);
@@ -1059,6 +1163,7 @@ int caemu_mbar_try_wait_parity(uint64_t* bar, uint32_t parity) {
     t.timed_out = false;
     return 0;
   }
+  t.seen.join(m.completed);
   return 1;
 }
 
@@ -1086,6 +1191,7 @@ void caemu_named_barrier(uint32_t id, uint32_t count, int sync) {
   nb.count = count;
   nb.arrived++;
   nb.members.push_back(f->linear);
+  nb.seen.join(h.th[f->linear].seen);
   h.epoch++;
   if (nb.arrived == count) {
     // .aligned: whole warps arrive (every existing lane of each warp that takes part).
@@ -1100,7 +1206,11 @@ void caemu_named_barrier(uint32_t id, uint32_t count, int sync) {
                     id, count, lanes_str(lanes).c_str(), w));
     }
     for (int m : nb.members)
-      if (m != f->linear && h.th[m].wait == W_NAMED && h.th[m].wait_id == id) wake(B, m);
+      if (m != f->linear && h.th[m].wait == W_NAMED && h.th[m].wait_id == id) {
+        h.th[m].seen.join(nb.seen);  // bar.sync acquires what every arrival knew; bar.arrive does not
+        wake(B, m);
+      }
+    if (sync) h.th[f->linear].seen.join(nb.seen);
     nb = NamedBar();
     caemu_maybe_yield();
     return;
@@ -1201,8 +1311,7 @@ void caemu_tma_load(void* dst, const void* tmap, uint64_t* bar, int rank, const 
   Box b = box_of(m);
   uint32_t addr = window_of(B, dst);
   check_box_region(f, what, addr, b, m.swizzle);
-  if (const WgmmaOp* r = inflight_reader(h, box_chunks(addr, b.bytes, m.swizzle)))
-    fail(f, overwrite_msg(B, "is issued", f->linear, addr, b.bytes, *r));
+  check_unseen_readers(f, h, box_chunks(addr, b.bytes, m.swizzle), what, addr, b.bytes);
   TmaLoad op;
   op.seq = ++h.seq;
   op.issuer = f->linear;

@@ -221,6 +221,8 @@ void hopper_block_start(Block* B);
 void hopper_thread_exit(Fiber* f);
 bool hopper_progress(Block* B);  // no thread can run: land an in-flight TMA load; true if that changed anything
 std::string hopper_blocked_detail(Block* B);
+void hopper_syncthreads(Block* B);  // __syncthreads() completed: its threads share what they know of wgmma completion
+void hopper_shared_store(const void* p, size_t n);  // race mode: a plain store of the current thread
 
 }  // namespace
 
@@ -534,6 +536,7 @@ extern "C" void caemu_syncthreads(void) {
   }
   B->bar_count++;
   if (B->bar_count == B->live) {
+    hopper_syncthreads(B);
     for (Fiber* g : B->fibers)
       if (g->state == F_BARRIER) {
         g->state = F_READY;

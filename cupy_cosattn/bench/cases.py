@@ -12,7 +12,10 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
-IMPLS = ("cosattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "unfused")
+# "normalize+sdpa" is what a user writes without this library: F.normalize on q and k, then SDPA with torch's
+# own backend choice, its time including the normalization (and its gradient in the backward).
+IMPLS = ("cosattn", "normalize+sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "unfused")
+NORMALIZED_SDPA = "normalize+sdpa"
 SDPA_IMPLS = {  # our name -> SDPBackend member name
     "sdpa_flash": "FLASH_ATTENTION",
     "sdpa_cudnn": "CUDNN_ATTENTION",
@@ -30,7 +33,7 @@ PASS_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 
 CSV_COLUMNS = [
     "mode", "device", "dtype", "D", "N", "B", "H", "mask", "impl", "pass", "status",
-    "ms", "ms_min", "ms_max", "repeats", "tflops", "time_vs_best_sdpa", "best_sdpa",
+    "ms", "ms_min", "ms_max", "repeats", "tflops", "time_vs_best_sdpa", "best_sdpa", "time_vs_normalize_sdpa",
     "peak_mib", "cupy_pool_mib", "first_call_ms", "rel_err", "check", "note",
 ]
 

@@ -39,6 +39,7 @@ def row_dict(r: Row, meta: dict) -> dict:
         "H": c.H, "mask": c.mask, "impl": r.impl, "pass": r.pass_, "status": r.status,
         "ms": _fmt(r.ms), "ms_min": _fmt(r.ms_min), "ms_max": _fmt(r.ms_max), "repeats": r.repeats,
         "tflops": _fmt(r.tflops), "time_vs_best_sdpa": _fmt(r.time_vs_best_sdpa), "best_sdpa": r.best_sdpa,
+        "time_vs_normalize_sdpa": _fmt(r.time_vs_normalize_sdpa),
         "peak_mib": _fmt(r.peak_mib), "cupy_pool_mib": _fmt(r.cupy_pool_mib),
         "first_call_ms": _fmt(r.first_call_ms),
         "rel_err": "" if r.rel_err is None else f"{r.rel_err:.2e}", "check": r.check, "note": r.note,
@@ -75,7 +76,9 @@ def write_markdown(path: Path, rows: Sequence[Row], meta: dict, impls: Sequence[
               f"- settings: {meta['settings']}",
               "- cells: median ms (TFLOP/s); TFLOP/s counts 4·B·H·N²·D per forward, 2.5× that per backward, "
               "3.5× per forward+backward, half of it for causal; key-padding masks count in full",
-              "- `cosattn / best SDPA`: our median time over the fastest SDPA backend's (< 1 = faster); "
+              "- `cosattn / best SDPA`: our median time over the fastest SDPA backend's (< 1 = faster), all on "
+              "the same pre-normalized q, k; `cosattn / normalize+SDPA`: over the user's alternative with its "
+              "normalization cost (F.normalize on q and k, then SDPA with torch's own backend choice); "
               "peak MiB: memory allocated above the inputs during the pass (torch allocator"
               + ("; plus CuPy's pool where it was used" if not smoke else "") + ")", ""]
     notes: dict = {}
@@ -89,7 +92,7 @@ def write_markdown(path: Path, rows: Sequence[Row], meta: dict, impls: Sequence[
     for r in rows:
         by_key.setdefault((r.case, r.pass_), {})[r.impl] = r
     header = ["dtype", "D", "mask", "N", "B×H", "pass"] + list(impls) + \
-             ["cosattn / best SDPA", "peak MiB cosattn / best SDPA / unfused"]
+             ["cosattn / best SDPA", "cosattn / normalize+SDPA", "peak MiB cosattn / best SDPA / unfused"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     for (case, p), d in by_key.items():
@@ -111,6 +114,8 @@ def write_markdown(path: Path, rows: Sequence[Row], meta: dict, impls: Sequence[
             cells.append(f"{ours.time_vs_best_sdpa:.2f}× ({ours.best_sdpa.replace('sdpa_', '')})")
         else:
             cells.append("")
+        cells.append(f"{ours.time_vs_normalize_sdpa:.2f}×"
+                     if ours is not None and ours.time_vs_normalize_sdpa is not None else "")
         best = d.get(ours.best_sdpa) if ours is not None and ours.best_sdpa else None
         if best is None:
             sd = [r for r in d.values() if r.impl in SDPA_IMPLS and r.status == "ok" and r.ms]

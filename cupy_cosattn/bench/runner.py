@@ -18,8 +18,8 @@ import torch
 from .. import tolerances
 from ..problem import Problem, visible
 from . import impls
-from .cases import PASSES, SDPA_IMPLS, Case, Inputs
-from .impls import Impl, Skip, impl_context, is_unavailable, sdpa_fn, unavailable_note, unfused_fn
+from .cases import NORMALIZED_SDPA, PASSES, SDPA_IMPLS, Case, Inputs
+from .impls import Impl, Skip, impl_context, is_unavailable, normalized_sdpa_fn, sdpa_fn, unavailable_note, unfused_fn
 from .timers import CudaTimer, WallTimer
 
 
@@ -44,6 +44,7 @@ class Row:
     repeats: int = 0
     tflops: Optional[float] = None
     time_vs_best_sdpa: Optional[float] = None
+    time_vs_normalize_sdpa: Optional[float] = None
     best_sdpa: str = ""
     peak_mib: Optional[float] = None
     cupy_pool_mib: Optional[float] = None
@@ -100,6 +101,8 @@ class Bench:
             return self.cosattn_fn
         if impl == "unfused":
             return unfused_fn
+        if impl == NORMALIZED_SDPA:
+            return normalized_sdpa_fn
         return sdpa_fn
 
     def _cupy_pool(self) -> Any:
@@ -258,8 +261,13 @@ class Bench:
 
 
 def fill_ratios(rows: Sequence[Row]) -> None:
-    """time_vs_best_sdpa for every row of one case: ms / (fastest ok SDPA backend's ms) per pass."""
+    """time_vs_best_sdpa for every row of one case: ms / (fastest ok SDPA backend's ms) per pass, and
+    time_vs_normalize_sdpa: ms / (normalize+sdpa's ms)."""
     for p in PASSES:
+        norm = [r for r in rows if r.pass_ == p and r.impl == NORMALIZED_SDPA and r.status == "ok" and r.ms]
+        for r in rows:
+            if norm and r.pass_ == p and r.status == "ok" and r.ms:
+                r.time_vs_normalize_sdpa = r.ms / norm[0].ms
         sd = [r for r in rows if r.pass_ == p and r.impl in SDPA_IMPLS and r.status == "ok" and r.ms]
         if not sd:
             continue
