@@ -139,7 +139,8 @@ FORWARD_MUTANTS: tuple = (
            "        __syncthreads();                       // ... for every thread's copies\n", "",
            FWD_F16, "no barrier after cp.async wait: warps read K/V chunks other threads' copies have not landed"),
     Mutant("fwd_sync_buffer_reuse", FORWARD_CU,
-           "      if constexpr (KV_BUFS == 2) __syncthreads();  // every warp is done with these buffers before the next prefetch\n",
+           "      if constexpr (KV_BUFS == 2) __syncthreads();  // every warp is done with these buffers before the "
+           "next prefetch\n",
            "", FWD_F16,
            "no barrier before the prefetch refills a K/V buffer another warp may still read"),
     Mutant("fwd_wait_group_2", FORWARD_CU, "cp_async_wait<1>();                    // all but",
@@ -155,7 +156,8 @@ FORWARD_MUTANTS: tuple = (
     Mutant("fwd_final_sync", FORWARD_CU,
            "    __syncthreads();  // the staging area is Q's: the next (batch, head) reloads it\n", "",
            FWD_GRID_Y, "grid-y loop: the next work item's Q load overwrites O staging another warp still copies out"),
-    Mutant("fwd_syncwarp", FORWARD_CU, "      __syncwarp();\n      // 16-byte stores", "      // 16-byte stores", FWD_F16,
+    Mutant("fwd_syncwarp", FORWARD_CU, "      __syncwarp();\n      // 16-byte stores", "      // 16-byte stores",
+           FWD_F16,
            "no __syncwarp between staging O in shared memory and the lanes' 16-byte copies of other lanes' rows"),
     Mutant("fwd_pv_no_trans", TILES_CUH, "    ldsm_x4_trans(b, b_lane + nn * 32);",
            "    ldsm_x4(b, b_lane + nn * 32);", FWD_F16, "V's B operand loaded without .trans"),
@@ -198,7 +200,8 @@ FORWARD_MUTANTS: tuple = (
            "K/V tile loads ignore rows_left: rows past Nk are read out of bounds"),
     Mutant("fwd_scores_unzeroed", FORWARD_CU, "for (int mt = 0; mt < MT; ++mt) fill_zero(s[mt]);",
            "for (int mt = 0; mt < MT; ++mt) (void)s[mt];", FWD_F16, "score accumulators not zeroed per tile"),
-    Mutant("fwd_o_rescale", FORWARD_CU, "              o[mt][n][2 * r] *= alpha;\n              o[mt][n][2 * r + 1] *= alpha;",
+    Mutant("fwd_o_rescale", FORWARD_CU, "              o[mt][n][2 * r] *= alpha;\n              o[mt][n][2 * r + 1] *= "
+                                        "alpha;",
            "              o[mt][n][2 * r] *= alpha;", k(FWD, expr=f"configs and bias and {F16}"),
            "running max: one column of O not rescaled when the max grows"),
     Mutant("fwd_m_use", FORWARD_CU, "const float m_use = m_new == neg_inf() ? 0.f : m_new;",
@@ -213,7 +216,8 @@ FORWARD_MUTANTS: tuple = (
     Mutant("fwd_mask_batch", FORWARD_CU, "p.mask ? p.mask + b * p.mask_sb : nullptr;", "p.mask ? p.mask : nullptr;",
            FWD_F16, "key mask without the batch offset"),
     Mutant("fwd_next_tile_stall", FORWARD_CU, "        next = next_tile(tile + 1);\n        if (next < n_tiles) {",
-           "        next = next_tile(tile);\n        if (next < n_tiles) {", FWD_F16, "tile iterator never advances: the kernel spins forever",
+           "        next = next_tile(tile);\n        if (next < n_tiles) {", FWD_F16, "tile iterator never advances: "
+                                                                                      "the kernel spins forever",
            timeout_s=300),
     Mutant("fwd_out_guard", FORWARD_CU, "if (erow0 + r < we.Nq) copy16(", "copy16(", FWD_F16,
            "output rows past Nq stored (out of bounds)"),
@@ -338,7 +342,8 @@ BACKWARD_MUTANTS: tuple = (
            "bwd_dkdv waits for all but two groups: the current stage may be in flight"),
     Mutant("bwd_dkdv_last_wait", BACKWARD_CU,
            "        cp_async_wait<0>();\n      }\n      __syncthreads();  // this stage's copies (every thread's)",
-           "        cp_async_wait<1>();\n      }\n      __syncthreads();  // this stage's copies (every thread's)", BWD_F16,
+           "        cp_async_wait<1>();\n      }\n      __syncthreads();  // this stage's copies (every thread's)",
+           BWD_F16,
            "bwd_dkdv's last iteration leaves its stage in flight"),
     Mutant("bwd_dq_wait_2", BACKWARD_CU, "        load_kv_stage(kt_next, st ^ 1);\n        cp_async_wait<1>();",
            "        load_kv_stage(kt_next, st ^ 1);\n        cp_async_wait<2>();", BWD_GQA,
@@ -371,8 +376,10 @@ BACKWARD_MUTANTS: tuple = (
            "  if constexpr (sizeof(T) == 4) return (lane % 4) * PITCH + (lane / 4) * 4;", BWD_F32,
            "fp32 B rows (against accumulators) in the plain k order, not the one mma_pb_step_f32's permutation needs"),
     Mutant("bwd_f32_km", TILES_CUH,
-           "    split_tf32(lds_f32(p + 32), a.big[1], a.small[1]);\n    split_tf32(lds_f32(p + 4 * PITCH_A), a.big[2], a.small[2]);",
-           "    split_tf32(lds_f32(p + 4 * PITCH_A), a.big[1], a.small[1]);\n    split_tf32(lds_f32(p + 32), a.big[2], a.small[2]);",
+           "    split_tf32(lds_f32(p + 32), a.big[1], a.small[1]);\n    split_tf32(lds_f32(p + 4 * PITCH_A), a.big[2], "
+           "a.small[2]);",
+           "    split_tf32(lds_f32(p + 4 * PITCH_A), a.big[1], a.small[1]);\n    split_tf32(lds_f32(p + 32), a.big[2], "
+           "a.small[2]);",
            BWD_F32, "fp32 A fragment a1/a2 swapped (transposed load)"),
     Mutant("bwd_f32_kn_row", TILES_CUH, "      split_tf32(lds_f32(p + 32 * n + 4 * PITCH_B), bb[1], bs[1]);",
            "      split_tf32(lds_f32(p + 32 * n + PITCH_B), bb[1], bs[1]);", BWD_F32,
@@ -447,8 +454,10 @@ BACKWARD_MUTANTS: tuple = (
     Mutant("bwd_split_offset", BACKWARD_CU, "((int64_t)hk * p.nsplit + s) * p.dkv_sh;", "(int64_t)hk * p.dkv_sh;",
            BWD_GQA, "partial dK/dV of every query-head split written to the same slot"),
     Mutant("bwd_dp_unzeroed", BACKWARD_CU,
-           "      float acc_dp[NT][4];\n      fill_zero(acc_dp);\n#pragma unroll (C::U_ABT)\n      for (int ks = 0; ks < D_PAD / KS; ++ks) abt_step<T, BR, PITCH>(acc_dp, vA",
-           "      float acc_dp[NT][4];\n#pragma unroll (C::U_ABT)\n      for (int ks = 0; ks < D_PAD / KS; ++ks) abt_step<T, BR, PITCH>(acc_dp, vA", BWD_F16,
+           "      float acc_dp[NT][4];\n      fill_zero(acc_dp);\n#pragma unroll (C::U_ABT)\n      for (int ks = 0; ks "
+           "< D_PAD / KS; ++ks) abt_step<T, BR, PITCH>(acc_dp, vA",
+           "      float acc_dp[NT][4];\n#pragma unroll (C::U_ABT)\n      for (int ks = 0; ks < D_PAD / KS; ++ks) "
+           "abt_step<T, BR, PITCH>(acc_dp, vA", BWD_F16,
            "dP^T accumulators not zeroed per query tile"),
     # hoisted per-tile visibility checks (taken when dscale is not needed)
     Mutant("bwd_dkdv_check_causal", BACKWARD_CU,
@@ -483,7 +492,8 @@ BACKWARD_MUTANTS: tuple = (
            "        for (int e = 0; e < 4; ++e) acc_r[e] *= 1.f;\n", k(ROWS, expr="shrinks"),
            "deterministic float16: r_i not rescaled when the range factor shrinks"),
     # fast paths of the tile loops
-    Mutant("bwd_dkdv_bias_fast_path", BACKWARD_CU, "      } else if (p.bias != nullptr) {\n        probs(false, false, true);",
+    Mutant("bwd_dkdv_bias_fast_path", BACKWARD_CU, "      } else if (p.bias != nullptr) {\n        probs(false, false, "
+                                                   "true);",
            "      } else if (p.bias != nullptr) {\n        probs(false, false, false);", LEAN,
            "bwd_dkdv drops the bias on tiles whose pairs are all visible"),
     Mutant("bwd_dq_bias_fast_path", BACKWARD_CU, "      else if (p.bias != nullptr) probs(false, false, true);",

@@ -10,7 +10,8 @@ diffs (more queries than keys: the first -diff query rows see no key at all, so 
 (warps sit 16 or 32 rows / 16 keys apart inside a block) then put the diagonal at every position of every
 warp's slab.
 
-The sweeps use tiny problems (D = 16, Nq = 70: one or two forward query tiles of 128 or 64 rows, the last partial) so each
+The sweeps use tiny problems (D = 16, Nq = 70: one or two forward query tiles of 128 or 64 rows, the last
+partial) so each
 case costs milliseconds; larger head dims (other tiles), other lengths and every residue for every
 configuration are behind ``@pytest.mark.slow``. Further: the (batch, head) loops over grid y when
 B*H exceeds the grid's limit, the causal tile bounds of the backward (bwd_dkdv's first query tile
