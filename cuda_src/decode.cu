@@ -38,11 +38,10 @@
 // and combine by the log-sum-exp rule (weights exp(m_s - max m)).
 //
 // Element types, the V scrub and flags are the forward's (forward.cu is included for them; the fp16
-// headroom is fixed_offset.cuh's). The tile products are tiles.cuh's with one m16 row tile per warp
-// (MT = 1) against KT keys, on 32-bit shared addresses; the row sums of 16-bit P come from a
-// ones-mma (tile_pv).
+// headroom is fixed_offset.cuh's). The tile products are decode's own (below): one warp, one 16-row
+// mma tile against KT keys, with the row sums of 16-bit P from a ones-mma; the forward's tiles.cuh
+// products take several row tiles per warp and shared addresses of another layout.
 #include "forward.cu"
-#include "tiles.cuh"
 
 namespace ca {
 namespace dec {
@@ -60,65 +59,130 @@ constexpr float EPS = 1e-12f;     // problem.NORM_EPS, norm.cu EPS
 
 // Shared rows of decode's tiles (Q, K, V): each padded by one 16-byte chunk, so that row starts move 4
 // banks apart and ldmatrix (8 rows x 16 bytes) and the fp32 fragment loads (8 rows x 4 columns) are
-// conflict-free; the padding's first element holds scrub_v's flag.
-template <typename T, int DP>
-struct Rows {
-  static constexpr int CHUNK = 16 / sizeof(T);          // elements per 16-byte chunk
-  static constexpr int CPR = DP / CHUNK;                // chunks per row
-  static constexpr int ROW = DP + CHUNK;                // row pitch in elements
-  static constexpr int PITCH = ROW * (int)sizeof(T);    // row pitch in bytes
+// conflict-free; the padding's first element holds scrub_v's flag. BN (keys per tile) is part of the
+// name only for the tile products' signatures: the pitch does not depend on it.
+template <typename T, int DP, int BN>
+struct Smem {
+  static constexpr int CHUNK = 16 / sizeof(T);  // elements per 16-byte chunk
+  static constexpr int ROW = DP + CHUNK;        // row pitch in elements
 };
 
 // ---------------------------------------------------------------------------------------------
-// A warp's tile work on tiles.cuh's products with one m16 row tile (MT = 1): the warp's 16 rows (Q
-// at `q_lane`, or qf in registers) against KT keys (K at `k_lane`, V at `v_lane`), each address the
-// tile origin plus the lane's offset (tiles.cuh lane offsets; fp32 P V: 2t rows and g columns).
+// Decode's tile products: one warp's 16 rows (sQw, or qf in registers) against BN keys of a tile in
+// shared memory (pitch Smem::ROW).
+//
+// fp16 / bf16 (mma.m16n8k16). Fragment layouts: common.cuh header.
 
-// s (keys 8j..8j+7 in s[0][j]) = Q_w K^T over the head dim, one k-step per 16 (fp32: 8) dims.
-template <typename T, int DP, int KT, bool Q_IN_REGS, int QF>
-CA_DEVICE void tile_scores(float (&s)[1][KT / 8][4], const uint32_t (&qf)[QF][1][4], saddr_t q_lane,
-                           saddr_t k_lane) {
-  constexpr int PITCH = Rows<T, DP>::PITCH;
-  if constexpr (sizeof(T) == 4) {
+// s[j] (keys 8j..8j+7) += Q_w K^T over the head dim. The A operand (16 rows x 16 dims) is qf[kk] when
+// Q lives in registers, else one ldmatrix.x4 of the warp's Q rows; each ldmatrix.x4 of K yields the B
+// operands of two 8-key column tiles (K rows are keys, so no transpose is needed).
+template <typename T, int DP, int BN, bool Q_IN_REGS, int QF>
+CA_DEVICE void tile_scores(float (&s)[BN / 8][4], const uint32_t (&qf)[QF][4], const T* sQw, const T* sK,
+                           int lane) {
+  constexpr int ROW = Smem<T, DP, BN>::ROW;
 #pragma unroll
-    for (int kk = 0; kk < DP / 8; ++kk) mma_abt_step_f32<KT, PITCH>(s[0], q_lane + 32 * kk, k_lane + 32 * kk);
-  } else {
+  for (int kk = 0; kk < DP / 16; ++kk) {
+    uint32_t a[4];
+    if constexpr (Q_IN_REGS) {
 #pragma unroll
-    for (int kk = 0; kk < DP / 16; ++kk) {
-      if constexpr (Q_IN_REGS) {
-        mma_abt_step<T, 1, KT, PITCH>(s, qf[kk], k_lane + 32 * kk);
-      } else {
-        uint32_t a[1][4];
-        load_a<1, PITCH>(a, q_lane + 32 * kk);
-        mma_abt_step<T, 1, KT, PITCH>(s, a, k_lane + 32 * kk);
-      }
+      for (int i = 0; i < 4; ++i) a[i] = qf[kk][i];
+    } else {
+      ldmatrix_x4(a, sQw + (lane % 16) * ROW + 16 * kk + (lane / 16) * 8);
+    }
+#pragma unroll
+    for (int jj = 0; jj < BN / 16; ++jj) {
+      uint32_t b[4];
+      ldmatrix_x4(b, sK + (16 * jj + (lane / 16) * 8 + lane % 8) * ROW + 16 * kk + ((lane / 8) % 2) * 8);
+      mma_m16n8k16(s[2 * jj], a, b, T());
+      mma_m16n8k16(s[2 * jj + 1], a, b + 2, T());
     }
   }
 }
 
-// o += P V. 16-bit: two adjacent 8-key tiles of P are one k16 step's A operand (acc_to_a), and the
-// row sums come from the tensor cores too: one more mma per k-step against an all-ones B operand adds
-// sum_k P[row][k] to every column of `lsum` (c0, c1: row g; c2, c3: row g+8). That sums exactly the
-// rounded P that multiplies V (so a rounding shared by a row cancels in O / l), in fp32, and costs
-// 1/(DP/8) of the P V products instead of a convert and an add per element. fp32: one k8 step per
-// 8-key tile of P (mma_pb_step_f32); its row sums are the caller's.
-template <typename T, int DP, int KT>
-CA_DEVICE void tile_pv(float (&o)[1][DP / 8][4], float (&lsum)[4], const float (&s)[1][KT / 8][4], saddr_t v_lane) {
-  constexpr int PITCH = Rows<T, DP>::PITCH;
-  if constexpr (sizeof(T) == 4) {
+// o[n] (dims 8n..8n+7) += P V. The accumulator layout of two adjacent 8-key tiles of P is exactly the
+// A layout of one 16-key k-step, so P is packed to T in registers; ldmatrix.trans turns V's row-major
+// (key, dim) tiles into B operands.
+// The row sums come from the tensor cores too: one more mma per k-step against an all-ones B operand
+// adds sum_k P[row][k] to every column of `lsum` (c0, c1: row g; c2, c3: row g+8). That sums exactly
+// the rounded P that multiplies V (so a rounding shared by a row cancels in O / l), in fp32, and
+// costs 1/(DP/8) of the P V products instead of a convert and an add per element.
+template <typename T, int DP, int BN>
+CA_DEVICE void tile_pv(float (&o)[DP / 8][4], float (&lsum)[4], const float (&s)[BN / 8][4], const T* sV, int lane) {
+  constexpr int ROW = Smem<T, DP, BN>::ROW;
+  const uint32_t ones[2] = {pack2<T>(1.f, 1.f), pack2<T>(1.f, 1.f)};
 #pragma unroll
-    for (int j = 0; j < KT / 8; ++j) mma_pb_step_f32<DP, PITCH>(o[0], s[0][j], v_lane + 8 * j * PITCH);
-  } else {
-    const uint32_t ones[2] = {pack2<T>(1.f, 1.f), pack2<T>(1.f, 1.f)};
+  for (int ks = 0; ks < BN / 16; ++ks) {
+    const uint32_t a[4] = {pack2<T>(s[2 * ks][0], s[2 * ks][1]), pack2<T>(s[2 * ks][2], s[2 * ks][3]),
+                           pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                           pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+    mma_m16n8k16(lsum, a, ones, T());
 #pragma unroll
-    for (int ks = 0; ks < KT / 16; ++ks) {
-      uint32_t a[1][4];
-      acc_to_a<T>(a[0], s[0][2 * ks], s[0][2 * ks + 1]);
-      mma_m16n8k16(lsum, a[0], ones, T());
-      mma_ab_step<T, 1, DP, PITCH>(o, a, v_lane + 16 * ks * PITCH);
+    for (int nn = 0; nn < DP / 16; ++nn) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, sV + (16 * ks + ((lane / 8) % 2) * 8 + lane % 8) * ROW + 16 * nn + (lane / 16) * 8);
+      mma_m16n8k16(o[2 * nn], a, b, T());
+      mma_m16n8k16(o[2 * nn + 1], a, b + 2, T());
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// fp32 tile products: 3xTF32 on mma.m16n8k8 (split_tf32 / mma_3xtf32 in common.cuh).
+
+// s[j] += Q_w K^T. A (16 rows x 8 dims): a0 = (g, t), a1 = (g+8, t), a2 = (g, t+4), a3 = (g+8, t+4);
+// B (8 dims x 8 keys): b0 = K[key g][dim t], b1 = K[key g][dim t+4]. An 8 x 4 block of fp32 is an
+// 8 x 8 block of b16 to ldmatrix, and lane (g, t) receives 32-bit word t of row g: exactly these
+// fragments. So the fp32 operands load with the same ldmatrix.x4 addressing as the 16-bit ones, with
+// 4-float instead of 8-half column steps.
+template <int DP, int BN>
+CA_DEVICE void tile_scores_f32(float (&s)[BN / 8][4], const float* sQw, const float* sK, int lane) {
+  constexpr int ROW = Smem<float, DP, BN>::ROW;
+#pragma unroll
+  for (int kk = 0; kk < DP / 8; ++kk) {
+    uint32_t a[4], ab[4], as[4];
+    ldmatrix_x4(a, sQw + (lane % 16) * ROW + 8 * kk + (lane / 16) * 4);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) split_tf32(bits_as_float(a[i]), ab[i], as[i]);
+#pragma unroll
+    for (int jj = 0; jj < BN / 16; ++jj) {
+      uint32_t b[4], bb[4], bs[4];
+      ldmatrix_x4(b, sK + (16 * jj + (lane / 16) * 8 + lane % 8) * ROW + 8 * kk + ((lane / 8) % 2) * 4);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) split_tf32(bits_as_float(b[i]), bb[i], bs[i]);
+      mma_3xtf32(s[2 * jj], ab, as, bb, bs);
+      mma_3xtf32(s[2 * jj + 1], ab, as, bb + 2, bs + 2);
+    }
+  }
+}
+
+// o[n] += P V, one k-step per 8-key tile j of P. The k index is permuted so that P's accumulator
+// layout is the A layout: A column t <-> key 2t and column t+4 <-> key 2t+1, hence
+// a0 = c0 (g, 2t), a1 = c2 (g+8, 2t), a2 = c1 (g, 2t+1), a3 = c3 (g+8, 2t+1); V rows follow the same
+// map: b0 = V[key 2t][dim g], b1 = V[key 2t+1][dim g]. V is read through one 32-bit shared address
+// per k-step plus immediates (a generic pointer per element costs the registers that, at DP = 208
+// with a running max, ptxas otherwise spills on sm_80).
+template <int DP, int BN>
+CA_DEVICE void tile_pv_f32(float (&o)[DP / 8][4], const float (&s)[BN / 8][4], const float* sV, int g, int t) {
+  constexpr int ROW = Smem<float, DP, BN>::ROW;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    uint32_t ab[4], as[4];
+    split_tf32(s[j][0], ab[0], as[0]);
+    split_tf32(s[j][2], ab[1], as[1]);
+    split_tf32(s[j][1], ab[2], as[2]);
+    split_tf32(s[j][3], ab[3], as[3]);
+    const saddr_t vj = smem_addr(sV + (8 * j + 2 * t) * ROW + g);
+#pragma unroll
+    for (int n = 0; n < DP / 8; ++n) {
+      const saddr_t vb = vj + (int)sizeof(float) * 8 * n;  // byte offsets
+      uint32_t bb[2], bs[2];
+      split_tf32(lds_f32(vb), bb[0], bs[0]);
+      split_tf32(lds_f32(vb + (int)sizeof(float) * ROW), bb[1], bs[1]);
+      mma_3xtf32(o[n], ab, as, bb, bs);
+    }
+  }
+}
+
 
 // A cache slot: physical page (the sequence itself for a contiguous cache) and row in the page.
 struct Slot {
@@ -143,8 +207,8 @@ CA_DEVICE Slot locate(const DecodeParams& p, const int* bt_row, int b, int key) 
 template <typename T, int DP, int BN>
 CA_DEVICE void load_kv_tile(T* sK, T* sV, const T* kc, const T* vc, const DecodeParams& p, const int* bt_row,
                             int b, int key0, int kend) {
-  using L = Rows<T, DP>;
-  constexpr int CPR = L::CPR;
+  using L = Smem<T, DP, BN>;
+  constexpr int CPR = DP / L::CHUNK;
   constexpr int GROUPS = BN / 16;         // 16-key groups per tile
   static_assert(BN % 16 == 0 && WARPS % GROUPS == 0, "whole groups per warp");
   constexpr int WPG = WARPS / GROUPS;     // warps sharing a group
@@ -177,8 +241,8 @@ CA_DEVICE void load_kv_tile(T* sK, T* sV, const T* kc, const T* vc, const Decode
 // The block's query rows [0, rows) (row stride q_sn from q), zero past them and past column D.
 template <typename T, int DP, int BM>
 CA_DEVICE void load_q_tile(T* sQ, const T* q, const DecodeParams& p, int rows) {
-  using L = Rows<T, DP>;
-  constexpr int CPR = L::CPR;
+  using L = Smem<T, DP, 16>;
+  constexpr int CPR = DP / L::CHUNK;
   constexpr int TOTAL = BM * CPR;
 #pragma unroll 1
   for (int i = threadIdx.x; i < TOTAL; i += THREADS) {
@@ -188,7 +252,7 @@ CA_DEVICE void load_q_tile(T* sQ, const T* q, const DecodeParams& p, int rows) {
   }
 }
 
-// Grouped l2 normalization in place of rows [0, ROWS) of a shared tile (pitch Rows::ROW): each of the
+// Grouped l2 normalization in place of rows [0, ROWS) of a shared tile (pitch Smem::ROW): each of the
 // `groups` chunks of the first D columns becomes x / max(||x||, EPS), rounded to T, as norm.cu does
 // (columns past D are zero and stay zero). Two threads per row, each with half of it (whole 16-byte
 // pieces), fp32 sums joined by one shuffle; rows are spread so that a warp holds 16 whole rows, which
@@ -196,7 +260,7 @@ CA_DEVICE void load_q_tile(T* sQ, const T* q, const DecodeParams& p, int rows) {
 // group's scaling touches only its own columns, which no later group reads.
 template <typename T, int DP, int ROWS>
 CA_DEVICE void normalize_rows(T* tile, int D, int groups) {
-  using L = Rows<T, DP>;
+  using L = Smem<T, DP, 16>;
   constexpr int CH = L::CHUNK;
   constexpr int HALF = DP / 2;
   constexpr int NCH = HALF / CH;  // 16-byte pieces per thread
@@ -264,7 +328,7 @@ CA_DEVICE void normalize_rows(T* tile, int D, int groups) {
 // tile. Same thread layout: two threads per row, fp32 sums joined by one shuffle.
 template <typename T, int DP, int ROWS>
 CA_DEVICE void key_rnorm(const T* tile, float* rnorm) {
-  using L = Rows<T, DP>;
+  using L = Smem<T, DP, 16>;
   constexpr int CH = L::CHUNK;
   constexpr int HALF = DP / 2;
   constexpr int NCH = HALF / CH;
@@ -319,13 +383,12 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodePa
   static_assert(DP % 16 == 0 && DP >= 16 && DP <= 256, "head dim padded to a multiple of 16, at most 256");
   constexpr bool F32 = is_f32<T>::value;
   constexpr bool Q_IN_REGS = !F32 && DP <= 128;
-  using L = Rows<T, DP>;
+  using L = Smem<T, DP, BN>;
   constexpr int ROW = L::ROW;
-  constexpr int PITCH = L::PITCH;
   constexpr int QS = BM * ROW;
   constexpr int KV = BN * ROW;
   static_assert(Stage<DP>::BYTES <= (QS + 4 * KV) * (int)sizeof(T), "the staging fits over the tiles");
-  // (shared memory: launch.tiles.decode_smem_bytes = Q, 2 x K, 2 x V, 2 x BN key scales)
+  // (shared memory: launch_decode.decode_smem_bytes = Q, 2 x K, 2 x V, 2 x BN key scales)
 
   CA_DYNAMIC_SHARED(smem);
   T* const sQ = reinterpret_cast<T*>(smem);
@@ -339,13 +402,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodePa
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int wm = warp / WN, wn = warp % WN;
-  // The warp's fragment addresses: its 16 Q rows (A operand), and its KT keys of K (B, n = key) and of
-  // V (16-bit: B with k = key; fp32: rows 2t, column g) in buffer 0; buffer 1 is KV_BYTES further on.
-  constexpr int KV_BYTES = KV * (int)sizeof(T);
-  const saddr_t q_lane = smem_addr(sQ) + 16 * wm * PITCH + a_lane_off<PITCH>(lane);
-  const saddr_t k_lane = smem_addr(sK) + wn * KT * PITCH + bn_lane_off<PITCH>(lane);
-  const saddr_t v_lane = smem_addr(sV) + wn * KT * PITCH +
-                         (F32 ? 2 * t * PITCH + 4 * g : bk_lane_off<PITCH>(lane));
+  T* const sQw = sQ + 16 * wm * ROW;
 
   const int G = p.H / p.Hk;
   const int M = G * p.Nq;  // rows of one kv head
@@ -399,12 +456,11 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodePa
     const T* const vc = static_cast<const T*>(p.v) + hk * p.v_sh;
     const int* const bt_row = p.block_table ? p.block_table + b * p.bt_sb : nullptr;
 
-    float o1[1][DP / 8][4];  // (tiles.cuh's accumulators: [row tile][8-column tile])
-    float (&o)[DP / 8][4] = o1[0];
+    float o[DP / 8][4];
     fill_zero(o);
     float lsum[4] = {0.f, 0.f, 0.f, 0.f};     // as in forward.cu (16-bit: complete; fp32: per thread)
     float row_m[2] = {neg_inf(), neg_inf()};  // RUNNING_MAX: running max of x (quad-uniform)
-    uint32_t qf[Q_IN_REGS ? DP / 16 : 1][1][4];
+    uint32_t qf[Q_IN_REGS ? DP / 16 : 1][4];
 
     if (tile_begin < tile_end) {
       // Prologue: Q and the first K/V tile form one cp.async group.
@@ -432,15 +488,17 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodePa
         if constexpr (Q_IN_REGS) {
           if (it == 0) {
 #pragma unroll
-            for (int kk = 0; kk < DP / 16; ++kk) load_a<1, PITCH>(qf[kk], q_lane + 32 * kk);
+            for (int kk = 0; kk < DP / 16; ++kk) ldmatrix_x4(qf[kk], sQw + (lane % 16) * ROW + 16 * kk + (lane / 16) * 8);
           }
         }
+        const T* const sKw = sK + buf * KV + wn * KT * ROW;  // this warp's KT keys
+        const T* const sVw = sV + buf * KV + wn * KT * ROW;
         const int key0 = tile * BN + wn * KT;
 
-        float s1[1][KT / 8][4];
-        float (&s)[KT / 8][4] = s1[0];
+        float s[KT / 8][4];
         fill_zero(s);
-        tile_scores<T, DP, KT, Q_IN_REGS>(s1, qf, q_lane, k_lane + buf * KV_BYTES);
+        if constexpr (F32) tile_scores_f32<DP, KT>(s, sQw, sKw, lane);
+        else tile_scores<T, DP, KT, Q_IN_REGS>(s, qf, sQw, sKw, lane);
 
         // Element (j, e): row g + 8 (e / 2), key key0 + 8j + 2t + e % 2. Per-element limits only on
         // tiles reaching the most restricted row's limit (block-uniform).
@@ -523,7 +581,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_fwd(const DecodePa
             }
         }
 
-        tile_pv<T, DP, KT>(o1, lsum, s1, v_lane + buf * KV_BYTES);
+        if constexpr (F32) tile_pv_f32<DP, KT>(o, s, sVw, g, t);
+        else tile_pv<T, DP, KT>(o, lsum, s, sVw, lane);
 
         __syncthreads();  // every warp is done with this buffer before the next prefetch overwrites it
       }

@@ -531,8 +531,8 @@ def test_planted_missing_barrier_is_caught(monkeypatch, barrier, l2norm_qk):
 
 
 # The barrier after the tile's products: the next iteration's prefetch refills this buffer.
-REUSE_BARRIER = ("tile_pv<T, DP, KT>(o1, lsum, s1, v_lane + buf * KV_BYTES);\n\n        __syncthreads();",
-                 "tile_pv<T, DP, KT>(o1, lsum, s1, v_lane + buf * KV_BYTES);\n")
+REUSE_BARRIER = ("else tile_pv<T, DP, KT>(o, lsum, s, sVw, lane);\n\n        __syncthreads();",
+                 "else tile_pv<T, DP, KT>(o, lsum, s, sVw, lane);\n")
 # The barrier between staging the warps' partials and joining them.
 STAGED_BARRIER = ("      }\n    }\n    __syncthreads();\n\n    // Join", "      }\n    }\n\n    // Join")
 # The barrier at the end of a (batch, kv head) iteration: the next one's tiles overwrite the staging.
