@@ -249,6 +249,9 @@ FORWARD_MUTANTS: tuple = (
            "we.lse[row] = lse;", NONFINITE,
            "an Inf value row seen by a row leaves its lse finite"),
     # the single-buffered (staggered) loop, the 128-row tiles and the visibility bookkeeping
+    Mutant("fwd1_wait_k", FORWARD_CU, "cp_async_wait<0>();                    // this tile's K landed",
+           "cp_async_wait<1>();                    // this tile's K landed", FWD_SMALL,
+           "single buffers: S reads K while its copies (the newest group) are still in flight"),
     Mutant("fwd1_wait_v", FORWARD_CU, "cp_async_wait<0>();  // this tile's V landed",
            "cp_async_wait<1>();  // this tile's V landed", FWD_SMALL,
            "single buffers: P V reads V while its copies (the newest group) are still in flight"),

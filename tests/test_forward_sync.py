@@ -61,6 +61,8 @@ LOOP_FAULTS = [
      SMALL, {}),
     ("single_v_ready", "        __syncthreads();     // ... for every thread; every warp is done with K",
      "        // ... for every thread; every warp is done with K", SMALL, {}),
+    ("single_wait_k", "cp_async_wait<0>();                    // this tile's K landed",
+     "cp_async_wait<1>();                    // this tile's K landed", SMALL, {}),
     ("single_wait_v", "cp_async_wait<0>();  // this tile's V landed", "cp_async_wait<1>();  // this tile's V landed",
      SMALL, {}),
     ("q_regs_wait", "cp_async_wait<1>();  // Q landed", "cp_async_wait<2>();  // Q landed", None, {}),
