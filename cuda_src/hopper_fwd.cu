@@ -32,6 +32,7 @@
 // storage_dim), RUNNING_MAX. Everything else is a runtime field of FwdParams, as in forward.cu.
 // docs/kernels.md "The Hopper forward" has the pipeline, the register budget and what falls back.
 #include "hopper.cuh"
+#include "tiles.cuh"
 #include "params.cuh"
 #include "fixed_offset.cuh"
 
@@ -457,8 +458,7 @@ CA_DEVICE void softmax(ConsumerRegs<T, DP>& r, const Work& w, int j, int64_t wro
   // and the mask bits. Computed only where the tile needs it (warp-uniform): a tile past Nk, a mask,
   // a tile crossing this warp's causal diagonal, or a scrubbed tile (flags).
   const int keys_left = w.keys_left(j);
-  const int64_t cdiff64 = wrow0 + w.diag - key0;
-  const int cdiff = p.causal ? (int)(cdiff64 < -BLOCK_N ? -BLOCK_N : (cdiff64 > BLOCK_N ? BLOCK_N : cdiff64)) : BLOCK_N;
+  const int cdiff = causal_cdiff(p.causal, wrow0 + w.diag, key0, BLOCK_N);
   const bool scrubbed = w.crosses_diagonal(j);
   uint32_t vis[2] = {0xffffffffu, 0xffffffffu};
   uint32_t bad = 0;  // keys whose V row held a NaN or Inf (scrubbed tiles): a visible one poisons P
