@@ -258,6 +258,24 @@ def test_causal_nonfinite_key_poisons_exactly_the_rows_that_see_it(dtype, key, w
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
+def test_a_warp_seeing_a_whole_scrubbed_tile_is_poisoned(dtype):
+    """Causal, Nq = Nk = 96: the first key tile crosses the first rows' diagonal, so the block zeroes
+    its non-finite V elements, while the block's later warps see the whole tile (16-bit: 32 rows per
+    warp, 64 keys). A NaN in v_40 must still poison every row that sees key 40 (rows 40..95) and no
+    other."""
+    Nq = Nk = 96
+    args, kw, dout = rng_inputs(37, dtype=dtype, Nq=Nq, Nk=Nk)
+    kw["causal"] = True
+    q, k, v = args
+    pargs = [q, k, plant(v, (0, 0, 40, 5), np.nan)]
+    sees = causal_rows_seeing(40, Nq, Nk)
+    ref = run_numpy("reference", pargs, kw, dout)
+    got = run_numpy("emulator", pargs, kw, dout, deterministic=True)
+    assert np.all(np.isnan(got["out"][0, 0][sees])) and np.all(np.isnan(got["lse"][0, 0][sees]))
+    assert_agree(got, ref, dtype, f"{dtype} v[40]", dscale_terms(args, kw, dout))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
 def test_causal_nan_query_leaves_the_keys_it_cannot_see_alone(dtype):
     """A NaN query row i under causal: dk, dv of the keys j > i + Nk - Nq are bitwise unchanged (the
     backward zeroes that row of qhat in the dK product), the keys it sees get NaN."""
