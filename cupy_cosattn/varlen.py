@@ -31,15 +31,20 @@ def _host(x: Any) -> np.ndarray:
     return np.asarray(x.get() if _p.array_library(x) == "cupy" else x)
 
 
+def _check_like_q(name: str, x: Any, lib: str, device: tuple, dtype: np.dtype) -> None:
+    """Raise naming `name` unless x is an array of q's library `lib`, on q's `device`, of `dtype`."""
+    if _p.array_library(x) != lib:
+        raise TypeError(f"{name} must be a {lib} array like q, got {_p._describe(x)}")
+    if _p._device_of(x) != device:
+        raise ValueError(f"{name} is on {_p._device_str(_p._device_of(x))} but q is on {_p._device_str(device)}")
+    if np.dtype(x.dtype) != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {x.dtype}")
+
+
 def check_cu_seqlens(name: str, cu: Any, lib: str, device: tuple, total: int, total_name: str) -> np.ndarray:
     """The host int32 copy of cu_seqlens array `cu`; raises naming `name` unless it is an int32 1-D
     array of `lib` on `device` of length >= 1 that starts at 0, never decreases and ends at `total`."""
-    if _p.array_library(cu) != lib:
-        raise TypeError(f"{name} must be a {lib} array like q, got {_p._describe(cu)}")
-    if _p._device_of(cu) != device:
-        raise ValueError(f"{name} is on {_p._device_str(_p._device_of(cu))} but q is on {_p._device_str(device)}")
-    if np.dtype(cu.dtype) != INT32:
-        raise TypeError(f"{name} must have dtype int32, got {cu.dtype}")
+    _check_like_q(name, cu, lib, device, INT32)
     if cu.ndim != 1 or cu.shape[0] < 1:
         raise ValueError(f"{name} must have shape (batch + 1,), got {tuple(cu.shape)}")
     host = np.ascontiguousarray(_host(cu), dtype=INT32)
@@ -144,12 +149,7 @@ def check_varlen_backward_extras(prob: Problem, lib: str, device: tuple, dout: A
     q_shape = (prob.total_q, prob.H, prob.D)
     for name, x, want_dtype, want_shape in (("dout", dout, prob.dtype, q_shape), ("out", out, prob.dtype, q_shape),
                                             ("lse", lse, np.dtype(np.float32), q_shape[:-1])):
-        if _p.array_library(x) != lib:
-            raise TypeError(f"{name} must be a {lib} array like q, got {_p._describe(x)}")
-        if _p._device_of(x) != device:
-            raise ValueError(f"{name} is on {_p._device_str(_p._device_of(x))} but q is on {_p._device_str(device)}")
-        if np.dtype(x.dtype) != want_dtype:
-            raise TypeError(f"{name} must have dtype {want_dtype}, got {x.dtype}")
+        _check_like_q(name, x, lib, device, want_dtype)
         if tuple(x.shape) != want_shape:
             raise ValueError(f"{name} must have shape {want_shape}, got {tuple(x.shape)}")
 
