@@ -221,11 +221,7 @@ def check_kvcache(q: Array, k_cache: Array, v_cache: Array, cache_seqlens: Array
             if tuple(x.shape) != (B, Hk, Nq, D):
                 raise ValueError(f"{name} must have shape (B, Hk, Nq, D) = {(B, Hk, Nq, D)}, got {tuple(x.shape)}")
 
-    if isinstance(groups, (bool, np.bool_)) or not isinstance(groups, (int, np.integer)):
-        raise TypeError(f"groups must be an int dividing the head dim {D}, got {_describe(groups)}")
-    groups = int(groups)
-    if groups < 1 or D % groups != 0:
-        raise ValueError(f"groups must be a positive int dividing the head dim D={D}, got {groups}")
+    groups = _problem.check_groups(groups, D)
     causal = _check_flag("causal", causal)
     l2norm_qk = _check_flag("l2norm_qk", l2norm_qk)
     num_splits = _check_int("num_splits", num_splits, 0, MAX_NUM_SPLITS)

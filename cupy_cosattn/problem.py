@@ -277,6 +277,16 @@ def _scale_vector(scale, H: int, merged: bool):
     return True, host
 
 
+def check_groups(groups: Any, D: int) -> int:
+    """`groups` as an int: a positive int (not a bool) dividing the head dim D, else a clear error."""
+    if isinstance(groups, (bool, np.bool_)) or not isinstance(groups, (int, np.integer)):
+        raise TypeError(f"groups must be an int dividing the head dim {D}, got {_describe(groups)}")
+    groups = int(groups)
+    if groups < 1 or D % groups != 0:
+        raise ValueError(f"groups must be a positive int dividing the head dim D={D}, got {groups}")
+    return groups
+
+
 def canonicalize(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None, attn_bias: Optional[Array] = None,
                  attn_bias_batch_dim: bool = False, scale: Any = DEFAULT_SCALE, groups: int = 1, causal: bool = False,
                  l2norm_qk: bool = True, deterministic: bool = False) -> tuple[Problem, Inputs]:
@@ -344,11 +354,7 @@ def canonicalize(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None, 
     if D < 1:
         raise ValueError(f"head dim D must be >= 1, got q of shape {tuple(q.shape)}")
 
-    if isinstance(groups, (bool, np.bool_)) or not isinstance(groups, (int, np.integer)):
-        raise TypeError(f"groups must be an int dividing the head dim {D}, got {_describe(groups)}")
-    groups = int(groups)
-    if groups < 1 or D % groups != 0:
-        raise ValueError(f"groups must be a positive int dividing the head dim D={D}, got {groups}")
+    groups = check_groups(groups, D)
     causal = _check_flag("causal", causal)
     l2norm_qk = _check_flag("l2norm_qk", l2norm_qk)
     deterministic = _check_flag("deterministic", deterministic)
